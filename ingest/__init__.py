@@ -1,0 +1,1 @@
+"""Markdown folders -> header-aware chunks -> embeddings -> Milvus, incrementally and idempotently."""

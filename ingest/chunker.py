@@ -1,0 +1,240 @@
+"""Header-aware markdown chunking, measured in the embedder's own tokens.
+
+1. Sections: the file is cut at headings outside code fences; each section carries its
+   header path (h1 > h2 > h3 ...). A section with only a heading is merged into the next one.
+2. Blocks: a section is cut into paragraphs, fenced code blocks and tables. Fences and tables
+   are atomic: they are never cut while they fit in one chunk.
+3. Packing: blocks are packed greedily up to the token budget, with block-level overlap.
+   A block larger than the budget is split by langchain's recursive markdown splitter.
+
+Why not `MarkdownHeaderTextSplitter` for step 1: it strips the leading whitespace of every
+line (Python inside a fence loses its indentation) and drops character offsets, and a docs
+QA product must store code exactly and point back into the source.
+
+Every chunk's text is exactly `document.text[start:end]`, and `len(tokens(embed_text))` is at
+most the embedder's limit, so nothing is truncated at embedding time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+
+from langchain_text_splitters import Language, RecursiveCharacterTextSplitter
+
+from ingest.loader import Document
+from rag.types import Chunk
+
+# Every heading level starts a section: FAQ-style docs put one question under each h4.
+HEADER_RE = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$")
+# Fences nested in list items are indented past CommonMark's 3 spaces; docs use them everywhere.
+FENCE_RE = re.compile(r"^[ \t]*(`{3,}|~{3,})")
+TABLE_RE = re.compile(r"^ {0,3}\|")
+MARKDOWN_SEPARATORS = RecursiveCharacterTextSplitter.get_separators_for_language(Language.MARKDOWN)
+# Inside an oversized fence or table only line structure matters; markdown separators such as
+# "```" would peel the closing fence off into a fragment of its own.
+LINE_SEPARATORS = ["\n\n", "\n", " ", ""]
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    start: int
+    end: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    start: int
+    end: int
+    path: tuple[str, ...]
+
+
+def _lines(text: str, start: int, end: int):
+    """(line_start, line_end_with_newline, line_without_newline) over text[start:end]."""
+    pos = start
+    for line in text[start:end].splitlines(keepends=True):
+        yield pos, pos + len(line), line.rstrip("\r\n")
+        pos += len(line)
+
+
+def sections(text: str, start: int = 0) -> list[Section]:
+    """Split at headings outside fences; heading-only sections merge into the next."""
+    raw: list[tuple[int, tuple[str, ...]]] = [(start, ())]
+    path: list[str] = []
+    fence: str | None = None
+    for ls, _le, line in _lines(text, start, len(text)):
+        m = FENCE_RE.match(line)
+        if fence:
+            if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence) and not line.strip(" `~"):
+                fence = None
+            continue
+        if m:
+            fence = m.group(1)
+            continue
+        h = HEADER_RE.match(line)
+        if h:
+            level = len(h.group(1))
+            path = path[: level - 1] + [""] * (level - 1 - len(path)) + [h.group(2).strip()]
+            raw.append((ls, tuple(p for p in path if p)))
+    out: list[Section] = []
+    pending: int | None = None  # start of heading-only sections waiting to merge forward
+    for i, (s, p) in enumerate(raw):
+        e = raw[i + 1][0] if i + 1 < len(raw) else len(text)
+        first_nl = text.find("\n", s, e)
+        body = text[first_nl + 1 : e] if (p and first_nl != -1) else ("" if p else text[s:e])
+        if not body.strip():
+            if pending is None:
+                pending = s
+            continue
+        out.append(Section(pending if pending is not None else s, e, p))
+        pending = None
+    if pending is not None:  # trailing heading-only text joins the previous section
+        if out:
+            out[-1] = dataclasses.replace(out[-1], end=len(text))
+        elif text[pending:].strip():
+            out.append(Section(pending, len(text), raw[-1][1]))
+    return out
+
+
+def blocks(text: str, sec: Section) -> list[tuple[Span, bool]]:
+    """Paragraphs, fences and tables of a section as (span, atomic)."""
+    out: list[tuple[Span, bool]] = []
+    cur: tuple[int, int, str] | None = None  # (start, end, kind) of the open block
+    fence: str | None = None
+    for ls, le, line in _lines(text, sec.start, sec.end):
+        if fence:
+            cur = (cur[0], le, "fence")  # type: ignore[index]
+            m = FENCE_RE.match(line)
+            if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence) and not line.strip(" `~"):
+                out.append((Span(cur[0], le), True))
+                cur, fence = None, None
+            continue
+        m = FENCE_RE.match(line)
+        kind = "fence" if m else "table" if TABLE_RE.match(line) else "blank" if not line.strip() else "para"
+        if cur and (kind != cur[2] or kind == "fence"):
+            out.append((Span(cur[0], cur[1]), cur[2] == "table"))
+            cur = None
+        if kind == "blank":
+            continue
+        if kind == "fence":
+            fence = m.group(1)  # type: ignore[union-attr]
+        cur = (ls if cur is None else cur[0], le, kind)
+    if cur:
+        out.append((Span(cur[0], cur[1]), cur[2] in ("table", "fence")))
+    return out
+
+
+class Chunker:
+    """Chunks documents for one embedder; `count_tokens` is the embedder's own counter."""
+
+    def __init__(self, count_tokens: Callable[[str], int], max_tokens: int, chunk_size: int = 256, overlap: int = 32):
+        self.count = count_tokens
+        self.limit = min(chunk_size, max_tokens)
+        self.max_tokens = max_tokens
+        self.overlap = overlap
+
+    def _prefix(self, path: tuple[str, ...]) -> tuple[str, ...]:
+        # A header path longer than half the budget would crowd out the text; keep its tail.
+        while path and self.count(" > ".join(path)) > self.limit // 2:
+            path = path[1:]
+        return path
+
+    def _fits(self, prefix: str, text: str) -> bool:
+        return self.count(prefix + text) <= self.limit
+
+    def _split_oversize(self, text: str, span: Span, prefix: str, atomic: bool) -> list[Span]:
+        """Split a too-long block with the recursive markdown splitter; offsets stay exact."""
+        budget = self.limit - max(self.count(prefix) - 2, 0)  # both counts include [CLS] and [SEP]
+        piece_text = text[span.start : span.end]
+        while True:
+            splitter = RecursiveCharacterTextSplitter(
+                separators=LINE_SEPARATORS if atomic else MARKDOWN_SEPARATORS, is_separator_regex=not atomic, chunk_size=max(budget, 8),
+                chunk_overlap=min(self.overlap, budget // 4), length_function=self.count, add_start_index=True,
+            )
+            docs = splitter.create_documents([piece_text])
+            spans = [Span(span.start + d.metadata["start_index"], span.start + d.metadata["start_index"] + len(d.page_content))
+                     for d in docs]
+            if all(self._fits(prefix, text[s.start : s.end]) for s in spans):
+                return spans
+            budget = int(budget * 0.9)  # token boundaries shifted at the seams; tighten and redo
+
+    def _pack(self, text: str, sec: Section, prefix: str, exact: bool = False) -> list[Span]:
+        """Greedy packing. Token counts of blocks are added up (WordPiece never merges across the
+        whitespace between blocks, so the sum is exact for it); `chunk` re-packs any chunk whose
+        exact count still disagrees with `exact=True`."""
+        out: list[Span] = []
+        cur: list[Span] = []
+        specials = self.count("")
+        base = self.count(prefix) if prefix else specials
+        sizes: dict[Span, int] = {}
+
+        def size(b: Span) -> int:
+            if b not in sizes:
+                sizes[b] = self.count(text[b.start : b.end]) - specials
+            return sizes[b]
+
+        def fits(bs: list[Span]) -> bool:
+            if exact:
+                return self._fits(prefix, text[bs[0].start : bs[-1].end])
+            return base + sum(size(b) for b in bs) <= self.limit
+
+        def tail(bs: list[Span]) -> list[Span]:
+            kept: list[Span] = []
+            for b in reversed(bs[1:]):  # never the whole chunk, so packing always advances
+                if sum(size(k) for k in kept) + size(b) > self.overlap:
+                    break
+                kept.append(b)
+            return kept[::-1]
+
+        for span, atomic in blocks(text, sec):
+            if cur and fits([*cur, span]):
+                cur.append(span)
+                continue
+            if cur:
+                out.append(Span(cur[0].start, cur[-1].end))
+                cur = tail(cur)
+                if cur and fits([*cur, span]):
+                    cur.append(span)
+                    continue
+                cur = []
+            if fits([span]):
+                cur = [span]
+            else:
+                out.extend(self._split_oversize(text, span, prefix, atomic))
+        if cur:
+            out.append(Span(cur[0].start, cur[-1].end))
+        return out
+
+    def chunk(self, doc: Document) -> list[Chunk]:
+        """All chunks of `doc`, in order, with offsets, header paths and the file hash."""
+        spans: list[tuple[Span, tuple[str, ...]]] = []
+        for sec in sections(doc.text, doc.body_start):
+            path = self._prefix(sec.path)
+            prefix = f"{' > '.join(path)}\n\n" if path else ""
+            packed = self._pack(doc.text, sec, prefix)
+            if not all(self._fits(prefix, doc.text[s.start : s.end]) for s in packed):
+                packed = self._pack(doc.text, sec, prefix, exact=True)  # tokenizer without additive counts
+            spans.extend((s, sec.path) for s in packed)
+        chunks: list[Chunk] = []
+        for span, path in spans:
+            raw = doc.text[span.start : span.end]
+            start = span.start + (len(raw) - len(raw.lstrip()))
+            end = span.end - (len(raw) - len(raw.rstrip()))
+            if end <= start:
+                continue
+            chunks.append(Chunk(
+                source=doc.source, chunk_index=len(chunks), text=doc.text[start:end], header_path=path,
+                start=start, end=end, file_hash=doc.file_hash,
+                metadata={"front_matter": doc.metadata} if doc.metadata else {},
+            ))
+        chunks = [dataclasses.replace(c, chunk_count=len(chunks)) for c in chunks]
+        for c in chunks:
+            if self.count(self.embed_text(c)) > self.max_tokens:  # an invariant, not an input error
+                raise AssertionError(f"{c.source} chunk {c.chunk_index} exceeds {self.max_tokens} tokens")
+        return chunks
+
+    def embed_text(self, c: Chunk) -> str:
+        """The text the embedder sees: the (possibly shortened) header path, then the chunk."""
+        path = self._prefix(c.header_path)
+        return f"{' > '.join(path)}\n\n{c.text}" if path else c.text

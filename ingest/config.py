@@ -1,0 +1,40 @@
+"""Settings of the `ingest` package (the `rag` settings cover Milvus and the embedder)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from rag.settings import SettingsError, env, load_settings
+
+DEFAULT_GLOBS = "**/*.md,**/*.markdown,**/*.txt"
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestConfig:
+    chunk_size: int = env("RAG_CHUNK_SIZE", 256, "chunk length in the embedder's tokens, header path included")
+    chunk_overlap: int = env("RAG_CHUNK_OVERLAP", 32, "tokens repeated between neighbouring chunks of a section")
+    globs: str = env("RAG_GLOB", DEFAULT_GLOBS, "comma-separated patterns picked up inside folders")
+    max_file_mb: float = env("RAG_MAX_FILE_MB", 5.0, "larger files are skipped and reported")
+    embed_batch: int = env("RAG_EMBED_BATCH", 256, "chunks per embedding call and Milvus upsert")
+    prune: bool = env("RAG_PRUNE", True, "delete chunks of files gone from an ingested folder")
+    analyzer: str = env("RAG_ANALYZER", "auto", "BM25 analyzer of a new collection: standard, jieba, or auto (jieba for mostly-CJK corpora)")
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 32:
+            raise SettingsError(f"chunk size {self.chunk_size} is too small; use at least 32 tokens")
+        if not 0 <= self.chunk_overlap < self.chunk_size // 2:
+            raise SettingsError(
+                f"chunk overlap {self.chunk_overlap} must be between 0 and half the chunk size ({self.chunk_size // 2})"
+            )
+        if self.analyzer not in ("auto", "standard", "jieba"):
+            raise SettingsError(f"analyzer {self.analyzer!r} is not one of auto, standard, jieba")
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> IngestConfig:
+        return load_settings(cls, environ, **overrides)
+
+    @property
+    def glob_list(self) -> list[str]:
+        return [g.strip() for g in self.globs.split(",") if g.strip()]

@@ -1,0 +1,181 @@
+"""Incremental, idempotent, crash-safe ingest of files into one Milvus collection.
+
+Per file the collection stores its content hash and chunk count. A run:
+1. reads the stored state (ids per source and hash) once;
+2. skips files whose one stored version has this hash and all its chunks: no embedding;
+3. for new and changed files, upserts the new chunks (ids are deterministic), then deletes the
+   ids of older versions; files gone from an ingested folder lose their chunks (unless no-prune).
+A run killed at any point leaves, per file, either a complete current version, or an
+incomplete or mixed one that the next run detects and redoes, so a re-run converges to the
+state of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import unicodedata
+from collections.abc import Callable, Sequence
+
+from tqdm.auto import tqdm
+
+from ingest.chunker import Chunker
+from ingest.config import IngestConfig
+from ingest.loader import Document, Skip, discover, load
+from rag.config import RagConfig
+from rag.embedder import Embedder, make_embedder
+from rag.store import MilvusStore
+from rag.types import Chunk
+
+
+@dataclasses.dataclass
+class IngestReport:
+    files_new: int = 0
+    files_changed: int = 0
+    files_unchanged: int = 0
+    files_removed: int = 0
+    files_skipped: int = 0
+    chunks_written: int = 0
+    chunks_deleted: int = 0
+    chunks_embedded: int = 0
+    seconds: float = 0.0
+    embed_seconds: float = 0.0
+    dry_run: bool = False
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    collection: str = ""
+
+    @property
+    def chunks_per_second(self) -> float:
+        return self.chunks_written / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> str:
+        verb = "would write" if self.dry_run else "written"
+        return (
+            f"{'[dry run] ' if self.dry_run else ''}{self.collection}: files {self.files_new} new, "
+            f"{self.files_changed} changed, {self.files_unchanged} unchanged, {self.files_removed} removed, "
+            f"{self.files_skipped} skipped; chunks {self.chunks_written} {verb}, {self.chunks_deleted} deleted; "
+            f"{self.seconds:.1f} s ({self.chunks_per_second:.1f} chunks/s, embedding {self.embed_seconds:.1f} s)"
+        )
+
+
+def cjk_share(texts: Sequence[str]) -> float:
+    """Share of letters that are CJK ideographs or kana/hangul: decides the BM25 analyzer."""
+    cjk = letters = 0
+    for t in texts:
+        for ch in t[:20000]:
+            if ch.isalpha():
+                letters += 1
+                if unicodedata.name(ch, "").startswith(("CJK", "HIRAGANA", "KATAKANA", "HANGUL")):
+                    cjk += 1
+    return cjk / letters if letters else 0.0
+
+
+def _under(source: str, roots: Sequence[str]) -> bool:
+    return any(source == r or source.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def ingest(
+    paths: Sequence[str],
+    rag_config: RagConfig,
+    config: IngestConfig,
+    *,
+    recreate: bool = False,
+    dry_run: bool = False,
+    embedder: Embedder | None = None,
+    store: MilvusStore | None = None,
+    progress: bool = True,
+    warn: Callable[[str], None] = tqdm.write,
+) -> IngestReport:
+    """Bring the collection in line with `paths`. Raises StoreError/FileNotFoundError for bad input."""
+    t0 = time.perf_counter()
+    report = IngestReport(dry_run=dry_run, collection=rag_config.collection)
+    found = discover(paths, config.glob_list)
+    if not found.files:
+        raise FileNotFoundError(
+            f"no files match {config.globs!r} under {', '.join(paths)}; check the path or pass --glob"
+        )
+
+    docs: list[Document] = []
+    for f in tqdm(found.files, desc="reading", unit="file", disable=not progress, leave=False):
+        doc = load(f, int(config.max_file_mb * 1e6))
+        if isinstance(doc, Skip):
+            report.skipped.append((doc.source, doc.reason))
+            warn(f"skipped {doc.source}: {doc.reason}")
+            continue
+        if "front_matter_error" in doc.metadata:
+            warn(f"{doc.source}: {doc.metadata['front_matter_error']}")
+        docs.append(doc)
+    report.files_skipped = len(report.skipped)
+
+    embedder = embedder or make_embedder(rag_config)
+    own_store = store is None
+    store = store or MilvusStore(rag_config.milvus_uri, rag_config.collection, rag_config.milvus_token)
+    try:
+        if dry_run and not store.exists():
+            states = {}
+        elif dry_run:
+            store.check_compatible(embedder)
+            states = store.file_states()
+        else:
+            analyzer = config.analyzer
+            if analyzer == "auto":
+                analyzer = "jieba" if cjk_share([d.text for d in docs[:200]]) > 0.3 else "standard"
+            store.ensure(embedder, recreate=recreate, analyzer=analyzer)
+            states = {} if recreate else store.file_states()
+
+        todo: list[Document] = []
+        stale_ids: list[str] = []
+        for doc in docs:
+            st = states.get(doc.source)
+            if st is not None and st.is_complete(doc.file_hash):
+                report.files_unchanged += 1
+                continue
+            todo.append(doc)
+            if st is None:
+                report.files_new += 1
+            else:
+                report.files_changed += 1
+        current = {d.source for d in docs} | {s for s, _ in report.skipped}
+        removed = [s for s in states if s not in current and _under(s, found.roots)] if config.prune else []
+        report.files_removed = len(removed)
+
+        chunker = Chunker(embedder.count_tokens, embedder.max_tokens, config.chunk_size, config.chunk_overlap)
+        chunks: list[Chunk] = []
+        for doc in tqdm(todo, desc="chunking", unit="file", disable=not progress or not todo, leave=False):
+            new = chunker.chunk(doc)
+            chunks.extend(new)
+            if doc.source in states:
+                keep = {c.id for c in new}
+                stale_ids.extend(i for i in states[doc.source].ids if i not in keep)
+        for src in removed:
+            stale_ids.extend(states[src].ids)
+        report.chunks_written = len(chunks)
+        report.chunks_deleted = len(stale_ids)
+        if dry_run:
+            report.seconds = time.perf_counter() - t0
+            return report
+
+        # Embed in large batches across files: the embedder sorts each batch by length, and
+        # bigger batches keep the model busy. Upsert right after each batch so a crash loses
+        # at most one batch of work.
+        bar = tqdm(total=len(chunks), desc="embedding", unit="chunk", disable=not progress or not chunks)
+        for i in range(0, len(chunks), config.embed_batch):
+            batch = chunks[i : i + config.embed_batch]
+            te = time.perf_counter()
+            vectors = embedder.embed_documents([chunker.embed_text(c) for c in batch])
+            report.embed_seconds += time.perf_counter() - te
+            store.upsert(batch, vectors, embedder.model_id)
+            report.chunks_embedded += len(batch)
+            bar.update(len(batch))
+        bar.close()
+        # Old versions go only after every new chunk is in, so a file is never missing.
+        store.delete_ids(stale_ids)
+        if chunks or stale_ids:
+            store.flush()
+        store.mark_ingested()
+    finally:
+        if own_store:
+            store.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+

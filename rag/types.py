@@ -1,0 +1,50 @@
+"""The small typed records that move between pipeline stages."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """One embeddable piece of a source file, with everything the store keeps about it."""
+
+    source: str  # path as ingested (relative to the working directory when inside it)
+    chunk_index: int  # ordinal within the file
+    text: str  # exact source text, source_text[start:end]
+    header_path: tuple[str, ...]  # ("Install", "Linux", "Docker")
+    start: int  # character offsets into the file's text
+    end: int
+    file_hash: str = ""
+    chunk_count: int = 0  # chunks of this file version; lets a re-run detect half-written files
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        """Stable primary key: same path, ordinal and text give the same id on every run."""
+        h = hashlib.sha256(f"{self.source}\0{self.chunk_index}\0{self.text}".encode())
+        return h.hexdigest()[:32]
+
+    @property
+    def heading(self) -> str:
+        return " › ".join(self.header_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+    """One retrieved passage. `score` is higher-is-better whatever the retrieval mode."""
+
+    id: str
+    score: float
+    text: str
+    source: str
+    header_path: str
+    chunk_index: int
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    similarity: float | None = None  # dense cosine to the question, when known (dense and hybrid)
+
+    def citation(self, n: int) -> str:
+        heading = f" › {self.header_path}" if self.header_path else ""
+        return f"[{n}] {self.source}{heading} ({self.score:.3f})"
