@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 QUESTION ?= How does incremental ingest decide which files to re-embed?
 
-.PHONY: setup run ingest ask test lint serve-demo clean
+.PHONY: setup run ingest ask test lint serve-demo chromium screenshot clean
 
 setup: $(STAMP)
 
@@ -24,14 +24,30 @@ ingest: setup
 ask: ingest
 	$(BIN)/rag-ask "$(QUESTION)"
 
-run: ask
+# The UI opens the same Milvus Lite db; ingest runs first, then hands the db over.
+run: ingest
+	$(BIN)/rag-ui
 
 lint: setup
 	$(BIN)/ruff check .
 
-test: setup
+# Browser tests need Debian's chromium; without it they skip and print why.
+chromium:
+	@tests/ui/install_chromium.sh || echo "make: Chromium not installed; browser tests will be skipped (reason printed)"
+
+test: setup chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+screenshot: setup chromium
+	$(BIN)/python -m tests.ui.make_screenshot
+
+# A tiny random DeepSeek-V3 checkpoint served on CPU: the text is gibberish, the protocol is real.
+checkpoints/tiny/config.json: | setup
+	$(BIN)/model-host make-checkpoint --out checkpoints/tiny --preset tiny --dtype bf16
+
+serve-demo: setup checkpoints/tiny/config.json
+	$(BIN)/model-host serve --checkpoint checkpoints/tiny --port 8000 --kv-memory-gb 0.25
 
 clean:
 	rm -rf $(VENV) data build *.egg-info .pytest_cache

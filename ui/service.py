@@ -1,0 +1,177 @@
+"""The one store handle the UI process owns, shared by chat and knowledge-base management.
+
+Milvus Lite lets one process open a database, and pymilvus wants one client per database per
+process, so `KnowledgeBase` opens a single `MilvusStore` and hands out per-collection views
+that share its client. Searches run concurrently; writes (ingest, delete) take `write_lock`
+so two uploads never interleave their upserts and deletes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ingest.config import IngestConfig
+from ingest.pipeline import IngestReport, ingest
+from rag.config import RagConfig
+from rag.embedder import E5Embedder, Embedder, MiniLMEmbedder, make_embedder
+from rag.llm import LLMClient
+from rag.pipeline import RagPipeline
+from rag.store import MilvusStore, StoreError
+from ui.backends import Backend
+
+log = logging.getLogger(__name__)
+STATS_TTL = 30.0  # seconds; our own writes invalidate at once, the TTL covers other writers of a server
+COLLECTION_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")  # Milvus' rule for collection names
+
+
+def check_collection_name(name: str) -> str:
+    name = (name or "").strip()
+    if not COLLECTION_RE.match(name):
+        raise StoreError(
+            f"collection name {name!r} is not valid: use letters, digits and underscores, starting with a letter"
+        )
+    return name
+
+
+def embedder_for(rag_config: RagConfig, store: MilvusStore) -> Embedder:
+    """The configured embedder; for `auto`, the one the default collection was built with.
+
+    A UI process embeds with one model, so `auto` (a rag-ingest choice) resolves once here:
+    to the embedder the collection records, else all-MiniLM-L6-v2.
+    """
+    if rag_config.embedder != "auto":
+        return make_embedder(rag_config)
+    name = "minilm"
+    if store.exists():
+        recorded = (store.describe().get("properties") or {}).get("rag.embedder") or ""
+        known = {MiniLMEmbedder.model_id: "minilm", E5Embedder.model_id: "e5"}
+        name = recorded if recorded.startswith("openai:") else known.get(recorded, "minilm")
+    return make_embedder(rag_config, name)
+
+
+class KnowledgeBase:
+    """Owns the embedder and the Milvus client; builds a light `RagPipeline` per question."""
+
+    def __init__(self, rag_config: RagConfig, ingest_config: IngestConfig, embedder: Embedder | None = None):
+        self.rag_config = rag_config
+        self.ingest_config = ingest_config
+        self._base = MilvusStore(rag_config.milvus_uri, rag_config.collection, rag_config.milvus_token)
+        self.embedder = embedder or embedder_for(rag_config, self._base)
+        self._views: dict[str, MilvusStore] = {}
+        self._opened: set[str] = set()
+        self._views_lock = threading.Lock()
+        self.write_lock = threading.Lock()
+        self._stats: dict[str, tuple[float, dict[str, Any] | None]] = {}
+
+    # -- stores ----------------------------------------------------------------------------
+
+    def store(self, collection: str) -> MilvusStore:
+        """A store for `collection` that shares the process' one Milvus client."""
+        collection = check_collection_name(collection)
+        with self._views_lock:
+            view = self._views.get(collection)
+            if view is None:
+                # A shallow copy shares `client`; only the collection name and BM25 flag differ.
+                view = copy.copy(self._base)
+                view.collection = collection
+                view.bm25 = False
+                self._views[collection] = view
+            return view
+
+    def exists(self, collection: str) -> bool:
+        return self.store(collection).exists()
+
+    def collections(self) -> list[str]:
+        try:
+            return sorted(self._base.client.list_collections())
+        except Exception as e:  # a server gone away must not break page rendering
+            log.warning("cannot list collections: %s", e)
+            return []
+
+    def _open(self, collection: str) -> MilvusStore:
+        """The view, opened for search (loaded and checked against the embedder) once."""
+        view = self.store(collection)
+        with self._views_lock:
+            if collection not in self._opened:
+                view.open_existing(self.embedder)
+                self._opened.add(collection)
+        return view
+
+    # -- answering ---------------------------------------------------------------------------
+
+    def pipeline(
+        self, collection: str, backend: Backend, model: str | None, top_k: int,
+        score_floor: float | None, mode: str,
+    ) -> RagPipeline:
+        """A pipeline for one question with this session's settings (cheap: handles are shared)."""
+        view = self._open(collection)
+        # No LLM in the config: the client is attached below from the chosen backend, so the
+        # pipeline never falls back to environment variables the user did not pick.
+        config = dataclasses.replace(
+            self.rag_config, collection=view.collection, top_k=int(top_k), score_floor=score_floor, mode=mode,
+            llm_base_url=None, deepseek_api_key=None,
+        )
+        pipe = RagPipeline(config, embedder=self.embedder, store=view)
+        if backend.kind != "retrieval-only":
+            assert backend.base_url and backend.api_key
+            pipe.llm = LLMClient(backend.base_url, model, backend.api_key, timeout=self.rag_config.llm_timeout)
+        return pipe
+
+    # -- knowledge base ----------------------------------------------------------------------
+
+    def stats(self, collection: str, max_age: float = 0.0) -> dict[str, Any] | None:
+        """`MilvusStore.stats()` for the collection, or None when it does not exist yet.
+
+        Stats read every chunk's source, so the status timer asks for a cached copy (`max_age`).
+        """
+        view = self.store(collection)
+        cached = self._stats.get(view.collection)
+        if max_age and cached and time.monotonic() - cached[0] < max_age:
+            return cached[1]
+        stats = view.stats() if view.exists() else None
+        self._stats[view.collection] = (time.monotonic(), stats)
+        return stats
+
+    def ingest(
+        self, paths: Sequence[str | Path], collection: str, warn: Callable[[str], None] | None = None,
+    ) -> IngestReport:
+        """The CLI's incremental ingest of `paths`, into the shared store, one writer at a time."""
+        view = self.store(collection)
+        config = dataclasses.replace(self.rag_config, collection=view.collection)
+        with self.write_lock:
+            try:
+                report = ingest(
+                    [str(p) for p in paths], config, self.ingest_config, embedder=self.embedder, store=view,
+                    progress=True, warn=warn or (lambda msg: log.warning("%s", msg)),
+                )
+            finally:
+                self._stats.pop(view.collection, None)  # even a failed run may have written
+            with self._views_lock:
+                self._opened.add(view.collection)  # ingest() ensured (created or loaded) it
+        return report
+
+    def delete_source(self, collection: str, source: str) -> int:
+        """Remove every chunk of `source`; returns how many were deleted."""
+        view = self.store(collection)
+        with self.write_lock:
+            if not view.exists():
+                raise StoreError(f"collection {collection!r} does not exist")
+            state = view.file_states().get(source)
+            if state is None:
+                return 0
+            n = view.delete_ids(state.ids)
+            view.flush()
+            view.mark_ingested()
+            self._stats.pop(view.collection, None)
+        return n
+
+    def close(self) -> None:
+        self._base.close()
