@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[test]"
+	# A real Milvus 2.3 standalone server (embedded etcd/rocksmq) for tests/deploy/server_suite;
+	# --no-deps because its pins would downgrade pymilvus. Tests run it in a loopback-only netns.
+	$(BIN)/pip install -q --no-deps milvus==2.3.5
 	touch $(STAMP)
 
 ingest: setup

@@ -39,6 +39,13 @@ SOURCE_MAX_BYTES = 1024
 HEADER_MAX_BYTES = 2048
 OUTPUT_FIELDS = ["text", "source", "header_path", "chunk_index", "metadata"]
 STRONG = "Strong"  # ingest state must see its own writes, on a server too
+# Analyzer settings that mean the same on Milvus Lite and on a 2.5+ server. `standard` splits
+# at Unicode word boundaries and lowercases (one CJK run becomes one token, useless for Chinese);
+# jieba segments Chinese into words. ({"type": "chinese"} is server-only; Lite rejects it.)
+ANALYZER_PARAMS: dict[str, dict[str, Any]] = {
+    "standard": {"type": "standard"},
+    "jieba": {"tokenizer": "jieba", "filter": ["lowercase"]},
+}
 
 
 class StoreError(RuntimeError):
@@ -80,11 +87,19 @@ def connect(uri: str, token: str | None = None) -> MilvusClient:
     if is_local_uri(uri):
         parent = os.path.dirname(os.path.abspath(uri))
         os.makedirs(parent, exist_ok=True)
+        # Milvus Lite logs a traceback for a locked db before raising; our one line says it all.
+        logging.getLogger("milvus_lite").setLevel(logging.CRITICAL)
     else:
         kwargs["timeout"] = 10
     try:
         return MilvusClient(**kwargs)
     except MilvusException as e:
+        if is_local_uri(uri) and not uri.endswith(".db"):
+            # pymilvus only treats paths ending in .db as Milvus Lite; anything else is not a lock problem.
+            raise StoreError(f"Milvus Lite path {uri!r} must end in .db (e.g. ./data/milvus.db); fix MILVUS_URI / --uri") from e
+        if is_local_uri(uri) and "Open local milvus failed" not in str(getattr(e, "message", "")):
+            # The embedded server started but did not answer (e.g. a heavily loaded machine).
+            raise StoreError(f"cannot connect to Milvus Lite db {uri!r}: {getattr(e, 'message', e)}; retry") from e
         if is_local_uri(uri):
             raise StoreError(
                 f"cannot open Milvus Lite db {uri!r}: another process (a running rag-ui, rag-ingest or notebook?) "
@@ -158,8 +173,13 @@ class MilvusStore:
         self.ensure(embedder)
 
     def _create(self, embedder: Embedder, analyzer: str) -> None:
-        for with_bm25 in (True, False):
-            schema = self._schema(embedder.dim, analyzer, with_bm25)
+        # Attempts, best first: BM25 with the chosen analyzer; BM25 with the standard analyzer
+        # (Milvus Lite builds jieba only when the `jieba` package is installed); no BM25 at all
+        # (a server older than 2.5), i.e. dense only. Each fallback logs one warning line.
+        attempt: str | None = analyzer
+        while True:
+            with_bm25 = attempt is not None
+            schema = self._schema(embedder.dim, attempt or "standard", with_bm25)
             index = self.client.prepare_index_params()
             index.add_index("vector", index_type="AUTOINDEX", metric_type="IP")
             if with_bm25:
@@ -167,8 +187,14 @@ class MilvusStore:
             props = {
                 "rag.embedder": embedder.model_id,
                 "rag.schema": SCHEMA_VERSION,
-                "rag.analyzer": analyzer if with_bm25 else "none",
+                "rag.analyzer": attempt or "none",
             }
+            # A server without BM25 (< 2.5) rejects the sparse index; pymilvus would log that
+            # expected rejection as an ERROR with a traceback before our one warning below.
+            pymilvus_log = logging.getLogger("pymilvus")
+            level = pymilvus_log.level
+            if with_bm25:
+                pymilvus_log.setLevel(logging.CRITICAL)
             try:
                 self.client.create_collection(
                     self.collection, schema=schema, index_params=index,
@@ -179,13 +205,27 @@ class MilvusStore:
                     raise StoreError(f"cannot create collection {self.collection!r}: {e}") from e
                 if self.exists():
                     self.client.drop_collection(self.collection)
+                reason = str(getattr(e, "message", e))
+                if attempt != "standard" and any(w in reason.lower() for w in (attempt, "tokenizer", "analyzer")):
+                    log.warning("Milvus at %s cannot build the %s analyzer (%s); BM25 uses the standard analyzer",
+                                self.uri, attempt, reason)
+                    attempt = "standard"
+                    continue
                 log.warning("Milvus at %s has no BM25 functions (%s); hybrid search falls back to dense",
-                            self.uri, getattr(e, "message", e))
+                            self.uri, reason)
+                attempt = None
                 continue
+            finally:
+                pymilvus_log.setLevel(level)
             # Servers older than 2.5 accept the schema but silently drop functions.
             self.bm25 = bool(self.describe().get("functions"))
             if with_bm25 and not self.bm25:
+                # Its `sparse` field would then be an ordinary field that every upsert must fill;
+                # rebuild the collection without it.
                 log.warning("Milvus at %s dropped the BM25 function; hybrid search falls back to dense", self.uri)
+                self.client.drop_collection(self.collection)
+                attempt = None
+                continue
             return
 
     @staticmethod
@@ -195,7 +235,7 @@ class MilvusStore:
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
         text_opts: dict[str, Any] = {}
         if with_bm25:
-            text_opts = {"enable_analyzer": True, "analyzer_params": {"type": analyzer}}
+            text_opts = {"enable_analyzer": True, "analyzer_params": ANALYZER_PARAMS[analyzer]}
         schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES, **text_opts)
         schema.add_field("source", DataType.VARCHAR, max_length=SOURCE_MAX_BYTES)
         schema.add_field("header_path", DataType.VARCHAR, max_length=HEADER_MAX_BYTES)
