@@ -1,0 +1,115 @@
+"""Block allocation with prefix caching by hashed full blocks (vLLM / nano-vllm style).
+
+A full block is identified by a hash chained over its tokens and its whole prefix, so two
+sequences that share a system prompt plus retrieved context map their common full blocks to the
+same physical blocks. Freed blocks keep their hash until reused, so a later request with the same
+prefix still hits them (the RAG case: one system prompt, recurring context passages).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+
+from model_host.engine.sequence import Sequence
+
+
+def block_hash(prev: bytes, tokens: list[int]) -> bytes:
+    h = hashlib.blake2b(prev, digest_size=16)
+    h.update(b"".join(t.to_bytes(4, "little") for t in tokens))
+    return h.digest()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 2:
+            raise ValueError(f"KV cache has {num_blocks} blocks; raise --kv-memory-gb")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.ref = [0] * num_blocks
+        self.hash_of: list[bytes | None] = [None] * num_blocks
+        self.by_hash: dict[bytes, int] = {}
+        self.free: deque[int] = deque(range(num_blocks))  # LRU: reuse the least recently freed first
+        self.hits = 0  # prompt tokens served from the cache
+        self.queries = 0  # prompt tokens looked up
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def blocks_needed(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.block_size)
+
+    def _take(self, block: int) -> None:
+        if self.ref[block] == 0:
+            self.free.remove(block)  # a cached free block comes back to life
+        self.ref[block] += 1
+
+    def _fresh(self) -> int:
+        block = self.free.popleft()
+        if self.hash_of[block] is not None:
+            self.by_hash.pop(self.hash_of[block], None)
+            self.hash_of[block] = None
+        self.ref[block] = 1
+        return block
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        # Conservative: ignores cache hits, so admission never over-commits.
+        return self.blocks_needed(len(seq) + 1) <= self.num_free
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give `seq` blocks for its tokens, reusing cached full blocks of its prefix.
+
+        The last token is always recomputed (its logits start decoding), so only full blocks that
+        end before it are matched; the block it lands in is private to this sequence.
+        """
+        assert not seq.block_table
+        bs, prev, cached = self.block_size, b"", 0
+        matching = True
+        for i in range(self.blocks_needed(len(seq))):
+            tokens = seq.token_ids[i * bs : (i + 1) * bs]
+            full_before_last = (i + 1) * bs <= len(seq) - 1
+            h = block_hash(prev, tokens) if full_before_last else None
+            block = self.by_hash.get(h) if (h is not None and matching) else None
+            if block is not None:
+                self._take(block)
+                cached += bs
+            else:
+                matching = False
+                block = self._fresh()
+            seq.block_table.append(block)
+            prev = h or prev
+        seq.num_cached_tokens = seq.num_computed = cached
+        self.queries += len(seq) - 1
+        self.hits += cached
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """After a forward, publish hashes of blocks that are now full and computed."""
+        bs, prev = self.block_size, b""
+        for i in range(seq.num_computed // bs):
+            h = block_hash(prev, seq.token_ids[i * bs : (i + 1) * bs])
+            block = seq.block_table[i]
+            if self.hash_of[block] is None and h not in self.by_hash:
+                self.hash_of[block] = h
+                self.by_hash[h] = block
+            prev = h
+
+    def can_append(self, seq: Sequence) -> bool:
+        return len(seq.block_table) * self.block_size >= len(seq) or self.num_free > 0
+
+    def append_slot(self, seq: Sequence) -> None:
+        """Make room for the token about to be written at position len(seq) - 1."""
+        if len(seq.block_table) * self.block_size < len(seq):
+            seq.block_table.append(self._fresh())
+
+    def release(self, seq: Sequence) -> None:
+        for block in reversed(seq.block_table):  # tail blocks first: prefixes stay cached longest
+            self.ref[block] -= 1
+            if self.ref[block] == 0:
+                self.free.append(block)
+        seq.block_table = []
+        seq.num_computed = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0

@@ -1,0 +1,236 @@
+"""The engine: requests in, tokens out, one scheduler step at a time; plus a thread that drives it.
+
+`Engine` is single-threaded and deterministic: `add`, `abort`, `step`. `EngineLoop` runs it on a
+background thread for the HTTP server, taking new requests and aborts through a thread-safe
+inbox so the engine's state is only ever touched by its own thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from model_host.engine.block_manager import BlockManager
+from model_host.engine.paged_cache import PagedLatentCache
+from model_host.engine.runner import ModelRunner
+from model_host.engine.scheduler import Scheduler
+from model_host.engine.sequence import Sequence
+from model_host.model import DeepseekV3
+from model_host.sampler import Sampler, SamplingParams
+from model_host.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the engine can never serve (too long for the context or the whole cache)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 16
+    kv_memory_gb: float = 1.0
+    block_size: int = 16
+    max_prefill_tokens: int = 8192
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    cache_dtype: torch.dtype | None = None  # default: the model's dtype
+
+
+@dataclasses.dataclass
+class StepOutput:
+    seq: Sequence
+    text: str  # newly releasable text (may be empty)
+    token: int | None
+    finished: bool
+    ttft: float | None = None  # seconds from arrival, on a request's first token
+    itl: float | None = None  # seconds since the previous token, on later tokens
+
+
+class Engine:
+    def __init__(self, model: DeepseekV3, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()):
+        cfg = model.cfg
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        dtype = config.cache_dtype or model.dtype
+        layers = model.num_cache_layers
+        budget = int(config.kv_memory_gb * 2**30)
+        num_blocks = PagedLatentCache.blocks_for_budget(
+            budget, layers, config.block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)
+        self.cache = PagedLatentCache(layers, num_blocks, config.block_size, cfg.kv_lora_rank,
+                                      cfg.qk_rope_head_dim, dtype=dtype, device=model.device)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_batch, config.max_prefill_tokens)
+        self.runner = ModelRunner(model, self.cache)
+        self.sampler = Sampler()
+        self.capacity_tokens = num_blocks * config.block_size
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, self.capacity_tokens)
+        self.by_id: dict[int, Sequence] = {}
+        log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %d B/token/layer)",
+                 num_blocks, config.block_size, self.capacity_tokens, self.cache.nbytes() / 2**30,
+                 self.cache.bytes_per_token_per_layer())
+
+    def check(self, prompt_len: int, max_tokens: int) -> None:
+        """Raise RequestError for a request that can never fit."""
+        if prompt_len == 0:
+            raise RequestError("the prompt is empty")
+        if prompt_len + max_tokens > self.max_model_len:
+            raise RequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request needs "
+                f"{prompt_len + max_tokens} ({prompt_len} prompt + {max_tokens} max_tokens); "
+                f"shorten the prompt or lower max_tokens")
+
+    def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        self.check(len(prompt_ids), params.max_tokens)
+        seq = Sequence(prompt_ids, params, self.tokenizer.stream_decoder(), params.generator(self.model.device))
+        self.by_id[seq.id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop a request now and free its blocks (client gone, or an explicit abort)."""
+        if not seq.finished:
+            seq.finish_reason = seq.finish_reason or "abort"
+            self.scheduler.finish(seq)
+        self.by_id.pop(seq.id, None)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[StepOutput]:
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return []
+        if is_prefill:
+            logits = torch.stack([self.runner.prefill(s) for s in seqs])
+            for s in seqs:
+                self.blocks.register_full_blocks(s)
+        else:
+            logits = self.runner.decode(seqs)
+        tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+        now = time.perf_counter()
+        outs = []
+        for s, tok in zip(seqs, tokens, strict=True):
+            ttft = now - s.arrival if s.first_token_at is None else None
+            itl = None if ttft is not None else now - (s.last_token_at or now)
+            s.first_token_at = s.first_token_at or now
+            s.last_token_at = now
+            out = self._append(s, tok)
+            out.ttft, out.itl = ttft, itl
+            outs.append(out)
+            if not is_prefill and s.num_computed % self.blocks.block_size == 0 and not s.finished:
+                self.blocks.register_full_blocks(s)
+        return outs
+
+    def _append(self, s: Sequence, tok: int) -> StepOutput:
+        if tok == self.tokenizer.eos_id and not s.params.ignore_eos:
+            return self._finish(s, "stop", None)
+        s.token_ids.append(tok)
+        text = s.matcher.feed(s.decoder.push(tok))
+        if s.matcher.stopped:
+            return self._finish(s, "stop", tok, text)
+        if s.num_output >= s.params.max_tokens or len(s) >= self.max_model_len:
+            return self._finish(s, "length", tok, text + s.matcher.flush())
+        return StepOutput(s, text, tok, False)
+
+    def _finish(self, s: Sequence, reason: str, tok: int | None, text: str = "") -> StepOutput:
+        s.finish_reason = reason
+        if not s.matcher.stopped:
+            text += s.matcher.flush()
+        self.scheduler.finish(s)
+        self.by_id.pop(s.id, None)
+        return StepOutput(s, text, tok, True)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
+        """Run prompts to completion synchronously (tests, benchmarks, offline use)."""
+        seqs = [self.add(p, params) for p in prompts]
+        while self.has_work:
+            self.step()
+        return seqs
+
+
+class EngineLoop:
+    """Drives an Engine on a background thread; callbacks run on that thread."""
+
+    def __init__(self, engine: Engine, on_step: Callable[[list[StepOutput]], None] | None = None):
+        self.engine = engine
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.callbacks: dict[int, Callable[[StepOutput], None]] = {}
+        self.on_step = on_step
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.recent_tokens: collections.deque[tuple[float, int]] = collections.deque(maxlen=512)
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.inbox.put(None)
+        self._thread.join(timeout=10)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams,
+               callback: Callable[[StepOutput], None]) -> threading.Event:
+        """Queue a request; returns an event to set for aborting it. Validate with engine.check first."""
+        abort = threading.Event()
+        self.inbox.put(("add", prompt_ids, params, callback, abort))
+        return abort
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            _, prompt_ids, params, callback, abort = item
+            seq = self.engine.add(prompt_ids, params)
+            seq.abort_event = abort  # type: ignore[attr-defined]
+            self.callbacks[seq.id] = callback
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                item = None
+
+    def _run(self) -> None:
+        eng = self.engine
+        while not self._stop.is_set():
+            self._drain(block=not eng.has_work)
+            for seq in [s for s in list(eng.by_id.values()) if s.abort_event.is_set()]:  # type: ignore[attr-defined]
+                eng.abort(seq)
+                self.callbacks.pop(seq.id, None)
+            if not eng.has_work:
+                continue
+            try:
+                outs = eng.step()
+            except Exception as e:  # a model bug must not kill the server silently
+                log.exception("engine step failed")
+                self.error = e
+                for seq in list(eng.by_id.values()):
+                    seq.finish_reason = "error"
+                    cb = self.callbacks.pop(seq.id, None)
+                    eng.abort(seq)
+                    if cb:
+                        cb(StepOutput(seq, "", None, True))
+                continue
+            n = sum(1 for o in outs if o.token is not None)
+            self.recent_tokens.append((time.perf_counter(), n))
+            if self.on_step:
+                self.on_step(outs)
+            for o in outs:
+                cb = self.callbacks.get(o.seq.id)
+                if cb:
+                    cb(o)
+                if o.finished:
+                    self.callbacks.pop(o.seq.id, None)
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        now = time.perf_counter()
+        n = sum(c for t, c in self.recent_tokens if now - t <= window)
+        return n / window

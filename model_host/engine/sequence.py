@@ -1,0 +1,60 @@
+"""One request's state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+
+import torch
+
+from model_host.generate import StopMatcher
+from model_host.sampler import SamplingParams
+from model_host.tokenizer import StreamDecoder
+
+_ids = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Prompt and generated tokens, the block table, and the streaming/stop state of a request."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, decoder: StreamDecoder,
+                 generator: torch.Generator | None):
+        self.id = next(_ids)
+        self.prompt_len = len(prompt_ids)
+        self.token_ids = list(prompt_ids)
+        self.params = params
+        self.status = Status.WAITING
+        self.block_table: list[int] = []
+        self.num_cached_tokens = 0  # prompt tokens served by the prefix cache on the last admission
+        self.num_computed = 0  # tokens whose latents are in the cache
+        self.decoder = decoder
+        self.matcher = StopMatcher(params.stop)
+        self.generator = generator
+        self.finish_reason: str | None = None
+        self.arrival = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.prompt_cached_tokens = 0  # reported in usage: cached tokens of the first admission
+        self.admitted = False
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

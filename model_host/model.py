@@ -1,0 +1,208 @@
+"""DeepSeek-V3: decoder layers, the full model, and the multi-token-prediction (MTP) module.
+
+Module names mirror the checkpoint with the ``model.`` prefix dropped (``layers.3.mlp.gate``),
+except routed experts, which are stacked (``layers.3.mlp.experts.gate_proj.weight`` [E, ...]),
+and the MTP layer ``model.layers.{num_hidden_layers}.*``, which lives at ``mtp.0.*``.
+
+Forward contract (what a serving engine calls)::
+
+    out = model(input_ids [B, S], positions [B, S], cache)      # prefill or decode alike
+    out.logits  # [B, S, V] fp32 (or [B, 1, V] with last_only=True)
+    out.hidden  # [B, S, D] final-normed hidden states (input to lm_head and to MTP)
+
+Positions are absolute per row; the cache holds row b's token at position p in slot p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .cache import ContiguousLatentCache, LatentCache
+from .config import ModelConfig
+from .fp8 import Linear
+from .layers import Embedding, RMSNorm
+from .mla import MLA, AttentionBatch, build_attention_batch
+from .moe import MLP, MoE
+from .rope import RotaryEmbedding
+
+
+@dataclass
+class ModelOutput:
+    """logits: [B, S', V] float32; hidden: [B, S', D] after the final norm (S' = 1 if last_only)."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))`` then ``h + ffn(norm(h))`` (dense MLP or MoE)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, dtype=None, device=None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        fp8 = cfg.quantization.block_size if cfg.quantization else None
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
+        self.self_attn = MLA(cfg, layer_idx, dtype=dtype, device=device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
+        if cfg.is_moe_layer(layer_idx):
+            self.mlp: nn.Module = MoE(cfg, dtype=dtype, device=device)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, fp8_block=fp8, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), batch)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class SharedHead(nn.Module):
+    """MTP output head: ``head(norm(h))`` (``shared_head.norm`` / ``shared_head.head``)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=None, device=None) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
+        self.head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, device=device)
+
+
+class MTPLayer(DecoderLayer):
+    """Multi-token prediction module (checkpoint layer ``num_hidden_layers``).
+
+    Given the main model's final-normed hidden state h_i at position i and the embedding of the
+    *next* token t_{i+1}, it predicts t_{i+2}:
+        h' = eh_proj([enorm(embed(t_{i+1})) ; hnorm(h_i)])    (embedding first, as vLLM/SGLang)
+        h'' = decoder_block(h')  at rope position i, with its own latent-cache layer
+        logits = shared_head.head(shared_head.norm(h''))
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype=None, device=None) -> None:
+        super().__init__(cfg, cfg.num_hidden_layers, dtype=dtype, device=device)
+        d = cfg.hidden_size
+        self.embed_tokens = Embedding(cfg.vocab_size, d, dtype=dtype, device=device)
+        self.enorm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, device=device)
+        self.hnorm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, device=device)
+        self.eh_proj = Linear(2 * d, d, dtype=dtype, device=device)  # bf16 in V3, never FP8
+        self.shared_head = SharedHead(cfg, dtype=dtype, device=device)
+
+    def forward(
+        self, next_ids: torch.Tensor, prev_hidden: torch.Tensor, batch: AttentionBatch
+    ) -> torch.Tensor:  # type: ignore[override]
+        e = self.enorm(self.embed_tokens(next_ids))
+        h = self.eh_proj(torch.cat((e, self.hnorm(prev_hidden.to(e.dtype))), dim=-1))
+        h = super().forward(h, batch)
+        return self.shared_head.norm(h)
+
+
+class DeepseekV3(nn.Module):
+    """The DeepSeek-V3 decoder (plus optional MTP).  Build on ``meta`` and fill with the loader."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        with_mtp: bool = False,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg, self.dtype = cfg, dtype
+        d = cfg.hidden_size
+        self.embed_tokens = Embedding(cfg.vocab_size, d, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, dtype=dtype, device=device) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, device=device)
+        self.lm_head = Linear(d, cfg.vocab_size, dtype=dtype, device=device)
+        n_mtp = cfg.num_nextn_predict_layers if with_mtp else 0
+        if with_mtp and not n_mtp:
+            raise ValueError("with_mtp=True but config.num_nextn_predict_layers is 0")
+        self.mtp = nn.ModuleList(MTPLayer(cfg, dtype=dtype, device=device) for _ in range(n_mtp))
+        self.rotary = RotaryEmbedding(cfg, device=None if str(device) == "meta" else device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def num_cache_layers(self) -> int:
+        """Cache layers needed: decoder layers, plus one for the MTP layer when present."""
+        return self.cfg.num_hidden_layers + len(self.mtp)
+
+    def new_cache(
+        self, batch_size: int, max_seq_len: int, *, dtype: torch.dtype | None = None
+    ) -> ContiguousLatentCache:
+        """A contiguous latent cache sized for this model (MTP layer included if loaded)."""
+        return ContiguousLatentCache(
+            self.num_cache_layers,
+            batch_size,
+            max_seq_len,
+            self.cfg.kv_lora_rank,
+            self.cfg.qk_rope_head_dim,
+            dtype=dtype or self.dtype,
+            device=self.device,
+        )
+
+    def attention_batch(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        kv_len: int | None = None,
+        mla_mode: str = "auto",
+    ) -> AttentionBatch:
+        """Rotary tables + causal mask for one forward, shared by every layer."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        cos, sin = self.rotary(positions)
+        return build_attention_batch(positions, cos, sin, cache, kv_len, mla_mode)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        *,
+        kv_len: int | None = None,
+        last_only: bool = False,
+        mla_mode: str = "auto",
+    ) -> ModelOutput:
+        """Run ``input_ids`` [B, S] at absolute ``positions`` [B, S] (default 0..S-1).
+
+        With a ``cache`` the new latents are written at ``positions`` and attention reads cache
+        positions ``0..kv_len-1`` (default ``max(positions) + 1``), so the same call serves a
+        prompt prefill, a chunked prefill and a batched decode step.  Without a cache the
+        tokens attend only to each other.  ``last_only`` computes logits for the last column only.
+        """
+        batch = self.attention_batch(input_ids, positions, cache, kv_len, mla_mode)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, batch)
+        hidden = self.norm(x)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return ModelOutput(self.lm_head(hidden).float(), hidden)
+
+    @torch.no_grad()
+    def mtp_forward(
+        self,
+        next_ids: torch.Tensor,
+        prev_hidden: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        *,
+        kv_len: int | None = None,
+        mla_mode: str = "auto",
+    ) -> ModelOutput:
+        """Draft the token after next: logits for t_{i+2} from (t_{i+1}, hidden_i) at position i.
+
+        ``prev_hidden`` is ``ModelOutput.hidden`` of the main model at the same positions; the
+        MTP layer uses cache layer ``num_hidden_layers``.
+        """
+        if not len(self.mtp):
+            raise RuntimeError("model was built without the MTP module (load with load_mtp=True)")
+        batch = self.attention_batch(next_ids, positions, cache, kv_len, mla_mode)
+        mtp = self.mtp[0]
+        h = mtp(next_ids, prev_hidden, batch)
+        return ModelOutput(mtp.shared_head.head(h).float(), h)

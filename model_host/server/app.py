@@ -1,0 +1,230 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
+
+Every bad request gets an OpenAI-style error body with a 4xx status; the engine runs on its own
+thread, and a client that disconnects mid-stream (or calls /v1/abort) frees its KV blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from model_host.engine.engine import EngineLoop, RequestError, StepOutput
+from model_host.server.metrics import Metrics
+from model_host.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from model_host.tokenizer import Tokenizer
+
+MAX_BODY_BYTES = 4 * 2**20
+
+
+class _Request:
+    """One in-flight generation: its queue of step outputs and its abort switch."""
+
+    def __init__(self, rid: str, prompt_len: int):
+        self.id = rid
+        self.prompt_len = prompt_len
+        self.queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self.abort: Any = None
+        self.done = False
+
+    def usage(self, out: StepOutput) -> dict[str, Any]:
+        seq = out.seq
+        return {"prompt_tokens": self.prompt_len, "completion_tokens": seq.num_output,
+                "total_tokens": self.prompt_len + seq.num_output,
+                "prompt_tokens_details": {"cached_tokens": seq.prompt_cached_tokens}}
+
+
+def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The FastAPI app over a started (or to-be-started) EngineLoop."""
+    app = FastAPI(title="model-host", version="1")
+    engine = loop.engine
+    metrics = Metrics(loop)
+    loop.on_step = metrics.on_step
+    inflight: dict[str, _Request] = {}
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, _e: Exception) -> JSONResponse:
+        return JSONResponse(APIError(404, f"no route {request.method} {request.url.path}").body(), 404)
+
+    @app.exception_handler(405)
+    async def _bad_method(request: Request, _e: Exception) -> JSONResponse:
+        return JSONResponse(APIError(405, f"method {request.method} not allowed on {request.url.path}").body(), 405)
+
+    def authorize(request: Request) -> None:
+        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
+                           type="authentication_error", code="invalid_api_key")
+
+    async def parse(request: Request, model: type[BaseModel]) -> Any:
+        authorize(request)
+        if int(request.headers.get("content-length") or 0) > max_body_bytes:
+            raise APIError(413, f"request body over {max_body_bytes} bytes")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > max_body_bytes:
+                raise APIError(413, f"request body over {max_body_bytes} bytes")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"malformed JSON body: {e}") from None
+        try:
+            req = model.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            param = ".".join(str(p) for p in err["loc"])
+            raise APIError(400, f"{param}: {err['msg']}", param=param) from None
+        if req.model != model_name:
+            raise APIError(404, f"model {req.model!r} does not exist; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        return req
+
+    def start(prompt_ids: list[int], req: Any, prefix: str) -> _Request:
+        params = req.sampling(len(prompt_ids), engine.max_model_len)
+        try:
+            engine.check(len(prompt_ids), params.max_tokens)
+        except RequestError as e:
+            raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+        r = _Request(f"{prefix}-{uuid.uuid4().hex[:24]}", len(prompt_ids))
+        aio = asyncio.get_running_loop()
+        r.abort = loop.submit(prompt_ids, params, lambda out: aio.call_soon_threadsafe(r.queue.put_nowait, out))
+        inflight[r.id] = r
+        metrics.prompt_tokens.inc(len(prompt_ids))
+        return r
+
+    async def outputs(r: _Request) -> AsyncIterator[StepOutput]:
+        try:
+            while True:
+                out = await r.queue.get()
+                if out.finished:
+                    r.done = True
+                    metrics.cached_tokens.inc(out.seq.prompt_cached_tokens)
+                    if out.seq.finish_reason == "error":
+                        raise APIError(500, "the engine failed on this request; see the server log",
+                                       type="server_error")
+                yield out
+                if out.finished:
+                    return
+        finally:
+            inflight.pop(r.id, None)
+            if not r.done:
+                r.abort.set()  # client went away (or we failed): free the blocks now
+
+    async def respond(r: _Request, stream: bool, include_usage: bool, chat: bool) -> Response:
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+
+        def choice(text: str, finish: str | None) -> dict[str, Any]:
+            if chat:
+                return {"index": 0, "delta" if stream else "message":
+                        ({"content": text} if stream else {"role": "assistant", "content": text}),
+                        "finish_reason": finish}
+            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+
+        if not stream:
+            text, last = [], None
+            async for out in outputs(r):
+                text.append(out.text)
+                last = out
+            return JSONResponse({"id": r.id, "object": obj, "created": created, "model": model_name,
+                                 "choices": [choice("".join(text), last.seq.finish_reason)],
+                                 "usage": r.usage(last)})
+
+        def sse(payload: dict[str, Any]) -> str:
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            base = {"id": r.id, "object": obj + ".chunk" if chat else obj, "created": created, "model": model_name}
+            if chat:
+                yield sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                "finish_reason": None}]})
+            try:
+                async for out in outputs(r):
+                    if out.text:
+                        yield sse({**base, "choices": [choice(out.text, None)]})
+                    if out.finished:
+                        yield sse({**base, "choices": [choice("", out.seq.finish_reason)]})
+                        if include_usage:
+                            yield sse({**base, "choices": [], "usage": r.usage(out)})
+            except APIError as e:
+                yield sse(e.body())
+            finally:
+                # A disconnect cancels this generator at a `yield`; the inner one may not be
+                # closed until garbage collection, so abort here as well.
+                if not r.done:
+                    r.abort.set()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
+        try:
+            ids = tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        r = start(ids, req, "chatcmpl")
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        return await respond(r, req.stream, include, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req: CompletionRequest = await parse(request, CompletionRequest)
+        if isinstance(req.prompt, str):
+            ids = tokenizer.encode(req.prompt, add_bos=True)
+        else:
+            ids = list(req.prompt)
+            if any(not 0 <= t < tokenizer.vocab_size for t in ids):
+                raise APIError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
+        r = start(ids, req, "cmpl")
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        return await respond(r, req.stream, include, chat=False)
+
+    @app.post("/v1/abort")
+    async def abort(request: Request) -> dict[str, Any]:
+        """Explicit cancel by response id (the `id` of a completion or its stream chunks)."""
+        authorize(request)
+        try:
+            rid = (await request.json())["id"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise APIError(400, 'body must be {"id": "<completion id>"}', param="id") from None
+        r = inflight.get(rid)
+        if r is None:
+            raise APIError(404, f"no request {rid!r} in flight", param="id")
+        r.abort.set()
+        return {"id": rid, "aborted": True}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        authorize(request)
+        return {"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": 0, "owned_by": "model-host",
+            "max_model_len": engine.max_model_len,
+        }]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        if loop.error is not None:
+            return JSONResponse({"status": "error", "error": str(loop.error)}, status_code=503)
+        return JSONResponse({"status": "ok", "model": model_name})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

@@ -1,0 +1,61 @@
+"""`model-host serve`: load a checkpoint and serve it over the OpenAI protocol."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + safetensors)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="activation dtype (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--max-batch", type=int, default=16, help="most sequences decoded together")
+    p.add_argument("--kv-memory-gb", type=float, default=1.0, help="memory budget of the paged latent KV cache")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (prefix-cache granularity)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer <key> on /v1/*")
+    p.add_argument("--served-model-name", default=None, help="model id in the API (default: checkpoint dir name)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (only 1 is implemented)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from model_host.engine.engine import Engine, EngineConfig, EngineLoop
+    from model_host.loader import load_model
+    from model_host.server.app import create_app
+    from model_host.tokenizer import Tokenizer
+
+    logging.basicConfig(level=logging.INFO, format="model-host: %(message)s")
+    if args.tp != 1:
+        raise SystemExit("model-host: --tp > 1 is not implemented yet; run with --tp 1")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+    model = load_model(args.checkpoint, device=device, dtype=dtype)
+    tokenizer = Tokenizer(args.checkpoint)
+    engine = Engine(model, tokenizer, EngineConfig(
+        max_batch=args.max_batch, kv_memory_gb=args.kv_memory_gb, block_size=args.block_size,
+        max_model_len=args.max_model_len,
+    ))
+    logging.getLogger("model-host").info(
+        "KV cache holds %d tokens (%d blocks); max context %d; serving %s on http://%s:%d/v1",
+        engine.capacity_tokens, engine.blocks.num_blocks, engine.max_model_len,
+        args.served_model_name or Path(args.checkpoint).name, args.host, args.port)
+    loop = EngineLoop(engine)
+    app = create_app(loop, tokenizer, args.served_model_name or Path(args.checkpoint).resolve().name, args.api_key)
+    loop.start()
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        loop.stop()
+    return 0

@@ -1,0 +1,55 @@
+"""Prometheus metrics of one server instance (its own registry: no process-global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from model_host.engine.engine import EngineLoop, StepOutput
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self, loop: EngineLoop):
+        self.loop = loop
+        r = self.registry = CollectorRegistry()
+        eng = loop.engine
+        sched, blocks = eng.scheduler, eng.blocks
+        Gauge("model_host_requests_running", "Sequences in the running batch", registry=r).set_function(
+            lambda: len(sched.running))
+        Gauge("model_host_requests_waiting", "Sequences queued for admission", registry=r).set_function(
+            lambda: len(sched.waiting))
+        Gauge("model_host_kv_blocks_free", "Free paged-KV blocks", registry=r).set_function(lambda: blocks.num_free)
+        Gauge("model_host_kv_blocks_used", "Paged-KV blocks in use", registry=r).set_function(
+            lambda: blocks.num_blocks - blocks.num_free)
+        Gauge("model_host_kv_block_size_tokens", "Tokens per KV block", registry=r).set(blocks.block_size)
+        Gauge("model_host_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / looked up",
+              registry=r).set_function(lambda: blocks.hit_rate)
+        Gauge("model_host_generation_tokens_per_second", "Generated tokens/s over the last 10 s",
+              registry=r).set_function(loop.tokens_per_second)
+        Gauge("model_host_preemptions", "Sequences preempted for lack of KV blocks", registry=r).set_function(
+            lambda: sched.preemptions)
+        self.prompt_tokens = Counter("model_host_prompt_tokens", "Prompt tokens received", registry=r)
+        self.cached_tokens = Counter("model_host_prompt_cached_tokens", "Prompt tokens served by the prefix cache",
+                                     registry=r)
+        self.generation_tokens = Counter("model_host_generation_tokens", "Tokens generated", registry=r)
+        self.requests = Counter("model_host_requests", "Finished requests by reason", ["finish_reason"], registry=r)
+        self.ttft = Histogram("model_host_time_to_first_token_seconds", "Arrival to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("model_host_inter_token_latency_seconds", "Gap between consecutive tokens",
+                             buckets=LATENCY_BUCKETS, registry=r)
+
+    def on_step(self, outs: list[StepOutput]) -> None:
+        """Called on the engine thread after every step."""
+        for o in outs:
+            if o.token is not None:
+                self.generation_tokens.inc()
+            if o.ttft is not None:
+                self.ttft.observe(o.ttft)
+            if o.itl is not None:
+                self.itl.observe(o.itl)
+            if o.finished:
+                self.requests.labels(o.seq.finish_reason or "stop").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

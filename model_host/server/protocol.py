@@ -1,0 +1,104 @@
+"""OpenAI wire protocol: request models, validation into SamplingParams, error bodies."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from model_host.sampler import SamplingParams
+
+DEFAULT_MAX_TOKENS = 1024
+
+
+class APIError(Exception):
+    """Becomes an OpenAI-style error body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields (user, logprobs=false...) are harmless
+
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # extension, as in vLLM
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    ignore_eos: bool = False  # extension, for benchmarks
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 16:
+            raise ValueError("at most 16 stop strings")
+        return v
+
+    def sampling(self, prompt_len: int, max_model_len: int) -> SamplingParams:
+        """Validate against the context and build SamplingParams; raises APIError (400)."""
+        if self.n != 1:
+            raise APIError(400, f"n={self.n} is not supported; send {self.n} separate requests", param="n")
+        requested = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if requested is not None and requested <= 0:
+            raise APIError(400, f"max_tokens must be at least 1, got {requested}", param="max_tokens")
+        room = max_model_len - prompt_len
+        if room <= 0 or (requested is not None and requested > room):
+            raise APIError(
+                400,
+                f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                f"{prompt_len + (requested or 1)} tokens ({prompt_len} in the messages, {requested or 1} in the "
+                f"completion). Please reduce the length of the messages or completion.",
+                param="max_tokens", code="context_length_exceeded",
+            )
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+            max_tokens=requested or min(DEFAULT_MAX_TOKENS, room), stop=stop, ignore_eos=self.ignore_eos,
+        )
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int]
+    echo: bool = False
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is not supported")
+        return v
