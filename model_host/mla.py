@@ -160,6 +160,25 @@ class MLA(nn.Module):
         absorb = s * h * (dn + dv) * r + s * h * t * (2 * r + dr)  # project q/out, attend in latent
         return absorb <= expand
 
+    def _absorb_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_UK [H, dn, R], W_UV [H, dv, R]) views of the dense kv_b_proj weight."""
+        w = self.kv_b_proj.dense_weight(dtype).view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)
+        return w_uk, w_uv
+
+    def _decode_paged(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        """One decode token per row, attended by the cache's paged latent kernel (absorbed form).
+
+        The kernel reads each row's length from ``positions`` (on the device) and walks the
+        block table itself, so nothing depends on ``kv_len`` or the mask: the step can be
+        replayed from a CUDA graph at any context length.
+        """
+        w_uk, w_uv = self._absorb_weights(q_nope.dtype)
+        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
+        q = torch.cat((q_lat, q_pe), dim=-1)[:, 0]  # [B, H, R + dr]
+        o_lat = batch.cache.attend_decode(self.layer_idx, q, batch.positions[:, 0] + 1, self.scale)
+        return torch.einsum("bhc,hdc->bhd", o_lat, w_uv).unsqueeze(1)
+
     def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """x [B, S, D] -> [B, S, D]; writes this chunk's latents to ``batch.cache`` first."""
         b, s, _ = x.shape
@@ -175,14 +194,14 @@ class MLA(nn.Module):
 
         if batch.cache is not None:
             batch.cache.write(self.layer_idx, batch.positions, c_kv, k_pe)
+            if s == 1 and getattr(batch.cache, "decode_kernel", False):
+                out = self._decode_paged(q_nope, q_pe, batch)
+                return self.o_proj(out.reshape(b, s, self.n_heads * self.v_dim))
             c_kv, k_pe = batch.cache.read(self.layer_idx, batch.kv_len)
             c_kv, k_pe = c_kv.to(x.dtype), k_pe.to(x.dtype)
 
         if self._use_absorb(s, c_kv.shape[1], batch.mode):
-            w = self.kv_b_proj.dense_weight(x.dtype).view(
-                self.n_heads, self.nope + self.v_dim, self.kv_lora_rank
-            )
-            w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)
+            w_uk, w_uv = self._absorb_weights(x.dtype)
             out = attend_absorbed(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, batch.mask, self.scale)
         else:
             kv = self.kv_b_proj(c_kv).view(b, c_kv.shape[1], self.n_heads, self.nope + self.v_dim)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .fp8 import Linear, StackedLinear
+from .fp8 import Linear, StackedLinear, get_backend
 
 
 class MLP(nn.Module):
@@ -36,6 +36,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter, dim, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A GPU backend may run the whole block as fused kernels (gate+up+SiLU-mul in one launch).
+        fused = getattr(get_backend(), "mlp_forward", None)
+        if fused is not None and (y := fused(self, x)) is not None:
+            return y
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -71,7 +75,10 @@ def route(
         dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
         # -inf (not 0): a dropped group's expert must never beat a kept one, even when the
         # kept experts' biased scores are negative.
-        choice = choice.masked_fill(dropped.repeat_interleave(e // n_group, dim=1), float("-inf"))
+        # expand + reshape (not repeat_interleave): never a host sync, so routing can be
+        # captured in a CUDA graph.
+        dropped = dropped.unsqueeze(-1).expand(n, n_group, e // n_group).reshape(n, e)
+        choice = choice.masked_fill(dropped, float("-inf"))
     idx = stable_topk(choice, top_k)
     weights = scores.gather(1, idx)
     if norm_topk_prob and top_k > 1:
@@ -164,6 +171,10 @@ class MoE(nn.Module):
             self.shared_experts = MLP(cfg.hidden_size, inter, fp8_block=fp8, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A GPU backend may fuse routed + shared experts into grouped FP8 launches.
+        fused = getattr(get_backend(), "moe_forward", None)
+        if fused is not None and (y := fused(self, x)) is not None:
+            return y
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, indices = self.gate(flat)

@@ -6,6 +6,12 @@ sequence's can be shared, which is how prefix caching saves prefill work.
 
 The engine `bind`s the block tables of the rows in a forward pass; MLA then calls `write` and
 `read` exactly as on the contiguous cache, so attention code does not know about paging.
+
+With `decode_kernel` set, single-token decode attends through `attend_decode` instead: the
+paged MLA kernel walks the block tables itself (no gathered copy of the context), and the
+lengths come from the device, which is what lets the decode step be captured in a CUDA graph.
+One extra block past `num_blocks` (`scratch_block`) absorbs the writes of padding rows when a
+graph captured for a larger batch replays a smaller one; the block manager never hands it out.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ class PagedLatentCache(LatentCache):
     ) -> None:
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.kv_lora_rank, self.rope_dim, self.dtype = kv_lora_rank, rope_dim, dtype
-        slots = num_blocks * block_size
+        self.scratch_block = num_blocks  # padding rows of captured decode graphs write here
+        self.decode_kernel = False  # True: MLA decode uses attend_decode (paged kernel)
+        slots = (num_blocks + 1) * block_size
         self.c_kv = torch.zeros(num_layers, slots, kv_lora_rank, dtype=dtype, device=device)
         self.k_pe = torch.zeros(num_layers, slots, rope_dim, dtype=dtype, device=device)
         self.block_tables: torch.Tensor | None = None  # [B, max_blocks] for the bound batch
@@ -54,6 +62,14 @@ class PagedLatentCache(LatentCache):
         pos = torch.arange(length, device=self.block_tables.device).expand(b, length)
         slots = self._slots(pos)
         return self.c_kv[layer][slots], self.k_pe[layer][slots]
+
+    def attend_decode(self, layer: int, q: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+        """Absorbed MLA decode for the bound rows: q [B, H, R+dr] -> latent output [B, H, R]."""
+        from model_host.kernels.mla_decode import mla_decode
+
+        assert self.block_tables is not None, "bind() block tables before a forward"
+        return mla_decode(q, self.c_kv[layer], self.k_pe[layer], self.block_tables, seq_lens,
+                          self.block_size, scale)
 
     def nbytes(self) -> int:
         return self.c_kv.nbytes + self.k_pe.nbytes

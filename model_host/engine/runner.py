@@ -1,6 +1,13 @@
-"""Turns scheduled sequences into model forwards over the paged latent cache."""
+"""Turns scheduled sequences into model forwards over the paged latent cache.
+
+On CUDA with the FP8 kernel backend installed (``model_host.kernels.install()``), decode steps
+run through the paged MLA kernel and are replayed from CUDA graphs captured per batch-size
+bucket (:class:`model_host.kernels.graphs.DecodeGraphs`); everything else runs eagerly.
+"""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -9,11 +16,33 @@ from model_host.engine.sequence import Sequence
 from model_host.model import DeepseekV3
 
 
+def _graphs_supported(device: torch.device) -> bool:
+    """CUDA + Triton + a sync-free (kernel) backend; MODEL_HOST_CUDA_GRAPHS=0 opts out."""
+    if device.type != "cuda" or os.environ.get("MODEL_HOST_CUDA_GRAPHS", "1") == "0":
+        return False
+    from model_host.fp8 import get_backend
+    from model_host.kernels import HAS_TRITON
+
+    if not HAS_TRITON:
+        return False
+    from model_host.kernels.backend import TritonFP8Backend
+
+    return isinstance(get_backend(), TritonFP8Backend)
+
+
 class ModelRunner:
-    def __init__(self, model: DeepseekV3, cache: PagedLatentCache):
+    def __init__(self, model: DeepseekV3, cache: PagedLatentCache, cuda_graphs: bool | None = None):
         self.model = model
         self.cache = cache
         self.device = model.device
+        if cuda_graphs is None:
+            cuda_graphs = _graphs_supported(self.device)
+        self.graphs = None
+        if cuda_graphs:
+            from model_host.kernels.graphs import DecodeGraphs
+
+            cache.decode_kernel = True
+            self.graphs = DecodeGraphs(model, cache, max_blocks_per_seq=cache.num_blocks)
 
     def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(s.block_table) for s in seqs)
@@ -36,8 +65,12 @@ class ModelRunner:
         """One batched step: each row feeds its last token at its own position. Returns [B, V]."""
         ids = torch.tensor([[s.token_ids[-1]] for s in seqs], dtype=torch.long, device=self.device)
         positions = torch.tensor([[len(s) - 1] for s in seqs], dtype=torch.long, device=self.device)
-        self.cache.bind(self._tables(seqs))
-        out = self.model(ids, positions, self.cache, kv_len=max(len(s) for s in seqs), last_only=True)
+        tables = self._tables(seqs)
+        logits = self.graphs.run(ids, positions, tables) if self.graphs is not None else None
+        if logits is None:  # no graphs, or no bucket large enough: eager step
+            self.cache.bind(tables)
+            out = self.model(ids, positions, self.cache, kv_len=max(len(s) for s in seqs), last_only=True)
+            logits = out.logits[:, -1]
         for s in seqs:
             s.num_computed = len(s)
-        return out.logits[:, -1]
+        return logits

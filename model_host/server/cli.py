@@ -42,6 +42,12 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
     model = load_model(args.checkpoint, device=device, dtype=dtype)
+    if device.startswith("cuda"):
+        # FP8 GEMM, grouped MoE and paged MLA decode kernels; with them the runner replays
+        # decode steps from captured CUDA graphs. The CPU keeps the pure-PyTorch path.
+        from model_host.kernels import install
+
+        install(model)
     tokenizer = Tokenizer(args.checkpoint)
     engine = Engine(model, tokenizer, EngineConfig(
         max_batch=args.max_batch, kv_memory_gb=args.kv_memory_gb, block_size=args.block_size,

@@ -1,0 +1,144 @@
+"""Diagnostics for bench/decode_bench.py (kept apart so the benchmark script stays short).
+
+* ``run_micro``     (--micro)   Triton W8A8 vs cuBLASLt blockwise ``_scaled_mm`` per linear shape;
+* ``tune_grouped``  (--tune)    sweep the grouped MoE kernel's launch parameters on real routing;
+* ``check_modules`` (--check)   kernel vs torch path per module on identical real-width inputs;
+* ``profile``       (--profile) top kernels by GPU time of a bs1 decode step and a 2048 prefill.
+
+Each takes the benchmark module ``db`` (timer, logger, device, rig helpers) as first argument.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model_host.fp8 import TorchBackend, set_backend
+
+
+def run_micro(db, model, res: dict) -> None:
+    """Triton W8A8 vs cuBLASLt blockwise _scaled_mm on the model's own FP8 weights."""
+    from model_host.kernels.fp8_linear import scaled_mm_linear, w8a8_linear, w8a8_reference
+
+    at, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    layers = {"q_a": at.q_a_proj, "q_b": at.q_b_proj, "kv_a": at.kv_a_proj_with_mqa,
+              "o": at.o_proj, "mlp_gate": mlp.gate_proj, "mlp_down": mlp.down_proj}
+    rows = ["| linear (N x K) | M | triton ms | scaled_mm ms | triton TB/s or TFLOP/s | err triton | err smm |",
+            "|---|---|---|---|---|---|---|"]
+    for name, lin in layers.items():
+        w, s = lin.weight, lin.weight_scale_inv
+        for m in (1, 32, 128, 2048):
+            x = torch.randn(m, w.shape[1], device=db.DEVICE, dtype=torch.bfloat16)
+            ref = w8a8_reference(x, w, s, torch.float32)
+            out = {}
+            for impl, fn in (("triton", w8a8_linear), ("smm", scaled_mm_linear)):
+                try:
+                    err = ((fn(x, w, s).float() - ref).norm() / ref.norm()).item()
+                    out[impl] = (db.gpu_ms(lambda fn=fn, x=x, w=w, s=s: fn(x, w, s), iters=20, warmup=3), err)
+                except Exception as e:  # shape / build not supported
+                    out[impl] = (None, None)
+                    db.log(f"micro {name} M={m} {impl}: {type(e).__name__}: {str(e)[:200]}")
+            t = out["triton"][0]
+            rate = (w.nbytes / t / 1e9 if m <= 128 else 2 * m * w.numel() / t / 1e9) if t else None
+            rows.append(f"| {name} ({w.shape[0]}x{w.shape[1]}) | {m} | {db.fmt(out['triton'][0], '.4f')} | "
+                        f"{db.fmt(out['smm'][0], '.4f')} | {db.fmt(rate, '.2f')} | {db.fmt(out['triton'][1], '.1e')} | "
+                        f"{db.fmt(out['smm'][1], '.1e')} |")
+    res["micro"] = "\n".join(rows)
+    db.log(res["micro"])
+
+
+def tune_grouped(db, model, res: dict) -> None:
+    """Pick the grouped MoE kernel's launch parameters on this GPU (gated gate/up launch with
+    real routing; decode = 1 token, prefill = 2048 tokens) and install them in TUNED."""
+    from model_host.kernels import moe_grouped as mg
+    from model_host.kernels.fp8_linear import act_quant
+
+    moe = next(m.mlp for m in model.layers if hasattr(m.mlp, "experts"))
+    gp, up = moe.experts.gate_proj, moe.experts.up_proj
+    cands = {"decode": [dict(num_warps=w, num_stages=st) for w in (4, 8) for st in (3, 4, 6)],
+             "prefill": [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+                         for bm, bn, w, st in ((64, 128, 4, 3), (64, 128, 8, 3), (64, 128, 8, 4),
+                                               (64, 256, 8, 3), (128, 128, 8, 3), (128, 256, 8, 3))]}
+    for regime, t in (("decode", 1), ("prefill", 2048)):
+        x = torch.randn(t, model.cfg.hidden_size, device=db.DEVICE, dtype=torch.bfloat16)
+        with torch.no_grad():
+            _, idx = moe.gate(x)
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token = (order // idx.shape[1]).to(torch.int32)
+        counts = torch.bincount(flat, minlength=moe.experts.num_experts).int()
+        aq = act_quant(x) if regime == "prefill" else None
+        times = []
+        for c in cands[regime]:
+            base = mg.grouped_config(t * idx.shape[1], gp.out_features, moe.experts.num_experts, True)
+            cfg = {**base, **c}
+
+            def fn(cfg=cfg, x=x, counts=counts, token=token, aq=aq):
+                for _ in range(10):
+                    mg.grouped_w8a8(x, gp.weight, gp.weight_scale_inv, counts, num_rows=token.numel(),
+                                    mode="gated", rows=token, w2=up.weight, w2_s=up.weight_scale_inv,
+                                    config=cfg, a_quant=aq)
+            try:
+                times.append((db.gpu_ms(fn, iters=5, warmup=1) / 10, c))
+            except Exception as e:  # e.g. out of shared memory
+                db.log(f"tune {regime} {c}: {type(e).__name__}")
+        times.sort(key=lambda tc: tc[0])
+        mg.TUNED[regime] = dict(times[0][1])
+        res[f"tune/{regime}"] = [(round(ms, 4), c) for ms, c in times]
+        db.log(f"tune {regime}: " + "; ".join(f"{ms:.3f} ms {c}" for ms, c in times))
+
+
+@torch.no_grad()
+def check_modules(db, model, rig, res: dict, b: int = 8) -> None:
+    """Kernel path vs torch path per module on identical inputs at real widths: separates the
+    kernels' arithmetic from the routing flips that compound over a whole random model."""
+    from model_host.kernels.backend import TritonFP8Backend
+
+    x = torch.randn(b, 1, model.cfg.hidden_size, device=db.DEVICE, dtype=torch.bfloat16)
+    ids, pos, tables = rig.decode_inputs(b)
+    rig.cache.bind(tables)
+    batch = model.attention_batch(ids, pos, rig.cache, kv_len=db.CTX + 1)
+    mods = {"attention (decode, paged)": model.layers[1].self_attn, "dense MLP": model.layers[0].mlp,
+            "MoE (routed + shared)": model.layers[1].mlp}
+    for name, mod in mods.items():
+        outs = []
+        for backend, kernel in ((TorchBackend(), False), (TritonFP8Backend(), True)):
+            prev = set_backend(backend)
+            rig.cache.decode_kernel = kernel
+            try:
+                outs.append((mod(x, batch) if "attention" in name else mod(x)).float())
+            finally:
+                set_backend(prev)
+        err = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
+        res[f"check/{name}"] = err
+        db.log(f"check module {name} (bs{b}): kernel vs torch path rel err {err:.4f}")
+
+
+def profile(db, model, rig, res: dict) -> None:
+    """Kernel-level GPU time of one eager bs1 decode step and one 2048 prefill (kernel backend)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    from model_host.kernels.backend import TritonFP8Backend
+
+    prev = set_backend(TritonFP8Backend())
+    rig.cache.decode_kernel = True
+    try:
+        ids, pos, tables = rig.decode_inputs(1)
+        long = torch.randint(0, model.cfg.vocab_size, (1, 2048), device=db.DEVICE)
+        for name, fn in (("decode1", lambda: rig.eager_step(ids, pos, tables)),
+                         ("prefill2048", lambda: rig.prefill(long))):
+            fn()
+            torch.cuda.synchronize()
+            with prof(activities=[ProfilerActivity.CUDA]) as p:
+                fn()
+                torch.cuda.synchronize()
+            ev = [e for e in p.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+            ev.sort(key=lambda e: -e.self_device_time_total)
+            total = sum(e.self_device_time_total for e in ev)
+            n = sum(e.count for e in ev)
+            lines = [f"[profile {name}] {n} kernels, {total / 1e3:.3f} ms GPU time"]
+            lines += [f"  {e.self_device_time_total / 1e3:8.3f} ms  x{e.count:<4d} {e.key[:110]}" for e in ev[:14]]
+            res[f"profile/{name}"] = "\n".join(lines)
+            db.log(res[f"profile/{name}"])
+    finally:
+        set_backend(prev)

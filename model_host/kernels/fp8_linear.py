@@ -1,0 +1,231 @@
+"""W8A8 block-scaled FP8 linear: ``y = x @ W^T`` with FP8 activations and FP8 weights.
+
+Numerics (DeepSeek-V3's recipe):
+
+* activations are quantized per token and per 128-channel group: ``s = amax(|x_g|) / 448``,
+  ``q = fp8(x_g / s)`` (round to nearest even, the same as ``tensor.to(float8_e4m3fn)``);
+* weights keep the checkpoint's ``float8_e4m3fn`` values and one fp32 ``scale_inv`` per
+  128x128 block;
+* each 128-wide K slice is one FP8 tensor-core product whose fp32 result is scaled by
+  ``s_x * s_w`` and added to an fp32 accumulator.  Promoting every 128 K bounds the error of
+  Hopper's reduced-precision FP8 accumulation, which is why the K tile is exactly 128.
+
+Two GPU implementations, picked per shape by :mod:`.backend`:
+
+* Triton (:func:`w8a8_linear`).  Small M (decode) quantizes the activation tile *inside* the
+  GEMM prologue (no separate quant pass or launch) and splits K across programs so that even a
+  576-row ``kv_a`` projection puts enough loads in flight; partial sums go to an fp32
+  workspace reduced by a second tiny kernel (deterministic, unlike atomics).  Large M
+  (prefill) quantizes once with :func:`act_quant` and runs 128x128 tiles.
+* ``torch._scaled_mm`` with 1x128 / 128x128 block scales (cuBLASLt >= 12.9 on sm_90):
+  :func:`scaled_mm_linear`.
+
+:func:`w8a8_reference` is the CPU / fallback path and the definition the kernels are tested
+against.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from . import HAS_TRITON, use_triton
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+BLOCK = 128  # activation group = weight block edge = K tile
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
+                          ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (rows < M)[:, None] & (cols < K)[None, :]
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=1)
+        s = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
+        q = tl.math.div_rn(x, tl.broadcast_to(s[:, None], x.shape)).to(tl.float8e4nv)
+        tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], q, mask=mask)
+        tl.store(s_ptr + rows * stride_sm + tl.program_id(1) * stride_sk, s, mask=rows < M)
+
+    @triton.jit
+    def _w8a8_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
+                     stride_am, stride_asm, stride_ask, stride_bn, stride_bsn, stride_cs, stride_cm,
+                     k_split, A_MODE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Axis 0 walks M fastest: neighbouring programs share one weight tile, so the (large)
+        # weight streams from HBM once while the (small) activation rows stay in L2.
+        pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m, mask_n = offs_m < M, offs_n < N
+        a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+        b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn
+        bs_rows = bs_ptr + (offs_n // BLOCK_K) * stride_bsn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        k_lo = pid_s * k_split
+        # Uniform trip count per split (the last split's tail is fully masked: no traffic).
+        for i in range(0, k_split // BLOCK_K):
+            k0 = k_lo + i * BLOCK_K
+            kk = k0 + offs_k
+            mask_k = kk < K
+            in_k = k0 < K
+            a = tl.load(a_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(b_rows + kk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            b_s = tl.load(bs_rows + k0 // BLOCK_K, mask=mask_n & in_k, other=0.0)
+            if A_MODE == 2:  # W8A16: bf16 activations, FP8 weights widened exactly in registers
+                acc += tl.dot(a, tl.trans(b.to(a.dtype))) * b_s[None, :]
+            else:
+                if A_MODE == 1:  # fused per-token x 128-channel quantization of the bf16 tile
+                    af = a.to(tl.float32)
+                    amax = tl.max(tl.abs(af), axis=1)
+                    a_s = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
+                    a = tl.math.div_rn(af, tl.broadcast_to(a_s[:, None], af.shape)).to(tl.float8e4nv)
+                else:
+                    a_s = tl.load(as_ptr + offs_m * stride_asm + (k0 // BLOCK_K) * stride_ask,
+                                  mask=mask_m & in_k, other=0.0)
+                acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])
+        c = c_ptr + pid_s * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+    @triton.jit
+    def _splitk_reduce_kernel(ws_ptr, c_ptr, MN, S, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(S):  # fixed order: the result is bitwise reproducible
+            acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
+        tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- references
+def act_quant_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row, per-128-column FP8 quantization of ``x`` [M, K] -> (q [M, K], s [M, ceil(K/128)])."""
+    m, k = x.shape
+    pad = -k % BLOCK
+    xf = F.pad(x.float(), (0, pad)).view(m, -1, BLOCK)
+    amax = xf.abs().amax(-1)
+    s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (xf / s.unsqueeze(-1)).to(FP8).view(m, -1)[:, :k]
+    return q.contiguous(), s
+
+
+def w8a8_reference(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=None) -> torch.Tensor:
+    """The function the kernels compute, in fp32: quantize ``x`` [M, K], dequantize both, matmul."""
+    from ..fp8 import block_dequantize
+
+    q, s = act_quant_reference(x)
+    xd = (F.pad(q.float(), (0, -x.shape[1] % BLOCK)).view(x.shape[0], -1, BLOCK) * s.unsqueeze(-1))
+    xd = xd.view(x.shape[0], -1)[:, : x.shape[1]]
+    return (xd @ block_dequantize(w, w_s).T).to(out_dtype or x.dtype)
+
+
+# ------------------------------------------------------------------------------- launchers
+@functools.lru_cache(maxsize=8)
+def num_sms(device_index: int = 0) -> int:
+    if not torch.cuda.is_available():
+        return 132  # interpreter runs: pretend H100 so the same configs get exercised
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _pow2_at_least(n: int, lo: int) -> int:
+    p = lo
+    while p < n:
+        p *= 2
+    return p
+
+
+def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [M, K] fp8, s [M, ceil(K/128)] fp32 **column-major**, the layout cuBLASLt wants)."""
+    if not use_triton(x):
+        q, s = act_quant_reference(x)
+        return q, s.t().contiguous().t()
+    m, k = x.shape
+    nkb = triton.cdiv(k, BLOCK)
+    q = torch.empty(m, k, dtype=FP8, device=x.device)
+    s_t = torch.empty(nkb, m, dtype=torch.float32, device=x.device)
+    rows = 16
+    _act_quant_kernel[(triton.cdiv(m, rows), nkb)](
+        x, q, s_t, m, k, x.stride(0), q.stride(0), 1, m, ROWS=rows, BLOCK_K=BLOCK, num_warps=4)
+    return q, s_t.t()
+
+
+def gemm_config(m: int, n: int, k: int, sms: int, act16: bool = False) -> dict:
+    """Tile shape, split-K and activation handling for an (M, N, K) problem; see module doc.
+
+    ``a_mode``: 0 pre-quantized FP8 activations, 1 quantized in the prologue, 2 bf16
+    activations (W8A16, only on the small-M path when ``act16``).
+    """
+    if m <= 256:  # decode-like: bandwidth bound, maximise loads in flight
+        bm = _pow2_at_least(m, 16) if m <= 64 else 64
+        bn = 64 if m <= 64 else 128
+        tiles = -(-m // bm) * -(-n // bn)
+        nkb = -(-k // BLOCK)
+        split = 1
+        if tiles < 2 * sms:
+            split = max(1, min(-(-2 * sms // tiles), nkb // 4))
+        k_split = -(-nkb // split) * BLOCK
+        split = -(-k // k_split)
+        return dict(BLOCK_M=bm, BLOCK_N=bn, split=split, k_split=k_split, a_mode=2 if act16 else 1,
+                    num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, split=1, k_split=k, a_mode=0, num_warps=8, num_stages=3)
+
+
+def w8a16_reference(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=None) -> torch.Tensor:
+    """The W8A16 mode: activations unquantized, weights dequantized (the TorchBackend function)."""
+    from ..fp8 import block_dequantize
+
+    return (x.float() @ block_dequantize(w, w_s).T).to(out_dtype or x.dtype)
+
+
+def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=None,
+                config: dict | None = None, act16: bool = False) -> torch.Tensor:
+    """``x`` [M, K] (bf16/fp32) times FP8 ``w`` [N, K] with block scales ``w_s`` -> [M, N].
+
+    ``act16``: keep bf16 activations on the small-M (decode) path, where the GEMM is bound by
+    weight bytes and FP8 activations buy nothing but quantization error.
+    """
+    out_dtype = out_dtype or x.dtype
+    m, k = x.shape
+    n = w.shape[0]
+    if not use_triton(x, w):
+        small = config["a_mode"] == 2 if config else (act16 and m <= 256)
+        return (w8a16_reference if small else w8a8_reference)(x, w, w_s, out_dtype)
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    if m == 0:
+        return out
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    cfg = config or gemm_config(m, n, k, num_sms(x.device.index or 0), act16)
+    if cfg["a_mode"]:
+        a, a_s, sam, sak = x, x, 0, 0
+    else:
+        a, a_s = act_quant(x)
+        sam, sak = a_s.stride(0), a_s.stride(1)
+    split = cfg["split"]
+    c = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
+    _w8a8_kernel[grid](
+        a, a_s, w, w_s, c, m, n, k, a.stride(0), sam, sak, w.stride(0), w_s.stride(0),
+        m * n, n, cfg["k_split"], A_MODE=cfg["a_mode"], BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BLOCK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split > 1:
+        _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](c, out, m * n, split, BLOCK=1024, num_warps=4)
+    return out
+
+
+def scaled_mm_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=None) -> torch.Tensor:
+    """Same function through ``torch._scaled_mm`` (1x128 activation, 128x128 weight scales).
+
+    Raises (RuntimeError / NotImplementedError) where the torch build, cuBLASLt or the shape
+    does not support blockwise scaling; the backend then keeps Triton for that shape.
+    """
+    q, s = act_quant(x)
+    return torch._scaled_mm(q, w.t(), scale_a=s, scale_b=w_s.t(), out_dtype=out_dtype or x.dtype)

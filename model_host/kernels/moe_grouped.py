@@ -1,0 +1,224 @@
+"""Grouped W8A8 FP8 GEMM over expert-sorted rows: one launch per projection, no expert loop.
+
+Rows (token, expert) pairs are sorted by expert; ``offsets[e]`` is the end row of expert ``e``.
+Each expert's rows are cut into BLOCK_M tiles and the tiles of all experts are numbered
+consecutively (``tile_end = cumsum(ceil(count / BLOCK_M))``, computed on the device).  The
+launch grid is ``(max_tiles, N / BLOCK_N)`` with ``max_tiles`` a static bound that depends only
+on the number of rows, so there is no host synchronisation and the launch can be captured in a
+CUDA graph; a program finds its expert by binary search over ``tile_end`` and programs past the
+real tile count exit at once.  Inactive experts cost nothing (no tiles).
+
+Epilogues (``MODE``):
+
+* 0 ``store``   - ``c[row] = a[row] @ W_e^T`` (generic :class:`StackedLinear` forward);
+* 1 ``gated``   - gate and up weights in the same program: ``c[row] = silu(a W_g^T) * (a W_u^T)``
+  (one read of the activations, no bf16 round trip between the two GEMMs and the SiLU-mul);
+* 2 ``scatter`` - ``out[token[row]] += weight[row] * (a[row] @ W_e^T)`` with fp32 atomics (the
+  down projection fused with the routing-weighted combine; like ``index_add_`` on CUDA the
+  summation order of a token's k contributions is not fixed).
+
+Activations are quantized per row and 128 channels, either inside the prologue (few rows:
+decode) or once beforehand by :func:`~.fp8_linear.act_quant` (many rows: prefill); the first
+projection gathers its rows from the unsorted tokens through ``rows`` (no sorted copy of x).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import HAS_TRITON, use_triton
+from .fp8_linear import BLOCK, act_quant, w8a8_reference, w8a16_reference
+
+MODES = {"store": 0, "gated": 1, "scatter": 2}
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _grouped_kernel(a_ptr, as_ptr, rows_ptr, b_ptr, bs_ptr, b2_ptr, b2s_ptr, c_ptr,
+                        scat_ptr, wt_ptr, offsets_ptr, tile_end_ptr, N, K, E,
+                        stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse,
+                        stride_bsn, stride_cm,
+                        MODE: tl.constexpr, A_MODE: tl.constexpr, HAS_ROWS: tl.constexpr,
+                        HAS_SCAT: tl.constexpr, HAS_WT: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        tile = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        if tile >= tl.load(tile_end_ptr + E - 1):
+            return
+        # Smallest e with tile_end[e] > tile (binary search; E <= 2**SEARCH_STEPS).
+        lo = tile * 0
+        hi = lo + E - 1
+        for _ in tl.static_range(SEARCH_STEPS):
+            mid = (lo + hi) // 2
+            left = tl.load(tile_end_ptr + mid) > tile
+            hi = tl.where(left, mid, hi)
+            lo = tl.where(left, lo, mid + 1)
+        e = lo
+        prev = tl.maximum(e - 1, 0)
+        tiles_before = tl.where(e > 0, tl.load(tile_end_ptr + prev), 0)
+        row_lo = tl.where(e > 0, tl.load(offsets_ptr + prev), 0)
+        row_hi = tl.load(offsets_ptr + e)
+        rows = row_lo + (tile - tiles_before) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = rows < row_hi
+        src = tl.load(rows_ptr + rows, mask=mask_m, other=0) if HAS_ROWS else rows
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_n = offs_n < N
+        a_rows = a_ptr + src.to(tl.int64)[:, None] * stride_am
+        e64 = e.to(tl.int64)
+        b_rows = b_ptr + e64 * stride_be + offs_n.to(tl.int64)[:, None] * stride_bn
+        bs_rows = bs_ptr + e64 * stride_bse + (offs_n // BLOCK_K) * stride_bsn
+        b2_rows = b2_ptr + e64 * stride_be + offs_n.to(tl.int64)[:, None] * stride_bn
+        b2s_rows = b2s_ptr + e64 * stride_bse + (offs_n // BLOCK_K) * stride_bsn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            mask_k = kk < K
+            a = tl.load(a_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            bmask = mask_n[:, None] & mask_k[None, :]
+            b = tl.load(b_rows + kk[None, :], mask=bmask, other=0.0)
+            b_s = tl.load(bs_rows + k0 // BLOCK_K, mask=mask_n, other=0.0)
+            if MODE == 1:
+                b2 = tl.load(b2_rows + kk[None, :], mask=bmask, other=0.0)
+                b2_s = tl.load(b2s_rows + k0 // BLOCK_K, mask=mask_n, other=0.0)
+            if A_MODE == 2:  # W8A16 (decode): bf16 activations, weights widened in registers
+                acc += tl.dot(a, tl.trans(b.to(a.dtype))) * b_s[None, :]
+                if MODE == 1:
+                    acc2 += tl.dot(a, tl.trans(b2.to(a.dtype))) * b2_s[None, :]
+            else:
+                if A_MODE == 1:
+                    af = a.to(tl.float32)
+                    amax = tl.max(tl.abs(af), axis=1)
+                    a_s = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
+                    a = tl.math.div_rn(af, tl.broadcast_to(a_s[:, None], af.shape)).to(tl.float8e4nv)
+                else:
+                    a_s = tl.load(as_ptr + src * stride_asm + (k0 // BLOCK_K) * stride_ask, mask=mask_m, other=0.0)
+                acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])
+                if MODE == 1:
+                    acc2 += tl.dot(a, tl.trans(b2)) * (a_s[:, None] * b2_s[None, :])
+        cmask = mask_m[:, None] & mask_n[None, :]
+        if MODE == 2:
+            if HAS_WT:
+                acc = acc * tl.load(wt_ptr + rows, mask=mask_m, other=0.0)[:, None]
+            dst = tl.load(scat_ptr + rows, mask=mask_m, other=0) if HAS_SCAT else rows
+            tl.atomic_add(c_ptr + dst.to(tl.int64)[:, None] * stride_cm + offs_n[None, :], acc, mask=cmask)
+        else:
+            if MODE == 1:
+                acc = acc / (1.0 + tl.exp(-acc)) * acc2
+            c = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+            tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=cmask)
+
+
+def tile_schedule(counts: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(offsets, tile_end) int32 [E] from per-expert row ``counts``; device ops only, no sync."""
+    counts = counts.to(torch.int32)
+    offsets = counts.cumsum(0, dtype=torch.int32)
+    tile_end = ((counts + block_m - 1) // block_m).cumsum(0, dtype=torch.int32)
+    return offsets, tile_end
+
+
+def max_tiles(rows: int, experts: int, block_m: int) -> int:
+    """Static upper bound on the tile count: each tile holds >= 1 row, each expert wastes < 1."""
+    return max(1, min(rows, -(-rows // block_m) + min(experts, rows)))
+
+
+# Launch parameters per regime; bench/decode_bench.py --tune sweeps candidates on the real
+# shapes and overwrites these.  H100 (docs/benchmarks.md): prefill 8 warps is 2.9x faster
+# than 4 (two 64x128 fp32 accumulators); decode (8, 6) won the isolated gate/up sweep by 5%
+# but lost 12% over a whole step (down / shared launches), so (4, 4) stays.
+TUNED = {
+    "decode": dict(num_warps=4, num_stages=4),
+    "prefill": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
+}
+
+
+def grouped_config(rows: int, n: int, experts: int, act16: bool = False) -> dict:
+    """Decode (<= 256 rows): 16-row tiles, activations quantized in the prologue (or kept bf16
+    with ``act16``), N spread over many programs.  Prefill: wide tiles on pre-quantized rows."""
+    if rows <= 256:
+        tiles = max_tiles(rows, experts, 16)
+        bn = 64 if min(tiles, experts) * -(-n // 64) >= 256 else 16
+        return dict(BLOCK_M=16, BLOCK_N=bn, a_mode=2 if act16 else 1, **TUNED["decode"])
+    return dict(a_mode=0, **TUNED["prefill"])
+
+
+def grouped_reference(a, w, w_s, offsets, *, mode="store", rows=None, w2=None, w2_s=None,
+                      out=None, scatter=None, weight=None, out_dtype=None, act16=False) -> torch.Tensor:
+    """Loop-over-experts definition of :func:`grouped_w8a8` (CPU path and test oracle)."""
+    lin = w8a16_reference if act16 else w8a8_reference
+    mode_id = MODES[mode]
+    total = int(offsets[-1]) if offsets.numel() else 0
+    src = rows.long() if rows is not None else torch.arange(total, device=a.device)
+    n = w.shape[1]
+    res = torch.zeros(total, n, dtype=torch.float32, device=a.device)
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            xa = a[src[start:end]]
+            y = lin(xa, w[e], w_s[e], torch.float32)
+            if mode_id == 1:
+                y = F.silu(y) * lin(xa, w2[e], w2_s[e], torch.float32)
+            res[start:end] = y
+        start = end
+    if mode_id == 2:
+        if weight is not None:
+            res = res * weight.float().unsqueeze(-1)
+        dst = scatter.long() if scatter is not None else torch.arange(total, device=a.device)
+        return out.index_add_(0, dst, res)
+    return res.to(out_dtype or a.dtype)
+
+
+def grouped_w8a8(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, counts: torch.Tensor, *,
+                 num_rows: int, mode: str = "store", rows: torch.Tensor | None = None,
+                 w2: torch.Tensor | None = None, w2_s: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None, scatter: torch.Tensor | None = None,
+                 weight: torch.Tensor | None = None, config: dict | None = None,
+                 a_quant: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 out_dtype=None, act16: bool = False) -> torch.Tensor:
+    """Grouped FP8 GEMM; see the module doc.
+
+    a:        [T, K] activations (bf16); row ``i`` of the sorted problem reads ``a[rows[i]]``
+              (or ``a[i]`` without ``rows``).
+    w, w_s:   [E, N, K] fp8 weights, [E, N/128, K/128] scales (``w2``/``w2_s``: up proj, gated).
+    counts:   [E] rows per expert (device); ``num_rows`` = their sum, known on the host.
+    out:      mode "scatter": fp32 [T', N] accumulated into (``scatter`` rows, ``weight``).
+    a_quant:  pre-quantized (q, s) of ``a`` for the many-rows path (computed if needed).
+    act16:    keep bf16 activations on the few-rows path (W8A16, see :func:`w8a8_linear`).
+    Returns [num_rows, N] (modes store/gated) or ``out`` (scatter).
+    """
+    e_count, n, k = w.shape
+    cfg = config or grouped_config(num_rows, n, e_count, act16)
+    mode_id = MODES[mode]
+    offsets, tile_end = tile_schedule(counts, cfg["BLOCK_M"])
+    if not use_triton(a, w):
+        return grouped_reference(a, w, w_s, offsets, mode=mode, rows=rows, w2=w2, w2_s=w2_s, out=out,
+                                 scatter=scatter, weight=weight, out_dtype=out_dtype,
+                                 act16=cfg["a_mode"] == 2)
+    c = out if mode_id == 2 else torch.empty(num_rows, n, dtype=out_dtype or a.dtype, device=a.device)
+    if num_rows == 0:
+        return c
+    if cfg["a_mode"]:
+        aa, a_s, sam, sak = a, a, 0, 0
+    else:
+        aa, a_s = a_quant if a_quant is not None else act_quant(a)
+        sam, sak = a_s.stride(0), a_s.stride(1)
+    b2, b2s = (w2, w2_s) if w2 is not None else (w, w_s)
+    grid = (max_tiles(num_rows, e_count, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    dummy = tile_end
+    _grouped_kernel[grid](
+        aa, a_s, rows if rows is not None else dummy, w, w_s, b2, b2s, c,
+        scatter if scatter is not None else dummy, weight if weight is not None else dummy,
+        offsets, tile_end, n, k, e_count,
+        aa.stride(0), sam, sak, w.stride(0), w.stride(1), w_s.stride(0), w_s.stride(1), c.stride(0),
+        MODE=mode_id, A_MODE=cfg["a_mode"], HAS_ROWS=rows is not None,
+        HAS_SCAT=scatter is not None, HAS_WT=weight is not None,
+        SEARCH_STEPS=max(1, math.ceil(math.log2(max(e_count, 2)))),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BLOCK,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return c

@@ -1,0 +1,190 @@
+"""Kernel unit tests: each GPU kernel against a float64 reference on random inputs, odd sizes
+included; plus CPU checks that each kernel's pure-PyTorch path computes the defined function."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_host.fp8 import block_dequantize, block_quantize
+from model_host.kernels.fp8_linear import (
+    act_quant,
+    act_quant_reference,
+    gemm_config,
+    scaled_mm_linear,
+    w8a8_linear,
+    w8a8_reference,
+)
+from model_host.kernels.mla_decode import mla_decode, mla_decode_reference
+from model_host.kernels.moe_grouped import grouped_w8a8, tile_schedule
+from model_host.mla import attend_absorbed
+
+from .conftest import rel, requires_gpu
+
+gpu = pytest.mark.gpu
+
+
+def w8a8_f64(x, w, w_s):
+    """float64 oracle: the quantized activation times the dequantized weight."""
+    q, s = act_quant_reference(x.cpu())
+    k = x.shape[1]
+    xd = (F.pad(q.double(), (0, -k % 128)).view(x.shape[0], -1, 128) * s.double().unsqueeze(-1))
+    return xd.view(x.shape[0], -1)[:, :k] @ block_dequantize(w.cpu(), w_s.cpu(), dtype=torch.float64).T
+
+
+def rand_fp8(*shape, device="cpu"):
+    return block_quantize(torch.randn(*shape, device=device) / math.sqrt(shape[-1]))
+
+
+# ---------------------------------------------------------------------------- CPU references
+def test_act_quant_reference_is_blockwise_amax_scaling():
+    x = torch.randn(5, 300)
+    q, s = act_quant_reference(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (5, 3)
+    assert torch.allclose(s[:, 0], x[:, :128].abs().amax(1) / 448)
+    deq = q.float() * s.repeat_interleave(128, 1)[:, :300]
+    assert rel(deq, x) < 0.04  # e4m3: 3 mantissa bits
+
+
+def test_w8a8_reference_matches_float64():
+    x = torch.randn(7, 300)
+    w, s = rand_fp8(200, 300)
+    assert rel(w8a8_reference(x, w, s, torch.float32), w8a8_f64(x, w, s)) < 1e-6
+
+
+def test_mla_decode_reference_matches_model_attention():
+    """The paged decode reference equals the model's absorbed attention on gathered latents."""
+    b, h, r, dr, page = 2, 4, 32, 8, 4
+    c_kv, k_pe = torch.randn(40, r), torch.randn(40, dr)
+    tables = torch.tensor([[3, 1, 7, 0], [5, 2, 9, 8]])
+    lens = torch.tensor([13, 6])
+    q = torch.randn(b, h, r + dr)
+    out = mla_decode_reference(q, c_kv, k_pe, tables, lens, page, 0.3)
+    for i in range(b):
+        slots = (tables[i, torch.arange(lens[i]) // page] * page + torch.arange(lens[i]) % page)
+        eye = torch.eye(r).expand(h, r, r)  # identity W_uk / W_uv: attention in latent space
+        ref = attend_absorbed(q[i, None, None, :, :r], q[i, None, None, :, r:], c_kv[slots][None],
+                              k_pe[slots][None], eye, eye, torch.ones(1, 1, 1, len(slots), dtype=torch.bool), 0.3)
+        assert rel(out[i], ref[0, 0]) < 1e-5
+
+
+def test_grouped_reference_on_cpu_matches_per_expert_loop():
+    e, t, k, n, kd = 4, 5, 2, 64, 256
+    x = torch.randn(t, kd)
+    w, s = rand_fp8(e, n, kd)
+    idx = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    order = torch.argsort(idx.reshape(-1), stable=True)
+    token = order // k
+    counts = torch.bincount(idx.reshape(-1), minlength=e)
+    out = grouped_w8a8(x, w, s, counts, num_rows=t * k, mode="store", rows=token, out_dtype=torch.float32)
+    expert = idx.reshape(-1)[order]
+    ref = torch.stack([w8a8_f64(x[token[i], None], w[expert[i]], s[expert[i]])[0] for i in range(t * k)])
+    assert rel(out, ref) < 1e-6
+
+
+def test_gemm_config_splits_k_for_small_decode_shapes():
+    cfg = gemm_config(1, 576, 7168, 132)
+    assert cfg["a_mode"] == 1 and cfg["split"] > 1 and cfg["k_split"] % 128 == 0
+    assert gemm_config(2048, 7168, 2048, 132)["split"] == 1
+
+
+# ---------------------------------------------------------------------------------- GPU kernels
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("m,n,k", [(1, 576, 7168), (3, 200, 300), (17, 1536, 7168), (64, 7168, 2048),
+                                   (130, 384, 1024), (300, 576, 512), (1000, 2000, 1536)])
+def test_w8a8_linear_vs_float64(m, n, k):
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w, s = rand_fp8(n, k, device="cuda")
+    out = w8a8_linear(x, w, s, torch.float32)
+    assert out.isfinite().all()
+    # Same quantized operands; what remains is the FP8 tensor core's reduced-precision
+    # accumulation inside each 128-wide K chunk (measured ~1.3e-4 on H100) before the fp32
+    # promotion: the reason K chunks are promoted at all.
+    assert rel(out, w8a8_f64(x, w, s)) < 5e-4
+    # W8A16 (decode mode): bf16 activations times exactly widened FP8 weights.
+    out16 = w8a8_linear(x, w, s, torch.float32, act16=True)
+    if m <= 256:  # larger M is always W8A8
+        ref16 = x.double().cpu() @ block_dequantize(w.cpu(), s.cpu(), dtype=torch.float64).T
+        assert rel(out16, ref16) < 1e-5
+
+
+@gpu
+@requires_gpu
+def test_act_quant_matches_reference_bitwise():
+    x = torch.randn(33, 7168 + 64, device="cuda", dtype=torch.bfloat16)
+    q, s = act_quant(x)
+    qr, sr = act_quant_reference(x.cpu())  # CPU: IEEE division (CUDA torch multiplies by 1/448)
+    assert torch.equal(s.contiguous().cpu(), sr) and torch.equal(q.cpu().float(), qr.float())
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("m", [1, 32, 2048])
+def test_scaled_mm_blockwise_vs_float64(m):
+    x = torch.randn(m, 7168, device="cuda", dtype=torch.bfloat16)
+    w, s = rand_fp8(1536, 7168, device="cuda")
+    try:
+        out = scaled_mm_linear(x, w, s, torch.float32)
+    except (RuntimeError, NotImplementedError, TypeError) as e:
+        pytest.skip(f"blockwise _scaled_mm unsupported here: {e}")
+    assert rel(out, w8a8_f64(x, w, s)) < 1e-3
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("t,e,k,quant", [(1, 256, 8, True), (5, 16, 4, True), (40, 16, 4, False), (300, 64, 8, False)])
+def test_grouped_moe_kernels_vs_float64(t, e, k, quant):
+    kd, n = 7168 if t == 1 else 384, 256
+    x = torch.randn(t, kd, device="cuda", dtype=torch.bfloat16)
+    wg, sg = rand_fp8(e, n, kd, device="cuda")
+    wu, su = rand_fp8(e, n, kd, device="cuda")
+    wd, sd = rand_fp8(e, 192, n, device="cuda")
+    idx = torch.stack([torch.randperm(e, device="cuda")[:k] for _ in range(t)])
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token = (order // k).int()
+    counts = torch.bincount(flat, minlength=e).int()
+    wt = torch.rand(t * k, device="cuda")
+    cfg = dict(BLOCK_M=16 if quant else 64, BLOCK_N=64, a_mode=1 if quant else 0, num_warps=4, num_stages=3)
+    h = grouped_w8a8(x, wg, sg, counts, num_rows=t * k, mode="gated", rows=token, w2=wu, w2_s=su,
+                     config=cfg, out_dtype=torch.float32)
+    out = grouped_w8a8(h.bfloat16(), wd, sd, counts, num_rows=t * k, mode="scatter", config=cfg,
+                       out=torch.zeros(t, 192, device="cuda"), scatter=token, weight=wt)
+    ex = flat[order]
+    h_ref = torch.stack([F.silu(w8a8_f64(x[token[i], None], wg[ex[i]], sg[ex[i]])[0])
+                         * w8a8_f64(x[token[i], None], wu[ex[i]], su[ex[i]])[0] for i in range(t * k)])
+    assert rel(h, h_ref) < 5e-4  # FP8 MMA chunk accumulation, see test_w8a8_linear_vs_float64
+    y = torch.stack([w8a8_f64(h.bfloat16()[i, None], wd[ex[i]], sd[ex[i]])[0] for i in range(t * k)])
+    ref = torch.zeros(t, 192, dtype=torch.float64).index_add_(0, token.long().cpu(), y * wt.double().cpu()[:, None])
+    assert rel(out, ref) < 5e-4
+    if quant:  # the W8A16 decode mode of the same launch
+        cfg16 = dict(cfg, a_mode=2)
+        h16 = grouped_w8a8(x, wg, sg, counts, num_rows=t * k, mode="gated", rows=token, w2=wu, w2_s=su,
+                           config=cfg16, out_dtype=torch.float32)
+        xd = x.double().cpu()
+        deq = lambda w_, s_: block_dequantize(w_.cpu(), s_.cpu(), dtype=torch.float64)  # noqa: E731
+        ref16 = torch.stack([F.silu(xd[token[i]] @ deq(wg[ex[i]], sg[ex[i]]).T)
+                             * (xd[token[i]] @ deq(wu[ex[i]], su[ex[i]]).T) for i in range(t * k)])
+        assert rel(h16, ref16) < 1e-5
+    offsets, tile_end = tile_schedule(counts, cfg["BLOCK_M"])
+    assert int(offsets[-1]) == t * k
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("b,h,page,splits", [(1, 128, 64, None), (3, 20, 16, 4), (8, 128, 64, 1), (2, 16, 1, 2)])
+def test_mla_decode_kernel_vs_float64(b, h, page, splits):
+    r, dr = 512, 64
+    lens = torch.randint(1, 300, (b,), device="cuda")
+    nb = -(-300 // page)
+    perm = torch.randperm(b * nb + 5, device="cuda")[: b * nb].view(b, nb)
+    c_kv = torch.randn((b * nb + 5) * page, r, device="cuda", dtype=torch.bfloat16)
+    k_pe = torch.randn((b * nb + 5) * page, dr, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(b, h, r + dr, device="cuda", dtype=torch.bfloat16)
+    out = mla_decode(q, c_kv, k_pe, perm, lens, page, 0.04, num_splits=splits)
+    ref = mla_decode_reference(q.double(), c_kv.double(), k_pe.double(), perm, lens, page, 0.04)
+    assert out.dtype == torch.bfloat16 and rel(out, ref) < 1e-2  # bf16 P and output
