@@ -125,6 +125,26 @@ def blocks(text: str, sec: Section) -> list[tuple[Span, bool]]:
     return out
 
 
+def _tile(pieces: list[str], text: str, base: int) -> list[Span]:
+    """Offsets of the splitter's pieces, which tile `text` in order with only whitespace between.
+
+    Not langchain's `add_start_index`: it steps back `chunk_overlap` characters to search for
+    the next piece, but our overlap is in tokens (several characters each), so it misses the
+    piece and reports -1, which made chunks repeat the block's start and drop its middle. With
+    no splitter overlap each piece starts at the first non-blank character after the previous
+    one, so the search is exact even in repetitive text (the "-----" rules of wide tables).
+    """
+    spans: list[Span] = []
+    pos = 0
+    for piece in pieces:
+        at = text.find(piece, pos)
+        if at < 0 or text[pos:at].strip():  # would drop text: a splitter change we must notice
+            raise AssertionError(f"splitter piece does not follow its predecessor: {piece[:40]!r}")
+        spans.append(Span(base + at, base + at + len(piece)))
+        pos = at + len(piece)
+    return spans
+
+
 class Chunker:
     """Chunks documents for one embedder; `count_tokens` is the embedder's own counter."""
 
@@ -149,15 +169,31 @@ class Chunker:
         piece_text = text[span.start : span.end]
         while True:
             splitter = RecursiveCharacterTextSplitter(
-                separators=LINE_SEPARATORS if atomic else MARKDOWN_SEPARATORS, is_separator_regex=not atomic, chunk_size=max(budget, 8),
-                chunk_overlap=min(self.overlap, budget // 4), length_function=self.count, add_start_index=True,
+                separators=LINE_SEPARATORS if atomic else MARKDOWN_SEPARATORS, is_separator_regex=not atomic,
+                chunk_size=max(budget, 8), chunk_overlap=0, length_function=self.count,
             )
-            docs = splitter.create_documents([piece_text])
-            spans = [Span(span.start + d.metadata["start_index"], span.start + d.metadata["start_index"] + len(d.page_content))
-                     for d in docs]
+            spans = _tile(splitter.split_text(piece_text), piece_text, span.start)
             if all(self._fits(prefix, text[s.start : s.end]) for s in spans):
-                return spans
+                return self._overlap(text, spans, prefix, r"\n" if atomic else r"\s+")
             budget = int(budget * 0.9)  # token boundaries shifted at the seams; tighten and redo
+
+    def _overlap(self, text: str, spans: list[Span], prefix: str, boundary: str) -> list[Span]:
+        """Start each piece up to `overlap` tokens early, after a `boundary` in its predecessor
+        (a line break in fences and tables, so overlap never starts mid-row)."""
+        out = spans[:1]
+        specials = self.count("")
+        for prev, cur in zip(spans, spans[1:], strict=False):
+            starts = [prev.start + m.end() for m in re.finditer(boundary, text[prev.start : cur.start])]
+            best, lo, hi = cur.start, 0, len(starts)
+            while lo < hi:  # earliest word start whose overlap and whole piece still fit
+                mid = (lo + hi) // 2
+                s = starts[mid]
+                if self.count(text[s : cur.start]) - specials <= self.overlap and self._fits(prefix, text[s : cur.end]):
+                    best, hi = s, mid
+                else:
+                    lo = mid + 1
+            out.append(Span(min(best, cur.start), cur.end))
+        return out
 
     def _pack(self, text: str, sec: Section, prefix: str, exact: bool = False) -> list[Span]:
         """Greedy packing. Token counts of blocks are added up (WordPiece never merges across the

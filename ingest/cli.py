@@ -8,6 +8,8 @@ import json
 import logging
 import sys
 
+from tqdm.auto import tqdm
+
 from ingest.config import IngestConfig
 from ingest.pipeline import ingest
 from rag.config import RagConfig
@@ -23,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="folders, files or quoted glob patterns")
     p.add_argument("--collection", help="Milvus collection (RAG_COLLECTION, default docs)")
     p.add_argument("--uri", help="Milvus Lite path or server URI (MILVUS_URI, default ./data/milvus.db)")
-    p.add_argument("--embedder", help="minilm (default), e5 (multilingual) or openai:<model> (RAG_EMBEDDER)")
+    p.add_argument("--embedder", help="minilm (default), e5 (multilingual), openai:<model>, or auto: the "
+                   "collection's own, else e5 for a mostly-CJK corpus, else minilm (RAG_EMBEDDER)")
     p.add_argument("--glob", action="append", help="pattern inside folders; repeatable (default md, markdown, txt)")
     p.add_argument("--chunk-size", type=int, help="tokens per chunk, header path included (RAG_CHUNK_SIZE)")
     p.add_argument("--chunk-overlap", type=int, help="overlap tokens (RAG_CHUNK_OVERLAP)")
@@ -47,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
             globs=",".join(args.glob) if args.glob else None, analyzer=args.analyzer,
             prune=False if args.no_prune else None,
         )
+        # Skips and front-matter problems go to stderr as they happen, one line each, beside the
+        # progress bars: stdout carries only the result, so `--json` output stays parseable.
         report = ingest(args.paths, rag_config, config, recreate=args.recreate, dry_run=args.dry_run,
-                        progress=not args.quiet)
+                        progress=not args.quiet, warn=lambda msg: tqdm.write(msg, file=sys.stderr))
     except (SettingsError, StoreError, FileNotFoundError) as e:
         print(f"rag-ingest: {e}", file=sys.stderr)
         return 2
@@ -58,8 +63,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(report.summary())
-        for source, reason in report.skipped:
-            print(f"  skipped {source}: {reason}")
     return 0
 
 

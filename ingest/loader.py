@@ -99,7 +99,7 @@ def load(path: Path, max_bytes: int) -> Document | Skip:
     try:
         size = path.stat().st_size
         if size > max_bytes:
-            return Skip(source, f"{size / 1e6:.1f} MB is over the {max_bytes / 1e6:.1f} MB limit; "
+            return Skip(source, f"{size / 1e6:.3g} MB is over the {max_bytes / 1e6:.3g} MB limit; "
                                 f"raise --max-file-mb or split the file")
         data = path.read_bytes()
     except OSError as e:

@@ -23,7 +23,7 @@ from ingest.chunker import Chunker
 from ingest.config import IngestConfig
 from ingest.loader import Document, Skip, discover, load
 from rag.config import RagConfig
-from rag.embedder import Embedder, make_embedder
+from rag.embedder import Embedder, MiniLMEmbedder, embedder_name, make_embedder
 from rag.store import MilvusStore
 from rag.types import Chunk
 
@@ -58,6 +58,13 @@ class IngestReport:
         )
 
 
+# Share of CJK letters above which a corpus counts as Chinese/Japanese/Korean (jieba BM25, and
+# e5 under --embedder auto). Letters, not words, are counted: an English word is ~5 letters, a
+# CJK character about one word-piece, and Chinese technical docs are full of English names, so
+# the Chinese Milvus and TiDB docs score only 0.2-0.3 while English corpora score ~0.00.
+CJK_MAJORITY = 0.1
+
+
 def cjk_share(texts: Sequence[str]) -> float:
     """Share of letters that are CJK ideographs or kana/hangul: decides the BM25 analyzer."""
     cjk = letters = 0
@@ -68,6 +75,18 @@ def cjk_share(texts: Sequence[str]) -> float:
                 if unicodedata.name(ch, "").startswith(("CJK", "HIRAGANA", "KATAKANA", "HANGUL")):
                     cjk += 1
     return cjk / letters if letters else 0.0
+
+
+def resolve_embedder(name: str, share: float, store: MilvusStore, recreate: bool = False) -> str:
+    """`auto`: the collection's own embedder when it exists (vectors never mix), else e5 for a
+    mostly-CJK corpus and minilm otherwise. Any other name is returned as given."""
+    if name != "auto":
+        return name
+    if not recreate and store.exists():
+        recorded = (store.describe().get("properties") or {}).get("rag.embedder") or ""
+        if embedder_name(recorded):
+            return embedder_name(recorded)  # type: ignore[return-value]
+    return "e5" if share > CJK_MAJORITY else "minilm"
 
 
 def _under(source: str, roots: Sequence[str]) -> bool:
@@ -107,10 +126,15 @@ def ingest(
         docs.append(doc)
     report.files_skipped = len(report.skipped)
 
-    embedder = embedder or make_embedder(rag_config)
+    share = cjk_share([d.text for d in docs[:200]])
     own_store = store is None
     store = store or MilvusStore(rag_config.milvus_uri, rag_config.collection, rag_config.milvus_token)
     try:
+        if embedder is None:
+            embedder = make_embedder(rag_config, resolve_embedder(rag_config.embedder, share, store, recreate))
+        if share > CJK_MAJORITY and embedder.model_id == MiniLMEmbedder.model_id:
+            warn(f"this corpus is {share:.0%} CJK text but all-MiniLM-L6-v2 is English-only; "
+                 f"--embedder e5 (multilingual; or auto) retrieves it far better (with --recreate)")
         if dry_run and not store.exists():
             states = {}
         elif dry_run:
@@ -119,7 +143,7 @@ def ingest(
         else:
             analyzer = config.analyzer
             if analyzer == "auto":
-                analyzer = "jieba" if cjk_share([d.text for d in docs[:200]]) > 0.3 else "standard"
+                analyzer = "jieba" if share > CJK_MAJORITY else "standard"
             store.ensure(embedder, recreate=recreate, analyzer=analyzer)
             states = {} if recreate else store.file_states()
 

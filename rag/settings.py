@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -27,7 +28,10 @@ def env(name: str, default: Any = None, help: str = "") -> Any:
 
 def _coerce(raw: str, typ: Any, var: str) -> Any:
     origin = typing.get_origin(typ)
-    if origin is typing.Union or str(origin) == "types.UnionType":  # Optional[X] / X | None
+    # Optional[X] / X | None. `X | None` has origin types.UnionType, whose str() is
+    # "<class 'types.UnionType'>": comparing with "types.UnionType" never matched, and every
+    # optional number (RAG_SCORE_FLOOR, RAG_EMBED_DIM) stayed a string.
+    if origin is typing.Union or origin is getattr(types, "UnionType", typing.Union):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if raw == "":
             return None

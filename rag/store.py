@@ -369,7 +369,7 @@ class MilvusStore:
 
     def search_hybrid(
         self, vector: np.ndarray, text: str, k: int, filter: str = "",
-        rrf_k: int = 60, weights: tuple[float, float] | None = None, candidates: int | None = None,
+        rrf_k: int = 10, weights: tuple[float, float] | None = None, candidates: int | None = None,
     ) -> list[Hit]:
         """Dense + BM25 fused in Milvus by reciprocal-rank fusion (or weighted scores)."""
         n = candidates or max(k * 4, 20)

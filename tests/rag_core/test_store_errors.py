@@ -1,0 +1,121 @@
+"""Store failures a user can fix: another embedder's collection, a locked db, an unreachable server."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rag.config import RagConfig
+from rag.embedder import Embedder
+from rag.pipeline import RagPipeline
+from rag.store import MilvusStore, StoreError
+from tests.rag_core.conftest import cli_env, do_ingest, rows, run_cli
+from tests.support.openai_stub import free_port
+
+
+class HashEmbedder:
+    """A real implementation of our Embedder protocol: deterministic vectors from a hash.
+
+    A test double of our own interface (not a mock of Milvus or the model): it lets a test build
+    a collection of another model and dimension in milliseconds.
+    """
+
+    score_floor = 0.0
+    max_tokens = 256
+
+    def __init__(self, dim: int = 8, model_id: str = "test/hash-8d"):
+        self.dim = dim
+        self.model_id = model_id
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split()) + 2
+
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            seed = int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "little")
+            v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
+            out[i] = v / np.linalg.norm(v)
+        return out
+
+    def embed_query(self, text: str) -> np.ndarray:
+        return self.embed_documents([text])[0]
+
+
+def test_hash_embedder_is_an_embedder():
+    assert isinstance(HashEmbedder(), Embedder)
+
+
+@pytest.mark.parametrize(
+    ("other", "named"),
+    [(HashEmbedder(8), "dimension 8 (this embedder: 384)"),
+     (HashEmbedder(384, "test/other-384d"), "embedder 'test/other-384d'")],
+    ids=["dimension", "same-dim-other-model"],
+)
+def test_other_embedders_collection_is_refused_and_left_alone(small_corpus: Path, milvus_uri: str, embedder,
+                                                              other, named):
+    built = do_ingest([small_corpus], milvus_uri, other)
+    store = MilvusStore(milvus_uri, "docs")
+    try:
+        before = rows(store)
+        assert len(before) == built.chunks_written > 0
+
+        with pytest.raises(StoreError) as err:
+            store.ensure(embedder)
+        msg = str(err.value)
+        assert "\n" not in msg and named in msg and "--recreate" in msg
+
+        with pytest.raises(StoreError, match="--recreate"):  # the ingest path says the same, writes nothing
+            do_ingest([small_corpus], milvus_uri, embedder)
+        with pytest.raises(StoreError, match="--recreate"):  # and so does the answering path
+            RagPipeline(RagConfig.load(environ={}, milvus_uri=milvus_uri), embedder=embedder, store=store)
+
+        after = rows(store)
+        assert after.keys() == before.keys()
+        assert store.describe()["properties"]["rag.embedder"] == other.model_id
+    finally:
+        store.close()
+
+
+def test_recreate_rebuilds_with_the_new_embedder(small_corpus: Path, milvus_uri: str, embedder):
+    do_ingest([small_corpus], milvus_uri, HashEmbedder(8))
+    rep = do_ingest([small_corpus], milvus_uri, embedder, recreate=True)
+    store = MilvusStore(milvus_uri, "docs")
+    try:
+        store.ensure(embedder)  # compatible now
+        assert len(rows(store)) == rep.chunks_written
+    finally:
+        store.close()
+
+
+def test_locked_db_gives_one_line_in_the_cli(tmp_path: Path, small_corpus: Path):
+    uri = str(tmp_path / "locked.db")
+    holder = MilvusStore(uri, "docs")  # this process holds the Milvus Lite lock
+    try:
+        for module, args in (("ingest.cli", ["docs", "--dry-run", "--quiet"]), ("rag.cli", ["any question"])):
+            res = run_cli(module, *args, "--uri", uri, cwd=tmp_path, env=cli_env())
+            assert res.returncode == 2, (module, res.stderr)
+            assert "Traceback" not in res.stderr, res.stderr
+            lines = res.stderr.strip().splitlines()
+            assert len(lines) == 1, res.stderr
+            assert "holds its lock" in lines[0] and uri in lines[0]
+    finally:
+        holder.close()
+
+
+def test_unreachable_server_is_one_line_store_error():
+    uri = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(StoreError) as err:
+        MilvusStore(uri, "docs")
+    msg = str(err.value)
+    assert "\n" not in msg and f"cannot reach Milvus at {uri}" in msg and "MILVUS_URI" in msg
+
+
+def test_lite_path_without_db_suffix_is_not_called_a_lock(tmp_path: Path):
+    with pytest.raises(StoreError) as err:
+        MilvusStore(str(tmp_path / "milvus"), "docs")
+    assert "must end in .db" in str(err.value) and "lock" not in str(err.value)

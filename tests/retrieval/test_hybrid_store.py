@@ -1,0 +1,180 @@
+"""Hybrid-retrieval plumbing: BM25 capability fallback, the jieba analyzer, embedder separation."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pymilvus import MilvusException
+
+from ingest.config import IngestConfig
+from ingest.pipeline import ingest, resolve_embedder
+from rag.config import RagConfig
+from rag.retriever import Retriever
+from rag.store import MilvusStore, StoreError
+from rag.types import Chunk
+
+ZH_PASSAGES = [
+    "Milvus 数据存储在哪里？用户插入的数据以增量日志的方式存储在持久化存储上，元数据存储在 etcd 中。",
+    "如何设置 IVF 索引的参数？nlist 的建议值为 4 × sqrt(n)，nprobe 需要在性能和准确率之间取舍。",
+    "今天天气很好，我们去公园散步，然后在湖边喝茶。",
+    "TiDB 是一款开源分布式关系型数据库，兼容 MySQL 协议。",
+]
+
+
+class HashEmbedder:
+    """A real implementation of the Embedder protocol with deterministic hash vectors.
+
+    BM25 tests need vectors of the right shape, not meaning; this keeps them fast.
+    """
+
+    score_floor = 0.0
+    max_tokens = 256
+    dim = 16
+    model_id = "test/hash-16d"
+
+    def count_tokens(self, text: str) -> int:
+        return len(text) + 2
+
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            seed = int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "little")
+            v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
+            out[i] = v / np.linalg.norm(v)
+        return out
+
+    def embed_query(self, text: str) -> np.ndarray:
+        return self.embed_documents([text])[0]
+
+
+def _chunks(texts: Sequence[str]) -> list[Chunk]:
+    return [Chunk(source=f"zh/{i}.md", chunk_index=0, text=t, header_path=(), start=0, end=len(t),
+                  file_hash=str(i), chunk_count=1) for i, t in enumerate(texts)]
+
+
+def _store_with(uri: str, analyzer: str, texts: Sequence[str] = ZH_PASSAGES) -> MilvusStore:
+    emb = HashEmbedder()
+    store = MilvusStore(uri, f"zh_{analyzer}")
+    store.ensure(emb, analyzer=analyzer)
+    chunks = _chunks(texts)
+    store.upsert(chunks, emb.embed_documents([c.text for c in chunks]), emb.model_id)
+    store.flush()
+    return store
+
+
+def test_jieba_analyzer_finds_chinese_passage_by_bm25(milvus_uri: str):
+    store = _store_with(milvus_uri, "jieba")
+    try:
+        assert store.bm25 and store.describe()["properties"]["rag.analyzer"] == "jieba"
+        hits = store.search_bm25("向量数据存储在什么地方", 3)
+        assert hits[0].source == "zh/0.md"
+        assert all(h.score > 0 for h in hits)  # Lite's negated BM25 distances come back positive
+        assert store.search_bm25("nprobe 怎么设置", 1)[0].source == "zh/1.md"
+        assert store.search_bm25("公园", 1)[0].source == "zh/2.md"
+    finally:
+        store.close()
+
+
+def test_standard_analyzer_cannot_segment_chinese(milvus_uri: str):
+    """Why jieba matters: `standard` keeps a whole CJK run as one token, so words never match."""
+    store = _store_with(milvus_uri, "standard")
+    try:
+        assert store.search_bm25("公园", 3) == []
+    finally:
+        store.close()
+
+
+def test_cjk_corpus_gets_jieba_and_an_e5_suggestion(tmp_path: Path, milvus_uri: str, embedder):
+    docs = tmp_path / "zh"
+    docs.mkdir()
+    for i, t in enumerate(ZH_PASSAGES):
+        (docs / f"{i}.md").write_text(f"# 问题 {i}\n\n{t}\n", encoding="utf-8")
+    warnings: list[str] = []
+    cfg = RagConfig.load(environ={}, milvus_uri=milvus_uri, collection="zh")
+    ingest([str(docs)], cfg, IngestConfig.load(environ={}), embedder=embedder, progress=False,
+           warn=warnings.append)
+    assert any("--embedder e5" in w for w in warnings), warnings
+    store = MilvusStore(milvus_uri, "zh")
+    try:
+        assert store.describe()["properties"]["rag.analyzer"] == "jieba"
+        # `auto` keeps the collection's own embedder, and picks e5 only for a new CJK corpus.
+        assert resolve_embedder("auto", 0.9, store) == "minilm"
+        assert resolve_embedder("auto", 0.9, store, recreate=True) == "e5"
+        assert resolve_embedder("auto", 0.01, store, recreate=True) == "minilm"
+        assert resolve_embedder("e5", 0.01, store) == "e5"
+    finally:
+        store.close()
+
+
+def test_no_bm25_functions_falls_back_to_dense_with_one_warning(small_corpus: Path, milvus_uri: str, embedder,
+                                                                caplog):
+    """A server without BM25 functions (Milvus < 2.5): ingest still works, hybrid runs dense."""
+    store = MilvusStore(milvus_uri, "old_server")
+    real_create = store.client.create_collection
+
+    def create_without_functions(name, schema=None, **kw):
+        if schema is not None and schema.functions:
+            raise MilvusException(code=1, message="function type BM25 is not supported")
+        return real_create(name, schema=schema, **kw)
+
+    store.client.create_collection = create_without_functions
+    cfg = RagConfig.load(environ={}, milvus_uri=milvus_uri, collection="old_server")
+    with caplog.at_level(logging.WARNING):
+        report = ingest([str(small_corpus)], cfg, IngestConfig.load(environ={}), embedder=embedder,
+                        store=store, progress=False)
+        assert report.chunks_written > 0
+        assert not store.bm25 and store.describe()["properties"]["rag.analyzer"] == "none"
+        retriever = Retriever(store, embedder, mode="hybrid")
+        first = retriever.retrieve("how are indexes built?", 3)
+        second = retriever.retrieve("partition keys", 3, mode="bm25")
+    store.close()
+    assert first.mode == second.mode == "dense" and first.hits
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("rag.")]
+    by_logger = {name: [r for r in warnings if r.name == name] for name in ("rag.store", "rag.retriever")}
+    assert len(by_logger["rag.store"]) == 1 and "falls back to dense" in by_logger["rag.store"][0].getMessage()
+    assert len(by_logger["rag.retriever"]) == 1  # once per retriever, not once per question
+
+
+def test_e5_and_minilm_collections_never_mix(small_corpus: Path, milvus_uri: str, embedder):
+    """Both models are 384-d, so only the recorded embedder id tells their vectors apart."""
+    from rag.embedder import E5Embedder
+
+    e5 = E5Embedder(num_threads=1)
+    assert e5.dim == embedder.dim
+    for first, second in ((embedder, e5), (e5, embedder)):
+        name = f"c_{first.model_id[:5].replace('-', '_').replace('/', '_')}"
+        store = MilvusStore(milvus_uri, name)
+        try:
+            store.ensure(first)
+            with pytest.raises(StoreError, match=r"embedder .*--recreate") as err:
+                store.check_compatible(second)
+            assert second.model_id in str(err.value)
+            with pytest.raises(StoreError):
+                store.open_existing(second)
+        finally:
+            store.close()
+
+
+def test_reranker_protocol_reorders_first_stage_hits(milvus_uri: str):
+    """No reranker ships (no offline cross-encoder weights); this checks the plumbing only."""
+    from rag.retriever import Reranker
+
+    class PrefersPark:
+        model_id = "test/keyword"
+
+        def score(self, question: str, passages: Sequence[str]) -> list[float]:
+            return [1.0 if "公园" in p else 0.0 for p in passages]
+
+    assert isinstance(PrefersPark(), Reranker)
+    store = _store_with(milvus_uri, "jieba")
+    try:
+        r = Retriever(store, HashEmbedder(), mode="bm25", reranker=PrefersPark(), rerank_depth=4)
+        hits = r.retrieve("数据 存储 公园", 2).hits
+        assert len(hits) == 2 and hits[0].source == "zh/2.md" and hits[0].score == 1.0
+    finally:
+        store.close()
