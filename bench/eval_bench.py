@@ -213,6 +213,8 @@ def main() -> int:
     p.add_argument("--embedder", default="minilm")
     p.add_argument("--modes", default="dense,bm25,hybrid")
     p.add_argument("--split", default="test", help="scifact qrels split (tune on train, report test)")
+    p.add_argument("--faq-only", action="store_true",
+                   help="zh/en: index only the FAQ folders (a small haystack, for a quick or loaded machine)")
     p.add_argument("--extra", default="", help="more rag-eval options, e.g. '--rrf-k 20 --limit-queries 50'")
     p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "rag_eval_results.jsonl"),
                    help="JSON lines appended here")
@@ -232,6 +234,9 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix=f"{args.which}-eval-") as tmp:
             corpus = Path(tmp) / "corpus"
             qa, dirs = build_qa_corpus(args.which, corpus)
+            if args.faq_only:
+                lines = qa.read_text(encoding="utf-8").splitlines()
+                dirs = sorted({str(Path(json.loads(line)["source"]).parent) for line in lines})
             cwd = os.getcwd()
             os.chdir(corpus)  # sources are then stored relative to the corpus root
             try:
