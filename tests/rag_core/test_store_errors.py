@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from rag.config import RagConfig
@@ -14,36 +11,8 @@ from rag.embedder import Embedder
 from rag.pipeline import RagPipeline
 from rag.store import MilvusStore, StoreError
 from tests.rag_core.conftest import cli_env, do_ingest, rows, run_cli
+from tests.support.hash_embedder import HashEmbedder
 from tests.support.openai_stub import free_port
-
-
-class HashEmbedder:
-    """A real implementation of our Embedder protocol: deterministic vectors from a hash.
-
-    A test double of our own interface (not a mock of Milvus or the model): it lets a test build
-    a collection of another model and dimension in milliseconds.
-    """
-
-    score_floor = 0.0
-    max_tokens = 256
-
-    def __init__(self, dim: int = 8, model_id: str = "test/hash-8d"):
-        self.dim = dim
-        self.model_id = model_id
-
-    def count_tokens(self, text: str) -> int:
-        return len(text.split()) + 2
-
-    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        for i, t in enumerate(texts):
-            seed = int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "little")
-            v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
-            out[i] = v / np.linalg.norm(v)
-        return out
-
-    def embed_query(self, text: str) -> np.ndarray:
-        return self.embed_documents([text])[0]
 
 
 def test_hash_embedder_is_an_embedder():

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pytest
 from pymilvus import MilvusException
 
@@ -17,6 +15,7 @@ from rag.config import RagConfig
 from rag.retriever import Retriever
 from rag.store import MilvusStore, StoreError
 from rag.types import Chunk
+from tests.support.hash_embedder import HashEmbedder
 
 ZH_PASSAGES = [
     "Milvus 数据存储在哪里？用户插入的数据以增量日志的方式存储在持久化存储上，元数据存储在 etcd 中。",
@@ -26,39 +25,13 @@ ZH_PASSAGES = [
 ]
 
 
-class HashEmbedder:
-    """A real implementation of the Embedder protocol with deterministic hash vectors.
-
-    BM25 tests need vectors of the right shape, not meaning; this keeps them fast.
-    """
-
-    score_floor = 0.0
-    max_tokens = 256
-    dim = 16
-    model_id = "test/hash-16d"
-
-    def count_tokens(self, text: str) -> int:
-        return len(text) + 2
-
-    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        for i, t in enumerate(texts):
-            seed = int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "little")
-            v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)
-            out[i] = v / np.linalg.norm(v)
-        return out
-
-    def embed_query(self, text: str) -> np.ndarray:
-        return self.embed_documents([text])[0]
-
-
 def _chunks(texts: Sequence[str]) -> list[Chunk]:
     return [Chunk(source=f"zh/{i}.md", chunk_index=0, text=t, header_path=(), start=0, end=len(t),
                   file_hash=str(i), chunk_count=1) for i, t in enumerate(texts)]
 
 
 def _store_with(uri: str, analyzer: str, texts: Sequence[str] = ZH_PASSAGES) -> MilvusStore:
-    emb = HashEmbedder()
+    emb = HashEmbedder(16, per_char=True)
     store = MilvusStore(uri, f"zh_{analyzer}")
     store.ensure(emb, analyzer=analyzer)
     chunks = _chunks(texts)
@@ -173,7 +146,7 @@ def test_reranker_protocol_reorders_first_stage_hits(milvus_uri: str):
     assert isinstance(PrefersPark(), Reranker)
     store = _store_with(milvus_uri, "jieba")
     try:
-        r = Retriever(store, HashEmbedder(), mode="bm25", reranker=PrefersPark(), rerank_depth=4)
+        r = Retriever(store, HashEmbedder(16, per_char=True), mode="bm25", reranker=PrefersPark(), rerank_depth=4)
         hits = r.retrieve("数据 存储 公园", 2).hits
         assert len(hits) == 2 and hits[0].source == "zh/2.md" and hits[0].score == 1.0
     finally:
