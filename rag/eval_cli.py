@@ -159,8 +159,10 @@ def run_qa(args, config: RagConfig) -> dict[str, Any]:
             report = None
             if args.docs:
                 cfg = RagConfig.load(milvus_uri=uri, collection=store.collection, embedder=config.embedder)
+                # Ingest's warnings go to stderr: stdout carries only the table or the JSON.
                 report = ingest(args.docs, cfg, IngestConfig.load(analyzer=args.analyzer), recreate=True,
-                                embedder=embedder, store=store, progress=not args.quiet)
+                                embedder=embedder, store=store, progress=not args.quiet,
+                                warn=lambda msg: print(msg, file=sys.stderr))
             store.open_existing(embedder)
             results, ranks = eval_qa(items, store, embedder, args.modes, args.k, _retriever_opts(args, config),
                                      progress=not args.quiet)
