@@ -165,12 +165,22 @@ class Chunker:
 
     def _split_oversize(self, text: str, span: Span, prefix: str, atomic: bool) -> list[Span]:
         """Split a too-long block with the recursive markdown splitter; offsets stay exact."""
-        budget = self.limit - max(self.count(prefix) - 2, 0)  # both counts include [CLS] and [SEP]
+        specials = self.count("")  # every count includes the special tokens ([CLS] and [SEP])
+        budget = self.limit - self.count(prefix) if prefix else self.limit - specials
         piece_text = text[span.start : span.end]
+
+        def length(s: str) -> int:
+            # The splitter sums the lengths of the pieces it merges (words, at worst), so each
+            # must be its own token count; counting the specials once per word would fill a
+            # piece to a third of the budget.  A piece of zero tokens (zero-width or control
+            # characters the tokenizer drops) counts as one: with a length of 0 the splitter
+            # would carry it, and the pieces before it, into the next chunk as well.
+            return max(self.count(s) - specials, 1 if s else 0)
+
         while True:
             splitter = RecursiveCharacterTextSplitter(
                 separators=LINE_SEPARATORS if atomic else MARKDOWN_SEPARATORS, is_separator_regex=not atomic,
-                chunk_size=max(budget, 8), chunk_overlap=0, length_function=self.count,
+                chunk_size=max(budget, 8), chunk_overlap=0, length_function=length,
             )
             spans = _tile(splitter.split_text(piece_text), piece_text, span.start)
             if all(self._fits(prefix, text[s.start : s.end]) for s in spans):

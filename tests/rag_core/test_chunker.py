@@ -197,3 +197,31 @@ def test_real_chinese_docs_within_byte_and_token_limits(embedder, which):
         for c in chunks:
             assert len(c.text.encode()) <= TEXT_MAX_BYTES
             assert len(c.heading.encode()) <= HEADER_MAX_BYTES
+
+
+def test_one_long_paragraph_splits_into_nearly_full_pieces(embedder):
+    """An abstract with no line breaks is cut at word boundaries into pieces that use the budget
+    (counting the special tokens once per word used to fill each piece to about a third)."""
+    text = f"# Abstract\n\n{filler(60)}\n"
+    ch = chunker_for(embedder, chunk_size=128, overlap=16)
+    doc = doc_of(text)
+    chunks = ch.chunk(doc)
+    check_invariants(ch, doc, chunks)
+    assert not _uncovered(doc, chunks)
+    body = [c for c in chunks if c.text != "# Abstract"]
+    sizes = [ch.count(ch.embed_text(c)) for c in body[:-1]]  # the last piece holds the remainder
+    assert min(sizes) >= 0.75 * ch.limit, sizes
+    total = ch.count(filler(60)) - ch.count("")
+    assert len(body) <= total // int(0.75 * (ch.limit - 16)) + 2, (len(body), total)
+
+
+def test_words_the_tokenizer_drops_do_not_repeat_or_lose_text(embedder):
+    """Zero-width spaces tokenize to nothing; the splitter must still advance past them."""
+    words = " ".join(f"claim{i} \u200b" for i in range(400))
+    text = f"# Notes\n\n{words}\n"
+    assert embedder.count_tokens("\u200b") == embedder.count_tokens("")
+    ch = chunker_for(embedder, chunk_size=64, overlap=8)
+    doc = doc_of(text)
+    chunks = ch.chunk(doc)
+    check_invariants(ch, doc, chunks)
+    assert not _uncovered(doc, chunks)
