@@ -191,7 +191,7 @@ def run_ours(model, rig, variant: str, batches, res: dict) -> None:
                     fn = lambda ids=ids, pos=pos, t=tables, g=graphs: g.run(ids.view(-1), pos.view(-1), t)  # noqa: E731
                 else:
                     fn = lambda ids=ids, pos=pos, t=tables: rig.eager_step(ids, pos, t)  # noqa: E731
-                res[key] = gpu_ms(fn, iters=5 if variant == "torch" else 20)
+                res[key] = gpu_ms(fn, iters=5 if variant == "torch" else 50)
                 log(f"{key}: {res[key]:.3f} ms")
                 if b == 8:  # accuracy of the decode step at real widths (vs the torch path)
                     res[f"{variant}/decode8_logits"] = fn().reshape(b, -1).float().cpu()
@@ -205,7 +205,7 @@ def run_ours(model, rig, variant: str, batches, res: dict) -> None:
             try:
                 g = torch.Generator(device=DEVICE).manual_seed(2048)
                 ids = torch.randint(0, model.cfg.vocab_size, (1, 2048), device=DEVICE, generator=g)
-                res[key] = gpu_ms(lambda: rig.prefill(ids), iters=5)
+                res[key] = gpu_ms(lambda: rig.prefill(ids), iters=5 if variant == "torch" else 15)
                 log(f"{key}: {res[key]:.3f} ms")
                 res[f"{variant}/prefill_logits"] = rig.prefill(ids[:, :256]).float().cpu()
             except Exception as e:
@@ -324,7 +324,7 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--micro", action="store_true", help="also run GEMM micro-benchmarks")
     ap.add_argument("--profile", action="store_true", help="top kernels of a bs1 decode step and a prefill")
-    ap.add_argument("--tune", action="store_true", help="sweep grouped-GEMM launch parameters first")
+    ap.add_argument("--tune", action="store_true", help="sweep kernel launch parameters first (whole decode steps)")
     ap.add_argument("--check", action="store_true", help="per-module kernel vs torch-path errors")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -362,7 +362,7 @@ def main() -> None:
     set_backend(prev)
     fl = linear_flops_per_token(model) * 2048
     if args.tune:
-        decode_diag.tune_grouped(db, model, res)
+        decode_diag.tune_grouped(db, model, rig, res)
     if args.check:
         decode_diag.check_modules(db, model, rig, res)
     if args.profile:

@@ -46,45 +46,101 @@ def run_micro(db, model, res: dict) -> None:
     db.log(res["micro"])
 
 
-def tune_grouped(db, model, res: dict) -> None:
-    """Pick the grouped MoE kernel's launch parameters on this GPU (gated gate/up launch with
-    real routing; decode = 1 token, prefill = 2048 tokens) and install them in TUNED."""
+def tune_grouped(db, model, rig, res: dict) -> None:
+    """Pick launch parameters on this GPU and install them (TUNED dicts of the kernel modules).
+
+    Decode is swept over whole captured steps (bs1 and bs8), not launch by launch: an isolated
+    sweep of one launch once picked a setting that made the whole step 12% slower.  Stages:
+    grouped warps x stages, then the grouped N-tile policy, then the small-M GEMM's N tile,
+    warps/stages and split-K target.  Prefill times the gated launch alone (large launches).
+    """
+    from model_host.fp8 import set_backend
+    from model_host.kernels import fp8_linear as fl
     from model_host.kernels import moe_grouped as mg
+    from model_host.kernels.backend import TritonFP8Backend
     from model_host.kernels.fp8_linear import act_quant
+    from model_host.kernels.graphs import DecodeGraphs
+
+    def step_ms() -> float:
+        prev = set_backend(TritonFP8Backend())
+        rig.cache.decode_kernel = True
+        graphs = DecodeGraphs(model, rig.cache, rig.per_row)
+        try:
+            total = 0.0
+            for b, weight in ((1, 1.0), (8, 0.25)):
+                ids, pos, tables = rig.decode_inputs(b)
+                total += weight * db.gpu_ms(
+                    lambda ids=ids, pos=pos, t=tables, g=graphs: g.run(ids.view(-1), pos.view(-1), t), iters=20, warmup=3)
+            return total
+        finally:
+            set_backend(prev)
+            graphs.graphs.clear()  # free the captured graphs' pool before the next candidate
+            torch.cuda.empty_cache()
+
+    def sweep(name: str, table: dict, key: str | None, cands: list[dict]) -> None:
+        times = []
+        for c in cands:
+            saved = dict(table[key] if key else table)
+            (table[key] if key else table).update(c)
+            try:
+                times.append((step_ms(), c))
+            except Exception as e:  # e.g. out of shared memory
+                db.log(f"tune {name} {c}: {type(e).__name__}: {e}")
+            (table[key] if key else table).clear()
+            (table[key] if key else table).update(saved)
+        times.sort(key=lambda tc: tc[0])
+        (table[key] if key else table).update(times[0][1])
+        res[f"tune/{name}"] = [(round(ms, 4), c) for ms, c in times]
+        db.log(f"tune {name} (bs1 + bs8/4 ms): " + "; ".join(f"{ms:.3f} {c}" for ms, c in times))
+
+    sweep("decode-grouped", mg.TUNED, "decode",
+          [dict(num_warps=w, num_stages=st) for w in (4, 8) for st in (3, 4, 6)])
+    sweep("decode-grouped-bn", mg.TUNED, "decode",
+          [dict(block_ns=bns, min_programs=mp) for bns in ((64,), (128, 64), (64, 32), (128, 64, 32))
+           for mp in (132, 256, 528)])
+    sweep("decode-gemv", fl.TUNED_SMALL_M, None,
+          [dict(BLOCK_N=bn, num_warps=w, num_stages=st, waves=wv) for bn, w, st, wv in
+           ((64, 4, 4, 2), (32, 4, 4, 2), (128, 4, 4, 2), (64, 4, 6, 2), (64, 8, 4, 2), (64, 4, 4, 4),
+            (32, 4, 6, 4), (128, 8, 4, 2))])
 
     moe = next(m.mlp for m in model.layers if hasattr(m.mlp, "experts"))
     gp, up = moe.experts.gate_proj, moe.experts.up_proj
-    cands = {"decode": [dict(num_warps=w, num_stages=st) for w in (4, 8) for st in (3, 4, 6)],
-             "prefill": [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-                         for bm, bn, w, st in ((64, 128, 4, 3), (64, 128, 8, 3), (64, 128, 8, 4),
-                                               (64, 256, 8, 3), (128, 128, 8, 3), (128, 256, 8, 3))]}
-    for regime, t in (("decode", 1), ("prefill", 2048)):
-        x = torch.randn(t, model.cfg.hidden_size, device=db.DEVICE, dtype=torch.bfloat16)
-        with torch.no_grad():
-            _, idx = moe.gate(x)
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        token = (order // idx.shape[1]).to(torch.int32)
-        counts = torch.bincount(flat, minlength=moe.experts.num_experts).int()
-        aq = act_quant(x) if regime == "prefill" else None
-        times = []
-        for c in cands[regime]:
-            base = mg.grouped_config(t * idx.shape[1], gp.out_features, moe.experts.num_experts, True)
-            cfg = {**base, **c}
+    cands = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+             for bm, bn, w, st in ((64, 128, 8, 3), (64, 128, 8, 4), (64, 256, 8, 3), (128, 128, 8, 3),
+                                   (128, 256, 8, 3), (32, 128, 4, 4), (64, 128, 4, 4), (128, 128, 8, 4))]
+    x = torch.randn(2048, model.cfg.hidden_size, device=db.DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        _, idx = moe.gate(x)
+    flat = idx.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    token = (order // idx.shape[1]).to(torch.int32)
+    counts = torch.bincount(flat, minlength=moe.experts.num_experts).int()
+    dp = moe.experts.down_proj
+    h = torch.randn(token.numel(), dp.in_features, device=db.DEVICE, dtype=torch.bfloat16)
+    e, rows = moe.experts.num_experts, token.numel()
 
-            def fn(cfg=cfg, x=x, counts=counts, token=token, aq=aq):
-                for _ in range(10):
-                    mg.grouped_w8a8(x, gp.weight, gp.weight_scale_inv, counts, num_rows=token.numel(),
-                                    mode="gated", rows=token, w2=up.weight, w2_s=up.weight_scale_inv,
-                                    config=cfg, a_quant=aq)
+    def launch_sweep(name: str, extra: list[dict], down: bool, call) -> None:
+        """Time one grouped launch (10 in a row) per candidate; install the fastest as TUNED[name]."""
+        times = []
+        for c in cands + extra:
+            cfg = {**mg.grouped_config(rows, (dp if down else gp).out_features, e, True, down=down), **c}
             try:
-                times.append((db.gpu_ms(fn, iters=5, warmup=1) / 10, c))
-            except Exception as e:  # e.g. out of shared memory
-                db.log(f"tune {regime} {c}: {type(e).__name__}")
+                times.append((db.gpu_ms(lambda cfg=cfg: [call(cfg) for _ in range(10)], iters=5, warmup=1) / 10, c))
+            except Exception as err:  # e.g. out of shared memory
+                db.log(f"tune {name} {c}: {type(err).__name__}")
         times.sort(key=lambda tc: tc[0])
-        mg.TUNED[regime] = dict(times[0][1])
-        res[f"tune/{regime}"] = [(round(ms, 4), c) for ms, c in times]
-        db.log(f"tune {regime}: " + "; ".join(f"{ms:.3f} ms {c}" for ms, c in times))
+        mg.TUNED[name] = dict(times[0][1])
+        res[f"tune/{name}"] = [(round(ms, 4), c) for ms, c in times]
+        db.log(f"tune {name} (launch ms): " + "; ".join(f"{ms:.3f} {c}" for ms, c in times))
+
+    aq, hq = act_quant(x), act_quant(h)
+    launch_sweep("prefill", [], False, lambda cfg: mg.grouped_w8a8(
+        x, gp.weight, gp.weight_scale_inv, counts, num_rows=rows, mode="gated", rows=token, w2=up.weight,
+        w2_s=up.weight_scale_inv, config=cfg, a_quant=aq))
+    launch_sweep("prefill_down", [dict(BLOCK_M=64, BLOCK_N=256, num_warps=8, num_stages=4),
+                                  dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=4)], True,
+                 lambda cfg: mg.grouped_w8a8(h, dp.weight, dp.weight_scale_inv, counts, num_rows=rows, config=cfg,
+                                             a_quant=hq))
 
 
 @torch.no_grad()

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fp8 import get_backend
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm; statistics in fp32 whatever the activation dtype."""
@@ -16,8 +18,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = getattr(get_backend(), "rms_norm", None)  # one GPU launch instead of casts + norm
+        if fused is not None and (y := fused(x, self.weight, self.eps)) is not None:
+            return y
         # fp32 statistics: bf16 sum-of-squares over 7168 channels loses ~3 significant bits.
         return F.rms_norm(x.float(), (self.dim,), self.weight.float(), self.eps).to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, norm(h))`` with ``h = x + delta``: the residual add fused with the norm on GPUs."""
+        fused = getattr(get_backend(), "add_rms_norm", None)
+        if fused is not None and (out := fused(x, delta, self.weight, self.eps)) is not None:
+            return out
+        h = x + delta
+        return h, self(h)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"

@@ -53,8 +53,8 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, fp8_block=fp8, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), batch)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h, hn = self.post_attention_layernorm.add_forward(x, self.self_attn(self.input_layernorm(x), batch))
+        return h + self.mlp(hn)
 
 
 class SharedHead(nn.Module):

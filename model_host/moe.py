@@ -103,6 +103,9 @@ class Gate(nn.Module):
             self.register_parameter("e_score_correction_bias", None)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fused = getattr(get_backend(), "route", None)  # GPU: one routing kernel, same choices
+        if fused is not None and (routed := fused(self, x)) is not None:
+            return routed
         # Router logits in fp32: near-ties between experts are common and bf16 would flip them.
         logits = F.linear(x.float(), self.weight.float())
         c = self.cfg

@@ -63,13 +63,26 @@ class PagedLatentCache(LatentCache):
         slots = self._slots(pos)
         return self.c_kv[layer][slots], self.k_pe[layer][slots]
 
-    def attend_decode(self, layer: int, q: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-        """Absorbed MLA decode for the bound rows: q [B, H, R+dr] -> latent output [B, H, R]."""
+    def slot_mapping(self, positions: torch.Tensor) -> torch.Tensor:
+        """Flat slot of every (row, position) of the bound batch, [B * S]; the same for all layers,
+        so a forward computes it once (fused kernels write the latents straight to these rows)."""
+        return self._slots(positions).reshape(-1)
+
+    def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c_kv [slots, R], k_pe [slots, P]) of one layer, indexed by :meth:`slot_mapping`."""
+        return self.c_kv[layer], self.k_pe[layer]
+
+    def attend_decode(self, layer: int, q: torch.Tensor, positions: torch.Tensor, scale: float,
+                      rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      q_pe: torch.Tensor | None = None) -> torch.Tensor:
+        """Absorbed MLA decode for the bound rows: q [B, H, R+dr] (or [B, H, R] and ``q_pe``
+        [B, H, dr]) at ``positions`` [B] -> latent output [B, H, R].  With ``rope`` = (cos, sin)
+        the kernel rotates q's rope part itself."""
         from model_host.kernels.mla_decode import mla_decode
 
         assert self.block_tables is not None, "bind() block tables before a forward"
-        return mla_decode(q, self.c_kv[layer], self.k_pe[layer], self.block_tables, seq_lens,
-                          self.block_size, scale)
+        return mla_decode(q, self.c_kv[layer], self.k_pe[layer], self.block_tables, positions,
+                          self.block_size, scale, rope=rope, lens_from_positions=True, q_pe=q_pe)
 
     def nbytes(self) -> int:
         return self.c_kv.nbytes + self.k_pe.nbytes

@@ -4,16 +4,21 @@ Install with :func:`model_host.kernels.install` (or ``set_backend(TritonFP8Backe
 call it cannot serve (CPU tensors, non-FP8 weights such as the BF16 ``lm_head``) goes to the
 reference :class:`~model_host.fp8.TorchBackend`, so installing it never changes CPU results.
 
-Besides the three interface methods it offers two optional hooks that :mod:`model_host.moe`
-calls when present:
+Besides the three interface methods it offers optional hooks that the model's modules call
+when present (each returns None / False where it does not apply, and the module runs its own
+PyTorch code):
 
 * ``mlp_forward(mlp, x)``  - SwiGLU as one gated grouped launch (E=1: gate+up+SiLU-mul) and one
   W8A8 linear for ``down``;
-* ``moe_forward(moe, x)``  - router in torch (fp32 logits, noaux_tc top-k, all on the device),
-  then routed experts as two grouped launches (gated gate/up over expert-sorted rows; down
-  fused with the routing-weighted scatter-add into an fp32 buffer) and the shared expert as two
-  more launches accumulating into the same buffer.  No host synchronisation anywhere, so the
-  whole MoE can be captured in a CUDA graph.
+* ``route(gate, x)``       - fp32 router logits, then the noaux_tc choice as one kernel;
+* ``moe_forward(moe, x)``  - routing, one launch sorting rows by expert (decode), the routed
+  experts as two grouped launches (gated gate/up over expert-sorted rows; down fused with the
+  routing-weighted scatter-add into an fp32 buffer) and the shared expert as two more launches
+  accumulating into the same buffer.  No host synchronisation anywhere, so the whole MoE can
+  be captured in a CUDA graph;
+* ``rms_norm`` / ``add_rms_norm`` (:class:`~model_host.layers.RMSNorm`), ``store_latents``
+  (MLA's norm + rope + paged cache write) and ``concat_heads`` (prefill's rope + [nope | pe]
+  assembly of queries and keys): one launch each instead of a chain of small ones.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from ..fp8 import LinearBackend, TorchBackend, block_dequantize
 from . import use_triton
 from .fp8_linear import act_quant, scaled_mm_linear, w8a8_linear
 from .moe_grouped import grouped_config, grouped_w8a8
+from .norm_rope import concat_heads, latent_store, rms_norm
+from .routing import combine, route_noaux_tc, sort_by_expert
 
 
 class TritonFP8Backend(LinearBackend):
@@ -46,6 +53,8 @@ class TritonFP8Backend(LinearBackend):
         self.act16 = act == "auto"
         self.reference = TorchBackend(cache_dequantized=False)
         self._scaled_ok: dict[tuple, bool] = {}
+        self._mm_out_f32: bool | None = None  # torch.mm(..., out_dtype=fp32) available here?
+        self._quant_memo: tuple | None = None  # see quantized
 
     # -- LinearBackend interface -------------------------------------------------------------
     def dense_weight(self, layer, dtype: torch.dtype) -> torch.Tensor:
@@ -61,7 +70,7 @@ class TritonFP8Backend(LinearBackend):
     def linear(self, x: torch.Tensor, layer) -> torch.Tensor:
         if not (layer.is_fp8 and use_triton(x)):
             return self.reference.linear(x, layer)
-        y = self.fp8_mm(x.reshape(-1, layer.in_features), layer.weight, layer.weight_scale_inv)
+        y = self.fp8_mm(x.reshape(-1, layer.in_features), layer.weight, layer.weight_scale_inv, source=x)
         return y.view(*x.shape[:-1], layer.out_features)
 
     def grouped_linear(self, x: torch.Tensor, layer, offsets: torch.Tensor) -> torch.Tensor:
@@ -72,19 +81,38 @@ class TritonFP8Backend(LinearBackend):
                             act16=self.act16)
 
     # -- kernels ------------------------------------------------------------------------------
-    def fp8_mm(self, x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor) -> torch.Tensor:
-        """[M, K] x FP8 [N, K] -> [M, N], through scaled_mm or Triton per the policy."""
+    def fp8_mm(self, x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor,
+               source: torch.Tensor | None = None) -> torch.Tensor:
+        """[M, K] x FP8 [N, K] -> [M, N], through scaled_mm or Triton per the policy.
+
+        ``source``: the tensor ``x`` is a view of, when the caller may feed it to several
+        linears (MLA's q_a and kv_a, an MLP's gate and up): its FP8 quantization is reused.
+        """
         m = x.shape[0]
         if self.gemm == "scaled_mm" or (self.gemm == "auto" and m >= self.scaled_mm_min_m):
             key = (tuple(w.shape), m)
             if self._scaled_ok.get(key, True):
                 try:
-                    y = scaled_mm_linear(x, w, w_s)
+                    y = scaled_mm_linear(x, w, w_s, a_quant=self.quantized(x, source))
                     self._scaled_ok[key] = True
                     return y
                 except (RuntimeError, NotImplementedError, TypeError):
                     self._scaled_ok[key] = False  # unsupported here: Triton from now on
-        return w8a8_linear(x, w, w_s, act16=self.act16)
+        aq = self.quantized(x, source) if m > 256 else None  # the large-M Triton path quantizes
+        return w8a8_linear(x, w, w_s, act16=self.act16, a_quant=aq)
+
+    def quantized(self, x: torch.Tensor, source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """FP8 (q, s) of ``x``, remembered for the last ``source`` tensor: at prefill the same
+        activations feed two or three linears, and each quantization is a full pass over them.
+        The memo holds a reference to ``source`` (its memory cannot be reused by another tensor
+        meanwhile) and checks its version counter (an in-place change invalidates it)."""
+        src = source if source is not None else x
+        memo = self._quant_memo
+        if memo is not None and memo[0] is src and memo[1] == src._version and memo[2] == x.shape:
+            return memo[3]
+        quant = act_quant(x)
+        self._quant_memo = (src, src._version, x.shape, quant)
+        return quant
 
     def mlp_forward(self, mlp, x: torch.Tensor) -> torch.Tensor | None:
         g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
@@ -93,7 +121,8 @@ class TritonFP8Backend(LinearBackend):
         flat = x.reshape(-1, x.shape[-1])
         t = flat.shape[0]
         if t > 256:  # prefill: one expert = plain GEMMs, where cuBLASLt / 128x128 tiles win
-            h = F.silu(self.fp8_mm(flat, g.weight, g.weight_scale_inv)) * self.fp8_mm(flat, u.weight, u.weight_scale_inv)
+            gate = self.fp8_mm(flat, g.weight, g.weight_scale_inv, source=x)
+            h = F.silu(gate) * self.fp8_mm(flat, u.weight, u.weight_scale_inv, source=x)
         else:
             h = self._shared_gate_up(flat, g, u, t, act16=self.act16)
         return self.fp8_mm(h, d.weight, d.weight_scale_inv).view(*x.shape[:-1], d.out_features)
@@ -104,46 +133,113 @@ class TritonFP8Backend(LinearBackend):
             return None
         flat = x.reshape(-1, x.shape[-1])
         t, dim = flat.shape
-        weights, indices = moe.gate(flat)
+        weights, indices = moe.gate(flat)  # through self.route
         k = indices.shape[1]
         rows = t * k
-        fl = indices.reshape(-1)
-        order = torch.argsort(fl, stable=True)  # rows grouped by expert
-        token = (order // k).to(torch.int32)
-        counts = torch.zeros(ex.num_experts, dtype=torch.int32, device=x.device)
-        counts.scatter_add_(0, fl, torch.ones_like(fl, dtype=torch.int32))
-        w_sorted = weights.reshape(-1)[order].float().contiguous()
         cfg = grouped_config(rows, ex.gate_proj.out_features, ex.num_experts, self.act16)
-        # Many rows: quantize the tokens once; both gated launches gather rows from it.
-        aq = None if cfg["a_mode"] else act_quant(flat)
         gp, up, dp = ex.gate_proj, ex.up_proj, ex.down_proj
-        h = grouped_w8a8(flat, gp.weight, gp.weight_scale_inv, counts, num_rows=rows, mode="gated",
-                         rows=token, w2=up.weight, w2_s=up.weight_scale_inv, config=cfg, a_quant=aq)
-        if cfg["a_mode"]:  # decode: down + routing weights + combine fused (fp32 atomics)
+        if cfg["a_mode"]:
+            # Decode: one launch sorts the rows by expert; gate/up read the tokens through
+            # `token`, and down is fused with the routing weights and the combine (fp32 atomics).
+            offsets, tile_end, token, w_sorted = sort_by_expert(indices, weights, ex.num_experts, cfg["BLOCK_M"])
+            sched = (offsets, tile_end)
+            h = grouped_w8a8(flat, gp.weight, gp.weight_scale_inv, None, num_rows=rows, mode="gated",
+                             rows=token, w2=up.weight, w2_s=up.weight_scale_inv, config=cfg, schedule=sched)
             out = torch.zeros(t, dim, dtype=torch.float32, device=x.device)
-            grouped_w8a8(h, dp.weight, dp.weight_scale_inv, counts, num_rows=rows, mode="scatter",
-                         out=out, scatter=token, weight=w_sorted, act16=self.act16)
-        else:  # prefill: 117M fp32 atomics per layer cost more than the GEMM; gather + bmm
-            y = grouped_w8a8(h, dp.weight, dp.weight_scale_inv, counts, num_rows=rows)
+            down_cfg = grouped_config(rows, dp.out_features, ex.num_experts, self.act16)
+            assert down_cfg["BLOCK_M"] == cfg["BLOCK_M"]  # the schedule is per BLOCK_M
+            grouped_w8a8(h, dp.weight, dp.weight_scale_inv, None, num_rows=rows, mode="scatter", out=out,
+                         scatter=token, weight=w_sorted, config=down_cfg, schedule=sched)
+        else:
+            fl = indices.reshape(-1).long()
+            order = torch.argsort(fl, stable=True)  # rows grouped by expert
+            token = (order // k).to(torch.int32)
+            counts = torch.zeros(ex.num_experts, dtype=torch.int32, device=x.device)
+            counts.scatter_add_(0, fl, torch.ones_like(fl, dtype=torch.int32))
+            # Many rows: quantize the tokens once; the gated launch gathers rows from it, and
+            # the shared expert's gate and up (same `flat`) reuse it through the memo.
+            aq = self.quantized(flat)
+            h = grouped_w8a8(flat, gp.weight, gp.weight_scale_inv, counts, num_rows=rows, mode="gated",
+                             rows=token, w2=up.weight, w2_s=up.weight_scale_inv, config=cfg, a_quant=aq)
+            # 117M fp32 atomics per layer would cost more than the GEMM: store, then one pass
+            # un-sorts, weights and sums the k outputs per token and adds the shared expert.
+            y = grouped_w8a8(h, dp.weight, dp.weight_scale_inv, counts, num_rows=rows,
+                             config=grouped_config(rows, dp.out_features, ex.num_experts, self.act16, down=True))
             inv = torch.empty_like(order)
             inv[order] = torch.arange(rows, device=x.device)  # pair (token, slot) -> sorted row
-            out = torch.bmm(weights.view(t, 1, k).to(y.dtype), y[inv].view(t, k, dim)).view(t, dim).float()
+            sh = moe.shared_experts
+            return combine(y, inv, weights, sh(flat) if sh is not None else None).view(x.shape)
         sh = moe.shared_experts
         if sh is not None:
-            if sh.gate_proj.is_fp8 and sh.down_proj.is_fp8 and t <= 256:
-                hs = self._shared_gate_up(flat, sh.gate_proj, sh.up_proj, t, aq, self.act16)
-                one = torch.full((1,), t, dtype=torch.int32, device=x.device)
+            if sh.gate_proj.is_fp8 and sh.down_proj.is_fp8:
+                hs = self._shared_gate_up(flat, sh.gate_proj, sh.up_proj, t, None, self.act16)
                 d = sh.down_proj
-                grouped_w8a8(hs, d.weight.unsqueeze(0), d.weight_scale_inv.unsqueeze(0), one,
+                grouped_w8a8(hs, d.weight.unsqueeze(0), d.weight_scale_inv.unsqueeze(0), None,
                              num_rows=t, mode="scatter", out=out, act16=self.act16)
-            else:  # prefill (or non-FP8): the dense-MLP path, added in fp32
+            else:  # non-FP8 shared expert: the dense-MLP path, added in fp32
                 out += sh(flat).float()
         return out.to(x.dtype).view(x.shape)
+
+    def route(self, gate, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Router of one MoE layer (:class:`~model_host.moe.Gate` calls it): fp32 logits (cuBLAS,
+        fp32 weight copy kept), then the fused noaux_tc kernel; other configurations go through
+        :func:`moe.route` on the same logits.  None on CPU tensors (the module's own path)."""
+        from ..moe import route
+
+        if not use_triton(flat):
+            return None
+        logits = self._router_logits(gate, flat)
+        c = gate.cfg
+        if c.topk_method == "noaux_tc" and c.scoring_func == "sigmoid":
+            routed = route_noaux_tc(logits, gate.e_score_correction_bias, top_k=c.num_experts_per_tok,
+                                    n_group=c.n_group, topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob,
+                                    routed_scaling_factor=c.routed_scaling_factor)
+            if routed is not None:
+                return routed
+        return route(logits, gate.e_score_correction_bias, top_k=c.num_experts_per_tok, n_group=c.n_group,
+                     topk_group=c.topk_group, topk_method=c.topk_method, scoring_func=c.scoring_func,
+                     norm_topk_prob=c.norm_topk_prob, routed_scaling_factor=c.routed_scaling_factor)
+
+    def _router_logits(self, gate, flat: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of bf16 activations and weights: cuBLAS with fp32 output (exact products,
+        fp32 sums, like the reference's upcast); where this torch lacks ``out_dtype``, an fp32
+        GEMM on a kept fp32 copy of the weight (7 MB per V3 layer)."""
+        if self._mm_out_f32 is not False and flat.dtype == gate.weight.dtype:
+            try:
+                logits = torch.mm(flat, gate.weight.t(), out_dtype=torch.float32)
+                self._mm_out_f32 = True
+                return logits
+            except (TypeError, RuntimeError, NotImplementedError):
+                self._mm_out_f32 = False
+        w32 = getattr(gate, "_w32", None)
+        if w32 is None or w32.device != flat.device:
+            w32 = gate._w32 = gate.weight.float()
+        return F.linear(flat.float(), w32)
+
+    # -- fused elementwise hooks (RMSNorm, MLA latent store, prefill q/k) ---------------------
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+        return rms_norm(x, weight, eps)[0] if use_triton(x) else None
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+        """(x + delta, rms_norm(x + delta)) in one launch, or None on CPU."""
+        if not use_triton(x):
+            return None
+        y, h = rms_norm(x, weight, eps, residual=delta)
+        return h, y
+
+    def store_latents(self, kv_a, weight, eps, cos, sin, slots, c_kv, k_pe) -> bool:
+        if not use_triton(kv_a, c_kv):
+            return False
+        latent_store(kv_a, weight, eps, cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1]),
+                     slots, c_kv, k_pe)
+        return True
+
+    def concat_heads(self, nope, pe, rope):
+        return concat_heads(nope, pe, rope) if use_triton(nope) else None
 
     @staticmethod
     def _shared_gate_up(flat, g, u, t, aq=None, act16=False) -> torch.Tensor:
         """silu(x W_g^T) * (x W_u^T) for one (dense or shared) expert as a single gated launch."""
-        one = torch.full((1,), t, dtype=torch.int32, device=flat.device)
-        return grouped_w8a8(flat, g.weight.unsqueeze(0), g.weight_scale_inv.unsqueeze(0), one,
+        return grouped_w8a8(flat, g.weight.unsqueeze(0), g.weight_scale_inv.unsqueeze(0), None,
                             num_rows=t, mode="gated", w2=u.weight.unsqueeze(0),
                             w2_s=u.weight_scale_inv.unsqueeze(0), a_quant=aq, act16=act16)

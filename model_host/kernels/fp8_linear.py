@@ -158,6 +158,12 @@ def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s_t.t()
 
 
+# Small-M (decode) launch parameters: N tile for M <= 64, warps, pipeline stages, and how many
+# waves of programs split-K aims for.  bench/decode_bench.py --tune sweeps them over whole
+# captured decode steps (docs/gpu_notes.md has the H100 sweep behind these values).
+TUNED_SMALL_M = dict(BLOCK_N=32, num_warps=4, num_stages=4, waves=2)
+
+
 def gemm_config(m: int, n: int, k: int, sms: int, act16: bool = False) -> dict:
     """Tile shape, split-K and activation handling for an (M, N, K) problem; see module doc.
 
@@ -165,17 +171,19 @@ def gemm_config(m: int, n: int, k: int, sms: int, act16: bool = False) -> dict:
     activations (W8A16, only on the small-M path when ``act16``).
     """
     if m <= 256:  # decode-like: bandwidth bound, maximise loads in flight
+        t = TUNED_SMALL_M
         bm = _pow2_at_least(m, 16) if m <= 64 else 64
-        bn = 64 if m <= 64 else 128
+        bn = t["BLOCK_N"] if m <= 64 else 128
         tiles = -(-m // bm) * -(-n // bn)
         nkb = -(-k // BLOCK)
         split = 1
-        if tiles < 2 * sms:
-            split = max(1, min(-(-2 * sms // tiles), nkb // 4))
+        want = t["waves"] * sms
+        if tiles < want:
+            split = max(1, min(-(-want // tiles), nkb // 4))
         k_split = -(-nkb // split) * BLOCK
         split = -(-k // k_split)
         return dict(BLOCK_M=bm, BLOCK_N=bn, split=split, k_split=k_split, a_mode=2 if act16 else 1,
-                    num_warps=4, num_stages=4)
+                    num_warps=t["num_warps"], num_stages=t["num_stages"])
     return dict(BLOCK_M=128, BLOCK_N=128, split=1, k_split=k, a_mode=0, num_warps=8, num_stages=3)
 
 
@@ -187,11 +195,13 @@ def w8a16_reference(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dty
 
 
 def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=None,
-                config: dict | None = None, act16: bool = False) -> torch.Tensor:
+                config: dict | None = None, act16: bool = False,
+                a_quant: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``x`` [M, K] (bf16/fp32) times FP8 ``w`` [N, K] with block scales ``w_s`` -> [M, N].
 
     ``act16``: keep bf16 activations on the small-M (decode) path, where the GEMM is bound by
-    weight bytes and FP8 activations buy nothing but quantization error.
+    weight bytes and FP8 activations buy nothing but quantization error.  ``a_quant``: the
+    :func:`act_quant` of ``x`` when the caller already has it (used by the large-M path).
     """
     out_dtype = out_dtype or x.dtype
     m, k = x.shape
@@ -207,7 +217,7 @@ def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=N
     if cfg["a_mode"]:
         a, a_s, sam, sak = x, x, 0, 0
     else:
-        a, a_s = act_quant(x)
+        a, a_s = a_quant if a_quant is not None else act_quant(x)
         sam, sak = a_s.stride(0), a_s.stride(1)
     split = cfg["split"]
     c = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
@@ -221,11 +231,12 @@ def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=N
     return out
 
 
-def scaled_mm_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=None) -> torch.Tensor:
+def scaled_mm_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=None,
+                     a_quant: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Same function through ``torch._scaled_mm`` (1x128 activation, 128x128 weight scales).
 
     Raises (RuntimeError / NotImplementedError) where the torch build, cuBLASLt or the shape
     does not support blockwise scaling; the backend then keeps Triton for that shape.
     """
-    q, s = act_quant(x)
+    q, s = a_quant if a_quant is not None else act_quant(x)
     return torch._scaled_mm(q, w.t(), scale_a=s, scale_b=w_s.t(), out_dtype=out_dtype or x.dtype)

@@ -40,29 +40,38 @@ if HAS_TRITON:
 
     @triton.jit
     def _grouped_kernel(a_ptr, as_ptr, rows_ptr, b_ptr, bs_ptr, b2_ptr, b2s_ptr, c_ptr,
-                        scat_ptr, wt_ptr, offsets_ptr, tile_end_ptr, N, K, E,
+                        scat_ptr, wt_ptr, offsets_ptr, tile_end_ptr, N, K, E, single_rows,
                         stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse,
                         stride_bsn, stride_cm,
                         MODE: tl.constexpr, A_MODE: tl.constexpr, HAS_ROWS: tl.constexpr,
                         HAS_SCAT: tl.constexpr, HAS_WT: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+                        SINGLE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         tile = tl.program_id(0)
         pid_n = tl.program_id(1)
-        if tile >= tl.load(tile_end_ptr + E - 1):
-            return
-        # Smallest e with tile_end[e] > tile (binary search; E <= 2**SEARCH_STEPS).
-        lo = tile * 0
-        hi = lo + E - 1
-        for _ in tl.static_range(SEARCH_STEPS):
-            mid = (lo + hi) // 2
-            left = tl.load(tile_end_ptr + mid) > tile
-            hi = tl.where(left, mid, hi)
-            lo = tl.where(left, lo, mid + 1)
-        e = lo
-        prev = tl.maximum(e - 1, 0)
-        tiles_before = tl.where(e > 0, tl.load(tile_end_ptr + prev), 0)
-        row_lo = tl.where(e > 0, tl.load(offsets_ptr + prev), 0)
-        row_hi = tl.load(offsets_ptr + e)
+        if SINGLE:  # one expert (dense MLP / shared expert): rows 0..single_rows, no schedule
+            if tile >= tl.cdiv(single_rows, BLOCK_M):
+                return
+            e = tile * 0
+            tiles_before = e
+            row_lo = e
+            row_hi = e + single_rows
+        else:
+            if tile >= tl.load(tile_end_ptr + E - 1):
+                return
+            # Smallest e with tile_end[e] > tile (binary search; E <= 2**SEARCH_STEPS).
+            lo = tile * 0
+            hi = lo + E - 1
+            for _ in tl.static_range(SEARCH_STEPS):
+                mid = (lo + hi) // 2
+                left = tl.load(tile_end_ptr + mid) > tile
+                hi = tl.where(left, mid, hi)
+                lo = tl.where(left, lo, mid + 1)
+            e = lo
+            prev = tl.maximum(e - 1, 0)
+            tiles_before = tl.where(e > 0, tl.load(tile_end_ptr + prev), 0)
+            row_lo = tl.where(e > 0, tl.load(offsets_ptr + prev), 0)
+            row_hi = tl.load(offsets_ptr + e)
         rows = row_lo + (tile - tiles_before) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = rows < row_hi
         src = tl.load(rows_ptr + rows, mask=mask_m, other=0) if HAS_ROWS else rows
@@ -129,23 +138,30 @@ def max_tiles(rows: int, experts: int, block_m: int) -> int:
 
 
 # Launch parameters per regime; bench/decode_bench.py --tune sweeps candidates on the real
-# shapes and overwrites these.  H100 (docs/benchmarks.md): prefill 8 warps is 2.9x faster
-# than 4 (two 64x128 fp32 accumulators); decode (8, 6) won the isolated gate/up sweep by 5%
-# but lost 12% over a whole step (down / shared launches), so (4, 4) stays.
+# shapes (decode: whole captured steps) and overwrites these.  H100 (docs/gpu_notes.md):
+# prefill 8 warps is 2.9x faster than 4 (two 64x128 fp32 accumulators); decode (4 warps,
+# 3 stages, N tiles 64 then 32 down to 256 programs) won the whole-step sweep, 1-2% ahead of
+# the runners-up; an isolated sweep of one launch once picked a setting 12% slower overall.
+# Decode picks the widest N tile in ``block_ns`` that still yields ``min_programs`` programs
+# (16 if none does), so one-row launches spread over the whole GPU.
 TUNED = {
-    "decode": dict(num_warps=4, num_stages=4),
+    "decode": dict(num_warps=4, num_stages=3, block_ns=(64, 32), min_programs=256),
     "prefill": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
+    "prefill_down": dict(BLOCK_M=64, BLOCK_N=256, num_warps=8, num_stages=4),  # K = 2048: wide N tiles
 }
 
 
-def grouped_config(rows: int, n: int, experts: int, act16: bool = False) -> dict:
+def grouped_config(rows: int, n: int, experts: int, act16: bool = False, down: bool = False) -> dict:
     """Decode (<= 256 rows): 16-row tiles, activations quantized in the prologue (or kept bf16
-    with ``act16``), N spread over many programs.  Prefill: wide tiles on pre-quantized rows."""
+    with ``act16``), N spread over many programs.  Prefill: wide tiles on pre-quantized rows
+    (``down``: the down projection's own tuning)."""
     if rows <= 256:
-        tiles = max_tiles(rows, experts, 16)
-        bn = 64 if min(tiles, experts) * -(-n // 64) >= 256 else 16
-        return dict(BLOCK_M=16, BLOCK_N=bn, a_mode=2 if act16 else 1, **TUNED["decode"])
-    return dict(a_mode=0, **TUNED["prefill"])
+        t = TUNED["decode"]
+        groups = min(max_tiles(rows, experts, 16), experts)
+        bn = next((bn for bn in t["block_ns"] if groups * -(-n // bn) >= t["min_programs"]), 16)
+        return dict(BLOCK_M=16, BLOCK_N=bn, a_mode=2 if act16 else 1, num_warps=t["num_warps"],
+                    num_stages=t["num_stages"])
+    return dict(a_mode=0, **TUNED["prefill_down" if down else "prefill"])
 
 
 def grouped_reference(a, w, w_s, offsets, *, mode="store", rows=None, w2=None, w2_s=None,
@@ -174,12 +190,13 @@ def grouped_reference(a, w, w_s, offsets, *, mode="store", rows=None, w2=None, w
     return res.to(out_dtype or a.dtype)
 
 
-def grouped_w8a8(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, counts: torch.Tensor, *,
+def grouped_w8a8(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, counts: torch.Tensor | None, *,
                  num_rows: int, mode: str = "store", rows: torch.Tensor | None = None,
                  w2: torch.Tensor | None = None, w2_s: torch.Tensor | None = None,
                  out: torch.Tensor | None = None, scatter: torch.Tensor | None = None,
                  weight: torch.Tensor | None = None, config: dict | None = None,
                  a_quant: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 schedule: tuple[torch.Tensor, torch.Tensor] | None = None,
                  out_dtype=None, act16: bool = False) -> torch.Tensor:
     """Grouped FP8 GEMM; see the module doc.
 
@@ -187,6 +204,9 @@ def grouped_w8a8(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, counts: to
               (or ``a[i]`` without ``rows``).
     w, w_s:   [E, N, K] fp8 weights, [E, N/128, K/128] scales (``w2``/``w2_s``: up proj, gated).
     counts:   [E] rows per expert (device); ``num_rows`` = their sum, known on the host.
+              None with E == 1: all ``num_rows`` rows belong to the one expert (no schedule).
+    schedule: (offsets, tile_end) already computed for ``config["BLOCK_M"]`` (e.g. by
+              :func:`~.routing.sort_by_expert`), instead of ``counts``.
     out:      mode "scatter": fp32 [T', N] accumulated into (``scatter`` rows, ``weight``).
     a_quant:  pre-quantized (q, s) of ``a`` for the many-rows path (computed if needed).
     act16:    keep bf16 activations on the few-rows path (W8A16, see :func:`w8a8_linear`).
@@ -195,7 +215,15 @@ def grouped_w8a8(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, counts: to
     e_count, n, k = w.shape
     cfg = config or grouped_config(num_rows, n, e_count, act16)
     mode_id = MODES[mode]
-    offsets, tile_end = tile_schedule(counts, cfg["BLOCK_M"])
+    single = counts is None and schedule is None
+    if single:
+        assert e_count == 1, "counts or schedule needed with more than one expert"
+        if not use_triton(a, w):
+            counts = torch.full((1,), num_rows, dtype=torch.int32, device=a.device)
+    if schedule is not None:
+        offsets, tile_end = schedule
+    elif counts is not None:
+        offsets, tile_end = tile_schedule(counts, cfg["BLOCK_M"])
     if not use_triton(a, w):
         return grouped_reference(a, w, w_s, offsets, mode=mode, rows=rows, w2=w2, w2_s=w2_s, out=out,
                                  scatter=scatter, weight=weight, out_dtype=out_dtype,
@@ -210,15 +238,17 @@ def grouped_w8a8(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, counts: to
         sam, sak = a_s.stride(0), a_s.stride(1)
     b2, b2s = (w2, w2_s) if w2 is not None else (w, w_s)
     grid = (max_tiles(num_rows, e_count, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    if single:
+        offsets = tile_end = w_s  # unused by the SINGLE kernel; any valid device pointer
     dummy = tile_end
     _grouped_kernel[grid](
         aa, a_s, rows if rows is not None else dummy, w, w_s, b2, b2s, c,
         scatter if scatter is not None else dummy, weight if weight is not None else dummy,
-        offsets, tile_end, n, k, e_count,
+        offsets, tile_end, n, k, e_count, num_rows,
         aa.stride(0), sam, sak, w.stride(0), w.stride(1), w_s.stride(0), w_s.stride(1), c.stride(0),
         MODE=mode_id, A_MODE=cfg["a_mode"], HAS_ROWS=rows is not None,
         HAS_SCAT=scatter is not None, HAS_WT=weight is not None,
-        SEARCH_STEPS=max(1, math.ceil(math.log2(max(e_count, 2)))),
+        SEARCH_STEPS=max(1, math.ceil(math.log2(max(e_count, 2)))), SINGLE=single,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BLOCK,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return c

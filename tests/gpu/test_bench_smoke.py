@@ -26,18 +26,27 @@ def cpu_bench(monkeypatch):
     return db
 
 
-def test_hf_model_built_from_our_weights_agrees(cpu_bench):
-    transformers.logging.set_verbosity_error()
-    cfg = make_config("tiny", vocab_size=1024, mtp=False, fp8=True)
-    model = cpu_bench.build_model(cfg)
-    rig = cpu_bench.Rig(model, 4)
-    hf, _ = cpu_bench.build_hf(model)
+def hf_vs_ours(bench, cfg) -> float:
+    model = bench.build_model(cfg)
+    hf, _ = bench.build_hf(model)
     ids = torch.randint(0, 1024, (1, 30))
     with torch.no_grad():
         ref = hf(ids, use_cache=False, logits_to_keep=1).logits
+    return rel(bench.Rig(model, 4).prefill(ids), ref)
+
+
+def test_hf_model_built_from_our_weights_agrees(cpu_bench):
+    transformers.logging.set_verbosity_error()
     # Both BF16 on the same dequantized weights; a wrong name mapping gives ~1.4 (unrelated
-    # logits).  Rounding differences flip near-tied experts of the random router: up to ~6%.
-    assert rel(rig.prefill(ids), ref) < 0.12
+    # logits).  Dense layers only: nothing but rounding separates the two.
+    dense = make_config("tiny", vocab_size=1024, mtp=False, fp8=True, layers=2, dense_layers=2)
+    assert hf_vs_ours(cpu_bench, dense) < 0.03
+    # With MoE layers, rounding flips near-tied experts of the random router, and how often
+    # depends on the transformers version's router precision: 0.05 with 5.23, 0.21 with 5.17.
+    assert hf_vs_ours(cpu_bench, make_config("tiny", vocab_size=1024, mtp=False, fp8=True)) < 0.3
+    cfg = make_config("tiny", vocab_size=1024, mtp=False, fp8=True)
+    model = cpu_bench.build_model(cfg)
+    rig = cpu_bench.Rig(model, 4)
     ids, pos, tables = rig.decode_inputs(2)
     active = cpu_bench.active_experts(model, lambda: rig.eager_step(ids, pos, tables))
     assert len(active) == 2 and all(1 <= a <= 2 * cfg.num_experts_per_tok for a in active)
