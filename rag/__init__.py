@@ -6,6 +6,11 @@ Data flows one way: (ingest: loader -> chunker) -> embedder -> store -> retrieve
 
 import os as _os
 
+# gRPC's C core logs keepalive throttling by a local Milvus Lite ("GOAWAY ... too_many_pings")
+# as error lines on stderr during long ingests; the client backs off and nothing fails. Failed
+# calls still raise from pymilvus. Read when grpc loads; GRPC_VERBOSITY=ERROR brings logs back.
+_os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 
 def _import_pymilvus_without_local_uri() -> None:
     """pymilvus reads MILVUS_URI at import time and rejects anything but http(s) URIs, while our
