@@ -58,7 +58,7 @@ if HAS_TRITON:
     @triton.jit
     def _w8a8_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
                      stride_am, stride_asm, stride_ask, stride_bn, stride_bsn, stride_cs, stride_cm,
-                     k_split, A_MODE: tl.constexpr,
+                     k_split, out_ptr, cnt_ptr, A_MODE: tl.constexpr, LAST_REDUCES: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # Axis 0 walks M fastest: neighbouring programs share one weight tile, so the (large)
         # weight streams from HBM once while the (small) activation rows stay in L2.
@@ -93,8 +93,23 @@ if HAS_TRITON:
                     a_s = tl.load(as_ptr + offs_m * stride_asm + (k0 // BLOCK_K) * stride_ask,
                                   mask=mask_m & in_k, other=0.0)
                 acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])
-        c = c_ptr + pid_s * stride_cs + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        mask_c = mask_m[:, None] & mask_n[None, :]
+        tile = offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptr + pid_s * stride_cs + tile, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+        if LAST_REDUCES:
+            # Split-K without a second launch: the program that finishes a tile last (a counter
+            # per tile) sums the partials in split order, so the result is still bitwise
+            # reproducible, and resets the counter for the next launch or graph replay.
+            tl.debug_barrier()  # every thread's partial is stored before the release below
+            counter = cnt_ptr + pid_m * tl.num_programs(1) + pid_n
+            n_split = tl.num_programs(2)
+            if tl.atomic_add(counter, 1, sem="acq_rel") == n_split - 1:
+                tl.debug_barrier()
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for sp in range(0, n_split):
+                    total += tl.load(c_ptr + sp * stride_cs + tile, mask=mask_c, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + tile, total.to(out_ptr.dtype.element_ty), mask=mask_c)
+                tl.atomic_xchg(counter, 0)
 
     @triton.jit
     def _splitk_reduce_kernel(ws_ptr, c_ptr, MN, S, BLOCK: tl.constexpr):
@@ -222,13 +237,31 @@ def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=N
     split = cfg["split"]
     c = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
+    counters = _tile_counters(x.device, grid[0] * grid[1]) if split > 1 else None
     _w8a8_kernel[grid](
         a, a_s, w, w_s, c, m, n, k, a.stride(0), sam, sak, w.stride(0), w_s.stride(0),
-        m * n, n, cfg["k_split"], A_MODE=cfg["a_mode"], BLOCK_M=cfg["BLOCK_M"],
+        m * n, n, cfg["k_split"], out, counters if counters is not None else out,
+        A_MODE=cfg["a_mode"], LAST_REDUCES=counters is not None, BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BLOCK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if split > 1:
+    if split > 1 and counters is None:
         _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](c, out, m * n, split, BLOCK=1024, num_warps=4)
     return out
+
+
+_COUNTERS: dict[str, torch.Tensor] = {}
+MAX_TILE_COUNTERS = 1 << 14
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """Zeroed int32 counters for the last-program split-K reduction, one buffer per device
+    (kernels leave them zeroed; launches on one stream never overlap).  None where a launch has
+    more tiles than the buffer: it then uses the separate reduce kernel."""
+    if tiles > MAX_TILE_COUNTERS:
+        return None
+    key = str(device)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(MAX_TILE_COUNTERS, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
 
 
 def scaled_mm_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=None,

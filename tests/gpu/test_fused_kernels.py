@@ -225,3 +225,18 @@ def test_prefill_quantization_is_reused_only_for_the_same_unchanged_tensor():
     x.mul_(2)
     again = be.quantized(x)
     assert again is not first and torch.equal(again[1], 2 * first[1])
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("m,n,k", [(1, 1536, 7168), (1, 576, 7168), (5, 7168, 16384)])
+def test_split_k_reduced_by_the_last_program_is_exact_and_leaves_counters_zeroed(m, n, k):
+    from model_host.kernels.fp8_linear import _COUNTERS, gemm_config, num_sms, w8a8_linear, w8a16_reference
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w, ws = block_quantize(torch.randn(n, k, device="cuda") / math.sqrt(k))
+    assert gemm_config(m, n, k, num_sms(), act16=True)["split"] > 1
+    first = w8a8_linear(x, w, ws, act16=True)
+    assert torch.equal(first, w8a8_linear(x, w, ws, act16=True))  # fixed summation order
+    assert rel(first, w8a16_reference(x.double(), w, ws, torch.float64)) < 1e-2
+    assert int(_COUNTERS["cuda:0"].abs().sum()) == 0

@@ -130,4 +130,7 @@ def test_runner_graph_decode_matches_eager(ckpt):
     finally:
         set_backend(prev)
     assert outs[True][1] == outs[False][1]
-    assert rel(outs[True][0], outs[False][0]) < 1e-3  # fp32 atomics in MoE: order may differ
+    # The MoE's fp32 atomics sum each token's experts in a run-dependent order; a last-bit change
+    # that flips one bf16 rounding moves the MoE model's logits by ~2e-3 (measured 2.1e-3 once on
+    # an H100; other runs under 1e-3). A graph bug (stale input, padding row leaking) is ~1.
+    assert rel(outs[True][0], outs[False][0]) < 5e-3
