@@ -6,6 +6,10 @@
   gate+up fused with SiLU-mul, down fused with the routing-weight scatter-add.
 * :mod:`.mla_decode`  - absorbed MLA decode attention straight from the paged latent cache
   (FlashMLA-style: MQA over 576-dim latents, split-KV + log-sum-exp merge).
+* :mod:`.norm_rope`   - RMSNorm (+ residual add), MLA's latent store (norm + rope + paged
+  write) and prefill's [nope | rope] query / key assembly, one launch each.
+* :mod:`.routing`     - the noaux_tc expert choice, the sort of rows by expert, and prefill's
+  weighted combine of the expert outputs.
 * :mod:`.backend`     - :class:`TritonFP8Backend`, the :class:`~model_host.fp8.LinearBackend`
   that routes the model's linears / MoE / MLP through the kernels.
 * :mod:`.graphs`      - CUDA-graph capture of the decode step per batch-size bucket.
