@@ -1,13 +1,14 @@
 """Retrieval-quality benchmark (issue 8): SciFact (BEIR) and two docs-QA checks, via rag-eval.
 
-    python bench/eval_bench.py scifact --embedder minilm          # test split, ~10-15 min on 2 cores
-    python bench/eval_bench.py scifact --embedder e5              # ~20 min: run it with nohup
+    python bench/eval_bench.py scifact --embedder minilm          # test split, ~9 min on 2 quiet cores
+    python bench/eval_bench.py scifact --embedder e5              # 40-80 min: run it with nohup
     python bench/eval_bench.py zh --embedder e5                   # bench/zh_questions.jsonl
     python bench/eval_bench.py en --embedder minilm               # English Milvus FAQ headings
     python bench/eval_bench.py floors --embedder e5 --uri DB --collection rag_eval_qa --on-topic zh
 
 Each run prints rag-eval's results and appends one JSON line (results, timings, machine) to --out.
-`--extra "--uri DB --keep"` keeps the collection for a later `floors` run.
+`--extra "--uri DB --keep"` (scifact) or `--extra "--uri DB"` (zh, en) keeps the collection for a
+later `floors` run.
 
 The Chinese check (zh) indexes the Milvus v2.0 zh-CN docs plus the TiDB zh FAQ pages from
 shared/data/zh_docs; its 49 questions are paraphrases written from FAQ entries. The English
@@ -220,6 +221,9 @@ def main() -> int:
                    help="JSON lines appended here")
     args = p.parse_args()
     extra = args.extra.split()
+    for i, word in enumerate(extra[:-1]):  # the QA checks chdir into their corpus copy
+        if word == "--uri" and "://" not in extra[i + 1]:
+            extra[i + 1] = str(Path(extra[i + 1]).resolve())
     common = ["--embedder", args.embedder, "--modes", args.modes, "--quiet", *extra]
     if args.which == "floors":
         out = floors(args.uri, args.collection, args.embedder, args.on_topic, args.floor)
