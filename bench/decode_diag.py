@@ -51,8 +51,9 @@ def tune_grouped(db, model, rig, res: dict) -> None:
 
     Decode is swept over whole captured steps (bs1 and bs8), not launch by launch: an isolated
     sweep of one launch once picked a setting that made the whole step 12% slower.  Stages:
-    grouped warps x stages, then the grouped N-tile policy, then the small-M GEMM's N tile,
-    warps/stages and split-K target.  Prefill times the gated launch alone (large launches).
+    the activation mode of each (bf16 or two-term FP8), grouped warps x stages, then the grouped
+    N-tile policy, then the small-M GEMM's N tile, warps/stages and split-K target.  Prefill
+    times the gated launch alone (large launches).
     """
     from model_host.fp8 import set_backend
     from model_host.kernels import fp8_linear as fl
@@ -93,15 +94,20 @@ def tune_grouped(db, model, rig, res: dict) -> None:
         res[f"tune/{name}"] = [(round(ms, 4), c) for ms, c in times]
         db.log(f"tune {name} (bs1 + bs8/4 ms): " + "; ".join(f"{ms:.3f} {c}" for ms, c in times))
 
+    # How decode's 16-bit activations meet the FP8 weights: bf16 MMAs on weights widened in
+    # registers, or FP8 MMAs on two-term FP8 activations; per module, before the launch shapes.
+    modes = [dict(act16=m) for m in ("fp8x2", "bf16")]
+    sweep("decode-gemv-act16", fl.TUNED_SMALL_M, None, modes)
+    sweep("decode-grouped-act16", mg.TUNED, "decode", modes)
     sweep("decode-grouped", mg.TUNED, "decode",
           [dict(num_warps=w, num_stages=st) for w in (4, 8) for st in (3, 4, 6)])
     sweep("decode-grouped-bn", mg.TUNED, "decode",
           [dict(block_ns=bns, min_programs=mp) for bns in ((64,), (128, 64), (64, 32), (128, 64, 32))
            for mp in (132, 256, 528)])
     sweep("decode-gemv", fl.TUNED_SMALL_M, None,
-          [dict(BLOCK_N=bn, num_warps=w, num_stages=st, waves=wv) for bn, w, st, wv in
+          [dict(BLOCK_N=bn, num_warps=w, num_stages=st, waves=wv, act16=a) for bn, w, st, wv in
            ((64, 4, 4, 2), (32, 4, 4, 2), (128, 4, 4, 2), (64, 4, 6, 2), (64, 8, 4, 2), (64, 4, 4, 4),
-            (32, 4, 6, 4), (128, 8, 4, 2))])
+            (32, 4, 6, 4), (128, 8, 4, 2)) for a in ("bf16", "fp8x2")])
 
     moe = next(m.mlp for m in model.layers if hasattr(m.mlp, "experts"))
     gp, up = moe.experts.gate_proj, moe.experts.up_proj

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..fp8 import LinearBackend, TorchBackend, block_dequantize
 from . import use_triton
-from .fp8_linear import act_quant, scaled_mm_linear, w8a8_linear
+from .fp8_linear import act_quant, gemm_config, num_sms, scaled_mm_linear, w8a8_linear
 from .moe_grouped import grouped_config, grouped_w8a8
 from .norm_rope import concat_heads, latent_store, rms_norm
 from .routing import combine, route_noaux_tc, sort_by_expert
@@ -98,20 +98,29 @@ class TritonFP8Backend(LinearBackend):
                     return y
                 except (RuntimeError, NotImplementedError, TypeError):
                     self._scaled_ok[key] = False  # unsupported here: Triton from now on
-        aq = self.quantized(x, source) if m > 256 else None  # the large-M Triton path quantizes
-        return w8a8_linear(x, w, w_s, act16=self.act16, a_quant=aq)
+        cfg = gemm_config(m, w.shape[0], w.shape[1], num_sms(x.device.index or 0), self.act16)
+        # Pre-quantized activations (large M, or the two-term decode mode) are shared by the
+        # linears that read the same source.
+        aq = self.quantized(x, source, split=cfg["a_mode"] == 3) if cfg["a_mode"] in (0, 3) else None
+        return w8a8_linear(x, w, w_s, config=cfg, a_quant=aq)
 
-    def quantized(self, x: torch.Tensor, source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """FP8 (q, s) of ``x``, remembered for the last ``source`` tensor: at prefill the same
-        activations feed two or three linears, and each quantization is a full pass over them.
-        The memo holds a reference to ``source`` (its memory cannot be reused by another tensor
-        meanwhile) and checks its version counter (an in-place change invalidates it)."""
+    def quantized(self, x: torch.Tensor, source: torch.Tensor | None = None,
+                  split: bool = False) -> tuple[torch.Tensor, ...]:
+        """FP8 (q, s) of ``x`` (two terms with ``split``), remembered for the last ``source``
+        tensor: the same activations feed two or three linears (q_a and kv_a, gate and up, the
+        routed and the shared experts), and each quantization is a pass and a launch.  The memo
+        holds a reference to ``source`` (its memory cannot be reused by another tensor
+        meanwhile) and checks its version counter (an in-place change invalidates it).
+        Inference tensors (the engine runs under ``torch.inference_mode``) have no version
+        counter; there identity is the key, and the runtime never changes an activation in
+        place between the linears that read it."""
         src = source if source is not None else x
         memo = self._quant_memo
-        if memo is not None and memo[0] is src and memo[1] == src._version and memo[2] == x.shape:
-            return memo[3]
-        quant = act_quant(x)
-        self._quant_memo = (src, src._version, x.shape, quant)
+        key = (None if src.is_inference() else src._version, x.shape, split)
+        if memo is not None and memo[0] is src and memo[1] == key:
+            return memo[2]
+        quant = act_quant(x, split=split)
+        self._quant_memo = (src, key, quant)
         return quant
 
     def mlp_forward(self, mlp, x: torch.Tensor) -> torch.Tensor | None:
@@ -143,8 +152,10 @@ class TritonFP8Backend(LinearBackend):
             # `token`, and down is fused with the routing weights and the combine (fp32 atomics).
             offsets, tile_end, token, w_sorted = sort_by_expert(indices, weights, ex.num_experts, cfg["BLOCK_M"])
             sched = (offsets, tile_end)
+            aq = self.quantized(flat, split=True) if cfg["a_mode"] == 3 else None  # shared expert too
             h = grouped_w8a8(flat, gp.weight, gp.weight_scale_inv, None, num_rows=rows, mode="gated",
-                             rows=token, w2=up.weight, w2_s=up.weight_scale_inv, config=cfg, schedule=sched)
+                             rows=token, w2=up.weight, w2_s=up.weight_scale_inv, config=cfg, schedule=sched,
+                             a_quant=aq)
             out = torch.zeros(t, dim, dtype=torch.float32, device=x.device)
             down_cfg = grouped_config(rows, dp.out_features, ex.num_experts, self.act16)
             assert down_cfg["BLOCK_M"] == cfg["BLOCK_M"]  # the schedule is per BLOCK_M
@@ -172,7 +183,7 @@ class TritonFP8Backend(LinearBackend):
         sh = moe.shared_experts
         if sh is not None:
             if sh.gate_proj.is_fp8 and sh.down_proj.is_fp8:
-                hs = self._shared_gate_up(flat, sh.gate_proj, sh.up_proj, t, None, self.act16)
+                hs = self._shared_gate_up(flat, sh.gate_proj, sh.up_proj, t, aq, self.act16)
                 d = sh.down_proj
                 grouped_w8a8(hs, d.weight.unsqueeze(0), d.weight_scale_inv.unsqueeze(0), None,
                              num_rows=t, mode="scatter", out=out, act16=self.act16)

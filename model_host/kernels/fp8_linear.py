@@ -12,11 +12,13 @@ Numerics (DeepSeek-V3's recipe):
 
 Two GPU implementations, picked per shape by :mod:`.backend`:
 
-* Triton (:func:`w8a8_linear`).  Small M (decode) quantizes the activation tile *inside* the
-  GEMM prologue (no separate quant pass or launch) and splits K across programs so that even a
-  576-row ``kv_a`` projection puts enough loads in flight; partial sums go to an fp32
-  workspace reduced by a second tiny kernel (deterministic, unlike atomics).  Large M
-  (prefill) quantizes once with :func:`act_quant` and runs 128x128 tiles.
+* Triton (:func:`w8a8_linear`).  Small M (decode) splits K across programs so that even a
+  576-row ``kv_a`` projection puts enough loads in flight; the program finishing a tile last
+  sums the fp32 partials in split order (deterministic, unlike atomics).  Its activations
+  either keep 16-bit precision (``act16``: bf16 MMAs on weights widened in registers, or two
+  FP8 terms, value plus rounding residual, on FP8 MMAs: :func:`act_quant_split_reference`)
+  or are quantized inside the GEMM prologue.  Large M (prefill) quantizes once with
+  :func:`act_quant` and runs 128x128 tiles.
 * ``torch._scaled_mm`` with 1x128 / 128x128 block scales (cuBLASLt >= 12.9 on sm_90):
   :func:`scaled_mm_linear`.
 
@@ -42,21 +44,34 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
-                          ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _quant_tile(x):
+        """Per-row FP8 quantization of an fp32 [R, 128] tile -> (q, s): IEEE divisions, so the
+        result is bitwise what :func:`act_quant_reference` computes on the CPU."""
+        amax = tl.max(tl.abs(x), axis=1)
+        s = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
+        q = tl.math.div_rn(x, tl.broadcast_to(s[:, None], x.shape)).to(tl.float8e4nv)
+        return q, s
+
+    @triton.jit
+    def _act_quant_kernel(x_ptr, q_ptr, s_ptr, q2_ptr, s2_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
+                          SPLIT: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rows < M)[:, None] & (cols < K)[None, :]
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
         x = x.to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=1)
-        s = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
-        q = tl.math.div_rn(x, tl.broadcast_to(s[:, None], x.shape)).to(tl.float8e4nv)
-        tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], q, mask=mask)
-        tl.store(s_ptr + rows * stride_sm + tl.program_id(1) * stride_sk, s, mask=rows < M)
+        q, s = _quant_tile(x)
+        q_offs = rows.to(tl.int64)[:, None] * stride_qm + cols[None, :]
+        s_offs = rows * stride_sm + tl.program_id(1) * stride_sk
+        tl.store(q_ptr + q_offs, q, mask=mask)
+        tl.store(s_ptr + s_offs, s, mask=rows < M)
+        if SPLIT:  # second term: the rounding residual, quantized with its own block scale
+            q2, s2 = _quant_tile(x - q.to(tl.float32) * s[:, None])
+            tl.store(q2_ptr + q_offs, q2, mask=mask)
+            tl.store(s2_ptr + s_offs, s2, mask=rows < M)
 
     @triton.jit
-    def _w8a8_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
+    def _w8a8_kernel(a_ptr, as_ptr, a2_ptr, as2_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
                      stride_am, stride_asm, stride_ask, stride_bn, stride_bsn, stride_cs, stride_cm,
                      k_split, out_ptr, cnt_ptr, A_MODE: tl.constexpr, LAST_REDUCES: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -68,6 +83,7 @@ if HAS_TRITON:
         offs_k = tl.arange(0, BLOCK_K)
         mask_m, mask_n = offs_m < M, offs_n < N
         a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+        a2_rows = a2_ptr + offs_m.to(tl.int64)[:, None] * stride_am  # A_MODE 3: same layout as a
         b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn
         bs_rows = bs_ptr + (offs_n // BLOCK_K) * stride_bsn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -78,10 +94,18 @@ if HAS_TRITON:
             kk = k0 + offs_k
             mask_k = kk < K
             in_k = k0 < K
-            a = tl.load(a_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            a_mask = mask_m[:, None] & mask_k[None, :]
+            a = tl.load(a_rows + kk[None, :], mask=a_mask, other=0.0)
             b = tl.load(b_rows + kk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             b_s = tl.load(bs_rows + k0 // BLOCK_K, mask=mask_n & in_k, other=0.0)
-            if A_MODE == 2:  # W8A16: bf16 activations, FP8 weights widened exactly in registers
+            if A_MODE == 3:  # two FP8 terms (value + rounding residual): ~bf16 precision, FP8 MMAs
+                s_offs = offs_m * stride_asm + (k0 // BLOCK_K) * stride_ask
+                a_s = tl.load(as_ptr + s_offs, mask=mask_m & in_k, other=0.0)
+                a2 = tl.load(a2_rows + kk[None, :], mask=a_mask, other=0.0)
+                a2_s = tl.load(as2_ptr + s_offs, mask=mask_m & in_k, other=0.0)
+                bt = tl.trans(b)
+                acc += (tl.dot(a, bt) * a_s[:, None] + tl.dot(a2, bt) * a2_s[:, None]) * b_s[None, :]
+            elif A_MODE == 2:  # W8A16: bf16 activations, FP8 weights widened exactly in registers
                 acc += tl.dot(a, tl.trans(b.to(a.dtype))) * b_s[None, :]
             else:
                 if A_MODE == 1:  # fused per-token x 128-channel quantization of the bf16 tile
@@ -133,13 +157,34 @@ def act_quant_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), s
 
 
-def w8a8_reference(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=None) -> torch.Tensor:
-    """The function the kernels compute, in fp32: quantize ``x`` [M, K], dequantize both, matmul."""
+def act_dequant(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """fp32 values of an :func:`act_quant_reference` pair (q [M, K], s [M, ceil(K/128)])."""
+    m, k = q.shape
+    xd = F.pad(q.float(), (0, -k % BLOCK)).view(m, -1, BLOCK) * s.unsqueeze(-1)
+    return xd.view(m, -1)[:, :k]
+
+
+def act_quant_split_reference(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Two-term FP8 activations ``x ~ q*s + q2*s2`` -> (q, s, q2, s2): the second term is the
+    first one's rounding residual, quantized with its own per-row x 128-channel scale.  e4m3
+    keeps 3 mantissa bits, so one term is off by up to 1/16 of a value and two terms by about
+    1/256: bf16 precision, with FP8 tensor-core products and no widening of the weights."""
+    q, s = act_quant_reference(x)
+    q2, s2 = act_quant_reference(x.float() - act_dequant(q, s))
+    return q, s, q2, s2
+
+
+def w8a8_reference(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=None,
+                   split: bool = False) -> torch.Tensor:
+    """The function the kernels compute, in fp32: quantize ``x`` [M, K] (one FP8 term, or two
+    with ``split``), dequantize activations and weights, matmul."""
     from ..fp8 import block_dequantize
 
-    q, s = act_quant_reference(x)
-    xd = (F.pad(q.float(), (0, -x.shape[1] % BLOCK)).view(x.shape[0], -1, BLOCK) * s.unsqueeze(-1))
-    xd = xd.view(x.shape[0], -1)[:, : x.shape[1]]
+    if split:
+        q, s, q2, s2 = act_quant_split_reference(x)
+        xd = act_dequant(q, s) + act_dequant(q2, s2)
+    else:
+        xd = act_dequant(*act_quant_reference(x))
     return (xd @ block_dequantize(w, w_s).T).to(out_dtype or x.dtype)
 
 
@@ -158,32 +203,39 @@ def _pow2_at_least(n: int, lo: int) -> int:
     return p
 
 
-def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q [M, K] fp8, s [M, ceil(K/128)] fp32 **column-major**, the layout cuBLASLt wants)."""
+def act_quant(x: torch.Tensor, split: bool = False) -> tuple[torch.Tensor, ...]:
+    """(q [M, K] fp8, s [M, ceil(K/128)] fp32 **column-major**, the layout cuBLASLt wants);
+    with ``split`` also the residual term (q2, s2) of :func:`act_quant_split_reference`."""
     if not use_triton(x):
-        q, s = act_quant_reference(x)
-        return q, s.t().contiguous().t()
+        terms = act_quant_split_reference(x) if split else act_quant_reference(x)
+        return tuple(t.t().contiguous().t() if t.dtype == torch.float32 else t for t in terms)
     m, k = x.shape
     nkb = triton.cdiv(k, BLOCK)
     q = torch.empty(m, k, dtype=FP8, device=x.device)
     s_t = torch.empty(nkb, m, dtype=torch.float32, device=x.device)
+    q2, s2_t = (torch.empty_like(q), torch.empty_like(s_t)) if split else (q, s_t)
     rows = 16
     _act_quant_kernel[(triton.cdiv(m, rows), nkb)](
-        x, q, s_t, m, k, x.stride(0), q.stride(0), 1, m, ROWS=rows, BLOCK_K=BLOCK, num_warps=4)
-    return q, s_t.t()
+        x, q, s_t, q2, s2_t, m, k, x.stride(0), q.stride(0), 1, m, SPLIT=split, ROWS=rows, BLOCK_K=BLOCK,
+        num_warps=4)
+    return (q, s_t.t(), q2, s2_t.t()) if split else (q, s_t.t())
 
 
-# Small-M (decode) launch parameters: N tile for M <= 64, warps, pipeline stages, and how many
-# waves of programs split-K aims for.  bench/decode_bench.py --tune sweeps them over whole
-# captured decode steps (docs/gpu_notes.md has the H100 sweep behind these values).
-TUNED_SMALL_M = dict(BLOCK_N=32, num_warps=4, num_stages=4, waves=2)
+# Small-M (decode) launch parameters: N tile for M <= 64, warps, pipeline stages, how many
+# waves of programs split-K aims for, and how the 16-bit activations of ``act16`` enter the
+# MMA ("fp8x2": two FP8 terms, see act_quant_split_reference; "bf16": weights widened to bf16
+# in registers).  bench/decode_bench.py --tune sweeps them over whole captured decode steps
+# (docs/gpu_notes.md has the sweeps behind these values).
+TUNED_SMALL_M = dict(BLOCK_N=32, num_warps=4, num_stages=4, waves=2, act16="bf16")
+ACT16_MODES = {"bf16": 2, "fp8x2": 3}
 
 
 def gemm_config(m: int, n: int, k: int, sms: int, act16: bool = False) -> dict:
     """Tile shape, split-K and activation handling for an (M, N, K) problem; see module doc.
 
     ``a_mode``: 0 pre-quantized FP8 activations, 1 quantized in the prologue, 2 bf16
-    activations (W8A16, only on the small-M path when ``act16``).
+    activations (W8A16), 3 pre-quantized two-term FP8 activations (2 and 3 only on the small-M
+    path when ``act16``, per ``TUNED_SMALL_M["act16"]``).
     """
     if m <= 256:  # decode-like: bandwidth bound, maximise loads in flight
         t = TUNED_SMALL_M
@@ -197,7 +249,8 @@ def gemm_config(m: int, n: int, k: int, sms: int, act16: bool = False) -> dict:
             split = max(1, min(-(-want // tiles), nkb // 4))
         k_split = -(-nkb // split) * BLOCK
         split = -(-k // k_split)
-        return dict(BLOCK_M=bm, BLOCK_N=bn, split=split, k_split=k_split, a_mode=2 if act16 else 1,
+        a_mode = ACT16_MODES[t["act16"]] if act16 else 1
+        return dict(BLOCK_M=bm, BLOCK_N=bn, split=split, k_split=k_split, a_mode=a_mode,
                     num_warps=t["num_warps"], num_stages=t["num_stages"])
     return dict(BLOCK_M=128, BLOCK_N=128, split=1, k_split=k, a_mode=0, num_warps=8, num_stages=3)
 
@@ -209,37 +262,50 @@ def w8a16_reference(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dty
     return (x.float() @ block_dequantize(w, w_s).T).to(out_dtype or x.dtype)
 
 
+def linear_reference(a_mode: int):
+    """The reference function of a kernel ``a_mode`` (see :func:`gemm_config`)."""
+    if a_mode == 2:
+        return w8a16_reference
+    return functools.partial(w8a8_reference, split=a_mode == 3)
+
+
+def quantized_operands(x: torch.Tensor, a_mode: int, a_quant: tuple | None) -> tuple:
+    """(a, a_s, a2, a2_s) kernel operands for ``a_mode``: the raw activations where the kernel
+    reads them itself (modes 1, 2), else the FP8 terms (``a_quant`` when the caller has them)."""
+    if a_mode in (1, 2):
+        return x, x, x, x
+    terms = a_quant if a_quant is not None else act_quant(x, split=a_mode == 3)
+    return terms if a_mode == 3 else (*terms, *terms)
+
+
 def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=None,
                 config: dict | None = None, act16: bool = False,
-                a_quant: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                a_quant: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """``x`` [M, K] (bf16/fp32) times FP8 ``w`` [N, K] with block scales ``w_s`` -> [M, N].
 
-    ``act16``: keep bf16 activations on the small-M (decode) path, where the GEMM is bound by
-    weight bytes and FP8 activations buy nothing but quantization error.  ``a_quant``: the
-    :func:`act_quant` of ``x`` when the caller already has it (used by the large-M path).
+    ``act16``: keep 16-bit activation precision on the small-M (decode) path, where the GEMM
+    is bound by weight bytes and one-term FP8 activations buy nothing but quantization error.
+    ``a_quant``: the :func:`act_quant` of ``x`` (``split=True`` for a_mode 3) when the caller
+    already has it.
     """
     out_dtype = out_dtype or x.dtype
     m, k = x.shape
     n = w.shape[0]
+    cfg = config or gemm_config(m, n, k, num_sms(x.device.index or 0) if x.is_cuda else 132, act16)
     if not use_triton(x, w):
-        small = config["a_mode"] == 2 if config else (act16 and m <= 256)
-        return (w8a16_reference if small else w8a8_reference)(x, w, w_s, out_dtype)
+        return linear_reference(cfg["a_mode"])(x, w, w_s, out_dtype)
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0:
         return out
     x = x if x.stride(-1) == 1 else x.contiguous()
-    cfg = config or gemm_config(m, n, k, num_sms(x.device.index or 0), act16)
-    if cfg["a_mode"]:
-        a, a_s, sam, sak = x, x, 0, 0
-    else:
-        a, a_s = a_quant if a_quant is not None else act_quant(x)
-        sam, sak = a_s.stride(0), a_s.stride(1)
+    a, a_s, a2, a2_s = quantized_operands(x, cfg["a_mode"], a_quant)
+    sam, sak = (a_s.stride(0), a_s.stride(1)) if cfg["a_mode"] in (0, 3) else (0, 0)
     split = cfg["split"]
     c = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
     counters = _tile_counters(x.device, grid[0] * grid[1]) if split > 1 else None
     _w8a8_kernel[grid](
-        a, a_s, w, w_s, c, m, n, k, a.stride(0), sam, sak, w.stride(0), w_s.stride(0),
+        a, a_s, a2, a2_s, w, w_s, c, m, n, k, a.stride(0), sam, sak, w.stride(0), w_s.stride(0),
         m * n, n, cfg["k_split"], out, counters if counters is not None else out,
         A_MODE=cfg["a_mode"], LAST_REDUCES=counters is not None, BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BLOCK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

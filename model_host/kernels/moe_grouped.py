@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import HAS_TRITON, use_triton
-from .fp8_linear import BLOCK, act_quant, w8a8_reference, w8a16_reference
+from .fp8_linear import ACT16_MODES, BLOCK, linear_reference, quantized_operands
 
 MODES = {"store": 0, "gated": 1, "scatter": 2}
 
@@ -39,7 +39,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _grouped_kernel(a_ptr, as_ptr, rows_ptr, b_ptr, bs_ptr, b2_ptr, b2s_ptr, c_ptr,
+    def _grouped_kernel(a_ptr, as_ptr, a2_ptr, as2_ptr, rows_ptr, b_ptr, bs_ptr, b2_ptr, b2s_ptr, c_ptr,
                         scat_ptr, wt_ptr, offsets_ptr, tile_end_ptr, N, K, E, single_rows,
                         stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse,
                         stride_bsn, stride_cm,
@@ -79,6 +79,7 @@ if HAS_TRITON:
         offs_k = tl.arange(0, BLOCK_K)
         mask_n = offs_n < N
         a_rows = a_ptr + src.to(tl.int64)[:, None] * stride_am
+        a2_rows = a2_ptr + src.to(tl.int64)[:, None] * stride_am  # A_MODE 3: same layout as a
         e64 = e.to(tl.int64)
         b_rows = b_ptr + e64 * stride_be + offs_n.to(tl.int64)[:, None] * stride_bn
         bs_rows = bs_ptr + e64 * stride_bse + (offs_n // BLOCK_K) * stride_bsn
@@ -89,14 +90,25 @@ if HAS_TRITON:
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
             mask_k = kk < K
-            a = tl.load(a_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            a_mask = mask_m[:, None] & mask_k[None, :]
+            a = tl.load(a_rows + kk[None, :], mask=a_mask, other=0.0)
             bmask = mask_n[:, None] & mask_k[None, :]
             b = tl.load(b_rows + kk[None, :], mask=bmask, other=0.0)
             b_s = tl.load(bs_rows + k0 // BLOCK_K, mask=mask_n, other=0.0)
             if MODE == 1:
                 b2 = tl.load(b2_rows + kk[None, :], mask=bmask, other=0.0)
                 b2_s = tl.load(b2s_rows + k0 // BLOCK_K, mask=mask_n, other=0.0)
-            if A_MODE == 2:  # W8A16 (decode): bf16 activations, weights widened in registers
+            if A_MODE == 3:  # two-term FP8 activations (decode), see fp8_linear.act_quant_split_reference
+                s_offs = src * stride_asm + (k0 // BLOCK_K) * stride_ask
+                a_s = tl.load(as_ptr + s_offs, mask=mask_m, other=0.0)[:, None]
+                a2 = tl.load(a2_rows + kk[None, :], mask=a_mask, other=0.0)
+                a2_s = tl.load(as2_ptr + s_offs, mask=mask_m, other=0.0)[:, None]
+                bt = tl.trans(b)
+                acc += (tl.dot(a, bt) * a_s + tl.dot(a2, bt) * a2_s) * b_s[None, :]
+                if MODE == 1:
+                    b2t = tl.trans(b2)
+                    acc2 += (tl.dot(a, b2t) * a_s + tl.dot(a2, b2t) * a2_s) * b2_s[None, :]
+            elif A_MODE == 2:  # W8A16 (decode): bf16 activations, weights widened in registers
                 acc += tl.dot(a, tl.trans(b.to(a.dtype))) * b_s[None, :]
                 if MODE == 1:
                     acc2 += tl.dot(a, tl.trans(b2.to(a.dtype))) * b2_s[None, :]
@@ -145,29 +157,32 @@ def max_tiles(rows: int, experts: int, block_m: int) -> int:
 # Decode picks the widest N tile in ``block_ns`` that still yields ``min_programs`` programs
 # (16 if none does), so one-row launches spread over the whole GPU.
 TUNED = {
-    "decode": dict(num_warps=4, num_stages=3, block_ns=(64, 32), min_programs=256),
+    # act16: how 16-bit activation precision enters the MMA (fp8_linear.TUNED_SMALL_M); two FP8
+    # terms won the H200 sweep (grouped launches 0.574 -> 0.414 ms per bs1 step).
+    "decode": dict(num_warps=4, num_stages=3, block_ns=(64, 32), min_programs=256, act16="fp8x2"),
     "prefill": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
     "prefill_down": dict(BLOCK_M=64, BLOCK_N=256, num_warps=8, num_stages=4),  # K = 2048: wide N tiles
 }
 
 
 def grouped_config(rows: int, n: int, experts: int, act16: bool = False, down: bool = False) -> dict:
-    """Decode (<= 256 rows): 16-row tiles, activations quantized in the prologue (or kept bf16
-    with ``act16``), N spread over many programs.  Prefill: wide tiles on pre-quantized rows
-    (``down``: the down projection's own tuning)."""
+    """Decode (<= 256 rows): 16-row tiles, activations quantized in the prologue (or with
+    16-bit precision under ``act16``: bf16, or two FP8 terms), N spread over many programs.
+    Prefill: wide tiles on pre-quantized rows (``down``: the down projection's own tuning)."""
     if rows <= 256:
         t = TUNED["decode"]
         groups = min(max_tiles(rows, experts, 16), experts)
         bn = next((bn for bn in t["block_ns"] if groups * -(-n // bn) >= t["min_programs"]), 16)
-        return dict(BLOCK_M=16, BLOCK_N=bn, a_mode=2 if act16 else 1, num_warps=t["num_warps"],
+        a_mode = ACT16_MODES[t["act16"]] if act16 else 1
+        return dict(BLOCK_M=16, BLOCK_N=bn, a_mode=a_mode, num_warps=t["num_warps"],
                     num_stages=t["num_stages"])
     return dict(a_mode=0, **TUNED["prefill_down" if down else "prefill"])
 
 
 def grouped_reference(a, w, w_s, offsets, *, mode="store", rows=None, w2=None, w2_s=None,
-                      out=None, scatter=None, weight=None, out_dtype=None, act16=False) -> torch.Tensor:
+                      out=None, scatter=None, weight=None, out_dtype=None, a_mode=0) -> torch.Tensor:
     """Loop-over-experts definition of :func:`grouped_w8a8` (CPU path and test oracle)."""
-    lin = w8a16_reference if act16 else w8a8_reference
+    lin = linear_reference(a_mode)
     mode_id = MODES[mode]
     total = int(offsets[-1]) if offsets.numel() else 0
     src = rows.long() if rows is not None else torch.arange(total, device=a.device)
@@ -195,7 +210,7 @@ def grouped_w8a8(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, counts: to
                  w2: torch.Tensor | None = None, w2_s: torch.Tensor | None = None,
                  out: torch.Tensor | None = None, scatter: torch.Tensor | None = None,
                  weight: torch.Tensor | None = None, config: dict | None = None,
-                 a_quant: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 a_quant: tuple[torch.Tensor, ...] | None = None,
                  schedule: tuple[torch.Tensor, torch.Tensor] | None = None,
                  out_dtype=None, act16: bool = False) -> torch.Tensor:
     """Grouped FP8 GEMM; see the module doc.
@@ -208,8 +223,9 @@ def grouped_w8a8(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, counts: to
     schedule: (offsets, tile_end) already computed for ``config["BLOCK_M"]`` (e.g. by
               :func:`~.routing.sort_by_expert`), instead of ``counts``.
     out:      mode "scatter": fp32 [T', N] accumulated into (``scatter`` rows, ``weight``).
-    a_quant:  pre-quantized (q, s) of ``a`` for the many-rows path (computed if needed).
-    act16:    keep bf16 activations on the few-rows path (W8A16, see :func:`w8a8_linear`).
+    a_quant:  pre-quantized (q, s) of ``a`` for the many-rows path, or its two-term
+              (q, s, q2, s2) for a_mode 3 (computed if needed).
+    act16:    16-bit activation precision on the few-rows path (see :func:`w8a8_linear`).
     Returns [num_rows, N] (modes store/gated) or ``out`` (scatter).
     """
     e_count, n, k = w.shape
@@ -227,22 +243,19 @@ def grouped_w8a8(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, counts: to
     if not use_triton(a, w):
         return grouped_reference(a, w, w_s, offsets, mode=mode, rows=rows, w2=w2, w2_s=w2_s, out=out,
                                  scatter=scatter, weight=weight, out_dtype=out_dtype,
-                                 act16=cfg["a_mode"] == 2)
+                                 a_mode=cfg["a_mode"])
     c = out if mode_id == 2 else torch.empty(num_rows, n, dtype=out_dtype or a.dtype, device=a.device)
     if num_rows == 0:
         return c
-    if cfg["a_mode"]:
-        aa, a_s, sam, sak = a, a, 0, 0
-    else:
-        aa, a_s = a_quant if a_quant is not None else act_quant(a)
-        sam, sak = a_s.stride(0), a_s.stride(1)
+    aa, a_s, a2, a2_s = quantized_operands(a, cfg["a_mode"], a_quant)
+    sam, sak = (a_s.stride(0), a_s.stride(1)) if cfg["a_mode"] in (0, 3) else (0, 0)
     b2, b2s = (w2, w2_s) if w2 is not None else (w, w_s)
     grid = (max_tiles(num_rows, e_count, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     if single:
         offsets = tile_end = w_s  # unused by the SINGLE kernel; any valid device pointer
     dummy = tile_end
     _grouped_kernel[grid](
-        aa, a_s, rows if rows is not None else dummy, w, w_s, b2, b2s, c,
+        aa, a_s, a2, a2_s, rows if rows is not None else dummy, w, w_s, b2, b2s, c,
         scatter if scatter is not None else dummy, weight if weight is not None else dummy,
         offsets, tile_end, n, k, e_count, num_rows,
         aa.stride(0), sam, sak, w.stride(0), w.stride(1), w_s.stride(0), w_s.stride(1), c.stride(0),

@@ -220,11 +220,16 @@ def test_prefill_quantization_is_reused_only_for_the_same_unchanged_tensor():
     first = be.quantized(x)
     assert be.quantized(x) is first
     assert be.quantized(x.view(150, 1024), source=x) is not first  # another shape of the same source
+    two = be.quantized(x, split=True)  # the two-term decode form is its own entry
+    assert len(two) == 4 and torch.equal(two[1], first[1]) and be.quantized(x, split=True) is two
     other = x.clone()
     assert be.quantized(other) is not first
     x.mul_(2)
     again = be.quantized(x)
     assert again is not first and torch.equal(again[1], 2 * first[1])
+    with torch.inference_mode():  # the engine's mode: no version counters, identity still works
+        y = torch.randn(300, 512, dtype=torch.bfloat16)
+        assert be.quantized(y) is be.quantized(y) and be.quantized(y.clone()) is not be.quantized(y)
 
 
 @gpu

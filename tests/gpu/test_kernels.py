@@ -11,9 +11,12 @@ import torch.nn.functional as F
 
 from model_host.fp8 import block_dequantize, block_quantize
 from model_host.kernels.fp8_linear import (
+    act_dequant,
     act_quant,
     act_quant_reference,
+    act_quant_split_reference,
     gemm_config,
+    num_sms,
     scaled_mm_linear,
     w8a8_linear,
     w8a8_reference,
@@ -27,12 +30,25 @@ from .conftest import rel, requires_gpu
 gpu = pytest.mark.gpu
 
 
-def w8a8_f64(x, w, w_s):
-    """float64 oracle: the quantized activation times the dequantized weight."""
-    q, s = act_quant_reference(x.cpu())
+def w8a8_f64(x, w, w_s, split=False):
+    """float64 oracle: the quantized activation (one FP8 term, or two with ``split``) times the
+    dequantized weight."""
     k = x.shape[1]
-    xd = (F.pad(q.double(), (0, -k % 128)).view(x.shape[0], -1, 128) * s.double().unsqueeze(-1))
-    return xd.view(x.shape[0], -1)[:, :k] @ block_dequantize(w.cpu(), w_s.cpu(), dtype=torch.float64).T
+
+    def deq(q, s):
+        return (F.pad(q.double(), (0, -k % 128)).view(x.shape[0], -1, 128) * s.double().unsqueeze(-1)).view(x.shape[0], -1)[:, :k]
+
+    if split:
+        q, s, q2, s2 = act_quant_split_reference(x.cpu())
+        xd = deq(q, s) + deq(q2, s2)
+    else:
+        xd = deq(*act_quant_reference(x.cpu()))
+    return xd @ block_dequantize(w.cpu(), w_s.cpu(), dtype=torch.float64).T
+
+
+def w8a16_f64(x, w, w_s):
+    """float64 oracle of the W8A16 mode: the unquantized activation times the dequantized weight."""
+    return x.double().cpu() @ block_dequantize(w.cpu(), w_s.cpu(), dtype=torch.float64).T
 
 
 def rand_fp8(*shape, device="cpu"):
@@ -47,6 +63,19 @@ def test_act_quant_reference_is_blockwise_amax_scaling():
     assert torch.allclose(s[:, 0], x[:, :128].abs().amax(1) / 448)
     deq = q.float() * s.repeat_interleave(128, 1)[:, :300]
     assert rel(deq, x) < 0.04  # e4m3: 3 mantissa bits
+
+
+def test_two_term_fp8_activations_have_bf16_precision():
+    """The residual term takes FP8 activations from e4m3's ~1/16 to bf16's ~1/256 rounding."""
+    x = torch.randn(9, 1000) * torch.logspace(-3, 2, 1000)  # values across five decades
+    one = rel(act_dequant(*act_quant_reference(x)), x)
+    q, s, q2, s2 = act_quant_split_reference(x)
+    two = rel(act_dequant(q, s) + act_dequant(q2, s2), x)
+    bf16 = rel(x.bfloat16().float(), x)
+    assert one > 1e-2 and two < bf16 < 5e-3, (one, two, bf16)
+    assert q2.dtype == torch.float8_e4m3fn and s2.shape == s.shape
+    w, ws = rand_fp8(64, 1000)
+    assert rel(w8a8_reference(x, w, ws, torch.float32, split=True), w8a16_f64(x, w, ws)) < 5e-3
 
 
 def test_w8a8_reference_matches_float64():
@@ -106,10 +135,15 @@ def test_w8a8_linear_vs_float64(m, n, k):
     # promotion: the reason K chunks are promoted at all.
     assert rel(out, w8a8_f64(x, w, s)) < 5e-4
     # W8A16 (decode mode): bf16 activations times exactly widened FP8 weights.
-    out16 = w8a8_linear(x, w, s, torch.float32, act16=True)
     if m <= 256:  # larger M is always W8A8
-        ref16 = x.double().cpu() @ block_dequantize(w.cpu(), s.cpu(), dtype=torch.float64).T
+        cfg = gemm_config(m, n, k, num_sms(), act16=True)
+        out16 = w8a8_linear(x, w, s, torch.float32, config=dict(cfg, a_mode=2))
+        ref16 = w8a16_f64(x, w, s)
         assert rel(out16, ref16) < 1e-5
+        # Two-term FP8 activations: the same FP8 MMA accumulation bound against their own
+        # oracle, and bf16-level error against the unquantized activations.
+        out3 = w8a8_linear(x, w, s, torch.float32, config=dict(cfg, a_mode=3))
+        assert rel(out3, w8a8_f64(x, w, s, split=True)) < 5e-4 and rel(out3, ref16) < 5e-3
 
 
 @gpu
@@ -119,6 +153,14 @@ def test_act_quant_matches_reference_bitwise():
     q, s = act_quant(x)
     qr, sr = act_quant_reference(x.cpu())  # CPU: IEEE division (CUDA torch multiplies by 1/448)
     assert torch.equal(s.contiguous().cpu(), sr) and torch.equal(q.cpu().float(), qr.float())
+    q1, s1, q2, s2 = act_quant(x, split=True)
+    assert torch.equal(s1.contiguous().cpu(), sr) and torch.equal(q1.cpu().float(), qr.float())
+    # The residual may differ from the CPU's in its last bit (the GPU fuses multiply and
+    # subtract), which can move a second-term value by one FP8 step: compare the values.
+    two = act_dequant(q1.cpu(), s1.cpu()) + act_dequant(q2.cpu(), s2.contiguous().cpu())
+    qr1, sr1, qr2, sr2 = act_quant_split_reference(x.cpu())
+    ref = act_dequant(qr1, sr1) + act_dequant(qr2, sr2)
+    assert rel(two, ref) < 1e-4 and rel(two, x.float().cpu()) < 5e-3
 
 
 @gpu
@@ -170,6 +212,15 @@ def test_grouped_moe_kernels_vs_float64(t, e, k, quant):
         ref16 = torch.stack([F.silu(xd[token[i]] @ deq(wg[ex[i]], sg[ex[i]]).T)
                              * (xd[token[i]] @ deq(wu[ex[i]], su[ex[i]]).T) for i in range(t * k)])
         assert rel(h16, ref16) < 1e-5
+        h3 = grouped_w8a8(x, wg, sg, counts, num_rows=t * k, mode="gated", rows=token, w2=wu, w2_s=su,
+                          config=dict(cfg, a_mode=3), out_dtype=torch.float32)
+        assert rel(h3, ref16) < 5e-3  # two-term FP8 activations: bf16-level error
+        out3 = grouped_w8a8(h16.bfloat16(), wd, sd, counts, num_rows=t * k, mode="scatter",
+                            config=dict(cfg, a_mode=3), out=torch.zeros(t, 192, device="cuda"),
+                            scatter=token, weight=wt)
+        y16 = torch.stack([w8a16_f64(h16.bfloat16()[i, None], wd[ex[i]], sd[ex[i]])[0] for i in range(t * k)])
+        ref3 = torch.zeros(t, 192, dtype=torch.float64).index_add_(0, token.long().cpu(), y16 * wt.double().cpu()[:, None])
+        assert rel(out3, ref3) < 5e-3
     offsets, tile_end = tile_schedule(counts, cfg["BLOCK_M"])
     assert int(offsets[-1]) == t * k
 

@@ -134,3 +134,21 @@ def test_runner_graph_decode_matches_eager(ckpt):
     # that flips one bf16 rounding moves the MoE model's logits by ~2e-3 (measured 2.1e-3 once on
     # an H100; other runs under 1e-3). A graph bug (stale input, padding row leaking) is ~1.
     assert rel(outs[True][0], outs[False][0]) < 5e-3
+
+
+def test_runner_long_prefill_under_inference_mode(ckpt):
+    """A prompt over 256 tokens takes the large-M path (activations quantized once, shared by
+    q_a / kv_a and gate / up through the backend's memo) inside the runner's inference mode."""
+    _, path = ckpt
+    model = load_model(path, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, 1024, (300,)).tolist()
+    cache = PagedLatentCache(model.num_cache_layers, 20, 16, model.cfg.kv_lora_rank, model.cfg.qk_rope_head_dim,
+                             dtype=torch.bfloat16, device="cuda")
+    prev = set_backend(TritonFP8Backend(gemm="triton"))
+    try:
+        out = ModelRunner(model, cache, cuda_graphs=False).prefill(Seq(ids, list(range(19)))).float().reshape(-1)
+        with torch.no_grad():
+            ref = model(torch.tensor([ids], device="cuda")).logits[0, -1].float()
+    finally:
+        set_backend(prev)
+    assert out.isfinite().all() and rel(out, ref) < 2e-2
