@@ -148,14 +148,16 @@ def _percentiles(xs: list[float]) -> dict[str, float]:
     return {f"p{q}": round(xs[min(len(xs) - 1, int(len(xs) * q / 100))], 3) for q in (5, 10, 25, 50, 75, 90, 95)} if xs else {}
 
 
-def floors(uri: str, collection: str, embedder_name: str, on_topic: str, floor: float | None) -> dict:
+def floors(uri: str, collection: str, embedder_name: str, on_topic: str, floor: float | None,
+           sweep: list[float] | None = None) -> dict:
     """Check an embedder's score floor on a kept collection (rag-eval ... --uri U --keep).
 
-    On-topic: questions whose gold is known (SciFact qrels, or the zh QA spans); we look at the
-    dense similarity of the best gold chunk in the top 10. Off-topic: questions the corpus cannot
-    answer (Milvus FAQ questions against SciFact; SciFact claims against the Chinese docs); we
+    On-topic: questions whose gold is known (SciFact qrels, or the zh / en QA spans); we look at
+    the dense similarity of the best gold chunk in the top 10. Off-topic: questions the corpus
+    cannot answer (Milvus FAQ questions against SciFact; SciFact claims against the docs); we
     look at the similarity of their top hit. A good floor keeps nearly all gold hits and drops
-    most off-topic top hits.
+    most off-topic top hits. `sweep` lists the floors tabulated (default: the floor +-0.15 in
+    steps of 0.05, too coarse for e5, whose scores all lie within a few hundredths).
     """
     from rag.config import RagConfig
     from rag.embedder import make_embedder
@@ -167,28 +169,48 @@ def floors(uri: str, collection: str, embedder_name: str, on_topic: str, floor: 
     store = MilvusStore(uri, collection)
     store.open_existing(emb)
     gold_sims: list[float] = []
+    on_top: list[float] = []  # top hit of every on-topic question, gold found or not
+    # Hybrid (the default mode) also finds gold chunks by BM25 alone, whose dense similarity
+    # may be low: the floor drops those too.
+    hybrid_gold: list[float] = []
+    rrf_k = RagConfig.load().rrf_k
     try:
         if on_topic == "scifact":
             data = load_beir(SHARED / "scifact", "test")
             for q, text in data.queries.items():
-                hits = store.search_dense(emb.embed_query(text), 10)
+                vec = emb.embed_query(text)
+                hits = store.search_dense(vec, 10)
+                on_top.append(hits[0].score)
                 sims = [h.score for h in hits if data.qrels[q].get(h.source, 0) > 0]
                 if sims:
                     gold_sims.append(max(sims))
+                if store.bm25:
+                    sims = [h.similarity for h in store.search_hybrid(vec, text, 10, rrf_k=rrf_k)
+                            if data.qrels[q].get(h.source, 0) > 0]
+                    if sims:
+                        hybrid_gold.append(max(sims))
             off = [m.group(1) for f in sorted((SHARED / "milvus_docs_en" / "faq").glob("*.md"))
                    for m in re.finditer(r"^#### (.+)$", f.read_text(encoding="utf-8"), re.M)]
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 items = load_qa(build_qa_corpus(on_topic, Path(tmp) / "corpus")[0])
             for it in items:
-                sims = [h.score for h in store.search_dense(emb.embed_query(it.question), 10) if is_gold(h, it)]
+                vec = emb.embed_query(it.question)
+                hits = store.search_dense(vec, 10)
+                on_top.append(hits[0].score)
+                sims = [h.score for h in hits if is_gold(h, it)]
                 if sims:
                     gold_sims.append(max(sims))
+                if store.bm25:
+                    sims = [h.similarity for h in store.search_hybrid(vec, it.question, 10, rrf_k=rrf_k) if is_gold(h, it)]
+                    if sims:
+                        hybrid_gold.append(max(sims))
             # SciFact claims are off-topic for docs about databases, in any language.
             off = list(load_beir(SHARED / "scifact", "test").queries.values())[:100]
         off_top = [store.search_dense(emb.embed_query(q), 1)[0].score for q in off]
     finally:
         store.close()
+    floors_ = sweep or [floor + d / 100 for d in range(-15, 20, 5)]
     return {
         "embedder": emb.model_id, "floor": floor, "on_topic": on_topic,
         "gold_found_in_top10": len(gold_sims), "gold_similarity": _percentiles(gold_sims),
@@ -198,9 +220,19 @@ def floors(uri: str, collection: str, embedder_name: str, on_topic: str, floor: 
         "sweep (floor: gold kept, off-topic dropped)": {
             f"{f:.2f}": (round(sum(s >= f for s in gold_sims) / max(len(gold_sims), 1), 3),
                          round(sum(s < f for s in off_top) / max(len(off_top), 1), 3))
-            for f in [floor + d / 100 for d in range(-15, 20, 5)]
+            for f in floors_
+        },
+        # A question whose best dense hit is under the floor has every hit under it: dense and
+        # hybrid mode answer it "no-context". For on-topic questions that is the cost of a floor.
+        "sweep (floor: on-topic questions with their top hit under it)": {
+            f"{f:.2f}": round(sum(s < f for s in on_top) / max(len(on_top), 1), 3) for f in floors_
         },
         "gold_min": round(min(gold_sims), 3) if gold_sims else None,
+        "hybrid_gold_found_in_top10": len(hybrid_gold), "hybrid_gold_similarity": _percentiles(hybrid_gold),
+        "hybrid_gold_min": round(min(hybrid_gold), 3) if hybrid_gold else None,
+        "sweep (floor: hybrid gold hits kept)": {
+            f"{f:.2f}": round(sum(s >= f for s in hybrid_gold) / max(len(hybrid_gold), 1), 3) for f in floors_
+        },
     }
 
 
@@ -211,6 +243,8 @@ def main() -> int:
     p.add_argument("--collection", default="rag_eval", help="floors: collection name (rag_eval or rag_eval_qa)")
     p.add_argument("--on-topic", choices=["scifact", "zh", "en"], default="scifact", help="floors: which gold questions")
     p.add_argument("--floor", type=float, help="floors: floor to check (default: the embedder's)")
+    p.add_argument("--sweep", type=lambda s: [float(x) for x in s.split(",")],
+                   help="floors: comma list of floors to tabulate, e.g. 0.80,0.82,0.84 (default: floor +-0.15)")
     p.add_argument("--embedder", default="minilm")
     p.add_argument("--modes", default="dense,bm25,hybrid")
     p.add_argument("--split", default="test", help="scifact qrels split (tune on train, report test)")
@@ -226,7 +260,7 @@ def main() -> int:
             extra[i + 1] = str(Path(extra[i + 1]).resolve())
     common = ["--embedder", args.embedder, "--modes", args.modes, "--quiet", *extra]
     if args.which == "floors":
-        out = floors(args.uri, args.collection, args.embedder, args.on_topic, args.floor)
+        out = floors(args.uri, args.collection, args.embedder, args.on_topic, args.floor, args.sweep)
         out["bench"] = {"which": "floors", "argv": sys.argv[1:], "machine": machine()}
         with open(args.out, "a", encoding="utf-8") as f:
             f.write(json.dumps(out, ensure_ascii=False) + "\n")
