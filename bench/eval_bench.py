@@ -148,6 +148,11 @@ def _percentiles(xs: list[float]) -> dict[str, float]:
     return {f"p{q}": round(xs[min(len(xs) - 1, int(len(xs) * q / 100))], 3) for q in (5, 10, 25, 50, 75, 90, 95)} if xs else {}
 
 
+def _share(flags: list[bool]) -> float:
+    """Share of true flags (0 for none), rounded for the report."""
+    return round(sum(flags) / max(len(flags), 1), 3)
+
+
 def floors(uri: str, collection: str, embedder_name: str, on_topic: str, floor: float | None,
            sweep: list[float] | None = None) -> dict:
     """Check an embedder's score floor on a kept collection (rag-eval ... --uri U --keep).
@@ -214,24 +219,24 @@ def floors(uri: str, collection: str, embedder_name: str, on_topic: str, floor: 
     return {
         "embedder": emb.model_id, "floor": floor, "on_topic": on_topic,
         "gold_found_in_top10": len(gold_sims), "gold_similarity": _percentiles(gold_sims),
-        "gold_kept_share": round(sum(s >= floor for s in gold_sims) / max(len(gold_sims), 1), 3),
+        "gold_kept_share": _share([s >= floor for s in gold_sims]),
         "off_topic_questions": len(off), "off_topic_top1_similarity": _percentiles(off_top),
-        "off_topic_dropped_share": round(sum(s < floor for s in off_top) / max(len(off_top), 1), 3),
+        "off_topic_dropped_share": _share([s < floor for s in off_top]),
         "sweep (floor: gold kept, off-topic dropped)": {
-            f"{f:.2f}": (round(sum(s >= f for s in gold_sims) / max(len(gold_sims), 1), 3),
-                         round(sum(s < f for s in off_top) / max(len(off_top), 1), 3))
+            f"{f:.2f}": (_share([s >= f for s in gold_sims]),
+                         _share([s < f for s in off_top]))
             for f in floors_
         },
         # A question whose best dense hit is under the floor has every hit under it: dense and
         # hybrid mode answer it "no-context". For on-topic questions that is the cost of a floor.
         "sweep (floor: on-topic questions with their top hit under it)": {
-            f"{f:.2f}": round(sum(s < f for s in on_top) / max(len(on_top), 1), 3) for f in floors_
+            f"{f:.2f}": _share([s < f for s in on_top]) for f in floors_
         },
         "gold_min": round(min(gold_sims), 3) if gold_sims else None,
         "hybrid_gold_found_in_top10": len(hybrid_gold), "hybrid_gold_similarity": _percentiles(hybrid_gold),
         "hybrid_gold_min": round(min(hybrid_gold), 3) if hybrid_gold else None,
         "sweep (floor: hybrid gold hits kept)": {
-            f"{f:.2f}": round(sum(s >= f for s in hybrid_gold) / max(len(hybrid_gold), 1), 3) for f in floors_
+            f"{f:.2f}": _share([s >= f for s in hybrid_gold]) for f in floors_
         },
     }
 

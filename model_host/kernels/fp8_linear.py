@@ -180,11 +180,8 @@ def w8a8_reference(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtyp
     with ``split``), dequantize activations and weights, matmul."""
     from ..fp8 import block_dequantize
 
-    if split:
-        q, s, q2, s2 = act_quant_split_reference(x)
-        xd = act_dequant(q, s) + act_dequant(q2, s2)
-    else:
-        xd = act_dequant(*act_quant_reference(x))
+    terms = act_quant_split_reference(x) if split else act_quant_reference(x)
+    xd = sum(act_dequant(terms[i], terms[i + 1]) for i in range(0, len(terms), 2))
     return (xd @ block_dequantize(w, w_s).T).to(out_dtype or x.dtype)
 
 
@@ -291,7 +288,7 @@ def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=N
     out_dtype = out_dtype or x.dtype
     m, k = x.shape
     n = w.shape[0]
-    cfg = config or gemm_config(m, n, k, num_sms(x.device.index or 0) if x.is_cuda else 132, act16)
+    cfg = config or gemm_config(m, n, k, num_sms(x.device.index or 0), act16)
     if not use_triton(x, w):
         return linear_reference(cfg["a_mode"])(x, w, w_s, out_dtype)
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
