@@ -173,13 +173,18 @@ def linear_flops_per_token(model: DeepseekV3) -> float:
 
 
 def run_ours(model, rig, variant: str, batches, res: dict) -> None:
+    from model_host.kernels import pdl
     from model_host.kernels.backend import TritonFP8Backend
     from model_host.kernels.graphs import DecodeGraphs
 
     backend = {"torch": TorchBackend(), "fp8-eager": TritonFP8Backend(),
-               "fp8-graph": TritonFP8Backend(),
+               "fp8-graph": TritonFP8Backend(), "fp8-graph-pdl": TritonFP8Backend(),
+               "fp8-graph-pdl-early": TritonFP8Backend(),
                "fp8-graph-w8a8": TritonFP8Backend(gemm="triton", act="fp8")}[variant]
     prev = set_backend(backend)
+    pdl_was = pdl.LAUNCH["pdl"]
+    # What programmatic dependent launch buys: off, or the early trigger, against the default.
+    pdl.LAUNCH["pdl"] = {"fp8-graph-pdl": "wait", "fp8-graph-pdl-early": "early"}.get(variant, pdl_was)
     rig.cache.decode_kernel = variant != "torch"
     graphs = DecodeGraphs(model, rig.cache, rig.per_row) if "graph" in variant else None
     try:
@@ -200,7 +205,7 @@ def run_ours(model, rig, variant: str, batches, res: dict) -> None:
                 log(f"{key}: FAILED {type(e).__name__}: {e}")
                 traceback.print_exc()
                 torch.cuda.empty_cache()
-        if variant != "fp8-graph":  # prefill is eager: fp8-graph would repeat fp8-eager
+        if not variant.startswith("fp8-graph") or variant == "fp8-graph-w8a8":  # prefill is eager
             key = f"{variant}/prefill2048"
             try:
                 g = torch.Generator(device=DEVICE).manual_seed(2048)
@@ -214,6 +219,7 @@ def run_ours(model, rig, variant: str, batches, res: dict) -> None:
                 traceback.print_exc()
     finally:
         set_backend(prev)
+        pdl.LAUNCH["pdl"] = pdl_was
         graphs = None  # noqa: F841 - drop the captured graphs before the next variant
         torch.cuda.empty_cache()
 
@@ -301,7 +307,8 @@ def fmt(x, spec=".2f") -> str:
 
 
 def table(res: dict, batches) -> str:
-    cols = ["hf-bf16", "torch", "fp8-eager", "fp8-graph", "fp8-graph-w8a8"]
+    cols = ["hf-bf16", "torch", "fp8-eager", "fp8-graph", "fp8-graph-pdl", "fp8-graph-pdl-early",
+            "fp8-graph-w8a8"]
     lines = ["| case | " + " | ".join(f"{c} ms" for c in cols) + " | best ours | x HF | roofline ms | BW frac |",
              "|---" * (len(cols) + 5) + "|"]
     for case in [f"decode{b}" for b in batches] + ["prefill2048"]:
@@ -320,12 +327,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path)
     ap.add_argument("--batches", default="1,8,32,128")
-    ap.add_argument("--variants", default="torch,fp8-eager,fp8-graph,fp8-graph-w8a8")
+    ap.add_argument("--variants", default="torch,fp8-eager,fp8-graph,fp8-graph-pdl,fp8-graph-pdl-early,fp8-graph-w8a8")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--micro", action="store_true", help="also run GEMM micro-benchmarks")
     ap.add_argument("--profile", action="store_true", help="top kernels of a bs1 decode step and a prefill")
     ap.add_argument("--tune", action="store_true", help="sweep kernel launch parameters first (whole decode steps)")
     ap.add_argument("--check", action="store_true", help="per-module kernel vs torch-path errors")
+    ap.add_argument("--gemv", action="store_true", help="small-M GEMM launch sweep per decode linear shape")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     import decode_diag  # noqa: E402 - sibling module (bench/ is on sys.path when run as a script)
@@ -365,6 +373,8 @@ def main() -> None:
         decode_diag.tune_grouped(db, model, rig, res)
     if args.check:
         decode_diag.check_modules(db, model, rig, res)
+    if args.gemv:
+        decode_diag.sweep_small_m(db, model, res)
     if args.profile:
         try:
             decode_diag.profile(db, model, rig, res)
@@ -380,7 +390,7 @@ def main() -> None:
         if f"{v}/prefill_logits" in res and "torch/prefill_logits" in res and v != "torch":
             a, r = res[f"{v}/prefill_logits"], res["torch/prefill_logits"]
             log(f"check {v} vs torch-path logits (256-token prefill): rel err {((a - r).norm() / r.norm()).item():.4f}")
-    for v in ("fp8-eager", "fp8-graph", "fp8-graph-w8a8"):
+    for v in ("fp8-eager", "fp8-graph", "fp8-graph-pdl", "fp8-graph-pdl-early", "fp8-graph-w8a8"):
         a, r = res.get(f"{v}/decode8_logits"), res.get("torch/decode8_logits")
         if a is not None and r is not None:
             agree = (a.argmax(-1) == r.argmax(-1)).float().mean().item()
@@ -413,7 +423,7 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         clean = {k: v for k, v in res.items() if not isinstance(v, torch.Tensor)}
         (args.out / "bench.json").write_text(json.dumps(clean, indent=1))
-        extra = [res.get(k, "") for k in ("micro", "profile/decode1", "profile/prefill2048")]
+        extra = [res.get(k, "") for k in ("micro", "gemv", "profile/decode1", "profile/prefill2048")]
         (args.out / "table.md").write_text(out + "\n\n" + "\n\n".join(extra) + "\n")
 
 

@@ -2,6 +2,9 @@
 
 * ``run_micro``     (--micro)   Triton W8A8 vs cuBLASLt blockwise ``_scaled_mm`` per linear shape;
 * ``tune_grouped``  (--tune)    sweep the grouped MoE kernel's launch parameters on real routing;
+* ``sweep_small_m`` (--gemv)    small-M tensor-core GEMM and CUDA-core GEMV launch parameters
+                                per decode linear, in CUDA graphs over rotating weight copies
+                                (no L2 reuse); installs the fastest per decode step;
 * ``check_modules`` (--check)   kernel vs torch path per module on identical real-width inputs;
 * ``profile``       (--profile) top kernels by GPU time of a bs1 decode step and a 2048 prefill.
 
@@ -106,8 +109,8 @@ def tune_grouped(db, model, rig, res: dict) -> None:
            for mp in (132, 256, 528)])
     sweep("decode-gemv", fl.TUNED_SMALL_M, None,
           [dict(BLOCK_N=bn, num_warps=w, num_stages=st, waves=wv, act16=a) for bn, w, st, wv in
-           ((64, 4, 4, 2), (32, 4, 4, 2), (128, 4, 4, 2), (64, 4, 6, 2), (64, 8, 4, 2), (64, 4, 4, 4),
-            (32, 4, 6, 4), (128, 8, 4, 2)) for a in ("bf16", "fp8x2")])
+           ((32, 4, 3, 8), (64, 4, 3, 8), (32, 4, 4, 8), (32, 4, 3, 4), (64, 4, 3, 2), (32, 4, 4, 2),
+            (128, 4, 4, 2), (64, 8, 4, 8)) for a in ("bf16", "fp8x2")])
 
     moe = next(m.mlp for m in model.layers if hasattr(m.mlp, "experts"))
     gp, up = moe.experts.gate_proj, moe.experts.up_proj
@@ -150,6 +153,91 @@ def tune_grouped(db, model, rig, res: dict) -> None:
 
 
 @torch.no_grad()
+def sweep_small_m(db, model, res: dict, copies: int = 8) -> None:
+    """GPU microseconds per launch of each decode linear (bs 1 and 8) for a grid of small-M
+    tensor-core launch parameters and, at bs 1, of the CUDA-core GEMV; installs the settings
+    with the least time per decode step (each shape weighted by its launches per step, bs 8 at
+    a quarter) for the rest of the run.  Each timing replays a graph of ``copies`` launches,
+    each on its own copy of the weight (more bytes than the L2)."""
+    from model_host.kernels import fp8_linear as fl
+
+    at, mlp = model.layers[1].self_attn, model.layers[0].mlp
+    cat = lambda *ls: (torch.cat([lin.weight for lin in ls]), torch.cat([lin.weight_scale_inv for lin in ls]))  # noqa: E731
+    per_step = sum(hasattr(layer.mlp, "experts") for layer in model.layers) + 1  # attention launches
+    shapes = {"q_a+kv_a": (cat(at.q_a_proj, at.kv_a_proj_with_mqa), per_step), "q_b": (cat(at.q_b_proj), per_step),
+              "o": (cat(at.o_proj), per_step), "dense down": (cat(mlp.down_proj), 1)}
+    tc_grid = [dict(BLOCK_N=bn, num_warps=w, num_stages=st, waves=wv)
+               for bn in (16, 32, 64) for w, st in ((2, 4), (4, 3), (4, 4), (4, 6), (8, 4)) for wv in (1, 2, 4, 8)]
+    gemv_grid = [dict(max_m=1, BLOCK_N=bn, KB=kb, num_warps=w, waves=wv)
+                 for bn in (16, 32, 64) for kb in (1, 2, 4) for w in (2, 4, 8) for wv in (2, 4, 8)]
+    saved_tc, saved_gemv = dict(fl.TUNED_SMALL_M), dict(fl.TUNED_GEMV)
+
+    def launch_us(ws, x) -> float:
+        cfg = fl.gemm_config(x.shape[0], ws[0][0].shape[0], x.shape[1], fl.num_sms(), act16=True)
+        fn = lambda: [fl.w8a8_linear(x, w, s, config=cfg) for w, s in ws]  # noqa: E731
+        fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return db.gpu_ms(g.replay, iters=20, warmup=3) * 1e3 / len(ws)
+
+    def measure(table: dict, grid: list[dict], ws, x) -> list[float | None]:
+        out = []
+        for c in grid:
+            table.update(c)
+            try:
+                out.append(launch_us(ws, x))
+            except Exception as e:  # e.g. out of shared memory
+                out.append(None)
+                db.log(f"gemv sweep {c}: {type(e).__name__}: {str(e)[:120]}")
+        return out
+
+    tc_cost = [0.0] * len(tc_grid)  # weighted us per decode step, per candidate
+    tc_bs1, gemv_bs1 = [0.0] * len(tc_grid), [0.0] * len(gemv_grid)
+    rows = ["| linear (N x K) | M | kernel | default us | best us | best TB/s | best config |", "|---|---|---|---|---|---|---|"]
+    try:
+        for name, ((w, s), count) in shapes.items():
+            ws = [(w.clone(), s.clone()) for _ in range(copies)]
+            for m in (1, 8):
+                x = torch.randn(m, w.shape[1], device=db.DEVICE, dtype=torch.bfloat16)
+                kinds = [("tensor-core", fl.TUNED_SMALL_M, tc_grid)] + ([("gemv", fl.TUNED_GEMV, gemv_grid)] if m == 1 else [])
+                for kind, table, grid in kinds:
+                    fl.TUNED_GEMV.update(max_m=0)
+                    default = measure(table, [saved_tc if kind == "tensor-core" else {**saved_gemv, "max_m": 1}], ws, x)[0]
+                    times = measure(table, grid, ws, x)
+                    fl.TUNED_SMALL_M.update(saved_tc)
+                    fl.TUNED_GEMV.update(saved_gemv)
+                    for i, t in enumerate(times):
+                        t = t if t is not None else float("inf")
+                        if kind == "gemv":
+                            gemv_bs1[i] += count * t
+                        else:
+                            tc_cost[i] += count * t * (1.0 if m == 1 else 0.25)
+                            tc_bs1[i] += count * t * (m == 1)
+                    best = min(range(len(grid)), key=lambda i: times[i] or float("inf"))
+                    bt = times[best]
+                    rows.append(f"| {name} ({w.shape[0]}x{w.shape[1]}) | {m} | {kind} | {db.fmt(default, '.1f')} | "
+                                f"{bt:.1f} | {w.nbytes / bt / 1e6:.2f} | {grid[best]} |")
+                    db.log(rows[-1])
+            del ws
+            torch.cuda.empty_cache()
+    finally:
+        fl.TUNED_SMALL_M.update(saved_tc)
+        fl.TUNED_GEMV.update(saved_gemv)
+    i_tc = min(range(len(tc_grid)), key=lambda i: tc_cost[i])
+    i_gv = min(range(len(gemv_grid)), key=lambda i: gemv_bs1[i])
+    fl.TUNED_SMALL_M.update(tc_grid[i_tc])
+    use_gemv = gemv_bs1[i_gv] < tc_bs1[i_tc]
+    fl.TUNED_GEMV.update(gemv_grid[i_gv] if use_gemv else dict(max_m=0))
+    summary = (f"installed: tensor-core {tc_grid[i_tc]} ({tc_bs1[i_tc]:.1f} us of small-M GEMMs per bs1 step); "
+               f"GEMV best {gemv_grid[i_gv]} ({gemv_bs1[i_gv]:.1f} us) -> {'used' if use_gemv else 'not used'} at bs1")
+    res["gemv"] = "\n".join(rows + ["", summary])
+    res["gemv/installed"] = {"TUNED_SMALL_M": dict(fl.TUNED_SMALL_M), "TUNED_GEMV": dict(fl.TUNED_GEMV)}
+    db.log(summary)
+
+
+@torch.no_grad()
 def check_modules(db, model, rig, res: dict, b: int = 8) -> None:
     """Kernel path vs torch path per module on identical inputs at real widths: separates the
     kernels' arithmetic from the routing flips that compound over a whole random model."""
@@ -180,9 +268,11 @@ def profile(db, model, rig, res: dict) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
+    from model_host.kernels import pdl
     from model_host.kernels.backend import TritonFP8Backend
 
     prev = set_backend(TritonFP8Backend())
+    pdl_was, pdl.LAUNCH["pdl"] = pdl.LAUNCH["pdl"], "off"  # with PDL a kernel's span includes its wait
     rig.cache.decode_kernel = True
     try:
         ids, pos, tables = rig.decode_inputs(1)
@@ -204,3 +294,4 @@ def profile(db, model, rig, res: dict) -> None:
             db.log(res[f"profile/{name}"])
     finally:
         set_backend(prev)
+        pdl.LAUNCH["pdl"] = pdl_was

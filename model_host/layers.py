@@ -24,10 +24,12 @@ class RMSNorm(nn.Module):
         # fp32 statistics: bf16 sum-of-squares over 7168 channels loses ~3 significant bits.
         return F.rms_norm(x.float(), (self.dim,), self.weight.float(), self.eps).to(x.dtype)
 
-    def add_forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(h, norm(h))`` with ``h = x + delta``: the residual add fused with the norm on GPUs."""
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor,
+                    prequantize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, norm(h))`` with ``h = x + delta``: the residual add fused with the norm on GPUs.
+        ``prequantize``: the output feeds FP8 GEMMs, so a backend may quantize it in the same pass."""
         fused = getattr(get_backend(), "add_rms_norm", None)
-        if fused is not None and (out := fused(x, delta, self.weight, self.eps)) is not None:
+        if fused is not None and (out := fused(x, delta, self.weight, self.eps, quantize=prequantize)) is not None:
             return out
         h = x + delta
         return h, self(h)

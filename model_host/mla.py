@@ -205,6 +205,14 @@ class MLA(nn.Module):
                                           rope=(batch.cos[:, 0], batch.sin[:, 0]), q_pe=q_pe[:, 0])
         return torch.einsum("bhc,hdc->bhd", o_lat, w_uv).unsqueeze(1)
 
+    def _down_projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_a_proj(x), kv_a_proj_with_mqa(x)): both read the same input, so a backend may run
+        them as one GEMM over the concatenated weights (one launch and one pass over x)."""
+        fused = getattr(get_backend(), "linears", None)
+        if fused is not None and (out := fused(x, (self.q_a_proj, self.kv_a_proj_with_mqa))) is not None:
+            return out
+        return self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
+
     def _latents(self, kv_a: torch.Tensor, batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalized c_kv [B, S, R], rotated k_pe [B, S, dr]) of this chunk's tokens."""
         c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope], dim=-1)
@@ -226,10 +234,13 @@ class MLA(nn.Module):
         """x [B, S, D] -> [B, S, D]; writes this chunk's latents to ``batch.cache`` first."""
         b, s, _ = x.shape
         # V2-style configs (q_lora_rank null) project the query directly.
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+        if self.q_lora:
+            q_a, kv_a = self._down_projections(x)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
+        else:
+            q, kv_a = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         q = q.view(b, s, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        kv_a = self.kv_a_proj_with_mqa(x)
 
         if batch.cache is None:
             c_kv, k_pe = self._latents(kv_a, batch)

@@ -53,8 +53,25 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, fp8_block=fp8, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        h, hn = self.post_attention_layernorm.add_forward(x, self.self_attn(self.input_layernorm(x), batch))
-        return h + self.mlp(hn)
+        delta, h = self.residual_forward(x, None, batch)
+        return h + delta
+
+    def residual_forward(self, delta: torch.Tensor, residual: torch.Tensor | None,
+                         batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer on a residual stream carried as ``residual + delta`` (``delta`` alone when
+        ``residual`` is None) -> (this layer's ffn output, the stream before it is added).
+
+        Leaving each add to the next norm fuses it there (one launch for add + RMSNorm, as
+        vLLM does) instead of a separate elementwise add per layer; the sums are the same.
+        """
+        if residual is None:
+            residual, hn = delta, self.input_layernorm(delta)
+        else:
+            residual, hn = self.input_layernorm.add_forward(residual, delta)
+        # The post-attention norm feeds the FP8 MoE / MLP: the backend may quantize it in place.
+        residual, hn = self.post_attention_layernorm.add_forward(residual, self.self_attn(hn, batch),
+                                                                 prequantize=True)
+        return self.mlp(hn), residual
 
 
 class SharedHead(nn.Module):
@@ -176,10 +193,10 @@ class DeepseekV3(nn.Module):
         tokens attend only to each other.  ``last_only`` computes logits for the last column only.
         """
         batch = self.attention_batch(input_ids, positions, cache, kv_len, mla_mode)
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(x, batch)
-        hidden = self.norm(x)
+            x, residual = layer.residual_forward(x, residual, batch)
+        hidden = self.norm(x) if residual is None else self.norm.add_forward(residual, x)[1]
         if last_only:
             hidden = hidden[:, -1:]
         return ModelOutput(self.lm_head(hidden).float(), hidden)

@@ -28,10 +28,15 @@ import torch.nn.functional as F
 
 from ..fp8 import LinearBackend, TorchBackend, block_dequantize
 from . import use_triton
-from .fp8_linear import act_quant, gemm_config, num_sms, scaled_mm_linear, w8a8_linear
+from .fp8_linear import BLOCK, act_quant, gemm_config, num_sms, scaled_mm_linear, w8a8_linear
 from .moe_grouped import grouped_config, grouped_w8a8
-from .norm_rope import concat_heads, latent_store, rms_norm
+from .norm_rope import concat_heads, latent_store, rms_norm, rms_norm_split_quant
 from .routing import combine, route_noaux_tc, sort_by_expert
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """In-place version counter; inference tensors have none (identity is their key)."""
+    return None if t.is_inference() else t._version
 
 
 class TritonFP8Backend(LinearBackend):
@@ -80,6 +85,26 @@ class TritonFP8Backend(LinearBackend):
         return grouped_w8a8(x, layer.weight, layer.weight_scale_inv, counts, num_rows=x.shape[0],
                             act16=self.act16)
 
+    def linears(self, x: torch.Tensor, layers: tuple) -> tuple[torch.Tensor, ...] | None:
+        """Several FP8 linears of the same input as one GEMM over their concatenated weights
+        (MLA's q_a and kv_a: 1536 + 576 rows at V3 widths): one launch and one pass over ``x``
+        instead of two, and the decode split-K gets longer K runs per program.  Exact: a row
+        keeps its own 128x128 scale block as long as every layer but the last has a multiple
+        of 128 rows.  The concatenated copy (15 MB per V3 layer) is kept on the first layer and
+        rebuilt if any weight changes in place.  None where it does not apply."""
+        if not (use_triton(x) and all(lin.is_fp8 and lin.block == (BLOCK, BLOCK) for lin in layers)
+                and all(lin.out_features % BLOCK == 0 for lin in layers[:-1])):
+            return None
+        key = tuple((lin.weight.data_ptr(), _version(lin.weight), _version(lin.weight_scale_inv)) for lin in layers)
+        cached = getattr(layers[0], "_concat", None)
+        if cached is None or cached[0] != key:
+            w = torch.cat([lin.weight for lin in layers])
+            w_s = torch.cat([lin.weight_scale_inv for lin in layers])
+            cached = layers[0]._concat = (key, w, w_s)
+        y = self.fp8_mm(x.reshape(-1, x.shape[-1]), cached[1], cached[2], source=x)
+        sizes = [lin.out_features for lin in layers]
+        return tuple(t.view(*x.shape[:-1], n) for t, n in zip(y.split(sizes, dim=-1), sizes, strict=True))
+
     # -- kernels ------------------------------------------------------------------------------
     def fp8_mm(self, x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor,
                source: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,7 +141,7 @@ class TritonFP8Backend(LinearBackend):
         place between the linears that read it."""
         src = source if source is not None else x
         memo = self._quant_memo
-        key = (None if src.is_inference() else src._version, x.shape, split)
+        key = (_version(src), x.shape, split)
         if memo is not None and memo[0] is src and memo[1] == key:
             return memo[2]
         quant = act_quant(x, split=split)
@@ -133,7 +158,8 @@ class TritonFP8Backend(LinearBackend):
             gate = self.fp8_mm(flat, g.weight, g.weight_scale_inv, source=x)
             h = F.silu(gate) * self.fp8_mm(flat, u.weight, u.weight_scale_inv, source=x)
         else:
-            h = self._shared_gate_up(flat, g, u, t, act16=self.act16)
+            aq = self.quantized(flat, source=x, split=True) if self._split_rows(flat) else None
+            h = self._shared_gate_up(flat, g, u, t, aq, act16=self.act16)
         return self.fp8_mm(h, d.weight, d.weight_scale_inv).view(*x.shape[:-1], d.out_features)
 
     def moe_forward(self, moe, x: torch.Tensor) -> torch.Tensor | None:
@@ -152,7 +178,8 @@ class TritonFP8Backend(LinearBackend):
             # `token`, and down is fused with the routing weights and the combine (fp32 atomics).
             offsets, tile_end, token, w_sorted = sort_by_expert(indices, weights, ex.num_experts, cfg["BLOCK_M"])
             sched = (offsets, tile_end)
-            aq = self.quantized(flat, split=True) if cfg["a_mode"] == 3 else None  # shared expert too
+            # Shared by the shared expert; usually written by the norm before (add_rms_norm).
+            aq = self.quantized(flat, source=x, split=True) if cfg["a_mode"] == 3 else None
             h = grouped_w8a8(flat, gp.weight, gp.weight_scale_inv, None, num_rows=rows, mode="gated",
                              rows=token, w2=up.weight, w2_s=up.weight_scale_inv, config=cfg, schedule=sched,
                              a_quant=aq)
@@ -231,12 +258,24 @@ class TritonFP8Backend(LinearBackend):
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
         return rms_norm(x, weight, eps)[0] if use_triton(x) else None
 
-    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
-        """(x + delta, rms_norm(x + delta)) in one launch, or None on CPU."""
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                     quantize: bool = False):
+        """(x + delta, rms_norm(x + delta)) in one launch, or None on CPU.  ``quantize``: the
+        output feeds FP8 GEMMs (the MoE / MLP); where those take two-term FP8 activations
+        (decode), the same launch writes them and :meth:`quantized` returns them from the memo."""
         if not use_triton(x):
             return None
-        y, h = rms_norm(x, weight, eps, residual=delta)
+        if not (quantize and self._split_rows(x)):
+            y, h = rms_norm(x, weight, eps, residual=delta)
+            return h, y
+        y, h, terms = rms_norm_split_quant(x, weight, eps, residual=delta)
+        self._quant_memo = (y, (_version(y), (y.numel() // y.shape[-1], y.shape[-1]), True), terms)
         return h, y
+
+    def _split_rows(self, x: torch.Tensor) -> bool:
+        """Whether the grouped launches take ``x``'s rows as two-term FP8 (decode, act16)."""
+        rows = x.numel() // x.shape[-1]
+        return self.act16 and grouped_config(rows, 1, 1, True)["a_mode"] == 3
 
     def store_latents(self, kv_a, weight, eps, cos, sin, slots, c_kv, k_pe) -> bool:
         if not use_triton(kv_a, c_kv):

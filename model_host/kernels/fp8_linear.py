@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import HAS_TRITON, use_triton
+from .pdl import pdl_args
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -43,8 +44,10 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .pdl import gdc_enter
+
     @triton.jit
-    def _quant_tile(x):
+    def quant_tile(x):
         """Per-row FP8 quantization of an fp32 [R, 128] tile -> (q, s): IEEE divisions, so the
         result is bitwise what :func:`act_quant_reference` computes on the CPU."""
         amax = tl.max(tl.abs(x), axis=1)
@@ -54,19 +57,20 @@ if HAS_TRITON:
 
     @triton.jit
     def _act_quant_kernel(x_ptr, q_ptr, s_ptr, q2_ptr, s2_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
-                          SPLIT: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+                          SPLIT: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        gdc_enter(PDL)
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rows < M)[:, None] & (cols < K)[None, :]
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
         x = x.to(tl.float32)
-        q, s = _quant_tile(x)
+        q, s = quant_tile(x)
         q_offs = rows.to(tl.int64)[:, None] * stride_qm + cols[None, :]
         s_offs = rows * stride_sm + tl.program_id(1) * stride_sk
         tl.store(q_ptr + q_offs, q, mask=mask)
         tl.store(s_ptr + s_offs, s, mask=rows < M)
         if SPLIT:  # second term: the rounding residual, quantized with its own block scale
-            q2, s2 = _quant_tile(x - q.to(tl.float32) * s[:, None])
+            q2, s2 = quant_tile(x - q.to(tl.float32) * s[:, None])
             tl.store(q2_ptr + q_offs, q2, mask=mask)
             tl.store(s2_ptr + s_offs, s2, mask=rows < M)
 
@@ -74,7 +78,8 @@ if HAS_TRITON:
     def _w8a8_kernel(a_ptr, as_ptr, a2_ptr, as2_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
                      stride_am, stride_asm, stride_ask, stride_bn, stride_bsn, stride_cs, stride_cm,
                      k_split, out_ptr, cnt_ptr, A_MODE: tl.constexpr, LAST_REDUCES: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        gdc_enter(PDL)
         # Axis 0 walks M fastest: neighbouring programs share one weight tile, so the (large)
         # weight streams from HBM once while the (small) activation rows stay in L2.
         pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -119,24 +124,31 @@ if HAS_TRITON:
                 acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])
         mask_c = mask_m[:, None] & mask_n[None, :]
         tile = offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        splitk_store(acc, c_ptr, out_ptr, cnt_ptr + pid_m * tl.num_programs(1) + pid_n, tile, mask_c, pid_s,
+                     stride_cs, tl.num_programs(2), LAST_REDUCES)
+
+    @triton.jit
+    def splitk_store(acc, c_ptr, out_ptr, counter, tile, mask_c, pid_s, stride_cs, n_split,
+                     LAST_REDUCES: tl.constexpr):
+        """Store a split-K partial tile; with ``LAST_REDUCES`` the program that finishes the tile
+        last sums all partials into ``out`` (no second launch)."""
         tl.store(c_ptr + pid_s * stride_cs + tile, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
         if LAST_REDUCES:
-            # Split-K without a second launch: the program that finishes a tile last (a counter
-            # per tile) sums the partials in split order, so the result is still bitwise
-            # reproducible, and resets the counter for the next launch or graph replay.
+            # The last program of a tile (a counter per tile) sums the partials in split order, so
+            # the result is still bitwise reproducible, and resets the counter for the next launch
+            # or graph replay.
             tl.debug_barrier()  # every thread's partial is stored before the release below
-            counter = cnt_ptr + pid_m * tl.num_programs(1) + pid_n
-            n_split = tl.num_programs(2)
             if tl.atomic_add(counter, 1, sem="acq_rel") == n_split - 1:
                 tl.debug_barrier()
-                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                total = tl.zeros_like(acc)
                 for sp in range(0, n_split):
                     total += tl.load(c_ptr + sp * stride_cs + tile, mask=mask_c, other=0.0, cache_modifier=".cg")
                 tl.store(out_ptr + tile, total.to(out_ptr.dtype.element_ty), mask=mask_c)
                 tl.atomic_xchg(counter, 0)
 
     @triton.jit
-    def _splitk_reduce_kernel(ws_ptr, c_ptr, MN, S, BLOCK: tl.constexpr):
+    def _splitk_reduce_kernel(ws_ptr, c_ptr, MN, S, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        gdc_enter(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < MN
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -214,7 +226,7 @@ def act_quant(x: torch.Tensor, split: bool = False) -> tuple[torch.Tensor, ...]:
     rows = 16
     _act_quant_kernel[(triton.cdiv(m, rows), nkb)](
         x, q, s_t, q2, s2_t, m, k, x.stride(0), q.stride(0), 1, m, SPLIT=split, ROWS=rows, BLOCK_K=BLOCK,
-        num_warps=4)
+        num_warps=4, **pdl_args(x))
     return (q, s_t.t(), q2, s2_t.t()) if split else (q, s_t.t())
 
 
@@ -223,8 +235,11 @@ def act_quant(x: torch.Tensor, split: bool = False) -> tuple[torch.Tensor, ...]:
 # MMA ("fp8x2": two FP8 terms, see act_quant_split_reference; "bf16": weights widened to bf16
 # in registers).  bench/decode_bench.py --tune sweeps them over whole captured decode steps
 # (docs/gpu_notes.md has the sweeps behind these values).
-TUNED_SMALL_M = dict(BLOCK_N=32, num_warps=4, num_stages=4, waves=2, act16="bf16")
+TUNED_SMALL_M = dict(BLOCK_N=32, num_warps=4, num_stages=3, waves=8, act16="bf16")
 ACT16_MODES = {"bf16": 2, "fp8x2": 3}
+# Rows up to ``max_m`` (bf16 activations) take the CUDA-core GEMV of :mod:`.fp8_gemv` instead
+# of 16-row tensor-core tiles; its launch shape: N rows and 128-wide K blocks per iteration.
+TUNED_GEMV = dict(max_m=0, BLOCK_N=32, KB=2, num_warps=4, waves=4)
 
 
 def gemm_config(m: int, n: int, k: int, sms: int, act16: bool = False) -> dict:
@@ -234,6 +249,10 @@ def gemm_config(m: int, n: int, k: int, sms: int, act16: bool = False) -> dict:
     activations (W8A16), 3 pre-quantized two-term FP8 activations (2 and 3 only on the small-M
     path when ``act16``, per ``TUNED_SMALL_M["act16"]``).
     """
+    if act16 and m <= TUNED_GEMV["max_m"] and TUNED_SMALL_M["act16"] == "bf16":
+        from .fp8_gemv import gemv_config
+
+        return gemv_config(m, n, k, sms)
     if m <= 256:  # decode-like: bandwidth bound, maximise loads in flight
         t = TUNED_SMALL_M
         bm = _pow2_at_least(m, 16) if m <= 64 else 64
@@ -295,6 +314,10 @@ def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=N
     if m == 0:
         return out
     x = x if x.stride(-1) == 1 else x.contiguous()
+    if cfg.get("gemv"):
+        from .fp8_gemv import gemv_w8a16
+
+        return gemv_w8a16(x, w, w_s, out, cfg)
     a, a_s, a2, a2_s = quantized_operands(x, cfg["a_mode"], a_quant)
     sam, sak = (a_s.stride(0), a_s.stride(1)) if cfg["a_mode"] in (0, 3) else (0, 0)
     split = cfg["split"]
@@ -305,9 +328,11 @@ def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=N
         a, a_s, a2, a2_s, w, w_s, c, m, n, k, a.stride(0), sam, sak, w.stride(0), w_s.stride(0),
         m * n, n, cfg["k_split"], out, counters if counters is not None else out,
         A_MODE=cfg["a_mode"], LAST_REDUCES=counters is not None, BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BLOCK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BLOCK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **pdl_args(x))
     if split > 1 and counters is None:
-        _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](c, out, m * n, split, BLOCK=1024, num_warps=4)
+        _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](
+            c, out, m * n, split, BLOCK=1024, num_warps=4, **pdl_args(out))
     return out
 
 

@@ -31,12 +31,15 @@ import torch.nn.functional as F
 
 from . import HAS_TRITON, use_triton
 from .fp8_linear import ACT16_MODES, BLOCK, linear_reference, quantized_operands
+from .pdl import pdl_args
 
 MODES = {"store": 0, "gated": 1, "scatter": 2}
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from .pdl import gdc_enter
 
     @triton.jit
     def _grouped_kernel(a_ptr, as_ptr, a2_ptr, as2_ptr, rows_ptr, b_ptr, bs_ptr, b2_ptr, b2s_ptr, c_ptr,
@@ -46,7 +49,8 @@ if HAS_TRITON:
                         MODE: tl.constexpr, A_MODE: tl.constexpr, HAS_ROWS: tl.constexpr,
                         HAS_SCAT: tl.constexpr, HAS_WT: tl.constexpr, SEARCH_STEPS: tl.constexpr,
                         SINGLE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        gdc_enter(PDL)
         tile = tl.program_id(0)
         pid_n = tl.program_id(1)
         if SINGLE:  # one expert (dense MLP / shared expert): rows 0..single_rows, no schedule
@@ -263,5 +267,5 @@ def grouped_w8a8(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, counts: to
         HAS_SCAT=scatter is not None, HAS_WT=weight is not None,
         SEARCH_STEPS=max(1, math.ceil(math.log2(max(e_count, 2)))), SINGLE=single,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BLOCK,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(a))
     return c

@@ -19,32 +19,62 @@ import torch
 import torch.nn.functional as F
 
 from . import HAS_TRITON, use_triton
+from .pdl import pdl_args
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .fp8_linear import quant_tile
+    from .pdl import gdc_enter
+
     @triton.jit
-    def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, D, eps, stride_x, stride_r, stride_y, stride_h,
-                         HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, q_ptr, s_ptr, q2_ptr, s2_ptr, D, eps,
+                         stride_x, stride_r, stride_y, stride_h, stride_q, stride_s,
+                         HAS_RES: tl.constexpr, QUANT: tl.constexpr, BLOCK_D: tl.constexpr,
+                         CHUNK: tl.constexpr, PDL: tl.constexpr):
+        gdc_enter(PDL)
         row = tl.program_id(0).to(tl.int64)
+        # Every program reduces the whole row (the same sum in the same order everywhere), then
+        # writes only its CHUNK of columns: a decode row is spread over several SMs instead of
+        # one program doing all of the (quantization) work.
         offs = tl.arange(0, BLOCK_D)
         mask = offs < D
         x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
         if HAS_RES:
-            h = (x.to(tl.float32) + tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32))
-            h = h.to(h_ptr.dtype.element_ty)
-            tl.store(h_ptr + row * stride_h + offs, h, mask=mask)
-            x = h
+            x = (x.to(tl.float32) + tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32))
+            x = x.to(h_ptr.dtype.element_ty)
         xf = x.to(tl.float32)
         inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * stride_y + offs, (xf * inv * w).to(y_ptr.dtype.element_ty), mask=mask)
+        cols = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)  # reloaded: the row is in L1 / L2
+        cmask = cols < D
+        xc = tl.load(x_ptr + row * stride_x + cols, mask=cmask, other=0.0)
+        if HAS_RES:
+            xc = (xc.to(tl.float32) + tl.load(r_ptr + row * stride_r + cols, mask=cmask, other=0.0).to(tl.float32))
+            xc = xc.to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + row * stride_h + cols, xc, mask=cmask)
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        y = (xc.to(tl.float32) * inv * w).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + row * stride_y + cols, y, mask=cmask)
+        if QUANT:
+            # Two-term FP8 of the rounded output, 128 channels per group: bitwise what
+            # act_quant(y, split=True) computes, without its launch and its re-read of y.
+            yg = tl.reshape(y.to(tl.float32), (CHUNK // 128, 128))
+            og = tl.reshape(cols, (CHUNK // 128, 128))
+            groups = tl.program_id(1) * (CHUNK // 128) + tl.arange(0, CHUNK // 128)
+            gmask = groups * 128 < D
+            q, sc = quant_tile(yg)
+            q2, sc2 = quant_tile(yg - q.to(tl.float32) * sc[:, None])
+            tl.store(q_ptr + row * stride_q + og, q, mask=og < D)
+            tl.store(q2_ptr + row * stride_q + og, q2, mask=og < D)
+            tl.store(s_ptr + groups * stride_s + row, sc, mask=gmask)  # scales column-major, as act_quant
+            tl.store(s2_ptr + groups * stride_s + row, sc2, mask=gmask)
 
     @triton.jit
     def _latent_store_kernel(kv_ptr, w_ptr, cos_ptr, sin_ptr, slot_ptr, ckv_ptr, kpe_ptr, eps,
                              stride_kv, stride_cs, stride_ckv, stride_kpe,
-                             R: tl.constexpr, P: tl.constexpr):
+                             R: tl.constexpr, P: tl.constexpr, PDL: tl.constexpr):
+        gdc_enter(PDL)
         t = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, R)
         c = tl.load(kv_ptr + t * stride_kv + offs).to(tl.float32)
@@ -67,7 +97,8 @@ if HAS_TRITON:
     def _concat_heads_kernel(nope_ptr, pe_ptr, cos_ptr, sin_ptr, out_ptr, H,
                              s_nt, s_nh, s_pt, s_ph, s_cs, s_ot, s_oh,
                              DN: tl.constexpr, DR: tl.constexpr, ROPE: tl.constexpr,
-                             BLOCK_H: tl.constexpr):
+                             BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+        gdc_enter(PDL)
         t = tl.program_id(0).to(tl.int64)
         heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         mh = (heads < H)[:, None]
@@ -88,6 +119,10 @@ if HAS_TRITON:
         tl.store(o + DN + dr[None, :], pe, mask=mh)
 
 
+# Columns per program for decode-sized norms (a multiple of the 128-channel quantization group).
+NORM_CHUNK, NORM_CHUNK_MAX_ROWS = 1024, 16
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
                        residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(norm(h), h) with ``h = x + residual`` rounded to x's dtype (h is None without a residual)."""
@@ -100,9 +135,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RMSNorm over the last dim of ``x`` [..., D]; with ``residual`` the sum is normalized and
     returned too (one read of each input, one write of each output)."""
-    if not use_triton(x) or x.shape[-1] > 16384:
-        return rms_norm_reference(x, weight, eps, residual)
+    y, h, _ = _rms_norm(x, weight, eps, residual, quant=False)
+    return y, h
+
+
+def rms_norm_split_quant(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                         residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
+    """:func:`rms_norm` plus ``act_quant(y, split=True)`` of its output (q, s, q2, s2, scales
+    column-major) from the same launch: the decode input of the FP8 MoE / MLP launches."""
+    return _rms_norm(x, weight, eps, residual, quant=True)
+
+
+def _rms_norm(x, weight, eps, residual, quant: bool):
+    from .fp8_linear import act_quant
+
     d = x.shape[-1]
+    if not use_triton(x) or d > 16384:
+        y, h = rms_norm_reference(x, weight, eps, residual)
+        return y, h, (act_quant(y.reshape(-1, d), split=True) if quant else None)
     x2 = x.reshape(-1, d)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -114,13 +164,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
         h = torch.empty_like(y)
     rows = x2.shape[0]
+    terms = None
+    q = s = y
+    if quant:  # the layout act_quant returns: q [M, D], s [M, D/128] column-major
+        q = torch.empty(rows, d, dtype=torch.float8_e4m3fn, device=x.device)
+        s = torch.empty(-(-d // 128), rows, dtype=torch.float32, device=x.device)
+        q2, s2 = torch.empty_like(q), torch.empty_like(s)
+        terms = (q, s.t(), q2, s2.t())
     if rows:
-        block = triton.next_power_of_2(d)
-        _rms_norm_kernel[(rows,)](
-            x2, r2, weight, y, h if h is not None else y, d, eps, x2.stride(0), r2.stride(0), y.stride(0),
-            (h if h is not None else y).stride(0), HAS_RES=residual is not None, BLOCK_D=block,
-            num_warps=8 if block >= 4096 else 4)
-    return y.view(x.shape), (None if h is None else h.view(x.shape))
+        block = max(triton.next_power_of_2(d), 128 if quant else 1)  # whole 128-wide groups
+        # Few rows (decode): chunks of the row on separate programs; many rows: one per row.
+        chunk = NORM_CHUNK if rows <= NORM_CHUNK_MAX_ROWS and block > NORM_CHUNK else block
+        hh = h if h is not None else y
+        _rms_norm_kernel[(rows, triton.cdiv(d, chunk))](
+            x2, r2, weight, y, hh, q, s, terms[2] if quant else q, terms[3].t() if quant else s, d, eps,
+            x2.stride(0), r2.stride(0), y.stride(0), hh.stride(0), q.stride(0), rows,
+            HAS_RES=residual is not None, QUANT=quant, BLOCK_D=block, CHUNK=chunk,
+            num_warps=8 if block >= 4096 else 4, **pdl_args(x))
+    return y.view(x.shape), (None if h is None else h.view(x.shape)), terms
 
 
 def latent_store_reference(kv_a: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
@@ -154,7 +215,7 @@ def latent_store(kv_a: torch.Tensor, weight: torch.Tensor, eps: float, cos: torc
     cos, sin = cos.contiguous(), sin.contiguous()
     _latent_store_kernel[(t,)](
         kv_a, weight, cos, sin, slots, c_kv, k_pe, eps, kv_a.stride(0), cos.stride(0),
-        c_kv.stride(0), k_pe.stride(0), R=r, P=p, num_warps=4)
+        c_kv.stride(0), k_pe.stride(0), R=r, P=p, num_warps=4, **pdl_args(kv_a))
     return None
 
 
@@ -188,5 +249,5 @@ def concat_heads(nope: torch.Tensor, pe: torch.Tensor,
         _concat_heads_kernel[(b * t, triton.cdiv(h, block_h))](
             nope2, pe2, cos, sin, out2, h, nope2.stride(0), nope2.stride(1), pe2.stride(0),
             pe2.stride(1) if pe.shape[2] > 1 else 0, cos.stride(0), out2.stride(0), out2.stride(1),
-            DN=dn, DR=dr, ROPE=rope is not None, BLOCK_H=block_h, num_warps=4)
+            DN=dn, DR=dr, ROPE=rope is not None, BLOCK_H=block_h, num_warps=4, **pdl_args(nope))
     return out

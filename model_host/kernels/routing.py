@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import HAS_TRITON, use_triton
+from .pdl import pdl_args
 
 SORT_MAX_ROWS = 256
 
@@ -27,10 +28,13 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .pdl import gdc_enter
+
     @triton.jit
     def _noaux_tc_kernel(logit_ptr, bias_ptr, w_ptr, idx_ptr, stride_l, scale,
                          G: tl.constexpr, EG: tl.constexpr, TG: tl.constexpr, K: tl.constexpr,
-                         KP: tl.constexpr, NORM: tl.constexpr):
+                         KP: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
+        gdc_enter(PDL)
         t = tl.program_id(0).to(tl.int64)
         g = tl.arange(0, G)
         j = tl.arange(0, EG)
@@ -67,7 +71,8 @@ if HAS_TRITON:
     @triton.jit
     def _sort_by_expert_kernel(idx_ptr, w_ptr, offsets_ptr, tile_end_ptr, token_ptr, w_sorted_ptr,
                                R, E, K: tl.constexpr, BLOCK_M: tl.constexpr, RP: tl.constexpr,
-                               EP: tl.constexpr):
+                               EP: tl.constexpr, PDL: tl.constexpr):
+        gdc_enter(PDL)
         r = tl.arange(0, RP)
         valid = r < R
         ex = tl.load(idx_ptr + r, mask=valid, other=E).to(tl.int32)  # padding rows sort last
@@ -86,7 +91,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _combine_kernel(y_ptr, inv_ptr, w_ptr, sh_ptr, out_ptr, D, stride_y, stride_sh, stride_o,
-                        K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_D: tl.constexpr):
+                        K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+        gdc_enter(PDL)
         t = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = offs < D
@@ -120,7 +126,7 @@ def route_noaux_tc(logits: torch.Tensor, bias: torch.Tensor, *, top_k: int, n_gr
         _noaux_tc_kernel[(t,)](
             logits, bias, weights, idx, logits.stride(0), float(routed_scaling_factor),
             G=n_group, EG=e // n_group, TG=topk_group, K=top_k, KP=triton.next_power_of_2(top_k),
-            NORM=norm_topk_prob and top_k > 1, num_warps=4 if e <= 512 else 8)
+            NORM=norm_topk_prob and top_k > 1, num_warps=4 if e <= 512 else 8, **pdl_args(logits))
     return weights, idx
 
 
@@ -156,7 +162,7 @@ def sort_by_expert(idx: torch.Tensor, weights: torch.Tensor, num_experts: int, b
     _sort_by_expert_kernel[(1,)](
         idx.contiguous(), weights.float().contiguous(), offsets, tile_end, token, w_sorted, rows, num_experts,
         K=k, BLOCK_M=block_m, RP=rp, EP=max(16, triton.next_power_of_2(num_experts)),
-        num_warps=8 if rp * rp >= 65536 else 4)
+        num_warps=8 if rp * rp >= 65536 else 4, **pdl_args(idx))
     return offsets, tile_end, token, w_sorted
 
 
@@ -186,5 +192,5 @@ def combine(y: torch.Tensor, inv: torch.Tensor, weights: torch.Tensor,
         sh = shared if shared is not None else out
         _combine_kernel[(t, triton.cdiv(d, 1024))](
             y, inv, weights.float().contiguous(), sh, out, d, y.stride(0), sh.stride(0), out.stride(0),
-            K=k, HAS_SHARED=shared is not None, BLOCK_D=1024, num_warps=4)
+            K=k, HAS_SHARED=shared is not None, BLOCK_D=1024, num_warps=4, **pdl_args(y))
     return out

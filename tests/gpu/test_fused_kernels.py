@@ -22,6 +22,7 @@ from model_host.kernels.norm_rope import (
     latent_store_reference,
     rms_norm,
     rms_norm_reference,
+    rms_norm_split_quant,
 )
 from model_host.kernels.routing import (
     combine,
@@ -85,6 +86,67 @@ def test_rms_norm_kernel_vs_float64(rows, d):
     assert torch.equal(h, want_h)  # the sum is rounded to bf16 exactly as x + delta is
     assert rel(y, F.rms_norm(h.double(), (d,), w.double(), 1e-6)) < 5e-3
     assert (y.float() - want_y.float()).abs().max() <= 0.02 * want_y.float().abs().max()
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("rows,d,res", [(1, 7168, True), (3, 1536, False), (200, 7168, True), (5, 100, True)])
+def test_norm_writes_the_two_term_quantization_that_act_quant_makes_of_its_output(rows, d, res):
+    from model_host.kernels.fp8_linear import act_dequant, act_quant, act_quant_split_reference
+
+    x = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16) * 3
+    delta = torch.randn(rows, d, device="cuda", dtype=torch.bfloat16) if res else None
+    w = torch.rand(d, device="cuda", dtype=torch.bfloat16) + 0.5
+    y, h, terms = rms_norm_split_quant(x, w, 1e-6, residual=delta)
+    plain_y, plain_h = rms_norm(x, w, 1e-6, residual=delta)
+    assert (h is None) == (not res) and (h is None or torch.equal(h, plain_h))
+    # Same normalized output up to the reduction order the compiler picks per variant.
+    assert (y.float() - plain_y.float()).abs().max() <= 0.01 * plain_y.float().abs().max()
+    want = act_quant(y, split=True)  # the separate launch it replaces, on the same y
+    ref = act_quant_split_reference(y.cpu())
+    names = ("q", "s", "q2", "s2")
+    for name, got, kernel, cpu in zip(names, terms, want, ref, strict=True):
+        assert got.shape == kernel.shape and got.stride() == kernel.stride(), name  # scales column-major
+        differ = (got.float() != kernel.float()).sum().item()
+        assert differ == 0, f"{name}: {differ} of {got.numel()} differ from act_quant"
+        if name in ("q", "s"):  # the residual term: the GPU's fused multiply-add differs in rare ulps
+            assert torch.equal(got.cpu().float(), cpu.float()), name
+    two = act_dequant(terms[0], terms[1]) + act_dequant(terms[2], terms[3])
+    assert rel(two, y.double()) < 1e-3  # bf16-level precision of the two terms
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("m", [1, 8, 300])
+def test_concatenated_q_a_kv_a_gemm_equals_the_two_linears(m):
+    """MLA's two down projections as one GEMM (backend.linears): the same function as the two
+    separate linears, and an in-place weight change rebuilds the concatenated copy."""
+    from model_host.fp8 import Linear
+    from model_host.kernels.backend import TritonFP8Backend
+    from model_host.kernels.fp8_linear import w8a8_reference, w8a16_reference
+
+    be = TritonFP8Backend(gemm="triton")
+    layers = []
+    for n in (1536, 576):
+        lin = Linear(7168, n, fp8_block=(128, 128), device="cuda")
+        w, ws = block_quantize(torch.randn(n, 7168, device="cuda") / math.sqrt(7168))
+        lin.weight.data.copy_(w)
+        lin.weight_scale_inv.data.copy_(ws)
+        layers.append(lin)
+    x = torch.randn(1, m, 7168, device="cuda", dtype=torch.bfloat16)
+    # Decode sizes keep bf16 activations (W8A16); 300 rows quantize them (W8A8, ~2.5% error).
+    oracle = w8a16_reference if m <= 256 else w8a8_reference
+    kv_as = []
+    for _ in range(2):
+        q_a, kv_a = be.linears(x, tuple(layers))
+        assert q_a.shape == (1, m, 1536) and kv_a.shape == (1, m, 576)
+        for got, lin in zip((q_a, kv_a), layers, strict=True):
+            want = be.linear(x, lin)
+            exact = oracle(x[0].double(), lin.weight, lin.weight_scale_inv, torch.float64)
+            assert rel(got[0], exact) < 1e-2 and rel(got, want) < 1e-3
+        kv_as.append(kv_a)
+        layers[1].weight_scale_inv.mul_(2)  # in place: the cached concatenation is stale now
+    assert rel(kv_as[1], 2 * kv_as[0]) < 1e-3
 
 
 @gpu
@@ -245,3 +307,28 @@ def test_split_k_reduced_by_the_last_program_is_exact_and_leaves_counters_zeroed
     assert torch.equal(first, w8a8_linear(x, w, ws, act16=True))  # fixed summation order
     assert rel(first, w8a16_reference(x.double(), w, ws, torch.float64)) < 1e-2
     assert int(_COUNTERS["cuda:0"].abs().sum()) == 0
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("n,k,bn,kb", [(2112, 7168, 32, 2), (24576, 1536, 64, 1), (7168, 16384, 16, 4), (100, 300, 32, 2)])
+def test_batch_one_gemv_vs_float64_and_reproducible(n, k, bn, kb):
+    """The CUDA-core GEMV (one activation row, FP8 weights widened in registers), odd sizes
+    included: the W8A16 function, split-K reduced in a fixed order, counters left zeroed."""
+    from model_host.kernels import fp8_linear as fl
+
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    w, ws = block_quantize(torch.randn(n, k, device="cuda") / math.sqrt(k))
+    saved = dict(fl.TUNED_GEMV)
+    fl.TUNED_GEMV.update(max_m=1, BLOCK_N=bn, KB=kb, num_warps=4, waves=4)
+    try:
+        cfg = fl.gemm_config(1, n, k, fl.num_sms(), act16=True)
+        assert cfg.get("gemv") and (cfg["split"] > 1 or k <= kb * 128)
+        first = fl.w8a8_linear(x, w, ws, act16=True)
+        assert torch.equal(first, fl.w8a8_linear(x, w, ws, act16=True))
+        assert not fl.gemm_config(2, n, k, fl.num_sms(), act16=True).get("gemv")  # one row only
+    finally:
+        fl.TUNED_GEMV.clear()
+        fl.TUNED_GEMV.update(saved)
+    assert rel(first, fl.w8a16_reference(x.double(), w, ws, torch.float64)) < 1e-2
+    assert int(fl._COUNTERS["cuda:0"].abs().sum()) == 0

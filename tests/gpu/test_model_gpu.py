@@ -103,14 +103,20 @@ def test_greedy_64_steps_match_cpu_or_diverge_within_fp8_noise(ckpt):
     assert not unexplained and match >= 32
 
 
-def test_runner_graph_decode_matches_eager(ckpt):
+def test_runner_graph_decode_with_pdl_matches_eager_without(ckpt):
+    """CUDA-graph replay with programmatic dependent launch against eager launches without it:
+    a missing grid-dependency wait would read stale activations (a difference of order 1)."""
+    from model_host.kernels import pdl
+
     _, path = ckpt
     model = load_model(path, device="cuda", dtype=torch.bfloat16)
     page = 16
     prev = set_backend(TritonFP8Backend(gemm="triton"))
+    pdl_was = pdl.LAUNCH["pdl"]
     try:
         outs = {}
         for graphs in (False, True):
+            pdl.LAUNCH["pdl"] = "early" if graphs else "off"  # early: the most overlap
             cache = PagedLatentCache(model.num_cache_layers, 16, page, model.cfg.kv_lora_rank,
                                      model.cfg.qk_rope_head_dim, dtype=torch.bfloat16, device="cuda")
             runner = ModelRunner(model, cache, cuda_graphs=graphs)
@@ -129,6 +135,7 @@ def test_runner_graph_decode_matches_eager(ckpt):
             outs[graphs] = (torch.stack(steps), [s.token_ids for s in seqs])
     finally:
         set_backend(prev)
+        pdl.LAUNCH["pdl"] = pdl_was
     assert outs[True][1] == outs[False][1]
     # The MoE's fp32 atomics sum each token's experts in a run-dependent order; a last-bit change
     # that flips one bf16 rounding moves the MoE model's logits by ~2e-3 (measured 2.1e-3 once on
