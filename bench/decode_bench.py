@@ -372,7 +372,8 @@ def main() -> None:
     if args.tune:
         decode_diag.tune_grouped(db, model, rig, res)
     if args.check:
-        decode_diag.check_modules(db, model, rig, res)
+        for b in (1, 8):  # bs1: the one-row GEMV path; bs8: the tensor-core tiles
+            decode_diag.check_modules(db, model, rig, res, b=b)
     if args.gemv:
         decode_diag.sweep_small_m(db, model, res)
     if args.profile:

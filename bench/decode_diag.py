@@ -156,8 +156,8 @@ def tune_grouped(db, model, rig, res: dict) -> None:
 def sweep_small_m(db, model, res: dict, copies: int = 8) -> None:
     """GPU microseconds per launch of each decode linear (bs 1 and 8) for a grid of small-M
     tensor-core launch parameters and, at bs 1, of the CUDA-core GEMV; installs the settings
-    with the least time per decode step (each shape weighted by its launches per step, bs 8 at
-    a quarter) for the rest of the run.  Each timing replays a graph of ``copies`` launches,
+    with the least time per decode step (each shape weighted by its launches per step) for the
+    rest of the run.  Each timing replays a graph of ``copies`` launches,
     each on its own copy of the weight (more bytes than the L2)."""
     from model_host.kernels import fp8_linear as fl
 
@@ -193,8 +193,8 @@ def sweep_small_m(db, model, res: dict, copies: int = 8) -> None:
                 db.log(f"gemv sweep {c}: {type(e).__name__}: {str(e)[:120]}")
         return out
 
-    tc_cost = [0.0] * len(tc_grid)  # weighted us per decode step, per candidate
-    tc_bs1, gemv_bs1 = [0.0] * len(tc_grid), [0.0] * len(gemv_grid)
+    # us of small-M GEMMs per decode step, per candidate (each shape times its launches per step)
+    tc_bs1, tc_bs8, gemv_bs1 = [0.0] * len(tc_grid), [0.0] * len(tc_grid), [0.0] * len(gemv_grid)
     rows = ["| linear (N x K) | M | kernel | default us | best us | best TB/s | best config |", "|---|---|---|---|---|---|---|"]
     try:
         for name, ((w, s), count) in shapes.items():
@@ -213,8 +213,7 @@ def sweep_small_m(db, model, res: dict, copies: int = 8) -> None:
                         if kind == "gemv":
                             gemv_bs1[i] += count * t
                         else:
-                            tc_cost[i] += count * t * (1.0 if m == 1 else 0.25)
-                            tc_bs1[i] += count * t * (m == 1)
+                            (tc_bs1 if m == 1 else tc_bs8)[i] += count * t
                     best = min(range(len(grid)), key=lambda i: times[i] or float("inf"))
                     bt = times[best]
                     rows.append(f"| {name} ({w.shape[0]}x{w.shape[1]}) | {m} | {kind} | {db.fmt(default, '.1f')} | "
@@ -225,13 +224,15 @@ def sweep_small_m(db, model, res: dict, copies: int = 8) -> None:
     finally:
         fl.TUNED_SMALL_M.update(saved_tc)
         fl.TUNED_GEMV.update(saved_gemv)
-    i_tc = min(range(len(tc_grid)), key=lambda i: tc_cost[i])
     i_gv = min(range(len(gemv_grid)), key=lambda i: gemv_bs1[i])
+    use_gemv = gemv_bs1[i_gv] < min(tc_bs1)
+    # The tensor-core tiles serve bs8 only once the GEMV takes bs1; else both, bs8 at a quarter.
+    i_tc = min(range(len(tc_grid)), key=lambda i: tc_bs8[i] + (0.0 if use_gemv else 4.0 * tc_bs1[i]))
     fl.TUNED_SMALL_M.update(tc_grid[i_tc])
-    use_gemv = gemv_bs1[i_gv] < tc_bs1[i_tc]
     fl.TUNED_GEMV.update(gemv_grid[i_gv] if use_gemv else dict(max_m=0))
-    summary = (f"installed: tensor-core {tc_grid[i_tc]} ({tc_bs1[i_tc]:.1f} us of small-M GEMMs per bs1 step); "
-               f"GEMV best {gemv_grid[i_gv]} ({gemv_bs1[i_gv]:.1f} us) -> {'used' if use_gemv else 'not used'} at bs1")
+    summary = (f"installed: tensor-core {tc_grid[i_tc]} (small-M GEMMs per step: bs1 {tc_bs1[i_tc]:.1f} us, "
+               f"bs8 {tc_bs8[i_tc]:.1f} us); GEMV best {gemv_grid[i_gv]} (bs1 {gemv_bs1[i_gv]:.1f} us) -> "
+               f"{'used' if use_gemv else 'not used'} at bs1")
     res["gemv"] = "\n".join(rows + ["", summary])
     res["gemv/installed"] = {"TUNED_SMALL_M": dict(fl.TUNED_SMALL_M), "TUNED_GEMV": dict(fl.TUNED_GEMV)}
     db.log(summary)
@@ -259,7 +260,7 @@ def check_modules(db, model, rig, res: dict, b: int = 8) -> None:
             finally:
                 set_backend(prev)
         err = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
-        res[f"check/{name}"] = err
+        res[f"check/{name}/bs{b}"] = err
         db.log(f"check module {name} (bs{b}): kernel vs torch path rel err {err:.4f}")
 
 

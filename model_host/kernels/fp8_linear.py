@@ -233,23 +233,24 @@ def act_quant(x: torch.Tensor, split: bool = False) -> tuple[torch.Tensor, ...]:
 # Small-M (decode) launch parameters: N tile for M <= 64, warps, pipeline stages, how many
 # waves of programs split-K aims for, and how the 16-bit activations of ``act16`` enter the
 # MMA ("fp8x2": two FP8 terms, see act_quant_split_reference; "bf16": weights widened to bf16
-# in registers).  bench/decode_bench.py --tune sweeps them over whole captured decode steps
-# (docs/gpu_notes.md has the sweeps behind these values).
-TUNED_SMALL_M = dict(BLOCK_N=32, num_warps=4, num_stages=3, waves=8, act16="bf16")
+# in registers).  bench/decode_bench.py --gemv sweeps them per decode linear (these values won
+# on the H200, 2026-12-02) and --tune over whole captured steps (docs/gpu_notes.md).
+TUNED_SMALL_M = dict(BLOCK_N=64, num_warps=4, num_stages=3, waves=8, act16="bf16")
 ACT16_MODES = {"bf16": 2, "fp8x2": 3}
 # Rows up to ``max_m`` (bf16 activations) take the CUDA-core GEMV of :mod:`.fp8_gemv` instead
 # of 16-row tensor-core tiles; its launch shape: N rows and 128-wide K blocks per iteration.
-TUNED_GEMV = dict(max_m=0, BLOCK_N=32, KB=2, num_warps=4, waves=4)
+TUNED_GEMV = dict(max_m=1, BLOCK_N=64, KB=1, num_warps=8, waves=4)
 
 
-def gemm_config(m: int, n: int, k: int, sms: int, act16: bool = False) -> dict:
+def gemm_config(m: int, n: int, k: int, sms: int, act16: bool = False, gemv: bool = True) -> dict:
     """Tile shape, split-K and activation handling for an (M, N, K) problem; see module doc.
 
     ``a_mode``: 0 pre-quantized FP8 activations, 1 quantized in the prologue, 2 bf16
     activations (W8A16), 3 pre-quantized two-term FP8 activations (2 and 3 only on the small-M
-    path when ``act16``, per ``TUNED_SMALL_M["act16"]``).
+    path when ``act16``, per ``TUNED_SMALL_M["act16"]``).  ``gemv=False`` keeps tensor-core
+    tiles for rows the GEMV would take (``TUNED_GEMV["max_m"]``).
     """
-    if act16 and m <= TUNED_GEMV["max_m"] and TUNED_SMALL_M["act16"] == "bf16":
+    if gemv and act16 and m <= TUNED_GEMV["max_m"] and TUNED_SMALL_M["act16"] == "bf16":
         from .fp8_gemv import gemv_config
 
         return gemv_config(m, n, k, sms)
@@ -316,6 +317,9 @@ def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=N
     x = x if x.stride(-1) == 1 else x.contiguous()
     if cfg.get("gemv"):
         from .fp8_gemv import gemv_w8a16
+
+        if cfg["a_mode"] != 2:
+            raise ValueError(f"the GEMV computes W8A16 (a_mode 2), not a_mode {cfg['a_mode']}")
 
         return gemv_w8a16(x, w, w_s, out, cfg)
     a, a_s, a2, a2_s = quantized_operands(x, cfg["a_mode"], a_quant)
