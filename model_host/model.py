@@ -68,7 +68,7 @@ class DecoderLayer(nn.Module):
             residual, hn = delta, self.input_layernorm(delta)
         else:
             residual, hn = self.input_layernorm.add_forward(residual, delta)
-        # The post-attention norm feeds the FP8 MoE / MLP: the backend may quantize it in place.
+        # The post-attention norm feeds the FP8 MoE / MLP: a backend may quantize it in the same pass.
         residual, hn = self.post_attention_layernorm.add_forward(residual, self.self_attn(hn, batch),
                                                                  prequantize=True)
         return self.mlp(hn), residual
