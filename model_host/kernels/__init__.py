@@ -1,7 +1,8 @@
 """GPU kernels for the DeepSeek-V3 runtime (issue 7), each with a pure-PyTorch reference path.
 
 * :mod:`.fp8_linear`  - W8A8 block-scaled FP8 GEMM (per-token x 128-channel activation scales,
-  128x128 weight scales, fp32 promotion every 128 K) in Triton, plus ``torch._scaled_mm``.
+  128x128 weight scales, fp32 promotion every 128 K) in Triton, plus ``torch._scaled_mm``;
+  :mod:`.fp8_gemv` - the one-row (batch 1) decode GEMV on CUDA cores.
 * :mod:`.moe_grouped` - grouped FP8 GEMM over expert-sorted tokens: one launch per projection,
   gate+up fused with SiLU-mul, down fused with the routing-weight scatter-add.
 * :mod:`.mla_decode`  - absorbed MLA decode attention straight from the paged latent cache
@@ -13,6 +14,7 @@
 * :mod:`.backend`     - :class:`TritonFP8Backend`, the :class:`~model_host.fp8.LinearBackend`
   that routes the model's linears / MoE / MLP through the kernels.
 * :mod:`.graphs`      - CUDA-graph capture of the decode step per batch-size bucket.
+* :mod:`.pdl`         - programmatic dependent launch for the Triton kernels (off by default).
 
 Every public kernel entry point falls back to its reference on CPU tensors or when Triton is
 missing, so CI (CPU only) exercises the same call sites.

@@ -18,7 +18,8 @@ Two GPU implementations, picked per shape by :mod:`.backend`:
   either keep 16-bit precision (``act16``: bf16 MMAs on weights widened in registers, or two
   FP8 terms, value plus rounding residual, on FP8 MMAs: :func:`act_quant_split_reference`)
   or are quantized inside the GEMM prologue.  Large M (prefill) quantizes once with
-  :func:`act_quant` and runs 128x128 tiles.
+  :func:`act_quant` and runs 128x128 tiles.  One bf16 row (decode at batch 1) goes to the
+  CUDA-core GEMV of :mod:`.fp8_gemv` instead (``TUNED_GEMV``).
 * ``torch._scaled_mm`` with 1x128 / 128x128 block scales (cuBLASLt >= 12.9 on sm_90):
   :func:`scaled_mm_linear`.
 

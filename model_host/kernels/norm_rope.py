@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import HAS_TRITON, use_triton
+from .fp8_linear import act_quant
 from .pdl import pdl_args
 
 if HAS_TRITON:
@@ -147,8 +148,6 @@ def rms_norm_split_quant(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 def _rms_norm(x, weight, eps, residual, quant: bool):
-    from .fp8_linear import act_quant
-
     d = x.shape[-1]
     if not use_triton(x) or d > 16384:
         y, h = rms_norm_reference(x, weight, eps, residual)
