@@ -1,22 +1,29 @@
-"""Turns scheduled sequences into model forwards over the paged latent cache.
+"""Turns scheduled work into model forwards over the paged latent cache.
 
 On CUDA with the FP8 kernel backend installed (``model_host.kernels.install()``), decode steps
-run through the paged MLA kernel and are replayed from CUDA graphs captured per batch-size
-bucket (:class:`model_host.kernels.graphs.DecodeGraphs`); everything else runs eagerly.
+run through the paged MLA kernel and are replayed from CUDA graphs captured at start-up for
+every batch size the scheduler can produce (:meth:`ModelRunner.capture_graphs`); a batch is
+padded up to the next captured size. Prefill chunks run eagerly.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import time
 
 import torch
 
 from model_host.engine.paged_cache import PagedLatentCache
+from model_host.engine.scheduler import PrefillChunk
 from model_host.engine.sequence import Sequence
 from model_host.model import DeepseekV3
 
+log = logging.getLogger(__name__)
 
-def _graphs_supported(device: torch.device) -> bool:
+
+def graphs_supported(device: torch.device) -> bool:
     """CUDA + Triton + a sync-free (kernel) backend; MODEL_HOST_CUDA_GRAPHS=0 opts out."""
     if device.type != "cuda" or os.environ.get("MODEL_HOST_CUDA_GRAPHS", "1") == "0":
         return False
@@ -30,19 +37,61 @@ def _graphs_supported(device: torch.device) -> bool:
     return isinstance(get_backend(), TritonFP8Backend)
 
 
+def capture_sizes(max_batch: int) -> list[int]:
+    """Decode batch sizes to capture: powers of two below ``max_batch``, and ``max_batch`` itself,
+    so any batch the scheduler forms (1..max_batch rows) pads by less than 2x."""
+    if max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return sizes + [max_batch]
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphReport:
+    sizes: list[int]
+    seconds: float
+    nbytes: int
+
+
 class ModelRunner:
-    def __init__(self, model: DeepseekV3, cache: PagedLatentCache, cuda_graphs: bool | None = None):
+    def __init__(self, model: DeepseekV3, cache: PagedLatentCache, max_blocks_per_seq: int,
+                 cuda_graphs: bool | None = None):
         self.model = model
         self.cache = cache
         self.device = model.device
-        if cuda_graphs is None:
-            cuda_graphs = _graphs_supported(self.device)
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.use_graphs = graphs_supported(self.device) if cuda_graphs is None else cuda_graphs
         self.graphs = None
-        if cuda_graphs:
-            from model_host.kernels.graphs import DecodeGraphs
-
+        if self.use_graphs:
             cache.decode_kernel = True
-            self.graphs = DecodeGraphs(model, cache, max_blocks_per_seq=cache.num_blocks)
+
+    def capture_graphs(self, sizes: list[int], budget_bytes: int) -> GraphReport | None:
+        """Capture the decode step for each batch size (largest first: the smaller graphs reuse
+        its memory pool). Raises if the graphs take more than ``budget_bytes`` of GPU memory."""
+        if not self.use_graphs:
+            return None
+        from model_host.kernels.graphs import DecodeGraphs
+
+        torch.cuda.synchronize()
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        t0 = time.perf_counter()
+        self.graphs = DecodeGraphs(self.model, self.cache, self.max_blocks_per_seq, buckets=sizes)
+        with torch.inference_mode():
+            for b in sorted(sizes, reverse=True):
+                self.graphs.capture(b)
+        torch.cuda.synchronize()
+        report = GraphReport(sorted(sizes), time.perf_counter() - t0,
+                             free_before - torch.cuda.mem_get_info(self.device)[0])
+        if report.nbytes > budget_bytes:
+            raise ValueError(
+                f"CUDA graphs for decode batch sizes {report.sizes} took {report.nbytes / 2**30:.2f} GiB, over "
+                f"--graph-memory-gb {budget_bytes / 2**30:.2f}; raise --graph-memory-gb or lower --max-batch")
+        log.info("captured decode CUDA graphs for batch sizes %s in %.1f s (%.2f GiB)",
+                 report.sizes, report.seconds, report.nbytes / 2**30)
+        return report
 
     def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(s.block_table) for s in seqs)
@@ -50,15 +99,22 @@ class ModelRunner:
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
-    def prefill(self, seq: Sequence) -> torch.Tensor:
-        """Compute the uncached suffix of `seq`; return the last position's logits [V]."""
-        start = seq.num_computed
-        ids = torch.tensor([seq.token_ids[start:]], dtype=torch.long, device=self.device)
-        positions = torch.arange(start, len(seq), device=self.device).unsqueeze(0)
-        self.cache.bind(self._tables([seq]))
-        out = self.model(ids, positions, self.cache, kv_len=len(seq), last_only=True)
-        seq.num_computed = len(seq)
-        return out.logits[0, -1]
+    def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
+        """Compute every chunk's tokens into the cache; return the last-position logits [n, V] of
+        the chunks that end their sequence, in chunk order."""
+        logits = []
+        for c in chunks:
+            seq = c.seq
+            ids = torch.tensor([seq.token_ids[c.start : c.end]], dtype=torch.long, device=self.device)
+            positions = torch.arange(c.start, c.end, device=self.device).unsqueeze(0)
+            self.cache.bind(self._tables([seq]))
+            out = self.model(ids, positions, self.cache, kv_len=c.end, last_only=True)
+            seq.num_computed = c.end
+            if c.last:
+                logits.append(out.logits[0, -1])
+        if not logits:
+            return torch.empty(0, self.model.cfg.vocab_size, device=self.device)
+        return torch.stack(logits)
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -67,7 +123,7 @@ class ModelRunner:
         positions = torch.tensor([[len(s) - 1] for s in seqs], dtype=torch.long, device=self.device)
         tables = self._tables(seqs)
         logits = self.graphs.run(ids, positions, tables) if self.graphs is not None else None
-        if logits is None:  # no graphs, or no bucket large enough: eager step
+        if logits is None:  # no graphs (CPU, or MODEL_HOST_CUDA_GRAPHS=0): eager step
             self.cache.bind(tables)
             out = self.model(ids, positions, self.cache, kv_len=max(len(s) for s in seqs), last_only=True)
             logits = out.logits[:, -1]
