@@ -21,7 +21,7 @@ from model_host.engine.block_manager import BlockManager
 from model_host.engine.memory import plan_kv
 from model_host.engine.paged_cache import PagedLatentCache
 from model_host.engine.runner import ModelRunner, capture_sizes
-from model_host.engine.scheduler import Scheduler
+from model_host.engine.scheduler import Batch, Scheduler
 from model_host.engine.sequence import Sequence
 from model_host.model import DeepseekV3
 from model_host.sampler import Sampler, SamplingParams
@@ -108,9 +108,11 @@ class Engine:
         return self.scheduler.has_work
 
     def step(self) -> list[StepOutput]:
-        """One scheduler step: the prefill chunks (one runner call) and the decode rows (one
+        return self.execute(self.scheduler.schedule())
+
+    def execute(self, batch: Batch) -> list[StepOutput]:
+        """Run one scheduled step: the prefill chunks (one runner call) and the decode rows (one
         graph replay); a token is sampled for every decode row and every finished prompt."""
-        batch = self.scheduler.schedule()
         rows: list[Sequence] = []
         logits: list[torch.Tensor] = []
         if batch.prefill:
