@@ -19,7 +19,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="activation dtype (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--max-batch", type=int, default=16, help="most sequences decoded together")
-    p.add_argument("--kv-memory-gb", type=float, default=1.0, help="memory budget of the paged latent KV cache")
+    p.add_argument("--kv-memory-gb", type=float, default=None,
+                   help="memory of the paged latent KV cache (default: on a GPU 90%% of the memory free after the "
+                        "weights, one prefill step and the CUDA graphs; 1 GiB on the CPU)")
+    p.add_argument("--max-prefill-tokens", type=int, default=2048,
+                   help="prompt tokens computed per step: long prompts are split, and running decodes wait for "
+                        "at most this many (default 2048)")
+    p.add_argument("--graph-memory-gb", type=float, default=1.0,
+                   help="most GPU memory the decode CUDA graphs (one per batch size up to --max-batch) may take")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (prefix-cache granularity)")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer <key> on /v1/*")
@@ -29,11 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from model_host.engine.engine import Engine, EngineConfig, EngineLoop
     from model_host.loader import load_model
-    from model_host.server.app import create_app
     from model_host.tokenizer import Tokenizer
 
     logging.basicConfig(level=logging.INFO, format="model-host: %(message)s")
@@ -42,23 +45,34 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
     model = load_model(args.checkpoint, device=device, dtype=dtype)
-    if device.startswith("cuda"):
+    return serve_model(model, Tokenizer(args.checkpoint), args)
+
+
+def serve_model(model, tokenizer, args: argparse.Namespace) -> int:
+    """Serve a loaded model with the `serve` flags in ``args`` (bench/serve_bench.py calls this
+    with a model it built on the GPU, so the benchmark runs exactly this server)."""
+    import uvicorn
+
+    from model_host.engine.engine import Engine, EngineConfig, EngineLoop
+    from model_host.server.app import create_app
+
+    if model.device.type == "cuda":
         # FP8 GEMM, grouped MoE and paged MLA decode kernels; with them the runner replays
         # decode steps from captured CUDA graphs. The CPU keeps the pure-PyTorch path.
         from model_host.kernels import install
 
         install(model)
-    tokenizer = Tokenizer(args.checkpoint)
     engine = Engine(model, tokenizer, EngineConfig(
         max_batch=args.max_batch, kv_memory_gb=args.kv_memory_gb, block_size=args.block_size,
-        max_model_len=args.max_model_len,
+        max_model_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens,
+        graph_memory_gb=args.graph_memory_gb,
     ))
+    name = args.served_model_name or Path(args.checkpoint).resolve().name
     logging.getLogger("model-host").info(
         "KV cache holds %d tokens (%d blocks); max context %d; serving %s on http://%s:%d/v1",
-        engine.capacity_tokens, engine.blocks.num_blocks, engine.max_model_len,
-        args.served_model_name or Path(args.checkpoint).name, args.host, args.port)
+        engine.capacity_tokens, engine.blocks.num_blocks, engine.max_model_len, name, args.host, args.port)
     loop = EngineLoop(engine)
-    app = create_app(loop, tokenizer, args.served_model_name or Path(args.checkpoint).resolve().name, args.api_key)
+    app = create_app(loop, tokenizer, name, args.api_key)
     loop.start()
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
