@@ -71,7 +71,7 @@ class Engine:
         self.sampler = Sampler()
         self.capacity_tokens = num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, self.capacity_tokens)
-        self.runner = ModelRunner(model, self.cache, self.blocks.blocks_needed(self.max_model_len + 1))
+        self.runner = ModelRunner(model, self.cache, max_blocks_per_seq=self.blocks.blocks_needed(self.max_model_len + 1))
         self.graph_report = self.runner.capture_graphs(capture_sizes(config.max_batch),
                                                        int(config.graph_memory_gb * 2**30))
         self.by_id: dict[int, Sequence] = {}

@@ -57,21 +57,25 @@ class GraphReport:
 
 
 class ModelRunner:
-    def __init__(self, model: DeepseekV3, cache: PagedLatentCache, max_blocks_per_seq: int,
-                 cuda_graphs: bool | None = None):
+    def __init__(self, model: DeepseekV3, cache: PagedLatentCache, cuda_graphs: bool | None = None,
+                 max_blocks_per_seq: int | None = None):
         self.model = model
         self.cache = cache
         self.device = model.device
-        self.max_blocks_per_seq = max_blocks_per_seq
-        self.use_graphs = graphs_supported(self.device) if cuda_graphs is None else cuda_graphs
+        self.max_blocks_per_seq = max_blocks_per_seq or cache.num_blocks
+        use_graphs = graphs_supported(self.device) if cuda_graphs is None else cuda_graphs
         self.graphs = None
-        if self.use_graphs:
+        if use_graphs:
+            from model_host.kernels.graphs import DecodeGraphs
+
             cache.decode_kernel = True
+            # Captures a batch size on its first use unless capture_graphs() did it at start-up.
+            self.graphs = DecodeGraphs(model, cache, self.max_blocks_per_seq)
 
     def capture_graphs(self, sizes: list[int], budget_bytes: int) -> GraphReport | None:
         """Capture the decode step for each batch size (largest first: the smaller graphs reuse
         its memory pool). Raises if the graphs take more than ``budget_bytes`` of GPU memory."""
-        if not self.use_graphs:
+        if self.graphs is None:
             return None
         from model_host.kernels.graphs import DecodeGraphs
 

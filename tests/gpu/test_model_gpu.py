@@ -9,6 +9,7 @@ import torch
 from model_host.checkpoint import make_config, write_random_checkpoint
 from model_host.engine.paged_cache import PagedLatentCache
 from model_host.engine.runner import ModelRunner
+from model_host.engine.scheduler import PrefillChunk
 from model_host.fp8 import TorchBackend, set_backend
 from model_host.kernels.backend import TritonFP8Backend
 from model_host.loader import load_model
@@ -80,7 +81,7 @@ def test_greedy_64_steps_match_cpu_or_diverge_within_fp8_noise(ckpt):
         runner = ModelRunner(gpu, cache)
         assert runner.graphs is not None  # decode replays CUDA graphs
         seq = Seq(prompt, list(range(6)))
-        logits = [runner.prefill(seq)]
+        logits = [runner.prefill([PrefillChunk(seq, 0, len(seq))])[0]]
         for _ in range(64):
             seq.token_ids.append(int(logits[-1].argmax()))
             logits.append(runner.decode([seq]))
@@ -125,7 +126,7 @@ def test_runner_graph_decode_with_pdl_matches_eager_without(ckpt):
             seqs = [Seq(torch.randint(0, 1024, (n,), generator=g).tolist(), [4 * i + j for j in range(4)])
                     for i, n in enumerate((5, 20, 33))]
             for s in seqs:
-                runner.prefill(s)
+                runner.prefill([PrefillChunk(s, 0, len(s))])
             steps = []
             for _ in range(4):  # 3 rows -> bucket 4: one padding row through the scratch block
                 lg = runner.decode(seqs)
@@ -153,7 +154,8 @@ def test_runner_long_prefill_under_inference_mode(ckpt):
                              dtype=torch.bfloat16, device="cuda")
     prev = set_backend(TritonFP8Backend(gemm="triton"))
     try:
-        out = ModelRunner(model, cache, cuda_graphs=False).prefill(Seq(ids, list(range(19)))).float().reshape(-1)
+        seq = Seq(ids, list(range(19)))
+        out = ModelRunner(model, cache, cuda_graphs=False).prefill([PrefillChunk(seq, 0, 300)]).float().reshape(-1)
         with torch.no_grad():
             ref = model(torch.tensor([ids], device="cuda")).logits[0, -1].float()
     finally:
