@@ -5,13 +5,14 @@ mixed lengths over HTTP give the text `generate()` gives for each prompt alone."
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import openai
 import pytest
 import torch
 
 from model_host.checkpoint import make_config, write_random_checkpoint
-from model_host.engine.engine import EngineConfig
+from model_host.engine.engine import Engine, EngineConfig
 from model_host.fp8 import set_backend
 from model_host.generate import generate
 from model_host.kernels.backend import TritonFP8Backend
@@ -44,11 +45,34 @@ def _first_divergence(tok: Tokenizer, ref_ids: list[int], served: str) -> int:
     return len(ref_ids)
 
 
-def test_served_greedy_equals_generate_for_8_concurrent_requests(tmp_path):
-    path = tmp_path / "tiny-fp8"
+@pytest.fixture(scope="module")
+def tiny_fp8(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-fp8")
     write_random_checkpoint(path, make_config("tiny", mtp=False, hidden_size=256), dtype="fp8", seed=11)
-    model = load_model(path, device="cuda", dtype=torch.bfloat16)
-    tok = Tokenizer(path)
+    return load_model(path, device="cuda", dtype=torch.bfloat16), Tokenizer(path)
+
+
+def test_default_kv_budget_comes_from_free_gpu_memory(tiny_fp8):
+    model, tok = tiny_fp8
+    prev = set_backend(TritonFP8Backend())
+    try:
+        free = torch.cuda.mem_get_info()[0]
+        engine = Engine(model, tok, EngineConfig(max_batch=2, graph_memory_gb=0.5))
+        plan = engine.kv_plan
+        print(f"KV plan: {plan}; graphs {engine.graph_report}")
+        assert plan.activation_bytes > 0 and plan.graph_bytes == 2**29
+        assert 0 < plan.kv_bytes < plan.free_bytes - plan.activation_bytes - plan.graph_bytes <= free
+        assert plan.kv_bytes - engine.cache.nbytes() < 2 * engine.cache.nbytes() / engine.blocks.num_blocks
+        assert engine.graph_report.sizes == [1, 2] and engine.graph_report.nbytes <= 2**29
+    finally:
+        set_backend(prev)
+        engine = None
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def test_served_greedy_equals_generate_for_8_concurrent_requests(tiny_fp8):
+    model, tok = tiny_fp8
     prev = set_backend(TritonFP8Backend())  # what `serve --device cuda` installs
     try:
         params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
