@@ -188,7 +188,7 @@ def build_app(kb: KnowledgeBase, ui: UIConfig) -> gr.Blocks:
                 ingest_btn = gr.Button("Ingest", variant="primary", elem_id="ingest")
                 ingest_md = gr.Markdown(elem_id="ingest-report", min_height=80)
                 sources_df = gr.Dataframe(headers=["Source", "Chunks"], datatype=["str", "number"],
-                                          interactive=False, label="Sources", wrap=True)
+                                          interactive=False, label="Sources", wrap=True, elem_id="kb-sources")
                 with gr.Row(equal_height=True):
                     source_dd = gr.Dropdown([], label="Source to delete", scale=4, allow_custom_value=True)
                     delete_btn = gr.Button("Delete source", variant="stop", scale=1)
