@@ -10,7 +10,8 @@ from ingest.config import IngestConfig
 from rag.config import RagConfig
 from rag.store import MilvusStore
 from tests.ui.conftest import FIXTURE_DOCS
-from ui.backends import Backend, Prober
+from ui import views
+from ui.backends import Backend, Probe, Prober
 from ui.chat import respond
 from ui.errors import explain
 from ui.service import KnowledgeBase
@@ -87,3 +88,10 @@ def test_milvus_errors_become_one_sentence_that_names_the_fix(error, fix):
     assert fix in text and "\n" not in text
     for raw in ("MilvusException", "code=", "<", "segcore"):
         assert raw not in text
+
+
+def test_banner_follows_the_row_count():
+    backend, probe = Backend("retrieval-only"), Probe(True, "no LLM")
+    for stats in (None, {"files": 0, "chunks": 0}):
+        assert "is empty" in views.banner(backend, probe, "docs", stats)
+    assert "is empty" not in views.banner(backend, probe, "docs", {"files": 4, "chunks": 10})
