@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,10 @@ def source_name(path: Path) -> str:
         return p.as_posix()
 
 
-def discover(paths: Sequence[str], globs: Sequence[str]) -> Discovered:
-    """Expand folders (with `globs`), files and glob patterns into a sorted, de-duplicated list."""
+def discover(paths: Sequence[str], globs: Sequence[str], name: Callable[[Path], str] = source_name) -> Discovered:
+    """Expand folders (with `globs`), files and glob patterns into a sorted, de-duplicated list.
+
+    `name` gives each file its stored source name (default: `source_name`)."""
     files: dict[str, Path] = {}
     roots: list[str] = []
     for raw in paths:
@@ -65,7 +67,7 @@ def discover(paths: Sequence[str], globs: Sequence[str]) -> Discovered:
             continue
         p = Path(raw)
         if p.is_dir():
-            roots.append(source_name(p))
+            roots.append(name(p))
             for pattern in globs:
                 for m in p.glob(pattern):
                     rel = m.relative_to(p).parts
@@ -76,7 +78,7 @@ def discover(paths: Sequence[str], globs: Sequence[str]) -> Discovered:
             files[str(p.resolve())] = p
         else:
             raise FileNotFoundError(f"{raw!r} does not exist; give a folder, a file or a glob pattern")
-    return Discovered(sorted(files.values(), key=source_name), roots)
+    return Discovered(sorted(files.values(), key=name), roots)
 
 
 def _front_matter(text: str) -> tuple[dict[str, Any], int, str | None]:
@@ -93,9 +95,9 @@ def _front_matter(text: str) -> tuple[dict[str, Any], int, str | None]:
     return json.loads(json.dumps(meta, default=str)), m.end(), None
 
 
-def load(path: Path, max_bytes: int) -> Document | Skip:
+def load(path: Path, max_bytes: int, name: Callable[[Path], str] = source_name) -> Document | Skip:
     """Read one file, or say in one line why it cannot be used."""
-    source = source_name(path)
+    source = name(path)
     try:
         size = path.stat().st_size
         if size > max_bytes:

@@ -16,12 +16,13 @@ import dataclasses
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from ingest.chunker import Chunker
 from ingest.config import IngestConfig
-from ingest.loader import Document, Skip, discover, load
+from ingest.loader import Document, Skip, discover, load, source_name
 from rag.config import RagConfig
 from rag.embedder import Embedder, MiniLMEmbedder, embedder_name, make_embedder
 from rag.store import MilvusStore
@@ -104,11 +105,15 @@ def ingest(
     store: MilvusStore | None = None,
     progress: bool = True,
     warn: Callable[[str], None] = tqdm.write,
+    name: Callable[[Path], str] = source_name,
 ) -> IngestReport:
-    """Bring the collection in line with `paths`. Raises StoreError/FileNotFoundError for bad input."""
+    """Bring the collection in line with `paths`. Raises StoreError/FileNotFoundError for bad input.
+
+    `name` gives each file its stored source name; the UI names uploads by their place in the
+    uploads folder, so the name does not depend on the folder rag-ui was started from."""
     t0 = time.perf_counter()
     report = IngestReport(dry_run=dry_run, collection=rag_config.collection)
-    found = discover(paths, config.glob_list)
+    found = discover(paths, config.glob_list, name)
     if not found.files:
         raise FileNotFoundError(
             f"no files match {config.globs!r} under {', '.join(paths)}; check the path or pass --glob"
@@ -116,7 +121,7 @@ def ingest(
 
     docs: list[Document] = []
     for f in tqdm(found.files, desc="reading", unit="file", disable=not progress, leave=False):
-        doc = load(f, int(config.max_file_mb * 1e6))
+        doc = load(f, int(config.max_file_mb * 1e6), name)
         if isinstance(doc, Skip):
             report.skipped.append((doc.source, doc.reason))
             warn(f"skipped {doc.source}: {doc.reason}")

@@ -9,12 +9,13 @@ error, so vectors of two models never mix.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pymilvus import (
@@ -50,6 +51,33 @@ ANALYZER_PARAMS: dict[str, dict[str, Any]] = {
 
 class StoreError(RuntimeError):
     """A store problem the user can fix; the message is one line that names the fix."""
+
+
+R = TypeVar("R")
+
+
+def is_released(e: MilvusException) -> bool:
+    """Milvus' answer to a search or query on a collection that is not loaded (any more)."""
+    msg = str(getattr(e, "message", e)).lower()
+    return "released" in msg or "not loaded" in msg
+
+
+def reloading(method: Callable[..., R]) -> Callable[..., R]:
+    """Run a read; if Milvus says the collection is released (a restart, or another client
+    released it), load it and retry once instead of failing the user's request."""
+
+    @functools.wraps(method)
+    def run(self: MilvusStore, *args: Any, **kwargs: Any) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except MilvusException as e:
+            if not is_released(e):
+                raise
+            log.info("collection %r was released; loading it again", self.collection)
+            self.client.load_collection(self.collection)
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 @dataclasses.dataclass
@@ -295,6 +323,7 @@ class MilvusStore:
 
     # -- ingest state ----------------------------------------------------------------------
 
+    @reloading
     def file_states(self) -> dict[str, FileState]:
         """Every source in the collection with its stored versions, read in pages."""
         states: dict[str, FileState] = defaultdict(FileState)
@@ -348,6 +377,7 @@ class MilvusStore:
             ))
         return hits
 
+    @reloading
     def search_dense(self, vector: np.ndarray, k: int, filter: str = "") -> list[Hit]:
         """Top-k by inner product (cosine on unit vectors)."""
         res = self.client.search(
@@ -356,6 +386,7 @@ class MilvusStore:
         )
         return self._hits(res[0], dense=True)
 
+    @reloading
     def search_bm25(self, text: str, k: int, filter: str = "") -> list[Hit]:
         """Top-k by Milvus BM25 over the analyzed text; scores are reported positive."""
         res = self.client.search(
@@ -367,6 +398,7 @@ class MilvusStore:
         sign = -1.0 if rows and float(rows[0]["distance"]) < 0 else 1.0
         return self._hits(rows, sign)
 
+    @reloading
     def search_hybrid(
         self, vector: np.ndarray, text: str, k: int, filter: str = "",
         rrf_k: int = 10, weights: tuple[float, float] | None = None, candidates: int | None = None,
