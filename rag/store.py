@@ -75,6 +75,18 @@ class FileState:
         )
 
 
+def row_problem(chunk: Chunk) -> str | None:
+    """Why Milvus would refuse this chunk's row (a VARCHAR over its byte limit), else None."""
+    for field, value, limit in (
+        ("text", chunk.text, TEXT_MAX_BYTES),
+        ("source path", chunk.source, SOURCE_MAX_BYTES),
+        ("header path", chunk.heading, HEADER_MAX_BYTES),
+    ):
+        if len(value.encode()) > limit:
+            return f"chunk {chunk.chunk_index} {field} is {len(value.encode())} bytes, over Milvus' {limit}-byte VARCHAR limit"
+    return None
+
+
 def is_local_uri(uri: str) -> bool:
     return "://" not in uri
 
@@ -261,16 +273,8 @@ class MilvusStore:
         """Write chunks; ids are deterministic, so writing the same chunk twice is a no-op."""
         rows = []
         for chunk, vec in zip(chunks, vectors, strict=True):
-            for field, value, limit in (
-                ("text", chunk.text, TEXT_MAX_BYTES),
-                ("source path", chunk.source, SOURCE_MAX_BYTES),
-                ("header path", chunk.heading, HEADER_MAX_BYTES),
-            ):
-                if len(value.encode()) > limit:
-                    raise StoreError(
-                        f"{chunk.source}: chunk {chunk.chunk_index} {field} is {len(value.encode())} bytes, over "
-                        f"Milvus' {limit}-byte VARCHAR limit; shorten it (or lower --chunk-size)"
-                    )
+            if problem := row_problem(chunk):
+                raise StoreError(f"{chunk.source}: {problem}; shorten it")
             rows.append({
                 "id": chunk.id, "vector": vec.tolist(), "text": chunk.text, "source": chunk.source,
                 "header_path": chunk.heading, "chunk_index": chunk.chunk_index,
