@@ -31,7 +31,7 @@ from collections.abc import Callable
 from langchain_text_splitters import Language, RecursiveCharacterTextSplitter
 
 from ingest.loader import Document
-from rag.store import TEXT_MAX_BYTES
+from rag.schema import TEXT_MAX_BYTES
 from rag.types import Chunk
 
 # Every heading level starts a section: FAQ-style docs put one question under each h4.

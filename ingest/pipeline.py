@@ -24,7 +24,8 @@ from ingest.config import IngestConfig
 from ingest.loader import Document, Skip, discover, load
 from rag.config import RagConfig
 from rag.embedder import Embedder, MiniLMEmbedder, embedder_name, make_embedder
-from rag.store import MilvusStore, row_problem
+from rag.schema import row_problem
+from rag.store import MilvusStore
 from rag.types import Chunk
 
 
@@ -111,10 +112,13 @@ def ingest(
     t0 = time.perf_counter()
     report = IngestReport(dry_run=dry_run, collection=rag_config.collection)
     found = discover(paths, config.glob_list)
-    if not found.files:
+    if not found.files and not found.skipped:
         raise FileNotFoundError(
             f"no files match {config.globs!r} under {', '.join(paths)}; check the path or pass --glob"
         )
+    for skip in found.skipped:
+        report.skipped.append((skip.source, skip.reason))
+        warn(f"skipped {skip.source}: {skip.reason}")
 
     docs: list[Document] = []
     for f in tqdm(found.files, desc="reading", unit="file", disable=not progress, leave=False):
@@ -139,7 +143,7 @@ def ingest(
         if dry_run and not store.exists():
             states = {}
         elif dry_run:
-            store.check_compatible(embedder)
+            store.open_existing(embedder, answering=False)  # loaded: a reopened collection is 'released'
             states = store.file_states()
         else:
             analyzer = config.analyzer

@@ -10,7 +10,7 @@ import pytest
 
 from ingest.chunker import Chunker, blobs
 from ingest.loader import Document, discover, load
-from rag.store import HEADER_MAX_BYTES, TEXT_MAX_BYTES
+from rag.schema import HEADER_MAX_BYTES, TEXT_MAX_BYTES
 from tests.conftest import shared_data
 from tests.rag_core.conftest import run_cli, snapshot
 
