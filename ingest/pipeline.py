@@ -107,8 +107,13 @@ def ingest(
     store: MilvusStore | None = None,
     progress: bool = True,
     warn: Callable[[str], None] = tqdm.write,
+    after_upsert: Callable[[], None] | None = None,
 ) -> IngestReport:
-    """Bring the collection in line with `paths`. Raises StoreError/FileNotFoundError for bad input."""
+    """Bring the collection in line with `paths`. Raises StoreError/FileNotFoundError for bad input.
+
+    `after_upsert` runs once every new chunk is written and before any old version is deleted:
+    the window in which a changed file is stored twice, where the crash tests kill a run.
+    """
     t0 = time.perf_counter()
     report = IngestReport(dry_run=dry_run, collection=rag_config.collection)
     found = discover(paths, config.glob_list)
@@ -206,6 +211,8 @@ def ingest(
             report.chunks_embedded += len(batch)
             bar.update(len(batch))
         bar.close()
+        if after_upsert is not None:
+            after_upsert()
         # Old versions go only after every new chunk is in, so a file is never missing.
         store.delete_ids(stale_ids)
         if chunks or stale_ids:
