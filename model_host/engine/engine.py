@@ -157,7 +157,8 @@ class Engine:
         lp = logits[rows].float().log_softmax(dim=-1)
         chosen = lp.gather(1, tokens[rows].unsqueeze(1)).squeeze(1).tolist()
         k = max(seqs[i].params.logprobs for i in rows)
-        top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        # A stable sort, not topk: among tied logits the lowest index comes first, the sampler's rule.
+        top_v, top_i = (t[:, :k] for t in lp.sort(dim=-1, descending=True, stable=True))
         for j, (i, v, idx) in enumerate(zip(rows, top_v.tolist(), top_i.tolist(), strict=True)):
             n = seqs[i].params.logprobs
             out[i] = TokenLogprob(int(tokens[i]), chosen[j], list(zip(idx[:n], v[:n], strict=True)))
