@@ -94,8 +94,7 @@ def run(args: argparse.Namespace) -> int:
     served.loop.start()
     log.info("serving %s on http://%s:%d/v1 (Ctrl-C or SIGTERM stops it)", served.model_name, args.host, args.port)
     try:
-        server.run()
+        server.run()  # on SIGTERM uvicorn re-raises the signal after its shutdown: the process ends here
     finally:
         served.loop.stop()
-        log.info("stopped")
     return 0
