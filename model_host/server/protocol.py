@@ -123,11 +123,14 @@ class _Sampling(BaseModel):
                 param="max_tokens", code="context_length_exceeded",
             )
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return SamplingParams(
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
-            max_tokens=requested or min(DEFAULT_MAX_TOKENS, room), stop=stop, ignore_eos=self.ignore_eos,
-            logprobs=self.num_logprobs(),
-        )
+        try:
+            return SamplingParams(
+                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+                max_tokens=requested or min(DEFAULT_MAX_TOKENS, room), stop=stop, ignore_eos=self.ignore_eos,
+                logprobs=self.num_logprobs(),
+            )
+        except ValueError as e:  # the fields above are validated; this is the backstop
+            raise APIError(400, str(e)) from None
 
 
 class ChatCompletionRequest(_Sampling):
