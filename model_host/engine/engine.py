@@ -125,8 +125,8 @@ class Engine:
         else:
             logits = self.runner.decode(seqs)
         sampled = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        logprobs = self._logprobs(logits, sampled, seqs)
         tokens = sampled.tolist()
+        logprobs = self._logprobs(logits, sampled, tokens, seqs)
         now = time.perf_counter()
         outs = []
         for s, tok, lp in zip(seqs, tokens, logprobs, strict=True):
@@ -148,20 +148,21 @@ class Engine:
         return outs
 
     @staticmethod
-    def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> list[TokenLogprob | None]:
-        """log_softmax of the rows that asked for logprobs (one device sync for all of them)."""
+    def _logprobs(logits: torch.Tensor, sampled: torch.Tensor, tokens: list[int],
+                  seqs: list[Sequence]) -> list[TokenLogprob | None]:
+        """log_softmax of the rows that asked for logprobs; nothing is computed for the others."""
         rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         out: list[TokenLogprob | None] = [None] * len(seqs)
         if not rows:
             return out
         lp = logits[rows].float().log_softmax(dim=-1)
-        chosen = lp.gather(1, tokens[rows].unsqueeze(1)).squeeze(1).tolist()
+        chosen = lp.gather(1, sampled[rows].unsqueeze(1)).squeeze(1).tolist()
         k = max(seqs[i].params.logprobs for i in rows)
         # A stable sort, not topk: among tied logits the lowest index comes first, the sampler's rule.
         top_v, top_i = (t[:, :k] for t in lp.sort(dim=-1, descending=True, stable=True))
         for j, (i, v, idx) in enumerate(zip(rows, top_v.tolist(), top_i.tolist(), strict=True)):
             n = seqs[i].params.logprobs
-            out[i] = TokenLogprob(int(tokens[i]), chosen[j], list(zip(idx[:n], v[:n], strict=True)))
+            out[i] = TokenLogprob(tokens[i], chosen[j], list(zip(idx[:n], v[:n], strict=True)))
         return out
 
     def _append(self, s: Sequence, tok: int) -> StepOutput:
@@ -230,7 +231,8 @@ class EngineLoop:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        """Running and taking requests (False from the moment the loop starts failing its requests)."""
+        return self._thread.is_alive() and not self._closed
 
     def start(self) -> None:
         self._thread.start()
@@ -303,7 +305,7 @@ class EngineLoop:
                 log.exception("the on_step hook failed")
         for o in outs:
             cb = self.callbacks.get(o.seq.id)
-            if cb and not self._notify(cb, o) and not o.finished:
+            if cb and not self._notify(cb, o) and not o.finished and o.seq.id in self.aborts:
                 self.aborts[o.seq.id].set()  # nobody is listening: free its blocks next step
             if o.finished:
                 self.callbacks.pop(o.seq.id, None)
