@@ -15,8 +15,6 @@ import pytest
 
 from tests.support.openai_stub import free_port
 
-pytestmark = pytest.mark.slow
-
 
 class ServeProcess:
     """`model-host serve` in a subprocess; its output lines are collected as they come."""
