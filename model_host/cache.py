@@ -38,6 +38,14 @@ class LatentCache(ABC):
         Positions a row has not written yet hold garbage; attention masks them by position.
         """
 
+    # A paged cache's [B, max_blocks] tables of the bound rows (kernels walk them); None here.
+    block_tables: torch.Tensor | None = None
+
+    def slot_mapping(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """Flat cache rows ([B * S], the same for every layer) of ``positions``, where the cache
+        stores layers as flat slot arrays (see :meth:`flat`); None otherwise."""
+        return None
+
     def bytes_per_token_per_layer(self) -> int:
         """Storage cost of one token in one layer (the number MLA is built to minimise)."""
         return (self.kv_lora_rank + self.rope_dim) * self.dtype.itemsize

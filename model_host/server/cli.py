@@ -41,13 +41,14 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("model-host: --tp > 1 is not implemented yet; run with --tp 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
-    model = load_model(args.checkpoint, device=device, dtype=dtype)
+    ops = None  # the CPU keeps the pure-PyTorch ops
     if device.startswith("cuda"):
         # FP8 GEMM, grouped MoE and paged MLA decode kernels; with them the runner replays
-        # decode steps from captured CUDA graphs. The CPU keeps the pure-PyTorch path.
-        from model_host.kernels import install
+        # decode steps from captured CUDA graphs.
+        from model_host.kernels.backend import TritonOps
 
-        install(model)
+        ops = TritonOps()
+    model = load_model(args.checkpoint, device=device, dtype=dtype, ops=ops)
     tokenizer = Tokenizer(args.checkpoint)
     engine = Engine(model, tokenizer, EngineConfig(
         max_batch=args.max_batch, kv_memory_gb=args.kv_memory_gb, block_size=args.block_size,

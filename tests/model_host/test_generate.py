@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_host.generate import StopMatcher, generate
+from model_host.generate import generate
+from model_host.stop import StopMatcher
 from model_host.sampler import Sampler, SamplingParams, apply_top_k_top_p, sample
 
 PROMPT = [{"role": "user", "content": "Write a haiku about the sea."}]
