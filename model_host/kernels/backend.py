@@ -102,7 +102,7 @@ class TritonOps(TorchOps):
                     y = scaled_mm_linear(x, w, w_s, a_quant=a_quant)
                     self._scaled_ok[key] = True
                     return y
-                except (RuntimeError, NotImplementedError, TypeError):
+                except (RuntimeError, NotImplementedError, TypeError, ValueError):
                     self._scaled_ok[key] = False  # unsupported here: Triton from now on
         cfg = gemm_config(m, w.shape[0], w.shape[1], num_sms(x.device.index or 0), self.tuning)
         return w8a8_linear(x, w, w_s, cfg, a_quant=a_quant if cfg["a_mode"] == 0 else None)

@@ -95,7 +95,7 @@ if HAS_TRITON:
             k0 = k_lo + i * BLOCK_K
             kk = k0 + offs_k
             mask_k = kk < K
-            in_k = k0 < K
+            in_k = tl.full((1,), k0, tl.int32) < K  # a [1] block: the interpreter rejects scalar masks
             a = tl.load(a_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(b_rows + kk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             b_s = tl.load(bs_rows + k0 // BLOCK_K, mask=mask_n & in_k, other=0.0)
