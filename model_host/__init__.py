@@ -19,10 +19,10 @@ stop, generate, cli.
 from .cache import ContiguousLatentCache, LatentCache
 from .config import ConfigError, ModelConfig
 from .generate import GenerationResult, generate
-from .stop import StopMatcher
 from .loader import CheckpointError, load_model, validate_checkpoint
 from .model import DeepseekV3, ModelOutput
 from .sampler import Sampler, SamplingParams, sample
+from .stop import StopMatcher
 from .tokenizer import Tokenizer
 
 __all__ = [
