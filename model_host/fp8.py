@@ -20,9 +20,7 @@ DEFAULT_BLOCK = (128, 128)
 
 
 # --------------------------------------------------------------------------- block math
-def scale_shape(
-    shape: tuple[int, ...] | torch.Size, block: tuple[int, int] = DEFAULT_BLOCK
-) -> tuple[int, ...]:
+def scale_shape(shape: tuple[int, ...] | torch.Size, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[int, ...]:
     """Shape of ``scale_inv`` for a weight of ``shape`` (leading dims, e.g. experts, kept)."""
     *lead, out, inn = shape
     return (*lead, math.ceil(out / block[0]), math.ceil(inn / block[1]))
@@ -38,12 +36,8 @@ def _blocked(x: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, int
     return x.reshape(*lead, r, block[0], c, block[1]), out, inn
 
 
-def block_dequantize(
-    w: torch.Tensor,
-    scale_inv: torch.Tensor,
-    block: tuple[int, int] = DEFAULT_BLOCK,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+def block_dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``w.float() * scale_inv`` broadcast over 128x128 blocks, cast to ``dtype``.
 
     The product is taken in fp32 (exactly what the checkpoint definition says), so the result is
@@ -58,9 +52,7 @@ def block_dequantize(
     return wb.to(dtype)
 
 
-def block_quantize(
-    w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK
-) -> tuple[torch.Tensor, torch.Tensor]:
+def block_quantize(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize to (float8_e4m3fn weight, fp32 scale_inv) with one scale per block.
 
     ``scale_inv = amax(|block|) / 448`` so the largest magnitude of each block maps to the fp8

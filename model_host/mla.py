@@ -75,14 +75,8 @@ class AttentionBatch:
         return k_lens, cu_q, torch.tensor([0, *itertools.accumulate(k_lens)], dtype=torch.int32)
 
 
-def build_attention_batch(
-    positions: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    cache: LatentCache | None,
-    kv_len: int | None = None,
-    mode: str = "auto",
-) -> AttentionBatch:
+def build_attention_batch(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None,
+                          kv_len: int | None = None, mode: str = "auto") -> AttentionBatch:
     """Causal mask by absolute position: a query at p sees keys at positions <= p.
 
     With a cache, key t is cache position t (rows are left-aligned: row b's token at position p

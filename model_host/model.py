@@ -149,28 +149,15 @@ class DeepseekV3(nn.Module):
         """Cache layers needed: decoder layers, plus one for the MTP layer when present."""
         return self.cfg.num_hidden_layers + len(self.mtp)
 
-    def new_cache(
-        self, batch_size: int, max_seq_len: int, *, dtype: torch.dtype | None = None
-    ) -> ContiguousLatentCache:
+    def new_cache(self, batch_size: int, max_seq_len: int, *, dtype: torch.dtype | None = None
+                  ) -> ContiguousLatentCache:
         """A contiguous latent cache sized for this model (MTP layer included if loaded)."""
-        return ContiguousLatentCache(
-            self.num_cache_layers,
-            batch_size,
-            max_seq_len,
-            self.cfg.kv_lora_rank,
-            self.cfg.qk_rope_head_dim,
-            dtype=dtype or self.dtype,
-            device=self.device,
-        )
+        return ContiguousLatentCache.for_config(self.cfg, batch_size, max_seq_len, include_mtp=len(self.mtp) > 0,
+                                                dtype=dtype or self.dtype, device=self.device)
 
-    def attention_batch(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        cache: LatentCache | None = None,
-        kv_len: int | None = None,
-        mla_mode: str = "auto",
-    ) -> AttentionBatch:
+    def attention_batch(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                        cache: LatentCache | None = None, kv_len: int | None = None,
+                        mla_mode: str = "auto") -> AttentionBatch:
         """Rotary tables + causal mask for one forward, shared by every layer."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
@@ -178,16 +165,8 @@ class DeepseekV3(nn.Module):
         return build_attention_batch(positions, cos, sin, cache, kv_len, mla_mode)
 
     @torch.no_grad()
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        cache: LatentCache | None = None,
-        *,
-        kv_len: int | None = None,
-        last_only: bool = False,
-        mla_mode: str = "auto",
-    ) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: LatentCache | None = None,
+                *, kv_len: int | None = None, last_only: bool = False, mla_mode: str = "auto") -> ModelOutput:
         """Run ``input_ids`` [B, S] at absolute ``positions`` [B, S] (default 0..S-1).
 
         With a ``cache`` the new latents are written at ``positions`` and attention reads cache
