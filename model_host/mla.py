@@ -130,6 +130,8 @@ class MLA(nn.Module):
     def _use_absorb(self, s: int, t: int, mode: str) -> bool:
         if mode != "auto":
             return mode == "absorb"
+        if s == 1:  # decode: cheaper from t = 2 on, and the paged kernel ignores kv_len (graphs pass 1)
+            return True
         h, r, dr, dn, dv = self.n_heads, self.kv_lora_rank, self.rope, self.nope, self.v_dim
         expand = t * h * (dn + dv) * r + s * h * t * (dn + dr + dv)  # expand K/V, then attend
         absorb = s * h * (dn + dv) * r + s * h * t * (2 * r + dr)  # project q/out, attend in latent

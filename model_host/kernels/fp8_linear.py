@@ -241,7 +241,7 @@ def gemm_config(m: int, n: int, k: int, sms: int, tuning: Tuning) -> dict:
 
 
 def w8a16_reference(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=None) -> torch.Tensor:
-    """The W8A16 mode: activations unquantized, weights dequantized (the TorchBackend function)."""
+    """The W8A16 mode: activations unquantized, weights dequantized (the TorchOps function)."""
     from ..fp8 import block_dequantize
 
     return (x.float() @ block_dequantize(w, w_s).T).to(out_dtype or x.dtype)
