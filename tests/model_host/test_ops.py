@@ -74,3 +74,25 @@ def test_launch_tables_are_read_only_data(tmp_path):
     path.write_text('{"small_m": {}}')
     with pytest.raises(ValueError, match="h100.json"):
         read_table(path)
+
+
+def test_one_query_attends_absorbed_whatever_kv_len(small_model):
+    """A captured decode step passes kv_len=1 (the paged kernel reads lengths on the device):
+    one query must take mla_decode, never the expanded path that reads kv_len positions."""
+    calls = []
+
+    class Spy(TorchOps):
+        def mla_decode(self, *a, **kw):
+            calls.append("decode")
+            return super().mla_decode(*a, **kw)
+
+        def mla_prefill(self, *a, **kw):
+            calls.append("prefill")
+            return super().mla_prefill(*a, **kw)
+
+    small_model.ops = Spy()
+    try:
+        small_model(torch.tensor([[5]]), torch.tensor([[0]]), small_model.new_cache(1, 4), kv_len=1)
+    finally:
+        small_model.ops = TorchOps()
+    assert calls and set(calls) == {"decode"}
