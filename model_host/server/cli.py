@@ -62,13 +62,14 @@ def build(args: argparse.Namespace) -> Served:
     name = args.served_model_name or Path(args.checkpoint).resolve().name
     log.info("loading %s on %s (%s)", args.checkpoint, device, str(dtype).removeprefix("torch."))
     t0 = time.perf_counter()
-    model = load_model(args.checkpoint, device=device, dtype=dtype)
+    ops = None  # the CPU keeps the pure-PyTorch ops
     if device.startswith("cuda"):
         # FP8 GEMM, grouped MoE and paged MLA decode kernels; with them the runner replays
-        # decode steps from captured CUDA graphs. The CPU keeps the pure-PyTorch path.
-        from model_host.kernels import install
+        # decode steps from captured CUDA graphs.
+        from model_host.kernels.backend import TritonOps
 
-        install(model)
+        ops = TritonOps()
+    model = load_model(args.checkpoint, device=device, dtype=dtype, ops=ops)
     tokenizer = Tokenizer(args.checkpoint)
     engine = Engine(model, tokenizer, EngineConfig(
         max_batch=args.max_batch, kv_memory_gb=args.kv_memory_gb, block_size=args.block_size,
