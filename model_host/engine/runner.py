@@ -1,6 +1,6 @@
 """Turns scheduled work into model forwards over the paged latent cache.
 
-On CUDA with the FP8 kernel backend installed (``model_host.kernels.install()``), decode steps
+On CUDA with the model on the GPU kernels (``model.ops`` a ``TritonOps``), decode steps
 run through the paged MLA kernel and are replayed from CUDA graphs captured at start-up for
 every batch size the scheduler can produce (:meth:`ModelRunner.capture_graphs`); a batch is
 padded up to the next captured size. Prefill chunks run eagerly.
@@ -23,18 +23,17 @@ from model_host.model import DeepseekV3
 log = logging.getLogger(__name__)
 
 
-def graphs_supported(device: torch.device) -> bool:
-    """CUDA + Triton + a sync-free (kernel) backend; MODEL_HOST_CUDA_GRAPHS=0 opts out."""
-    if device.type != "cuda" or os.environ.get("MODEL_HOST_CUDA_GRAPHS", "1") == "0":
+def graphs_supported(model: DeepseekV3) -> bool:
+    """CUDA + Triton + the sync-free kernel ops; MODEL_HOST_CUDA_GRAPHS=0 opts out."""
+    if model.device.type != "cuda" or os.environ.get("MODEL_HOST_CUDA_GRAPHS", "1") == "0":
         return False
-    from model_host.fp8 import get_backend
     from model_host.kernels import HAS_TRITON
 
     if not HAS_TRITON:
         return False
-    from model_host.kernels.backend import TritonFP8Backend
+    from model_host.kernels.backend import TritonOps
 
-    return isinstance(get_backend(), TritonFP8Backend)
+    return isinstance(model.ops, TritonOps)
 
 
 def capture_sizes(max_batch: int) -> list[int]:
@@ -63,12 +62,11 @@ class ModelRunner:
         self.cache = cache
         self.device = model.device
         self.max_blocks_per_seq = max_blocks_per_seq or cache.num_blocks
-        use_graphs = graphs_supported(self.device) if cuda_graphs is None else cuda_graphs
+        use_graphs = graphs_supported(model) if cuda_graphs is None else cuda_graphs
         self.graphs = None
         if use_graphs:
             from model_host.kernels.graphs import DecodeGraphs
 
-            cache.decode_kernel = True
             # Captures a batch size on its first use unless capture_graphs() did it at start-up.
             self.graphs = DecodeGraphs(model, cache, self.max_blocks_per_seq)
 

@@ -1,14 +1,24 @@
-"""`model-host serve`: load a checkpoint and serve it over the OpenAI protocol."""
+"""`model-host serve`: load a checkpoint and serve it over the OpenAI protocol.
+
+`build` loads the model and constructs the engine and the app; `run` adds the process around
+them: start-up logging, the engine thread, uvicorn, and a prompt shutdown on SIGTERM/SIGINT.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from fastapi import FastAPI
+
+from model_host.engine.engine import EngineLoop
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+log = logging.getLogger("model_host.server")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,50 +42,75 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer <key> on /v1/*")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: checkpoint dir name)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (only 1 is implemented)")
+    p.add_argument("--shutdown-timeout", type=float, default=5.0,
+                   help="seconds in-flight requests get to finish after SIGTERM (default 5)")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass
+class Served:
+    app: FastAPI
+    loop: EngineLoop
+    model_name: str
+    device: str
+
+
+def build(args: argparse.Namespace, model=None, tokenizer=None) -> Served:
+    """Load the checkpoint (unless ``model`` and ``tokenizer`` are given: bench/serve_bench.py
+    passes a model it built on the GPU, so the benchmark serves through exactly this code) and
+    build the engine loop (not started) and the app over it."""
+    from model_host.engine.engine import Engine, EngineConfig
     from model_host.loader import load_model
+    from model_host.server.app import create_app
     from model_host.tokenizer import Tokenizer
 
-    logging.basicConfig(level=logging.INFO, format="model-host: %(message)s")
     if args.tp != 1:
         raise SystemExit("model-host: --tp > 1 is not implemented yet; run with --tp 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
-    model = load_model(args.checkpoint, device=device, dtype=dtype)
-    return serve_model(model, Tokenizer(args.checkpoint), args)
+    name = args.served_model_name or Path(args.checkpoint).resolve().name
+    t0 = time.perf_counter()
+    if model is None:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+        log.info("loading %s on %s (%s)", args.checkpoint, device, str(dtype).removeprefix("torch."))
+        ops = None  # the CPU keeps the pure-PyTorch ops
+        if device.startswith("cuda"):
+            # FP8 GEMM, grouped MoE and paged MLA decode kernels; with them the runner replays
+            # decode steps from captured CUDA graphs.
+            from model_host.kernels.backend import TritonOps
 
-
-def serve_model(model, tokenizer, args: argparse.Namespace) -> int:
-    """Serve a loaded model with the `serve` flags in ``args`` (bench/serve_bench.py calls this
-    with a model it built on the GPU, so the benchmark runs exactly this server)."""
-    import uvicorn
-
-    from model_host.engine.engine import Engine, EngineConfig, EngineLoop
-    from model_host.server.app import create_app
-
-    if model.device.type == "cuda":
-        # FP8 GEMM, grouped MoE and paged MLA decode kernels; with them the runner replays
-        # decode steps from captured CUDA graphs. The CPU keeps the pure-PyTorch path.
-        from model_host.kernels import install
-
-        install(model)
+            ops = TritonOps()
+        model = load_model(args.checkpoint, device=device, dtype=dtype, ops=ops)
+        tokenizer = Tokenizer(args.checkpoint)
     engine = Engine(model, tokenizer, EngineConfig(
         max_batch=args.max_batch, kv_memory_gb=args.kv_memory_gb, block_size=args.block_size,
         max_model_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens,
         graph_memory_gb=args.graph_memory_gb,
     ))
-    name = args.served_model_name or Path(args.checkpoint).resolve().name
-    logging.getLogger("model-host").info(
-        "KV cache holds %d tokens (%d blocks); max context %d; serving %s on http://%s:%d/v1",
-        engine.capacity_tokens, engine.blocks.num_blocks, engine.max_model_len, name, args.host, args.port)
+    log.info("model %s ready in %.1f s: %d layers, device %s; KV cache holds %d tokens (%d blocks of %d); "
+             "max context %d tokens", name, time.perf_counter() - t0, model.cfg.num_hidden_layers, model.device,
+             engine.capacity_tokens, engine.blocks.num_blocks, engine.blocks.block_size, engine.max_model_len)
     loop = EngineLoop(engine)
-    app = create_app(loop, tokenizer, name, args.api_key)
-    loop.start()
+    return Served(create_app(loop, tokenizer, name, args.api_key), loop, name, str(model.device))
+
+
+def run(args: argparse.Namespace) -> int:
+    # Start-up lines are shown without -v: a server that prints nothing looks hung while it loads.
+    log.setLevel(logging.INFO)
+    return serve(build(args), args)
+
+
+def serve(served: Served, args: argparse.Namespace) -> int:
+    """Start the engine thread and uvicorn on ``--host``/``--port`` until SIGTERM/SIGINT."""
+    import uvicorn
+
+    # A short graceful timeout: uvicorn otherwise waits for every open request (a long
+    # generation, a stalled stream) before exiting on SIGTERM.
+    server = uvicorn.Server(uvicorn.Config(served.app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=args.shutdown_timeout))
+    served.loop.start()
+    log.info("serving %s on http://%s:%d/v1 (Ctrl-C or SIGTERM stops it)", served.model_name, args.host, args.port)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        server.run()  # on SIGTERM uvicorn re-raises the signal after its shutdown: the process ends here
     finally:
-        loop.stop()
+        served.loop.stop()
     return 0
