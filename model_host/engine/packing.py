@@ -13,16 +13,14 @@ import dataclasses
 import torch
 
 from model_host.engine.scheduler import PrefillChunk
+from model_host.mla import Varlen
 
 
 @dataclasses.dataclass(frozen=True)
 class PackedChunks:
     ids: torch.Tensor  # [1, Tq] the chunks' tokens, concatenated
     positions: torch.Tensor  # [1, Tq] absolute position of each
-    slots: torch.Tensor  # [Tq] cache rows the new tokens' latents go to
-    key_slots: torch.Tensor  # [Tk] cache rows of every sequence's keys 0 .. end - 1, concatenated
-    cu_seqlens_q: torch.Tensor  # int32 [n + 1], on the host (attention loops / launches per sequence)
-    cu_seqlens_k: torch.Tensor  # int32 [n + 1], on the host
+    varlen: Varlen  # new tokens' cache slots, every sequence's key slots (0 .. end - 1), cu_seqlens
     last: torch.Tensor  # [m] query index of the final token of each chunk that ends its sequence
 
 
@@ -51,6 +49,7 @@ def pack_chunks(chunks: list[PrefillChunk], block_size: int, device: torch.devic
 
     return PackedChunks(
         ids=dev(torch.tensor([ids], dtype=torch.long)), positions=dev(torch.cat(pos).unsqueeze(0)),
-        slots=dev(torch.cat(slots)), key_slots=dev(torch.cat(key_slots)),
-        cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32), cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32),
+        varlen=Varlen(slots=dev(torch.cat(slots)), key_slots=dev(torch.cat(key_slots)),
+                      cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32),
+                      cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32)),
         last=dev(torch.tensor(last, dtype=torch.long)))

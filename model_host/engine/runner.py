@@ -3,7 +3,8 @@
 On CUDA with the model on the GPU kernels (``model.ops`` a ``TritonOps``), decode steps
 run through the paged MLA kernel and are replayed from CUDA graphs captured at start-up for
 every batch size the scheduler can produce (:meth:`ModelRunner.capture_graphs`); a batch is
-padded up to the next captured size. Prefill chunks run eagerly.
+padded up to the next captured size. All prefill chunks of a step run as one packed (varlen)
+forward, eagerly (:mod:`model_host.engine.packing`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 
 import torch
 
+from model_host.engine.packing import pack_chunks
 from model_host.engine.paged_cache import PagedLatentCache
 from model_host.engine.scheduler import PrefillChunk
 from model_host.engine.sequence import Sequence
@@ -102,21 +104,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
-        """Compute every chunk's tokens into the cache; return the last-position logits [n, V] of
-        the chunks that end their sequence, in chunk order."""
-        logits = []
+        """Compute every chunk's tokens into the cache in ONE packed (varlen) forward; return the
+        last-position logits [m, V] of the chunks that end their sequence, in chunk order."""
+        packed = pack_chunks(chunks, self.cache.block_size, self.device)
+        out = self.model(packed.ids, packed.positions, self.cache, varlen=packed.varlen, logits_at=packed.last)
         for c in chunks:
-            seq = c.seq
-            ids = torch.tensor([seq.token_ids[c.start : c.end]], dtype=torch.long, device=self.device)
-            positions = torch.arange(c.start, c.end, device=self.device).unsqueeze(0)
-            self.cache.bind(self._tables([seq]))
-            out = self.model(ids, positions, self.cache, kv_len=c.end, last_only=True)
-            seq.num_computed = c.end
-            if c.last:
-                logits.append(out.logits[0, -1])
-        if not logits:
-            return torch.empty(0, self.model.cfg.vocab_size, device=self.device)
-        return torch.stack(logits)
+            c.seq.num_computed = c.end
+        return out.logits[0]
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
