@@ -1,0 +1,83 @@
+"""`model-host serve --tp N`: the fit check before anything loads, and a real TP2 server over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+from model_host.cli import main
+from model_host.engine.engine import Engine, EngineConfig
+from model_host.loader import load_model
+from model_host.sampler import SamplingParams
+from model_host.tokenizer import Tokenizer
+from tests.support.openai_stub import free_port
+
+PROMPT = [0, 4, 33, 260, 1999, 12, 77, 5000, 8]
+
+
+def test_serve_refuses_a_model_that_does_not_fit(tiny_checkpoint):
+    # The tiny model holds ~130 MiB of fp32 weights; 0.05 GiB per "GPU" cannot hold it even
+    # split in two.  The refusal is the planner's sentence, before any rank starts.
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--checkpoint", str(tiny_checkpoint), "--tp", "2", "--gpu-mem-gb", "0.05"])
+    msg = str(e.value)
+    assert msg.startswith("model-host: tiny-v3 does not fit on 2 x 0.05 GiB:") and "per GPU" in msg
+
+
+def test_serve_refuses_a_kv_budget_beyond_the_plan(tiny_checkpoint):
+    with pytest.raises(SystemExit, match=r"--kv-memory-gb 50 is more than the [\d.]+ GiB per GPU left"):
+        main(["serve", "--checkpoint", str(tiny_checkpoint), "--gpu-mem-gb", "40", "--kv-memory-gb", "50"])
+
+
+def test_serve_refuses_a_degree_that_does_not_divide(tiny_checkpoint, capsys):
+    assert main(["serve", "--checkpoint", str(tiny_checkpoint), "--tp", "3"]) == 1
+    assert "error: tensor-parallel degree 3 does not divide num_attention_heads=4" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_serve_tp2_over_http_matches_one_process(tiny_checkpoint):
+    """A real `serve --tp 2` (rank 0 spawns rank 1, gloo on CPU): greedy completions over HTTP
+    equal the single-process engine's tokens on the same checkpoint."""
+    model = load_model(tiny_checkpoint, dtype=torch.float32)
+    tok = Tokenizer(tiny_checkpoint)
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    ref = Engine(model, tok, EngineConfig(kv_memory_gb=0.01, block_size=8)).generate([PROMPT], params)[0]
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "model_host.cli", "serve", "--checkpoint", str(tiny_checkpoint), "--tp", "2",
+         "--port", str(port), "--kv-memory-gb", "0.01", "--block-size", "8", "--max-model-len", "256"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert proc.poll() is None, f"serve exited: {proc.stdout.read()}"
+            assert time.time() < deadline, "serve --tp 2 did not come up"
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        body = {"model": "tiny-v3", "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+        for _ in range(2):  # twice: the second run is served from the prefix cache on both ranks
+            r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            out = r.json()
+            assert out["usage"]["completion_tokens"] == 24
+            assert out["choices"][0]["text"] == tok.decode(ref.output_ids, skip_special_tokens=True)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert proc.returncode == 0, proc.stdout.read()
