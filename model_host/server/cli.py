@@ -73,9 +73,10 @@ def run(args: argparse.Namespace) -> int:
     rv = dist.from_env()
     if rv is not None and rv.world != args.tp:
         raise SystemExit(f"model-host: --tp {args.tp} but torchrun started {rv.world} ranks; pass --tp {rv.world}")
-    if rv is None or rv.rank == 0:  # before any rank loads a byte
-        check_divisible(ModelConfig.from_json(args.checkpoint), args.tp)
-        _check_fits(args, device, dtype)
+    # Before any rank loads a byte; under torchrun every rank checks (the same pure answer), so
+    # a refusal stops them all instead of leaving ranks waiting for rank 0.
+    check_divisible(ModelConfig.from_json(args.checkpoint), args.tp)
+    _check_fits(args, device, dtype)
     if device.startswith("cuda") and rv is None and torch.cuda.device_count() < args.tp:
         raise SystemExit(f"model-host: --tp {args.tp} needs {args.tp} GPUs; {torch.cuda.device_count()} visible")
     workers = []

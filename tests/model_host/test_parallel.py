@@ -114,7 +114,7 @@ def test_tp_matches_tp1(world, ckpt, tp1, tmp_path):
     for key in ("prefill", "step"):
         ref = tp1[key]
         err = (got[key] - ref).abs().max().item()
-        assert err <= 1e-4 * ref.abs().max().item(), f"{key} logits differ by {err}"
+        assert err <= 2e-5 * ref.abs().max().item(), f"{key} logits differ by {err}"
     assert got["tokens"] == tp1["tokens"]
     assert all(len(t) == STEPS for t in got["tokens"])
     # The followers ran every forward rank 0 ran: one prefill per prompt + the decode steps.
@@ -138,6 +138,7 @@ def test_each_rank_loads_only_its_slices(tmp_path):
         assert r["load_peak_mb"] < 0.6 * one["load_peak_mb"]
 
 
+@pytest.mark.slow
 def test_fp8_scales_are_sliced_on_block_edges(tmp_path):
     """An FP8 model whose head / MLP splits fall on 128-blocks: TP2 logits equal TP1's."""
     cfg = make_config("tiny", fp8=True, vocab_size=1024, mtp=False, qk_nope_head_dim=64,
@@ -150,5 +151,5 @@ def test_fp8_scales_are_sliced_on_block_edges(tmp_path):
     write_random_checkpoint(ck, cfg, dtype="fp8", seed=5, shard_size_mb=0.25)
     ref = run_ranks(1, ck, tmp_path / "tp1", "engine")[0]
     got = run_ranks(2, ck, tmp_path / "tp2", "engine")[0]
-    assert (got["prefill"] - ref["prefill"]).abs().max() <= 1e-4 * ref["prefill"].abs().max()
+    assert (got["prefill"] - ref["prefill"]).abs().max() <= 2e-5 * ref["prefill"].abs().max()
     assert got["tokens"] == ref["tokens"]
