@@ -85,9 +85,10 @@ class ParallelMoE(MoE):
         local = indices - self.expert_start
         n = self.experts.num_experts
         mine = (local >= 0) & (local < n)
-        # Foreign pairs run through a local expert with weight 0: shapes stay static (no host
-        # sync, graph-capturable) at the cost of computing k rows per token instead of k/W.
-        out = self.experts(flat, weights.masked_fill(~mine, 0.0), local.clamp(0, n - 1))
+        # Foreign pairs run through local expert 0 with weight 0: shapes stay static (no host
+        # sync, graph-capturable) at the cost of k rows per token instead of k/W on average,
+        # and of reading at most one expert's weights that the step would not have needed.
+        out = self.experts(flat, weights.masked_fill(~mine, 0.0), local.masked_fill(~mine, 0))
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return self.ctx.all_reduce(out).view(shape)
