@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 from model_host import dist
 from model_host.checkpoint import make_config, write_random_checkpoint
+from model_host.config import ModelConfig
 from model_host.loader import load_model
 from model_host.sharding import Layout
 from model_host.spec import checkpoint_layout
@@ -50,7 +51,8 @@ def _rank(rv: dist.Rendezvous, ckpt: str, out: str, task: str) -> None:
     ctx = dist.init(rv, "cpu")
     _reset_peak()
     before = _status_mb("VmRSS")
-    model = load_model(ckpt, dtype=torch.float32, parallel=ctx)
+    mtp = task == "engine" and ModelConfig.from_json(ckpt).num_nextn_predict_layers > 0
+    model = load_model(ckpt, dtype=torch.float32, parallel=ctx, load_mtp=mtp)
     result = {
         "load_peak_mb": _status_mb("VmHWM") - before,  # the peak resident set while loading
         "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # for the record
@@ -60,8 +62,11 @@ def _rank(rv: dist.Rendezvous, ckpt: str, out: str, task: str) -> None:
         ids = torch.tensor([PROMPTS[0] * 2, PROMPTS[2] * 4 + [1, 2]])
         cache = model.new_cache(2, 32)
         pos = torch.arange(ids.shape[1]).expand_as(ids)
-        prefill = model(ids, pos, cache).logits
+        first = model(ids, pos, cache)
+        prefill = first.logits
         step = model(ids[:, -1:] + 1, pos[:, -1:] + 1, cache).logits  # one cached decode step
+        if mtp:  # the MTP layer's draft logits from the same hidden states
+            result["mtp"] = model.mtp_forward(ids, first.hidden).logits
         runner = (lambda m, c: DriverRunner(m, c, ctx)) if ctx.world > 1 and ctx.is_driver else ModelRunner
         engine = Engine(model, Tokenizer(ckpt), EngineConfig(max_batch=3, kv_memory_gb=0.01, block_size=8),
                         runner=runner)
@@ -94,9 +99,9 @@ def run_ranks(world: int, ckpt: Path, out: Path, task: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    """tiny with a 1024-token vocabulary, written as many small shards with an index file."""
+    """tiny (with its MTP layer) and a 1024-token vocabulary, in many small shards + an index."""
     out = tmp_path_factory.mktemp("tp_ckpt")
-    rep = write_random_checkpoint(out, make_config("tiny", vocab_size=1024, mtp=False), dtype="bf16",
+    rep = write_random_checkpoint(out, make_config("tiny", vocab_size=1024), dtype="bf16",
                                   seed=3, shard_size_mb=0.25)
     assert rep.num_shards > 4 and (out / "model.safetensors.index.json").exists()
     return out
@@ -111,7 +116,7 @@ def tp1(ckpt, tmp_path_factory) -> dict:
 def test_tp_matches_tp1(world, ckpt, tp1, tmp_path):
     ranks = run_ranks(world, ckpt, tmp_path, "engine")
     got = ranks[0]
-    for key in ("prefill", "step"):
+    for key in ("prefill", "step", "mtp"):
         ref = tp1[key]
         err = (got[key] - ref).abs().max().item()
         assert err <= 2e-5 * ref.abs().max().item(), f"{key} logits differ by {err}"
