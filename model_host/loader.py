@@ -33,6 +33,7 @@ from .config import ModelConfig
 from .dist import DistContext
 from .fp8 import FP8_DTYPE, block_dequantize
 from .model import DeepseekV3
+from .ops import Ops
 from .parallel import parallelize
 from .sharding import Layout, Shard
 from .spec import TensorSpec, checkpoint_layout
@@ -179,16 +180,18 @@ def load_model(
     load_mtp: bool = False,
     fp8: str = "keep",
     max_layers: int | None = None,
+    ops: Ops | None = None,
     parallel: DistContext | None = None,
 ) -> DeepseekV3:
     """Validate and load a checkpoint directory.
 
     device/dtype: where and in which dtype non-FP8 weights live (activations use ``dtype``).
     load_mtp:     also load the MTP layer (needs ``num_nextn_predict_layers`` = 1).
-    fp8:          "keep" (FP8 weight + scale in each Linear, dequantized per backend policy) or
+    fp8:          "keep" (FP8 weight + scale in each Linear, dequantized per ops policy) or
                   "dequantize" (convert to ``dtype`` at load time).
     max_layers:   load only the first N decoder layers (debugging big checkpoints on small
                   machines); the rest are validated but not read.
+    ops:          the kernels the model calls (default :class:`~model_host.ops.TorchOps`).
     parallel:     this rank's process group: load its tensor / expert-parallel share only
                   (default: the whole model, one process).
     """
@@ -210,7 +213,7 @@ def load_model(
     layout = Layout(cfg, ctx.rank, ctx.world)
     shards = {s.name: layout.shard(s) for s in specs}
     specs = tuple(s for s in specs if shards[s.name] is not None)  # other ranks' experts
-    model = parallelize(DeepseekV3(model_cfg, with_mtp=load_mtp, dtype=dtype, device="meta"), ctx)
+    model = parallelize(DeepseekV3(model_cfg, with_mtp=load_mtp, dtype=dtype, device="meta", ops=ops), ctx)
     params = dict(model.named_parameters())
 
     # Stacked expert tensors are allocated once and filled slot by slot.

@@ -1,8 +1,9 @@
 """Tensor- and expert-parallel versions of the model's blocks, and :func:`parallelize`.
 
 Each parallel block is the single-GPU block built at its local size, plus the one collective
-that makes its output whole again, applied to the block's *output* (so every kernel path the
-block may take inside, fused or not, is covered):
+that makes its output whole again, applied to the block's *output*.  The math inside stays the
+model's own calls to its :class:`~model_host.ops.Ops`, so the same kernels (reference or
+Triton) run a rank's share; no op knows about parallelism:
 
 ========================  =========================================  ==================
 block                     local part (rank r of W)                   combine
@@ -33,11 +34,11 @@ from torch import nn
 
 from .config import ModelConfig
 from .dist import DistContext
-from .fp8 import Linear
 from .layers import Embedding
 from .mla import MLA, AttentionBatch
-from .model import DecoderLayer, DeepseekV3
+from .model import DecoderLayer, DeepseekV3, LMHead
 from .moe import MLP, Experts, Gate, MoE
+from .ops import Ops, Routing
 from .sharding import Layout
 
 
@@ -48,8 +49,8 @@ class ParallelMLA(MLA):
         super().__init__(cfg.replace(num_attention_heads=layout.heads), layer_idx, **kw)
         self.ctx = ctx
 
-    def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        return self.ctx.all_reduce(super().forward(x, batch))
+    def forward(self, x: torch.Tensor, batch: AttentionBatch, ops: Ops) -> torch.Tensor:
+        return self.ctx.all_reduce(super().forward(x, batch, ops))
 
 
 class ParallelMLP(MLP):
@@ -59,8 +60,8 @@ class ParallelMLP(MLP):
         super().__init__(dim, inter // layout.world, **kw)
         self.ctx = ctx
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ctx.all_reduce(super().forward(x))
+    def forward(self, x: torch.Tensor, ops: Ops, x_quant: tuple | None = None) -> torch.Tensor:
+        return self.ctx.all_reduce(super().forward(x, ops, x_quant))
 
 
 class ParallelMoE(MoE):
@@ -78,20 +79,17 @@ class ParallelMoE(MoE):
             self.shared_experts = MLP(cfg.hidden_size, inter, **kw)
         self.expert_start, self.ctx = layout.expert_start, ctx
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        weights, indices = self.gate(flat)
-        local = indices - self.expert_start
-        n = self.experts.num_experts
-        mine = (local >= 0) & (local < n)
-        # Foreign pairs run through local expert 0 with weight 0: shapes stay static (no host
-        # sync, graph-capturable) at the cost of k rows per token instead of k/W on average,
-        # and of reading at most one expert's weights that the step would not have needed.
-        out = self.experts(flat, weights.masked_fill(~mine, 0.0), local.masked_fill(~mine, 0))
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
-        return self.ctx.all_reduce(out).view(shape)
+    def forward(self, x: torch.Tensor, ops: Ops, x_quant: tuple | None = None) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        routing = ops.route(flat, self.gate)  # the full router: every rank picks the same experts
+        local = routing.indices - self.expert_start
+        mine = (local >= 0) & (local < self.experts.num_experts)
+        # Foreign pairs go to local expert 0 with weight 0: shapes stay static (no host sync,
+        # graph-capturable) at the cost of k rows per token instead of k/W on average, and of
+        # reading at most one expert's weights that the step would not have needed.
+        local_routing = Routing(routing.weights.masked_fill(~mine, 0.0), local.masked_fill(~mine, 0))
+        out = ops.moe(flat, self.experts, local_routing, self.shared_experts, x_quant)
+        return self.ctx.all_reduce(out).view(x.shape)
 
 
 class VocabParallelEmbedding(Embedding):
@@ -108,15 +106,15 @@ class VocabParallelEmbedding(Embedding):
         return self.ctx.all_reduce(out.masked_fill_(foreign.unsqueeze(-1), 0.0))
 
 
-class VocabParallelHead(Linear):
+class VocabParallelHead(LMHead):
     """``lm_head`` over this rank's vocabulary rows; the logits are gathered to full width."""
 
     def __init__(self, dim: int, layout: Layout, ctx: DistContext, **kw) -> None:
         super().__init__(dim, layout.vocab, **kw)
         self.ctx = ctx
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ctx.all_gather_last(super().forward(x))
+    def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
+        return self.ctx.all_gather_last(super().forward(x, ops))
 
 
 def _parallel_layer(layer: DecoderLayer, cfg: ModelConfig, layout: Layout, ctx: DistContext, kw: dict) -> None:
