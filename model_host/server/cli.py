@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +180,10 @@ def serve_rank(rv: dist.Rendezvous, args: argparse.Namespace) -> int:
         ctx.close()
         return 0
     served = build(args, ctx)
+    if ctx.world > 1:
+        # uvicorn re-raises SIGTERM after its shutdown; as an exception (not the default
+        # action, which kills at once) it lets `close` release the other ranks first.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     # A short graceful timeout: uvicorn otherwise waits for every open request (a long
     # generation, a stalled stream) before exiting on SIGTERM.
     server = uvicorn.Server(uvicorn.Config(served.app, host=args.host, port=args.port, log_level="warning",

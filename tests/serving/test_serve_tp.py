@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -74,10 +75,22 @@ def test_serve_tp2_over_http_matches_one_process(tiny_checkpoint):
             out = r.json()
             assert out["usage"]["completion_tokens"] == 24
             assert out["choices"][0]["text"] == tok.decode(ref.output_ids, skip_special_tokens=True)
+        workers = _spawned_children(proc.pid)
+        assert len(workers) == 1, "serve --tp 2 should run one worker process"
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    assert proc.returncode == 0, proc.stdout.read()
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stdout.read()
+    deadline = time.time() + 30  # rank 0 released its worker on the way out
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+        assert time.time() < deadline, "the worker rank outlived the server"
+        time.sleep(0.2)
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """Child processes of ``pid`` started by multiprocessing's spawn (the worker ranks)."""
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(k) for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
