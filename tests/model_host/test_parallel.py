@@ -158,3 +158,11 @@ def test_fp8_scales_are_sliced_on_block_edges(tmp_path):
     got = run_ranks(2, ck, tmp_path / "tp2", "engine")[0]
     assert (got["prefill"] - ref["prefill"]).abs().max() <= 2e-5 * ref["prefill"].abs().max()
     assert got["tokens"] == ref["tokens"]
+
+
+def test_torchrun_env_keeps_global_and_local_rank_apart():
+    # Rank 9 of 16 on the second node is that node's GPU 1: the shard follows the global rank,
+    # the device the local one.
+    env = {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29501"}
+    assert dist.from_env(env) == dist.Rendezvous(9, 16, 1, "10.0.0.1", 29501)
+    assert dist.from_env({}) is None  # not under torchrun: serve spawns its own ranks
