@@ -136,7 +136,9 @@ def test_each_rank_loads_only_its_slices(tmp_path):
     one = run_ranks(1, ck, tmp_path / "tp1", "load")[0]
     two = run_ranks(2, ck, tmp_path / "tp2", "load")
     print(f"load peak MiB over RSS before loading: TP1 {one['load_peak_mb']:.0f}; TP2 ranks "
-          + ", ".join(f"{r['load_peak_mb']:.0f}" for r in two))
+          + ", ".join(f"{r['load_peak_mb']:.0f}" for r in two)
+          + f" (ru_maxrss, parent's peak included: {one['ru_maxrss_mb']:.0f}; "
+          + ", ".join(f"{r['ru_maxrss_mb']:.0f}" for r in two) + ")")
     assert one["params_mb"] > 130  # fp32 tables: 2 x 129280 x 128 x 4 B
     for r in two:
         assert r["params_mb"] < 0.55 * one["params_mb"]
