@@ -64,8 +64,14 @@ class StepOutput:
     logprob: TokenLogprob | None = None  # only for requests that asked (and not for EOS)
 
 
+RunnerFactory = Callable[[DeepseekV3, PagedLatentCache], ModelRunner]
+
+
 class Engine:
-    def __init__(self, model: DeepseekV3, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()):
+    def __init__(self, model: DeepseekV3, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
+                 runner: RunnerFactory = ModelRunner):
+        """``runner`` builds the model runner over the engine's cache (tensor-parallel rank 0
+        passes one that broadcasts each forward to the other ranks)."""
         cfg = model.cfg
         self.model, self.tokenizer, self.config = model, tokenizer, config
         dtype = config.cache_dtype or model.dtype
@@ -77,7 +83,7 @@ class Engine:
                                       cfg.qk_rope_head_dim, dtype=dtype, device=model.device)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_batch, config.max_prefill_tokens)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = runner(model, self.cache)
         self.sampler = Sampler()
         self.capacity_tokens = num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, self.capacity_tokens)
