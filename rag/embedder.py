@@ -166,19 +166,29 @@ class OpenAIEmbedder:
         return self.embed_documents([text])[0]
 
 
-def embedder_name(model_id: str) -> str | None:
-    """The `--embedder` name that rebuilds the embedder a collection records, if known."""
-    if model_id.startswith("openai:"):
-        return model_id
-    return {MiniLMEmbedder.model_id: "minilm", E5Embedder.model_id: "e5"}.get(model_id)
+def resolve_name(name: str, recorded: str | None = None, cjk: bool = False) -> str:
+    """The embedder name to build for `name` (RAG_EMBEDDER / --embedder).
+
+    `auto` means the collection's own embedder (`recorded`: the model id it records) when that
+    is known, so vectors of two models never mix; else e5 for a mostly-CJK corpus and MiniLM
+    otherwise (MiniLM is English-only). Any other name is returned as given.
+    """
+    if name != "auto":
+        return name
+    if recorded and recorded.startswith("openai:"):
+        return recorded
+    known = {MiniLMEmbedder.model_id: "minilm", E5Embedder.model_id: "e5"}
+    if recorded in known:
+        return known[recorded]
+    return "e5" if cjk else "minilm"
 
 
 def make_embedder(config: RagConfig, name: str | None = None) -> Embedder:
     """Build the embedder named by `name` (default: the config's RAG_EMBEDDER)."""
     name = name or config.embedder
     if name == "auto":
-        raise SettingsError("--embedder auto is for rag-ingest (e5 for mostly-CJK corpora, else minilm); "
-                            "name the collection's embedder here: minilm, e5 or openai:<model>")
+        raise SettingsError("--embedder auto needs a collection or a corpus to decide; "
+                            "name the embedder here: minilm, e5 or openai:<model>")
     if name == "minilm":
         return MiniLMEmbedder(device=config.device)
     if name == "e5":

@@ -133,6 +133,12 @@ class MilvusStore:
     def describe(self) -> dict[str, Any]:
         return self.client.describe_collection(self.collection)
 
+    def recorded_embedder(self) -> str | None:
+        """The model id of the embedder that built the collection; None when there is no collection."""
+        if not self.exists():
+            return None
+        return (self.describe().get("properties") or {}).get("rag.embedder") or None
+
     def check_compatible(self, embedder: Embedder) -> None:
         """Raise StoreError unless the collection was written by this embedder, dimension and metric."""
         desc = self.describe()

@@ -21,7 +21,7 @@ from typing import Any
 from ingest.config import IngestConfig
 from ingest.pipeline import IngestReport, ingest
 from rag.config import RagConfig
-from rag.embedder import E5Embedder, Embedder, MiniLMEmbedder, make_embedder
+from rag.embedder import Embedder, make_embedder, resolve_name
 from rag.llm import LLMClient
 from rag.pipeline import RagPipeline
 from rag.store import MilvusStore, StoreError
@@ -42,19 +42,8 @@ def check_collection_name(name: str) -> str:
 
 
 def embedder_for(rag_config: RagConfig, store: MilvusStore) -> Embedder:
-    """The configured embedder; for `auto`, the one the default collection was built with.
-
-    A UI process embeds with one model, so `auto` (a rag-ingest choice) resolves once here:
-    to the embedder the collection records, else all-MiniLM-L6-v2.
-    """
-    if rag_config.embedder != "auto":
-        return make_embedder(rag_config)
-    name = "minilm"
-    if store.exists():
-        recorded = (store.describe().get("properties") or {}).get("rag.embedder") or ""
-        known = {MiniLMEmbedder.model_id: "minilm", E5Embedder.model_id: "e5"}
-        name = recorded if recorded.startswith("openai:") else known.get(recorded, "minilm")
-    return make_embedder(rag_config, name)
+    """The configured embedder; `auto` resolves to the one the collection was built with, else MiniLM."""
+    return make_embedder(rag_config, resolve_name(rag_config.embedder, store.recorded_embedder()))
 
 
 class KnowledgeBase:

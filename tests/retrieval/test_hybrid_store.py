@@ -10,8 +10,9 @@ import pytest
 from pymilvus import MilvusException
 
 from ingest.config import IngestConfig
-from ingest.pipeline import ingest, resolve_embedder
+from ingest.pipeline import ingest
 from rag.config import RagConfig
+from rag.embedder import resolve_name
 from rag.retriever import Retriever
 from rag.store import MilvusStore, StoreError
 from rag.types import Chunk
@@ -76,10 +77,10 @@ def test_cjk_corpus_gets_jieba_and_an_e5_suggestion(tmp_path: Path, milvus_uri: 
     try:
         assert store.describe()["properties"]["rag.analyzer"] == "jieba"
         # `auto` keeps the collection's own embedder, and picks e5 only for a new CJK corpus.
-        assert resolve_embedder("auto", 0.9, store) == "minilm"
-        assert resolve_embedder("auto", 0.9, store, recreate=True) == "e5"
-        assert resolve_embedder("auto", 0.01, store, recreate=True) == "minilm"
-        assert resolve_embedder("e5", 0.01, store) == "e5"
+        assert resolve_name("auto", store.recorded_embedder(), cjk=True) == "minilm"
+        assert resolve_name("auto", None, cjk=True) == "e5"
+        assert resolve_name("auto", None, cjk=False) == "minilm"
+        assert resolve_name("e5", store.recorded_embedder()) == "e5"
     finally:
         store.close()
 

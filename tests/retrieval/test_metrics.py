@@ -7,19 +7,8 @@ import math
 
 import pytest
 
-from rag.eval import (
-    BeirData,
-    QAItem,
-    evaluate,
-    is_gold,
-    load_qa,
-    max_per_key,
-    mrr_at_k,
-    ndcg_at_k,
-    qa_ranking,
-    recall_at_k,
-    subset,
-)
+from evals.datasets import BeirData, QAItem, is_gold, load_qa, qa_ranking, subset
+from evals.metrics import evaluate, max_per_key, mrr_at_k, ndcg_at_k, recall_at_k
 from rag.types import Hit
 
 QRELS = {

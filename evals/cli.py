@@ -111,9 +111,10 @@ def _table(rows: list[dict[str, Any]], metrics: list[str], published: dict[str, 
 
 
 def run_beir(args, config: RagConfig) -> dict[str, Any]:
+    from evals.datasets import load_beir, subset
+    from evals.metrics import BEIR_METRICS
+    from evals.runners import eval_beir, index_beir
     from rag.embedder import make_embedder
-    from rag.eval import BEIR_METRICS, load_beir, subset
-    from rag.eval_run import eval_beir, index_beir
     from rag.store import MilvusStore
 
     t0 = time.perf_counter()
@@ -141,11 +142,12 @@ def run_beir(args, config: RagConfig) -> dict[str, Any]:
 
 
 def run_qa(args, config: RagConfig) -> dict[str, Any]:
+    from evals.datasets import load_qa
+    from evals.metrics import QA_METRICS
+    from evals.runners import eval_qa
     from ingest.config import IngestConfig
     from ingest.pipeline import ingest
     from rag.embedder import make_embedder
-    from rag.eval import QA_METRICS, load_qa
-    from rag.eval_run import eval_qa
     from rag.store import MilvusStore
 
     if bool(args.docs) == bool(args.collection):

@@ -20,10 +20,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from evals.datasets import BeirData, QAItem, qa_ranking
+from evals.metrics import BEIR_METRICS, QA_METRICS, evaluate, max_per_key
 from ingest.chunker import Chunker
 from ingest.loader import Document
 from rag.embedder import Embedder
-from rag.eval import BEIR_METRICS, QA_METRICS, BeirData, QAItem, evaluate, max_per_key, qa_ranking
 from rag.retriever import Retriever
 from rag.store import MilvusStore
 from rag.types import Chunk
