@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ingest.chunker import Chunker
 from ingest.config import IngestConfig
 from ingest.loader import Document, Skip, discover, load
+from rag.bm25 import resolve_analyzer
 from rag.config import RagConfig
 from rag.embedder import Embedder, MiniLMEmbedder, make_embedder, resolve_name
 from rag.store import MilvusStore
@@ -130,9 +131,7 @@ def ingest(
             store.check_compatible(embedder)
             states = store.file_states()
         else:
-            analyzer = config.analyzer
-            if analyzer == "auto":
-                analyzer = "jieba" if share > CJK_MAJORITY else "standard"
+            analyzer = resolve_analyzer(config.analyzer, share > CJK_MAJORITY)
             store.ensure(embedder, recreate=recreate, analyzer=analyzer)
             states = {} if recreate else store.file_states()
 

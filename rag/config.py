@@ -19,7 +19,7 @@ class RagConfig:
     milvus_uri: str = env("MILVUS_URI", "./data/milvus.db", "Milvus Lite path, or http://host:19530, or a Zilliz Cloud endpoint")
     milvus_token: str | None = env("MILVUS_TOKEN", None, "token for a Milvus server or Zilliz Cloud (user:password or API key)")
     collection: str = env("RAG_COLLECTION", "docs", "Milvus collection name")
-    embedder: str = env("RAG_EMBEDDER", "minilm", "minilm (English), e5 (multilingual), or openai:<model> for an /v1/embeddings endpoint")
+    embedder: str = env("RAG_EMBEDDER", "auto", "auto (the collection's own; for a new one e5 if the corpus is mostly CJK, else minilm), minilm (English), e5 (multilingual), or openai:<model> for an /v1/embeddings endpoint")
     embed_base_url: str | None = env("RAG_EMBED_BASE_URL", None, "base URL of the OpenAI-compatible embeddings endpoint (openai:<model>)")
     embed_api_key: str | None = env("RAG_EMBED_API_KEY", None, "API key for that endpoint")
     embed_dim: int | None = env("RAG_EMBED_DIM", None, "vector size of the openai:<model> embedder (probed when unset)")

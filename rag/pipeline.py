@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 
 from rag.config import RagConfig
-from rag.embedder import Embedder, make_embedder
+from rag.embedder import Embedder, make_embedder, resolve_name
 from rag.llm import Delta, LLMClient, Usage
 from rag.prompt import NO_CONTEXT_ANSWER, build_prompt
 from rag.retriever import Retriever
@@ -54,8 +54,8 @@ class RagPipeline:
 
     def __init__(self, config: RagConfig, embedder: Embedder | None = None, store: MilvusStore | None = None):
         self.config = config
-        self.embedder = embedder or make_embedder(config)
         self.store = store or MilvusStore(config.milvus_uri, config.collection, config.milvus_token)
+        self.embedder = embedder or make_embedder(config, resolve_name(config.embedder, self.store.recorded_embedder()))
         self.store.open_existing(self.embedder)
         self.retriever = Retriever(self.store, self.embedder, config.mode, config.rrf_k)
         llm = config.llm

@@ -28,24 +28,20 @@ from pymilvus import (
     WeightedRanker,
 )
 
+from rag import bm25
 from rag.embedder import Embedder
 from rag.types import Chunk, Hit
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1"
+# 2: BM25 reads its own field, `bm25_text` (title + heading path + text, see rag/bm25.py);
+# schema 1 fed BM25 the chunk text alone.
+SCHEMA_VERSION = "2"
 TEXT_MAX_BYTES = 65535  # Milvus VARCHAR limits count UTF-8 bytes, not characters
 SOURCE_MAX_BYTES = 1024
 HEADER_MAX_BYTES = 2048
 OUTPUT_FIELDS = ["text", "source", "header_path", "chunk_index", "metadata"]
 STRONG = "Strong"  # ingest state must see its own writes, on a server too
-# Analyzer settings that mean the same on Milvus Lite and on a 2.5+ server. `standard` splits
-# at Unicode word boundaries and lowercases (one CJK run becomes one token, useless for Chinese);
-# jieba segments Chinese into words. ({"type": "chinese"} is server-only; Lite rejects it.)
-ANALYZER_PARAMS: dict[str, dict[str, Any]] = {
-    "standard": {"type": "standard"},
-    "jieba": {"tokenizer": "jieba", "filter": ["lowercase"]},
-}
 
 
 class StoreError(RuntimeError):
@@ -119,6 +115,7 @@ class MilvusStore:
         self.collection = collection
         self.client = connect(uri, token)
         self.bm25 = False
+        self.analyzer = "standard"  # of the BM25 field; read from the collection when it is opened
         # query_iterator asks Milvus Lite for an optional timestamp RPC it lacks; the in-process
         # server logs a traceback and the client a warning, then both carry on correctly.
         logging.getLogger("pymilvus").setLevel(logging.ERROR)
@@ -150,6 +147,12 @@ class MilvusStore:
             problems.append(f"dimension {dim} (this embedder: {embedder.dim})")
         if metric != "IP":
             problems.append(f"metric {metric} (need IP)")
+        if props.get("rag.schema", "1") != SCHEMA_VERSION:
+            raise StoreError(
+                f"collection {self.collection!r} has schema {props.get('rag.schema', '1')}, from an older version "
+                f"(this version needs {SCHEMA_VERSION}: BM25 over title, headings and text); rebuild it with "
+                f"`rag-ingest PATH --recreate`"
+            )
         if props.get("rag.embedder") != embedder.model_id:
             problems.append(f"embedder {props.get('rag.embedder')!r} (this run: {embedder.model_id!r})")
         if problems:
@@ -164,7 +167,9 @@ class MilvusStore:
             self.client.drop_collection(self.collection)
         if self.exists():
             self.check_compatible(embedder)
-            self.bm25 = bool(self.describe().get("functions"))
+            desc = self.describe()
+            self.bm25 = bool(desc.get("functions"))
+            self.analyzer = (desc.get("properties") or {}).get("rag.analyzer", "standard")
             # A reopened collection is not searchable until loaded (Lite and server alike).
             self.client.load_collection(self.collection)
             return
@@ -225,6 +230,7 @@ class MilvusStore:
                 pymilvus_log.setLevel(level)
             # Servers older than 2.5 accept the schema but silently drop functions.
             self.bm25 = bool(self.describe().get("functions"))
+            self.analyzer = attempt or "standard"
             if with_bm25 and not self.bm25:
                 # Its `sparse` field would then be an ordinary field that every upsert must fill;
                 # rebuild the collection without it.
@@ -239,10 +245,7 @@ class MilvusStore:
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-        text_opts: dict[str, Any] = {}
-        if with_bm25:
-            text_opts = {"enable_analyzer": True, "analyzer_params": ANALYZER_PARAMS[analyzer]}
-        schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES, **text_opts)
+        schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
         schema.add_field("source", DataType.VARCHAR, max_length=SOURCE_MAX_BYTES)
         schema.add_field("header_path", DataType.VARCHAR, max_length=HEADER_MAX_BYTES)
         schema.add_field("chunk_index", DataType.INT64)
@@ -251,10 +254,12 @@ class MilvusStore:
         schema.add_field("embedder", DataType.VARCHAR, max_length=256)
         schema.add_field("metadata", DataType.JSON)
         if with_bm25:
+            schema.add_field("bm25_text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES, enable_analyzer=True,
+                             analyzer_params=bm25.ANALYZER_PARAMS[analyzer])
             schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
             schema.add_function(Function(
                 name="text_bm25", function_type=FunctionType.BM25,
-                input_field_names=["text"], output_field_names=["sparse"],
+                input_field_names=["bm25_text"], output_field_names=["sparse"],
             ))
         return schema
 
@@ -267,8 +272,10 @@ class MilvusStore:
         """Write chunks; ids are deterministic, so writing the same chunk twice is a no-op."""
         rows = []
         for chunk, vec in zip(chunks, vectors, strict=True):
+            lexical = bm25.document_text(chunk, self.analyzer) if self.bm25 else ""
             for field, value, limit in (
                 ("text", chunk.text, TEXT_MAX_BYTES),
+                ("text with its title and headings", lexical, TEXT_MAX_BYTES),
                 ("source path", chunk.source, SOURCE_MAX_BYTES),
                 ("header path", chunk.heading, HEADER_MAX_BYTES),
             ):
@@ -282,6 +289,7 @@ class MilvusStore:
                 "header_path": chunk.heading, "chunk_index": chunk.chunk_index,
                 "chunk_count": chunk.chunk_count, "file_hash": chunk.file_hash, "embedder": embedder_id,
                 "metadata": {"start": chunk.start, "end": chunk.end, **chunk.metadata},
+                **({"bm25_text": lexical} if self.bm25 else {}),
             })
         if rows:
             self.client.upsert(self.collection, rows)
@@ -365,7 +373,7 @@ class MilvusStore:
     def search_bm25(self, text: str, k: int, filter: str = "") -> list[Hit]:
         """Top-k by Milvus BM25 over the analyzed text; scores are reported positive."""
         res = self.client.search(
-            self.collection, data=[text], anns_field="sparse", limit=k, filter=filter,
+            self.collection, data=[bm25.query_text(text, self.analyzer)], anns_field="sparse", limit=k, filter=filter,
             output_fields=OUTPUT_FIELDS, search_params={"metric_type": "BM25"}, consistency_level=STRONG,
         )
         # Milvus Lite reports BM25 as a negated distance; a server reports the score itself.
@@ -381,7 +389,8 @@ class MilvusStore:
         n = candidates or max(k * 4, 20)
         reqs = [
             AnnSearchRequest([vector.tolist()], "vector", {"metric_type": "IP"}, n, expr=filter or None),
-            AnnSearchRequest([text], "sparse", {"metric_type": "BM25"}, n, expr=filter or None),
+            AnnSearchRequest([bm25.query_text(text, self.analyzer)], "sparse", {"metric_type": "BM25"}, n,
+                             expr=filter or None),
         ]
         ranker = WeightedRanker(*weights) if weights else RRFRanker(rrf_k)
         # The fused score is rank-based; the vectors give each hit its dense similarity too,

@@ -55,6 +55,7 @@ class KnowledgeBase:
         self._base = MilvusStore(rag_config.milvus_uri, rag_config.collection, rag_config.milvus_token)
         self.embedder = embedder or embedder_for(rag_config, self._base)
         self._views: dict[str, MilvusStore] = {}
+        self._embedders: dict[str, Embedder] = {self.embedder.model_id: self.embedder}
         self._opened: set[str] = set()
         self._views_lock = threading.Lock()
         self.write_lock = threading.Lock()
@@ -85,12 +86,23 @@ class KnowledgeBase:
             log.warning("cannot list collections: %s", e)
             return []
 
+    def embedder_of(self, collection: str) -> Embedder:
+        """The embedder that built `collection` (its questions and uploads use it), else the UI's own."""
+        recorded = self.store(collection).recorded_embedder()
+        if recorded is None:
+            return self.embedder
+        with self._views_lock:
+            if recorded not in self._embedders:
+                self._embedders[recorded] = make_embedder(self.rag_config, resolve_name("auto", recorded))
+            return self._embedders[recorded]
+
     def _open(self, collection: str) -> MilvusStore:
-        """The view, opened for search (loaded and checked against the embedder) once."""
+        """The view, opened for search (loaded and checked against its embedder) once."""
         view = self.store(collection)
+        embedder = self.embedder_of(collection)
         with self._views_lock:
             if collection not in self._opened:
-                view.open_existing(self.embedder)
+                view.open_existing(embedder)
                 self._opened.add(collection)
         return view
 
@@ -108,7 +120,7 @@ class KnowledgeBase:
             self.rag_config, collection=view.collection, top_k=int(top_k), score_floor=score_floor, mode=mode,
             llm_base_url=None, deepseek_api_key=None,
         )
-        pipe = RagPipeline(config, embedder=self.embedder, store=view)
+        pipe = RagPipeline(config, embedder=self.embedder_of(view.collection), store=view)
         if backend.kind != "retrieval-only":
             assert backend.base_url and backend.api_key
             pipe.llm = LLMClient(backend.base_url, model, backend.api_key, timeout=self.rag_config.llm_timeout)
@@ -138,7 +150,8 @@ class KnowledgeBase:
         with self.write_lock:
             try:
                 report = ingest(
-                    [str(p) for p in paths], config, self.ingest_config, embedder=self.embedder, store=view,
+                    [str(p) for p in paths], config, self.ingest_config, embedder=self.embedder_of(view.collection),
+                    store=view,
                     progress=True, warn=warn or (lambda msg: log.warning("%s", msg)),
                 )
             finally:
