@@ -36,7 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from evals.datasets import QAItem  # noqa: E402
+from evals.datasets import Gold, QAItem  # noqa: E402
 from evals.runners import eval_qa  # noqa: E402
 from ingest.config import IngestConfig  # noqa: E402
 from ingest.pipeline import ingest  # noqa: E402
@@ -104,7 +104,7 @@ def load_items(which: str, split: str) -> list[QAItem]:
         d = json.loads(line)
         held = d.get("split") == "heldout" if "split" in d else n % 3 == 0
         if split == "all" or (split == "heldout") == held:
-            items.append(QAItem(d["question"], d["source"], heading=d["heading"], id=d["id"]))
+            items.append(QAItem(d["question"], (Gold(d["source"], heading=d["heading"]),), id=d["id"]))
     return items
 
 
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", help="hybrid: DENSE,BM25 weights (score-normalised sum) instead of RRF")
     p.add_argument("--rrf-k", type=int)
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--fusions", help="also score hybrid under each fusion on the same index, e.g. "
+                   "'rrf:10,rrf:60,w:0.7:0.3' (RRF with k, or normalised weighted sum DENSE:BM25)")
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "rag-dev-embed-cache"))
     p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "rag_dev_results.jsonl"))
     p.add_argument("--show-misses", action="store_true")
@@ -141,12 +143,21 @@ def main(argv: list[str] | None = None) -> int:
             store.open_existing(embedder)
             analyzer = (store.describe().get("properties") or {}).get("rag.analyzer")
             results, ranks = eval_qa(items, store, embedder, args.modes.split(","), args.k, opts, progress=False)
+            fusions = []
+            for f in (args.fusions or "").split(","):
+                if f:
+                    kind, *nums = f.split(":")
+                    fopts = {"rrf_k": int(nums[0]), "weights": None} if kind == "rrf" else \
+                        {"rrf_k": 10, "weights": tuple(float(x) for x in nums)}
+                    res, _ = eval_qa(items, store, embedder, ["hybrid"], args.k, fopts, progress=False)
+                    fusions.append((f, res[0]))
         finally:
             store.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out = {"set": args.which, "split": args.split, "questions": len(items), "embedder": embedder.model_id,
-           "analyzer": analyzer, "retriever": {**opts}, "chunks": report.chunks_written,
+           "analyzer": analyzer, "retriever": {**opts},
+           "fusions": {name: {m: round(v, 3) for m, v in r.metrics.items()} for name, r in fusions}, "chunks": report.chunks_written,
            "index_seconds": round(index_s, 1), "embedded_now": embedder.computed,
            "results": [{"mode": r.mode, "used": r.used, **{m: round(v, 3) for m, v in r.metrics.items()},
                         "ms_per_query": round(r.ms_per_query, 1)} for r in results],
@@ -158,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in out["results"]:
         print(f"  {r['mode']:>6}: " + "  ".join(f"{m} {r[m]:.3f}" for m in ("hit@1", "hit@3", "hit@5", "hit@10", "mrr@10"))
               + f"  {r['ms_per_query']:.0f} ms/q")
+    for name, r in fusions:
+        print(f"  hybrid {name:>10}: " + "  ".join(f"{m} {r.metrics[m]:.3f}" for m in ("hit@1", "hit@3", "hit@5", "hit@10", "mrr@10")))
     if args.show_misses:
         for mode, rk in ranks.items():
             missed = [it.question for it in items if (rk[it.id] or 99) > 5]

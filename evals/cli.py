@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from evals.datasets import MATCHES
 from rag.bm25 import ANALYZERS, resolve_analyzer
 from rag.config import RagConfig
 from rag.settings import SettingsError
@@ -75,11 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--chunk-size", type=int, default=256, help="tokens per chunk (default 256)")
     b.add_argument("--keep", action="store_true", help="keep the collection (with --uri) to re-run without ingest")
 
-    q = sub.add_parser("qa", parents=[common], help="JSONL of question + gold source (+ heading or span)")
+    q = sub.add_parser("qa", parents=[common], help="JSON lines or a JSON list: question + gold source(s) "
+                       "(+ heading or span)")
     q.add_argument("file")
     q.add_argument("--docs", nargs="+", metavar="PATH", help="ingest these markdown folders/files into a fresh collection")
     q.add_argument("--collection", help="evaluate an existing collection instead (needs --uri or MILVUS_URI)")
     q.add_argument("--k", type=int, default=10, help="passages retrieved per question (default 10)")
+    q.add_argument("--match", choices=MATCHES, default="any",
+                   help="gold spans: any overlap (default), or exact: the chunk inside the gold section or holding "
+                   "the whole gold passage")
     q.add_argument("--show-misses", action="store_true", help="list the questions each mode missed in the top 5")
     return p
 
@@ -173,7 +178,7 @@ def run_qa(args, config: RagConfig) -> dict[str, Any]:
             embedder = embedder or make_embedder(config, resolve_name(config.embedder, store.recorded_embedder()))
             store.open_existing(embedder)
             results, ranks = eval_qa(items, store, embedder, args.modes, args.k, _retriever_opts(args, config),
-                                     progress=not args.quiet)
+                                     progress=not args.quiet, match=args.match)
             analyzer = (store.describe().get("properties") or {}).get("rag.analyzer")
         finally:
             store.close()

@@ -88,30 +88,65 @@ def subset(data: BeirData, limit_queries: int | None = None, limit_docs: int | N
 
 # -- QA files --------------------------------------------------------------------------------
 
+MATCHES = ("any", "exact")
+
 
 @dataclasses.dataclass(frozen=True)
-class QAItem:
-    """One question with its gold passage: a source file, and optionally a heading or a span."""
+class Gold:
+    """One gold passage: a source file, and optionally its section heading or its character span."""
 
-    question: str
     source: str  # path of the gold file, matched as a path suffix of the hit's source
     heading: str | None = None  # the gold section's heading (last element of the header path)
     span: tuple[int, int] | None = None  # character offsets of the gold text in that file
+
+
+@dataclasses.dataclass(frozen=True)
+class QAItem:
+    """One question and its gold passages (any of them answers it)."""
+
+    question: str
+    gold: tuple[Gold, ...]
     id: str = ""
 
 
+def _gold(d: dict[str, Any], where: str) -> Gold:
+    if not isinstance(d, dict) or not d.get("source"):
+        raise ValueError(f"{where}: each gold passage needs a 'source' (and optionally 'heading' or 'span')")
+    span = d.get("span")
+    if span is not None and not (isinstance(span, list | tuple) and len(span) == 2 and span[0] < span[1]):
+        raise ValueError(f"{where}: 'span' must be [start, end] character offsets with start < end (got {span!r})")
+    return Gold(d["source"], d.get("heading"), tuple(span) if span else None)
+
+
 def load_qa(path: str | Path) -> list[QAItem]:
-    """JSONL: {"question", "source", optional "heading", optional "span": [start, end], "id"}."""
+    """A QA file: JSON lines, or one JSON list, of questions with their gold passages.
+
+    Each question is {"question", "id"?, and either "source" with "heading"? / "span"?, or
+    "gold": [{"source", "heading"?, "span"?}, ...] for a question several passages answer}.
+    """
+    text = Path(path).read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            records = list(enumerate(json.loads(text), 1))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); fix the list or write one question per line") from None
+    else:
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); one JSON object per line") from None
     items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            d: dict[str, Any] = json.loads(line)
-            if "question" not in d or "source" not in d:
-                raise ValueError(f"{path}:{n}: each line needs 'question' and 'source'")
-            span = tuple(d["span"]) if d.get("span") else None
-            items.append(QAItem(d["question"], d["source"], d.get("heading"), span, str(d.get("id", n))))
+    for n, d in records:
+        where = f"{path}:{n}"
+        if not isinstance(d, dict) or "question" not in d or not ("source" in d or "gold" in d):
+            raise ValueError(f"{where}: each question needs 'question' and 'source' (or a 'gold' list)")
+        golds = d.get("gold", [d])
+        if not isinstance(golds, list) or not golds:
+            raise ValueError(f"{where}: 'gold' must be a non-empty list of passages")
+        items.append(QAItem(d["question"], tuple(_gold(g, where) for g in golds), str(d.get("id", n))))
     return items
 
 
@@ -121,20 +156,34 @@ def _same_file(hit_source: str, gold: str) -> bool:
     return hit_source == gold or hit_source.endswith("/" + gold)
 
 
-def is_gold(hit: Hit, item: QAItem) -> bool:
-    """A hit answers `item` when it is from the gold file and overlaps the gold span or section."""
-    if not _same_file(hit.source, item.source):
+def matches(hit: Hit, gold: Gold, match: str = "any") -> bool:
+    """Does `hit` hold `gold`? Same file, then by span, else by heading, else the file is enough.
+
+    Spans: `any` counts any character overlap; `exact` needs one to contain the other (the chunk
+    lies inside the gold section, or holds the whole gold passage), so a chunk that only
+    touches the gold text at a border does not count.
+    """
+    if not _same_file(hit.source, gold.source):
         return False
-    if item.span is not None:
+    if gold.span is not None:
         start, end = hit.metadata.get("start"), hit.metadata.get("end")
-        return start is not None and end is not None and start < item.span[1] and item.span[0] < end
-    if item.heading:
+        if start is None or end is None:
+            return False
+        if match == "exact":
+            return gold.span[0] <= start and end <= gold.span[1] or start <= gold.span[0] and gold.span[1] <= end
+        return start < gold.span[1] and gold.span[0] < end
+    if gold.heading:
         last = hit.header_path.split(" › ")[-1].strip() if hit.header_path else ""
-        return last == item.heading.strip()
+        return last == gold.heading.strip()
     return True
 
 
-def qa_ranking(hits: Sequence[Hit], item: QAItem) -> tuple[list[str], dict[str, int]]:
+def is_gold(hit: Hit, item: QAItem, match: str = "any") -> bool:
+    """A hit answers `item` when it holds any of its gold passages."""
+    return any(matches(hit, g, match) for g in item.gold)
+
+
+def qa_ranking(hits: Sequence[Hit], item: QAItem, match: str = "any") -> tuple[list[str], dict[str, int]]:
     """Turn a QA item's hits into (ranking, qrels) so `evaluate` scores it like BEIR."""
-    ranked = [f"{i}:{'gold' if is_gold(h, item) else 'miss'}" for i, h in enumerate(hits)]
+    ranked = [f"{i}:{'gold' if is_gold(h, item, match) else 'miss'}" for i, h in enumerate(hits)]
     return ranked, {r: 1 for r in ranked if r.endswith(":gold")} or {"none": 1}

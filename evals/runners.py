@@ -159,14 +159,18 @@ def eval_qa(
     k: int = 10,
     retriever_opts: dict[str, Any] | None = None,
     progress: bool = True,
+    match: str = "any",
 ) -> tuple[list[ModeResult], dict[str, dict[str, int | None]]]:
-    """hit@k and MRR of each mode; also the rank (1-based, None = missed) of the gold per item."""
+    """hit@k and MRR of each mode; also the rank (1-based, None = missed) of the first gold per item.
+
+    `match` is how a hit's span must meet a gold span: `any` overlap or `exact` (see `matches`).
+    """
     retriever = Retriever(store, embedder, **(retriever_opts or {}))
     by_id = {it.id: it for it in items}
     queries = {it.id: it.question for it in items}
     results, ranks = [], {}
     for mode in modes:
-        judged, used, secs = run_queries(queries, retriever, mode, k, lambda q, hits: qa_ranking(hits, by_id[q]),
+        judged, used, secs = run_queries(queries, retriever, mode, k, lambda q, hits: qa_ranking(hits, by_id[q], match),
                                          progress)
         run = {q: ranked for q, (ranked, _) in judged.items()}
         qrels = {q: rels for q, (_, rels) in judged.items()}
