@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma list of dense, bm25, hybrid (default: all three)")
     common.add_argument("--uri", help="Milvus Lite path or server URI (default: a temporary Lite folder)")
     common.add_argument("--rrf-k", type=int, help="k of reciprocal-rank fusion (RAG_RRF_K)")
-    common.add_argument("--weights", type=_weights, help="fuse hybrid by WeightedRanker(DENSE,BM25) instead of RRF")
+    common.add_argument("--weights", type=_weights, help="hybrid: weighted RRF with these weights instead of the embedder's")
     common.add_argument("--candidates", type=int, help="hits per route before hybrid fusion (default: store's choice)")
     common.add_argument("--analyzer", choices=["auto", *ANALYZERS], default="auto",
                         help="BM25 analyzer of the new collection (auto: jieba for CJK, else the default)")

