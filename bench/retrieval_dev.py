@@ -59,7 +59,7 @@ class CachedEmbedder:
     def __init__(self, inner, folder: Path):
         self.inner = inner
         self.model_id, self.dim, self.max_tokens = inner.model_id, inner.dim, inner.max_tokens
-        self.score_floor = inner.score_floor
+        self.score_floor, self.rrf_weights = inner.score_floor, inner.rrf_weights
         self.path = folder / (hashlib.sha1(inner.model_id.encode()).hexdigest()[:12] + ".pkl")
         self.memo: dict[str, np.ndarray] = pickle.loads(self.path.read_bytes()) if self.path.exists() else {}
         self.embed_seconds = 0.0
@@ -109,6 +109,24 @@ def load_items(which: str, split: str) -> list[QAItem]:
     return items
 
 
+def latencies(items: list[QAItem], store: MilvusStore, embedder, modes: list[str]) -> dict[str, dict[str, float]]:
+    """Per-question wall time of Retriever.retrieve (k=5) with the real embedder, per mode."""
+    from rag.retriever import Retriever
+
+    retriever = Retriever(store, embedder)
+    retriever.retrieve("warm up", 5, mode="hybrid")  # load the model outside the timings
+    out = {}
+    for mode in modes:
+        times = []
+        for it in items:
+            t0 = time.perf_counter()
+            retriever.retrieve(it.question, 5, mode=mode)
+            times.append((time.perf_counter() - t0) * 1e3)
+        times.sort()
+        out[mode] = {"p50": round(times[len(times) // 2], 1), "p90": round(times[int(len(times) * 0.9)], 1)}
+    return out
+
+
 def rrf_grid(items: list[QAItem], store: MilvusStore, embedder, depth: int = 50) -> dict[str, dict[str, float]]:
     from evals.datasets import qa_ranking
     from evals.metrics import QA_METRICS, evaluate
@@ -147,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rrf-grid", action="store_true",
                    help="fetch the dense and BM25 top-50 once per question and score weighted RRF "
                    "w_dense/(k+rank) + w_bm25/(k+rank) over a grid of k and BM25 weights")
+    p.add_argument("--latency", action="store_true",
+                   help="also time each question end to end (real query embedding + search, k=5, default mode "
+                   "settings) and report p50/p90 per mode")
     p.add_argument("--fusions", help="also score hybrid under each fusion on the same index, e.g. "
                    "'rrf:10,rrf:60,w:0.7:0.3' (RRF with k, or normalised weighted sum DENSE:BM25)")
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "rag-dev-embed-cache"))
@@ -174,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             results, ranks = eval_qa(items, store, embedder, args.modes.split(","), args.k, opts, progress=False)
             fusions = []
             grid = rrf_grid(items, store, embedder) if args.rrf_grid else {}
+            latency = latencies(items, store, embedder.inner, args.modes.split(",")) if args.latency else {}
             for f in (args.fusions or "").split(","):
                 if f:
                     kind, *nums = f.split(":")
@@ -187,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     out = {"set": args.which, "split": args.split, "questions": len(items), "embedder": embedder.model_id,
            "analyzer": analyzer, "retriever": {**opts},
-           "rrf_grid": grid, "fusions": {name: {m: round(v, 3) for m, v in r.metrics.items()} for name, r in fusions}, "chunks": report.chunks_written,
+           "rrf_grid": grid, "latency_ms": latency, "fusions": {name: {m: round(v, 3) for m, v in r.metrics.items()} for name, r in fusions}, "chunks": report.chunks_written,
            "index_seconds": round(index_s, 1), "embedded_now": embedder.computed,
            "results": [{"mode": r.mode, "used": r.used, **{m: round(v, 3) for m, v in r.metrics.items()},
                         "ms_per_query": round(r.ms_per_query, 1)} for r in results],
@@ -199,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in out["results"]:
         print(f"  {r['mode']:>6}: " + "  ".join(f"{m} {r[m]:.3f}" for m in ("hit@1", "hit@3", "hit@5", "hit@10", "mrr@10"))
               + f"  {r['ms_per_query']:.0f} ms/q")
+    for mode, ms in latency.items():
+        print(f"  latency {mode:>6} (embed + search, k=5): p50 {ms['p50']:.0f} ms, p90 {ms['p90']:.0f} ms")
     for name, m in grid.items():
         print(f"  weighted RRF {name:>14}: " + "  ".join(f"{k} {m[k]:.3f}" for k in ("hit@1", "hit@3", "hit@5", "hit@10", "mrr@10")))
     for name, r in fusions:

@@ -20,7 +20,7 @@ class IngestConfig:
     max_file_mb: float = env("RAG_MAX_FILE_MB", 5.0, "larger files are skipped and reported")
     embed_batch: int = env("RAG_EMBED_BATCH", 256, "chunks per embedding call and Milvus upsert")
     prune: bool = env("RAG_PRUNE", True, "delete chunks of files gone from an ingested folder")
-    analyzer: str = env("RAG_ANALYZER", "auto", "BM25 analyzer of a new collection: standard, english (stemmed, stop words), jieba, or auto (jieba for mostly-CJK corpora, else the measured default)")
+    analyzer: str = env("RAG_ANALYZER", "auto", "BM25 analyzer of a new collection: standard, english (stemmed, stop words), jieba, or auto (jieba for mostly-CJK corpora, else english)")
 
     def __post_init__(self) -> None:
         if self.chunk_size < 32:
