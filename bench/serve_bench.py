@@ -158,7 +158,7 @@ def child(args) -> None:
         "--max-batch", str(plan.max_batch), "--block-size", str(plan.block_size),
         "--max-prefill-tokens", str(plan.max_prefill_tokens), "--max-model-len", "8192",
         *(["--kv-memory-gb", "0.1"] if args.quick else [])])
-    serve(build(serve_args, model, Tokenizer(ckpt if args.quick else None)), serve_args)
+    serve(build(serve_args, model=model, tokenizer=Tokenizer(ckpt if args.quick else None)), serve_args)
 
 
 def step_bound(model, plan: Plan, ctx: int, prefill_tokens: int) -> dict:

@@ -75,13 +75,24 @@ class DecoderLayer(nn.Module):
         return self.mlp(normed.out, ops, normed.quant), normed.residual
 
 
+class LMHead(Linear):
+    """The vocabulary projection (``lm_head``, the MTP ``shared_head.head``): fp32 logits.
+
+    A module call rather than a bare ``ops.linear`` so that tensor parallelism can gather the
+    vocabulary shards of the logits in one place (:class:`model_host.parallel.VocabParallelHead`).
+    """
+
+    def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
+        return ops.linear(x, self).float()
+
+
 class SharedHead(nn.Module):
     """MTP output head: ``head(norm(h))`` (``shared_head.norm`` / ``shared_head.head``)."""
 
     def __init__(self, cfg: ModelConfig, *, dtype=None, device=None) -> None:
         super().__init__()
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
-        self.head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, device=device)
+        self.head = LMHead(cfg.hidden_size, cfg.vocab_size, dtype=dtype, device=device)
 
 
 class MTPLayer(DecoderLayer):
@@ -133,7 +144,7 @@ class DeepseekV3(nn.Module):
             DecoderLayer(cfg, i, dtype=dtype, device=device) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, device=device)
-        self.lm_head = Linear(d, cfg.vocab_size, dtype=dtype, device=device)
+        self.lm_head = LMHead(d, cfg.vocab_size, dtype=dtype, device=device)
         n_mtp = cfg.num_nextn_predict_layers if with_mtp else 0
         if with_mtp and not n_mtp:
             raise ValueError("with_mtp=True but config.num_nextn_predict_layers is 0")
@@ -189,7 +200,7 @@ class DeepseekV3(nn.Module):
             hidden = hidden[:, -1:]
         elif logits_at is not None:
             hidden = hidden[:, logits_at]
-        return ModelOutput(self.ops.linear(hidden, self.lm_head).float(), hidden)
+        return ModelOutput(self.lm_head(hidden, self.ops), hidden)
 
     @torch.no_grad()
     def mtp_forward(
@@ -212,4 +223,4 @@ class DeepseekV3(nn.Module):
         batch = self.attention_batch(next_ids, positions, cache, kv_len, mla_mode)
         mtp = self.mtp[0]
         h = mtp(next_ids, prev_hidden, batch, self.ops)
-        return ModelOutput(self.ops.linear(h, mtp.shared_head.head).float(), h)
+        return ModelOutput(mtp.shared_head.head(h, self.ops), h)

@@ -66,8 +66,14 @@ class StepOutput:
     logprob: TokenLogprob | None = None  # only for requests that asked (and not for EOS)
 
 
+RunnerFactory = Callable[[DeepseekV3, PagedLatentCache], ModelRunner]
+
+
 class Engine:
-    def __init__(self, model: DeepseekV3, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()):
+    def __init__(self, model: DeepseekV3, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
+                 runner: RunnerFactory = ModelRunner):
+        """``runner`` builds the model runner over the engine's cache (tensor-parallel rank 0
+        passes one that broadcasts each forward to the other ranks)."""
         cfg = model.cfg
         self.model, self.tokenizer, self.config = model, tokenizer, config
         dtype = config.cache_dtype or model.dtype
@@ -82,9 +88,10 @@ class Engine:
         self.sampler = Sampler()
         self.capacity_tokens = num_blocks * config.block_size
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, self.capacity_tokens)
-        self.runner = ModelRunner(model, self.cache, max_blocks_per_seq=self.blocks.blocks_needed(self.max_model_len + 1))
+        self.runner = runner(model, self.cache)
         self.graph_report = self.runner.capture_graphs(capture_sizes(config.max_batch),
-                                                       int(config.graph_memory_gb * 2**30))
+                                                       int(config.graph_memory_gb * 2**30),
+                                                       self.blocks.blocks_needed(self.max_model_len + 1))
         self.by_id: dict[int, Sequence] = {}
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %d B/token/layer)",
                  num_blocks, config.block_size, self.capacity_tokens, self.cache.nbytes() / 2**30,

@@ -58,23 +58,23 @@ class GraphReport:
 
 
 class ModelRunner:
-    def __init__(self, model: DeepseekV3, cache: PagedLatentCache, cuda_graphs: bool | None = None,
-                 max_blocks_per_seq: int | None = None):
+    def __init__(self, model: DeepseekV3, cache: PagedLatentCache, cuda_graphs: bool | None = None):
         self.model = model
         self.cache = cache
         self.device = model.device
-        self.max_blocks_per_seq = max_blocks_per_seq or cache.num_blocks
         use_graphs = graphs_supported(model) if cuda_graphs is None else cuda_graphs
         self.graphs = None
         if use_graphs:
             from model_host.kernels.graphs import DecodeGraphs
 
             # Captures a batch size on its first use unless capture_graphs() did it at start-up.
-            self.graphs = DecodeGraphs(model, cache, self.max_blocks_per_seq)
+            self.graphs = DecodeGraphs(model, cache, cache.num_blocks)
 
-    def capture_graphs(self, sizes: list[int], budget_bytes: int) -> GraphReport | None:
+    def capture_graphs(self, sizes: list[int], budget_bytes: int, max_blocks_per_seq: int) -> GraphReport | None:
         """Capture the decode step for each batch size (largest first: the smaller graphs reuse
-        its memory pool). Raises if the graphs take more than ``budget_bytes`` of GPU memory."""
+        its memory pool), for block tables up to ``max_blocks_per_seq`` wide. Raises if the
+        graphs take more than ``budget_bytes`` of GPU memory. Under tensor parallelism every rank
+        builds the same engine, so every rank captures the same sizes in the same order."""
         if self.graphs is None:
             return None
         from model_host.kernels.graphs import DecodeGraphs
@@ -82,7 +82,7 @@ class ModelRunner:
         torch.cuda.synchronize()
         free_before = torch.cuda.mem_get_info(self.device)[0]
         t0 = time.perf_counter()
-        self.graphs = DecodeGraphs(self.model, self.cache, self.max_blocks_per_seq, buckets=sizes)
+        self.graphs = DecodeGraphs(self.model, self.cache, max_blocks_per_seq, buckets=sizes)
         with torch.inference_mode():
             for b in sorted(sizes, reverse=True):
                 self.graphs.capture(b)
