@@ -220,12 +220,16 @@ def resolve_name(name: str, recorded: str | None = None, cjk: bool = False) -> s
     """
     if name != "auto":
         return name
-    if recorded and recorded.startswith("openai:"):
-        return recorded
-    known = {MiniLMEmbedder.model_id: "minilm", E5Embedder.model_id: "e5"}
-    if recorded in known:
-        return known[recorded]
+    if recorded and (own := embedder_name(recorded)):
+        return own
     return "e5" if cjk else "minilm"
+
+
+def embedder_name(model_id: str) -> str | None:
+    """The `--embedder` name that rebuilds the embedder a collection records, if known."""
+    if model_id.startswith("openai:"):
+        return model_id
+    return {MiniLMEmbedder.model_id: "minilm", E5Embedder.model_id: "e5"}.get(model_id)
 
 
 def make_embedder(config: RagConfig, name: str | None = None) -> Embedder:
