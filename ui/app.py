@@ -1,4 +1,4 @@
-"""`rag-ui` / `python -m ui`: the Gradio web UI (chat, settings sidebar, knowledge-base tab).
+"""`rag-ui` / `python -m ui`: the Gradio web UI (chat, saved chats, settings sidebar, knowledge-base tab).
 
 The process opens ONE `KnowledgeBase` (one Milvus client, one embedder) and every browser
 session shares it. Public API endpoints have pinned names so `gradio_client` scripts keep
@@ -8,14 +8,10 @@ working across UI changes: /chat, /ingest, /stats, /kb_view, /delete_source, /st
 from __future__ import annotations
 
 import argparse
-import html
-import json
 import logging
 import os
 import sys
-import tempfile
 import threading
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +26,11 @@ from rag.settings import SettingsError, settings_table  # noqa: E402
 from rag.store import StoreError  # noqa: E402
 from ui import citations, views  # noqa: E402
 from ui.backends import LABELS, Prober, default_backend, default_local_url, resolve  # noqa: E402
-from ui.chat import content_text, respond  # noqa: E402
+from ui.chats import ChatHandlers  # noqa: E402
 from ui.config import BACKENDS, UIConfig  # noqa: E402
 from ui.errors import explain  # noqa: E402
-from ui.history import History, Passage, Turn, export_markdown, qa_lines, settings_line  # noqa: E402
-from ui.people import BROWSER_KEY, browser_secret, new_browser_id, user_of  # noqa: E402
+from ui.history import History  # noqa: E402
+from ui.people import BROWSER_KEY, browser_secret, new_browser_id  # noqa: E402
 from ui.service import KnowledgeBase, check_collection_name  # noqa: E402
 from ui.uploads import UploadLimits, store_uploads, upload_source_namer, uploaded_file  # noqa: E402
 
@@ -79,121 +75,10 @@ def build_app(kb: KnowledgeBase, ui: UIConfig, history: History | None = None) -
     collections = sorted({rag.collection, *kb.collections()})
     llm_configured = bool(rag.deepseek_api_key or rag.llm_base_url)
 
+    h = ChatHandlers(kb, ui, prober, chats_db, llm_configured)
+
     # -- handlers (closures over the shared handles) ----------------------------------------
 
-    def chat(message: str, history: list, collection: str, top_k: float, score_floor: float,
-             mode: str, backend: str, local_url: str, conv_id: str | None, browser_id: str | None = None,
-             request: gr.Request = None):  # type: ignore[assignment]
-        be = resolve(backend, ui, rag, local_url)
-        question = (message or "").strip()
-        if not question:
-            yield history, "", conv_id
-            return
-        user = user_of(request, browser_id)
-        conv = chats_db.get(user, conv_id)
-        conv_id = conv.id if conv else uuid.uuid4().hex  # known before streaming, so Stop keeps the chat
-        settings = {"backend": backend, "backend_label": LABELS.get(backend, backend), "model": None,
-                    "top_k": int(top_k), "mode": mode, "score_floor": score_floor, "collection": collection,
-                    "local_url": local_url}
-        if be.kind != "retrieval-only" and not be.problem:
-            settings["model"] = prober.model_for(be)
-        finished: dict = {}
-        msgs = history
-        try:
-            for msgs in respond(kb, prober, be, question, history, collection, int(top_k), score_floor, mode,
-                                llm_configured, made_with=settings_line(settings),
-                                done=lambda a, h: finished.update(answer=a, hits=h)):
-                yield msgs, "", conv_id  # "" empties the question box as soon as the turn starts
-        finally:  # also when Stop closes the stream: what was shown is what is kept
-            answer = finished.get("answer") or _last_answer(msgs)
-            passages = [Passage.of(n, h) for n, h in enumerate(finished.get("hits") or [], 1)]
-            turn = Turn(question, answer, collection, settings, passages)
-            chats_db.save(user, conv_id, msgs, [*(conv.turns if conv else []), turn], settings)
-
-    # -- conversations -----------------------------------------------------------------------
-
-    def chat_choices(user: str) -> list[tuple[str, str]]:
-        return [(title, cid) for cid, title, _ in chats_db.list(user)]
-
-    def list_chats(conv_id: str | None, browser_id: str | None = None, request: gr.Request = None):  # type: ignore[assignment]
-        user = user_of(request, browser_id)
-        return gr.update(choices=chat_choices(user), value=conv_id)
-
-    def open_chat(conv_id: str | None, browser_id: str | None = None, request: gr.Request = None):  # type: ignore[assignment]
-        conv = chats_db.get(user_of(request, browser_id), conv_id)
-        if conv is None:
-            return [], None, "", *(gr.update() for _ in range(6))
-        s = conv.settings
-        return (conv.messages, conv.id, conv.title, gr.update(value=s.get("collection")),
-                gr.update(value=s.get("top_k")), gr.update(value=s.get("score_floor")),
-                gr.update(value=s.get("mode")), gr.update(value=s.get("backend")),
-                gr.update(value=s.get("local_url")))
-
-    def rename_chat(conv_id: str | None, title: str, browser_id: str | None = None, request: gr.Request = None):  # type: ignore[assignment]
-        user = user_of(request, browser_id)
-        if not conv_id or not chats_db.rename(user, conv_id, title or ""):
-            gr.Warning("Open a saved chat and type a new title first.")
-        return gr.update(choices=chat_choices(user), value=conv_id)
-
-    def delete_chat(conv_id: str | None, browser_id: str | None = None, request: gr.Request = None):  # type: ignore[assignment]
-        user = user_of(request, browser_id)
-        if conv_id:
-            chats_db.delete(user, conv_id)
-        return gr.update(choices=chat_choices(user), value=None), [], None, ""
-
-    def export_chat(conv_id: str | None, browser_id: str | None = None, request: gr.Request = None):  # type: ignore[assignment]
-        conv = chats_db.get(user_of(request, browser_id), conv_id)
-        if conv is None:
-            raise gr.Error("Ask a question first: only saved chats can be exported.")
-        return _export_file(ui, f"chat-{conv.id[:8]}.md", export_markdown(conv))
-
-    def export_qa(browser_id: str | None = None, request: gr.Request = None):  # type: ignore[assignment]
-        lines = qa_lines(chats_db.feedback_rows(user_of(request, browser_id)))
-        if not lines:
-            raise gr.Error("No liked answers yet: press 👍 under a good answer to add it to the QA file.")
-        return _export_file(ui, "feedback-qa.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
-
-    def feedback(conv_id: str | None, messages: list, browser_id: str | None, data: gr.LikeData,
-                 request: gr.Request):
-        index = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
-        turn = sum(1 for m in (messages or [])[: index + 1] if _role(m) == "user") - 1
-        liked = data.liked if isinstance(data.liked, bool) else None
-        try:
-            chats_db.feedback(user_of(request, browser_id), conv_id or "", turn, liked)
-        except KeyError:
-            gr.Warning("This answer is not saved yet; wait until it has finished.")
-
-    def conversations_api(browser_id: str = "", request: gr.Request = None) -> list[dict]:  # type: ignore[assignment]
-        """The caller's saved chats, newest first: id, title, updated (Unix time), messages."""
-        user = user_of(request, browser_id)
-        return [{"id": cid, "title": title, "updated": updated, "messages": chats_db.get(user, cid).messages}
-                for cid, title, updated in chats_db.list(user)]
-
-    # -- citations ---------------------------------------------------------------------------
-
-    def open_citation(ref: str):
-        try:
-            coll, chunk_id = citations.parse_ref(ref)
-            view = kb.store(coll)
-            cited = view.chunk(chunk_id)
-            if cited is None:
-                raise citations.CitationError("this passage is no longer in the knowledge base (re-ingested or deleted)")
-            return citations.passage_html(cited, view.source_chunks(cited.source)), gr.update(visible=True), ref
-        except (citations.CitationError, StoreError, MilvusException) as e:
-            msg = str(e) if isinstance(e, citations.CitationError) else explain(e, ref.split(":")[0], rag.milvus_uri)
-            return f"<p>⚠️ {html.escape(msg)}</p>", gr.update(visible=True), ref
-
-    def open_file(ref: str):
-        try:
-            coll, chunk_id = citations.parse_ref(ref)
-            view = kb.store(coll)
-            cited = view.chunk(chunk_id)
-            if cited is None:
-                raise citations.CitationError("this passage is no longer in the knowledge base")
-            return citations.file_html(cited, view.source_chunks(cited.source), ui.uploads_dir / coll)
-        except (citations.CitationError, StoreError, MilvusException) as e:
-            msg = str(e) if isinstance(e, citations.CitationError) else explain(e, ref.split(":")[0], rag.milvus_uri)
-            return f"<p>⚠️ {html.escape(msg)}</p>"
 
     def kb_view(collection: str):
         """Stats table, source list and delete choices for one collection."""
@@ -279,8 +164,8 @@ def build_app(kb: KnowledgeBase, ui: UIConfig, history: History | None = None) -
             with gr.Row():
                 export_btn = gr.Button("Export .md", size="sm", elem_id="export-chat")
                 delete_chat_btn = gr.Button("Delete", size="sm", variant="stop", elem_id="delete-chat")
-            qa_btn = gr.Button("Export 👍 answers as a QA file", size="sm", elem_id="export-qa")
-            exported = gr.File(label="Download", visible=True, interactive=False, elem_id="exported", height=60)
+            qa_btn = gr.Button("Export liked answers (QA file)", size="sm", elem_id="export-qa")
+            exported = gr.File(label="Download", visible=False, interactive=False, elem_id="exported")
             gr.Markdown("### Answer with")
             backend = gr.Radio([(LABELS[k], k) for k in BACKENDS], value=default_backend(ui, rag),
                                show_label=False, elem_id="backend")
@@ -338,27 +223,27 @@ def build_app(kb: KnowledgeBase, ui: UIConfig, history: History | None = None) -
         # -- events --------------------------------------------------------------------------
         settings = [collection, top_k, score_floor, mode, backend, local_url]
         answer = gr.on(
-            [question.submit, send.click], chat, [question, chatbot, *settings, conv_id, browser_id],
+            [question.submit, send.click], h.chat, [question, chatbot, *settings, conv_id, browser_id],
             [chatbot, question, conv_id], api_name="chat", concurrency_limit=ui.concurrency,
         )
         stop.click(None, None, None, cancels=[answer], api_visibility="private")
         who = [browser_id]
-        list_args = dict(fn=list_chats, inputs=[conv_id, *who], outputs=[chats], api_visibility="private")
+        list_args = dict(fn=h.list_chats, inputs=[conv_id, *who], outputs=[chats], api_visibility="private")
         answer.then(**list_args)
         stop.click(**list_args)  # a stopped answer is saved too
         new_chat.click(lambda: ([], "", None, ""), None, [chatbot, question, conv_id, chat_title],
                        api_visibility="private").then(**list_args)
         demo.load(new_browser_id, [browser_id], [browser_id], api_visibility="private").then(**list_args)
-        chats.input(open_chat, [chats, *who], [chatbot, conv_id, chat_title, *settings], api_name="open_chat")
-        rename_btn.click(rename_chat, [conv_id, chat_title, *who], [chats], api_name="rename_chat")
-        delete_chat_btn.click(delete_chat, [conv_id, *who], [chats, chatbot, conv_id, chat_title],
+        chats.input(h.open_chat, [chats, *who], [chatbot, conv_id, chat_title, *settings], api_name="open_chat")
+        rename_btn.click(h.rename_chat, [conv_id, chat_title, *who], [chats], api_name="rename_chat")
+        delete_chat_btn.click(h.delete_chat, [conv_id, *who], [chats, chatbot, conv_id, chat_title],
                               api_name="delete_chat")
-        export_btn.click(export_chat, [conv_id, *who], [exported], api_name="export_chat")
-        qa_btn.click(export_qa, who, [exported], api_name="export_qa")
-        chatbot.like(feedback, [conv_id, chatbot, *who], None, api_visibility="private")
-        gr.api(conversations_api, api_name="conversations", concurrency_limit=None)
-        cite_open.click(open_citation, [cite_ref], [passage, passage_panel, cite_ref], api_name="citation")
-        whole_file.click(open_file, [cite_ref], [passage], api_name="citation_file")
+        export_btn.click(h.export_chat, [conv_id, *who], [exported], api_name="export_chat")
+        qa_btn.click(h.export_qa, who, [exported], api_name="export_qa")
+        chatbot.like(h.feedback, [conv_id, chatbot, *who], None, api_visibility="private")
+        gr.api(h.conversations_api, api_name="conversations", concurrency_limit=None)
+        cite_open.click(h.open_citation, [cite_ref], [passage, passage_panel, cite_ref], api_name="citation")
+        whole_file.click(h.open_file, [cite_ref], [passage], api_name="citation_file")
         close_passage.click(lambda: gr.update(visible=False), None, [passage_panel], api_visibility="private")
 
         kb_outputs = [stats_md, sources_df, source_dd]
@@ -380,29 +265,6 @@ def build_app(kb: KnowledgeBase, ui: UIConfig, history: History | None = None) -
         gr.api(stats_api, api_name="stats", concurrency_limit=None)
     demo.queue(default_concurrency_limit=ui.concurrency)
     return demo
-
-
-def _role(message) -> str:
-    return message.get("role", "") if isinstance(message, dict) else getattr(message, "role", "")
-
-
-def _last_answer(messages: list) -> str:
-    """The text of the last answer shown (a stopped or failed turn has no Finished event)."""
-    for m in reversed(messages or []):
-        meta = m.get("metadata") if isinstance(m, dict) else None
-        if _role(m) == "user":
-            return ""
-        if _role(m) == "assistant" and not (meta or {}).get("title"):
-            return content_text(m.get("content") if isinstance(m, dict) else getattr(m, "content", ""))
-    return ""
-
-
-def _export_file(ui: UIConfig, name: str, text: str) -> str:
-    """A download for one export, under DATA_DIR/exports (Gradio serves files it is handed)."""
-    folder = Path(tempfile.mkdtemp(prefix="export-", dir=ui.exports_dir))
-    path = folder / name
-    path.write_text(text, encoding="utf-8")
-    return str(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
