@@ -357,6 +357,8 @@ class MilvusStore:
             "embedder": props.get("rag.embedder"),
             "dim": dim,
             "bm25": bool(desc.get("functions")),
+            "metric": "IP",  # _create indexes the vectors by inner product (cosine on unit vectors)
+            "analyzer": props.get("rag.analyzer"),
             "last_ingest": props.get("rag.last_ingest"),
             "sources": dict(sorted(per_source.items())),
         }

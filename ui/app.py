@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,11 @@ import gradio as gr  # noqa: E402  (after the analytics switch above)
 from pymilvus import MilvusException  # noqa: E402
 
 from ingest.config import IngestConfig  # noqa: E402
+from ingest.loader import source_name  # noqa: E402
 from rag.config import RagConfig  # noqa: E402
 from rag.settings import SettingsError, settings_table  # noqa: E402
 from rag.store import StoreError  # noqa: E402
-from ui import citations, views  # noqa: E402
+from ui import citations, kb_files, views  # noqa: E402
 from ui.backends import LABELS, Prober, default_backend, default_local_url, resolve  # noqa: E402
 from ui.chats import ChatHandlers  # noqa: E402
 from ui.config import BACKENDS, UIConfig  # noqa: E402
@@ -32,7 +34,7 @@ from ui.errors import explain  # noqa: E402
 from ui.history import History  # noqa: E402
 from ui.people import BROWSER_KEY, browser_secret, new_browser_id  # noqa: E402
 from ui.service import KnowledgeBase, check_collection_name  # noqa: E402
-from ui.uploads import UploadLimits, store_uploads, upload_source_namer, uploaded_file  # noqa: E402
+from ui.uploads import UPLOADS_PREFIX, UploadLimits, store_uploads, upload_source_namer, uploaded_file  # noqa: E402
 
 log = logging.getLogger("rag-ui")
 STATUS_MAX_AGE = 30.0  # seconds a timer tick may reuse collection stats
@@ -81,14 +83,64 @@ def build_app(kb: KnowledgeBase, ui: UIConfig, history: History | None = None) -
 
 
     def kb_view(collection: str):
-        """Stats table, source list and delete choices for one collection."""
+        """The collection's settings, its files table and the file choices for one collection."""
         try:
             stats = kb.stats(collection)
+            view = kb.store(collection)
+            states = view.file_states() if stats is not None else {}
         except (StoreError, MilvusException) as e:
             return f"⚠️ {explain(e, collection, rag.milvus_uri)}", [], gr.update(choices=[], value=None)
-        sources = list((stats or {}).get("sources", {}))
-        return (views.stats_markdown(collection, stats), views.sources_rows(stats),
-                gr.update(choices=sources, value=None))
+        rows = kb_files.file_rows(stats, states, chats_db.ingest_log(view.collection), ui.uploads_dir / view.collection)
+        return (kb_files.collection_markdown(collection, stats), rows,
+                gr.update(choices=[r[0] for r in rows], value=None))
+
+    def file_chunks(collection: str, source: str | None):
+        """Every stored chunk of one file, for the chunk browser."""
+        if not source:
+            raise gr.Error("Choose a file first.")
+        try:
+            return kb_files.chunk_rows(kb.store(collection).source_chunks(source))
+        except (StoreError, MilvusException) as e:
+            raise gr.Error(explain(e, collection, rag.milvus_uri)) from e
+
+    def log_ingest(collection: str, results: list[tuple[str, str, str]]) -> None:
+        chats_db.record_ingest(collection, results, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def record(collection: str, root: Path, saved: list[Path], report, error: str | None) -> None:
+        """The ingest log: each saved file indexed, skipped (with the loader's reason) or failed."""
+        name = upload_source_namer(root)
+        skipped = dict(report.skipped) if report is not None else {}
+        results = []
+        for path in saved:
+            src = name(path)
+            if error:
+                results.append((src, "failed", error))
+            elif src in skipped:
+                results.append((src, "skipped", skipped[src]))
+            else:
+                results.append((src, "indexed", ""))
+        log_ingest(collection, results)
+
+    def reingest(collection: str, source: str | None, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+        """Index one file again from scratch: its chunks are deleted, then the file is ingested."""
+        if not source:
+            return "Choose a file to re-ingest first.", *kb_view(collection)
+        root = ui.uploads_dir / collection
+        path = citations.source_path(source, root)
+        if path is None:
+            return (f"**{source}** is not on this server's disk, so it cannot be re-ingested here; "
+                    f"run `rag-ingest` where it lives."), *kb_view(collection)
+        progress(0, desc=f"Re-ingesting {source}")
+        try:
+            kb.delete_source(collection, source)
+            namer = upload_source_namer(root) if source.startswith(UPLOADS_PREFIX) else source_name
+            report = kb.ingest([path], collection, name=namer)
+        except (StoreError, FileNotFoundError, SettingsError, MilvusException) as e:
+            log_ingest(collection, [(source, "failed", explain(e, collection, rag.milvus_uri))])
+            return f"⚠️ re-ingest failed: {explain(e, collection, rag.milvus_uri)}", *kb_view(collection)
+        skipped = dict(report.skipped)
+        log_ingest(collection, [(source, "skipped", skipped[source]) if source in skipped else (source, "indexed", "")])
+        return f"Re-ingested **{source}**: {report.chunks_written} chunks written.", *kb_view(collection)
 
     def stats_api(collection: str = rag.collection) -> dict:
         """Collection stats as JSON: files, chunks, embedder, dim, last_ingest and sources."""
@@ -123,10 +175,13 @@ def build_app(kb: KnowledgeBase, ui: UIConfig, history: History | None = None) -
         report, note, warnings = None, "", []
         if result.saved:
             progress(0.05, desc=f"Ingesting {len(result.saved)} files")
+            error = None
             try:
                 report = kb.ingest(result.saved, collection, warn=warnings.append, name=upload_source_namer(root))
             except (StoreError, FileNotFoundError, SettingsError, MilvusException) as e:
-                note = f"⚠️ ingest failed: {explain(e, collection, rag.milvus_uri)}\n\n"
+                error = explain(e, collection, rag.milvus_uri)
+                note = f"⚠️ ingest failed: {error}\n\n"
+            record(collection, root, result.saved, report, error)
         md = note + views.ingest_markdown(report, len(result.saved), result.rejected, warnings)
         return md, *kb_view(collection), None  # None clears the upload box for the next batch
 
@@ -139,6 +194,7 @@ def build_app(kb: KnowledgeBase, ui: UIConfig, history: History | None = None) -
             return f"⚠️ {explain(e, collection, rag.milvus_uri)}", *kb_view(collection)
         if n == 0:
             return f"**{source}** is not a source of **{collection}**; nothing was deleted.", *kb_view(collection)
+        chats_db.forget_ingest(collection, source)
         note = f"Deleted **{source}** ({n} chunks) from **{collection}**."
         # An uploaded copy goes too, or the next upload batch would not bring it back as "new".
         path = uploaded_file(ui.uploads_dir / collection, source)
@@ -212,12 +268,18 @@ def build_app(kb: KnowledgeBase, ui: UIConfig, history: History | None = None) -
                                  label="Upload .md, .markdown, .txt files or a .zip of them")
                 ingest_btn = gr.Button("Ingest", variant="primary", elem_id="ingest")
                 ingest_md = gr.Markdown(elem_id="ingest-report", min_height=80)
-                sources_df = gr.Dataframe(headers=["Source", "Chunks"], datatype=["str", "number"],
-                                          interactive=False, label="Sources", wrap=True, elem_id="kb-sources")
+                sources_df = gr.Dataframe(headers=kb_files.FILE_HEADERS,
+                                          datatype=["str", "number", "str", "str", "str", "str"],
+                                          interactive=False, label="Files", wrap=True, elem_id="kb-sources")
                 with gr.Row(equal_height=True):
-                    source_dd = gr.Dropdown([], label="Source to delete", scale=4, allow_custom_value=True)
+                    source_dd = gr.Dropdown([], label="File", scale=4, allow_custom_value=True, elem_id="kb-file")
+                    browse_btn = gr.Button("Browse chunks", scale=1, elem_id="browse-chunks")
+                    reingest_btn = gr.Button("Re-ingest", scale=1, elem_id="reingest")
                     delete_btn = gr.Button("Delete source", variant="stop", scale=1)
-                delete_md = gr.Markdown()
+                delete_md = gr.Markdown(elem_id="kb-action")
+                chunks_df = gr.Dataframe(headers=kb_files.CHUNK_HEADERS, datatype=["number", "str", "number", "str"],
+                                         interactive=False, label="Chunks of the chosen file", wrap=True,
+                                         elem_id="kb-chunks")
         timer = gr.Timer(ui.status_every or 1.0, active=ui.status_every > 0)
 
         # -- events --------------------------------------------------------------------------
@@ -259,7 +321,10 @@ def build_app(kb: KnowledgeBase, ui: UIConfig, history: History | None = None) -
                                       api_name="ingest", concurrency_limit=1, show_progress_on=[ingest_md])
         delete_evt = delete_btn.click(delete_source, [collection, source_dd], [delete_md, *kb_outputs],
                                       api_name="delete_source", concurrency_limit=1)
-        for after_write in (ingest_evt, delete_evt):
+        reingest_evt = reingest_btn.click(reingest, [collection, source_dd], [delete_md, *kb_outputs],
+                                          api_name="reingest", concurrency_limit=1, show_progress_on=[delete_md])
+        browse_btn.click(file_chunks, [collection, source_dd], [chunks_df], api_name="file_chunks")
+        for after_write in (ingest_evt, delete_evt, reingest_evt):
             after_write.then(**status_args, api_visibility="private")
         timer.tick(**status_args, api_visibility="private")
         gr.api(stats_api, api_name="stats", concurrency_limit=None)

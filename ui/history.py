@@ -1,4 +1,4 @@
-"""Conversations and answer feedback, kept server-side in one SQLite file under the data dir.
+"""Conversations, answer feedback and the UI's ingest log, in one SQLite file under the data dir.
 
 Each conversation belongs to a user: the login's name when the UI has a password, else a random
 id the browser keeps in its localStorage ("browser:<id>"). A conversation stores the Gradio
@@ -36,6 +36,10 @@ CREATE TABLE IF NOT EXISTS feedback (
     conversation TEXT NOT NULL, turn INTEGER NOT NULL, user TEXT NOT NULL, liked INTEGER NOT NULL,
     question TEXT NOT NULL, answer TEXT NOT NULL, hits TEXT NOT NULL, created REAL NOT NULL,
     PRIMARY KEY (conversation, turn)
+);
+CREATE TABLE IF NOT EXISTS ingests (
+    collection TEXT NOT NULL, source TEXT NOT NULL, status TEXT NOT NULL, reason TEXT NOT NULL,
+    at TEXT NOT NULL, PRIMARY KEY (collection, source)
 );
 """
 TITLE_CHARS = 60
@@ -166,6 +170,23 @@ class History:
             cur = self._db.execute("DELETE FROM conversations WHERE id = ? AND user = ?", (conv_id, user))
             self._db.execute("DELETE FROM feedback WHERE conversation = ? AND user = ?", (conv_id, user))
             return cur.rowcount == 1
+
+    # -- ingest log ----------------------------------------------------------------------------
+
+    def record_ingest(self, collection: str, results: list[tuple[str, str, str]], at: str) -> None:
+        """What the UI's last ingest did to each file: (source, status, reason); status is
+        indexed, skipped or failed. The Knowledge-base table shows it next to the stored rows."""
+        with self._lock:
+            self._db.executemany("INSERT OR REPLACE INTO ingests VALUES (?, ?, ?, ?, ?)",
+                                 [(collection, src, status, reason, at) for src, status, reason in results])
+
+    def ingest_log(self, collection: str) -> dict[str, tuple[str, str, str]]:
+        """source -> (status, reason, ISO time) of the UI's last ingest of it."""
+        rows = self._run("SELECT source, status, reason, at FROM ingests WHERE collection = ?", collection)
+        return {src: (status, reason, at) for src, status, reason, at in rows}
+
+    def forget_ingest(self, collection: str, source: str) -> None:
+        self._run("DELETE FROM ingests WHERE collection = ? AND source = ?", collection, source)
 
     # -- feedback ----------------------------------------------------------------------------
 

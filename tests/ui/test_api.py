@@ -39,7 +39,7 @@ def test_api_names_are_pinned(client):
     named = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert named == {"/chat", "/ingest", "/stats", "/kb_view", "/delete_source", "/status",
                      "/conversations", "/open_chat", "/rename_chat", "/delete_chat", "/export_chat", "/export_qa",
-                     "/citation", "/citation_file"}
+                     "/citation", "/citation_file", "/reingest", "/file_chunks"}
 
 
 def test_streamed_answer_with_sources_and_reasoning(app, client):
