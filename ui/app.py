@@ -235,7 +235,7 @@ def build_app(kb: KnowledgeBase, ui: UIConfig, history: History | None = None) -
             top_k = gr.Slider(1, 20, value=rag.top_k, step=1, label="Top-k passages")
             score_floor = gr.Slider(0.0, 1.0, value=round(floor, 2), step=0.01, label="Score floor",
                                     info="drop passages less similar than this")
-            mode = gr.Radio(["dense", "bm25", "hybrid"], value=rag.mode, label="Retrieval mode")
+            mode = gr.Radio(["dense", "bm25", "hybrid"], value=rag.mode, label="Retrieval mode", elem_id="mode")
 
         gr.HTML(views.HEADER)
         banner = gr.HTML(elem_id="banner")

@@ -80,10 +80,8 @@ class ChatHandlers:
         if conv is None:
             return [], None, "", *(gr.update() for _ in range(6))
         s = conv.settings
-        return (conv.messages, conv.id, conv.title, gr.update(value=s.get("collection")),
-                gr.update(value=s.get("top_k")), gr.update(value=s.get("score_floor")),
-                gr.update(value=s.get("mode")), gr.update(value=s.get("backend")),
-                gr.update(value=s.get("local_url")))
+        return (conv.messages, conv.id, conv.title, s.get("collection"), s.get("top_k"), s.get("score_floor"),
+                s.get("mode"), s.get("backend"), s.get("local_url"))
 
     def rename_chat(self, conv_id: str | None, title: str, browser_id: str | None = None, request: gr.Request = None):  # type: ignore[assignment]
         user = user_of(request, browser_id)

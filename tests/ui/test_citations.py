@@ -10,8 +10,8 @@ import pytest
 
 from rag.types import Hit
 from tests.ui import browser
-from tests.ui.conftest import ANSWER
-from tests.ui.test_browser import ARTIFACTS, REASON, driver  # noqa: F401  (the fixture)
+from tests.ui.conftest import ANSWER, ARTIFACTS
+from tests.ui.test_browser import REASON
 from ui.chat import linkify, unlink
 from ui.citations import CitationError, file_html, parse_ref, passage_html, section, source_path
 
@@ -67,7 +67,7 @@ def test_citation_api_refuses_a_forged_link(client):
 
 
 @pytest.mark.skipif(REASON is not None, reason=f"browser test skipped: {REASON}")
-def test_clicking_a_citation_opens_the_passage_and_the_whole_file(app, driver):  # noqa: F811
+def test_clicking_a_citation_opens_the_passage_and_the_whole_file(app, driver):
     browser.open_app(driver, app.url)
     browser.ask(driver, "How do I back up the index?")
     browser.stream_answer(driver, 0, ANSWER.replace("`", ""))

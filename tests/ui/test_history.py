@@ -86,14 +86,17 @@ def test_chat_is_listed_and_reloads_after_a_restart(tmp_path):
     with rag_ui(*args, cwd=REPO, env=ui_env(), log=tmp_path / "ui1.log") as url:
         client = Client(url, verbose=False, download_files=False)
         client.predict([handle_file(str(FIXTURE_DOCS / "storage.md"))], "docs", api_name="/ingest")
-        messages, _ = client.predict("How do I back up the index?", browser_id="browser-1", api_name="/chat")
+        messages, _ = client.predict("How do I back up the index?", top_k=3, mode="bm25", browser_id="browser-1",
+                                     api_name="/chat")
         assert "storage.md" in json.dumps(messages)
     with rag_ui(*args, cwd=REPO, env=ui_env(), log=tmp_path / "ui2.log") as url:
         client = Client(url, verbose=False, download_files=False)
         assert client.predict("browser-2", api_name="/conversations") == []  # another browser sees nothing
         [chat] = client.predict("browser-1", api_name="/conversations")
         assert chat["title"] == "How do I back up the index?"
-        reloaded, *_ = client.predict(chat["id"], "browser-1", api_name="/open_chat")
+        reloaded, title, collection, top_k, _, mode, backend, _ = client.predict(chat["id"], "browser-1",
+                                                                                api_name="/open_chat")
+        assert (title, collection, top_k, mode, backend) == (chat["title"], "docs", 3, "bm25", "retrieval-only")
         assert [m["role"] for m in reloaded][:2] == ["user", "assistant"]
         assert json.dumps(reloaded) == json.dumps(messages)
-        assert "Retrieval only · top-k" in json.dumps(reloaded, ensure_ascii=False)  # the settings shown with the answer
+        assert "Retrieval only · top-k 3 · bm25" in json.dumps(reloaded, ensure_ascii=False)  # the settings shown with the answer
