@@ -124,7 +124,7 @@ def cited_numbers(answer: str) -> set[int]:
     return {int(n) for n in CITATION_RE.findall(answer)}
 
 
-def format_sources(hits: list[Hit], answer: str = "") -> str:
+def format_sources(hits: list[Hit], answer: str = "", collection: str | None = None) -> str:
     """Markdown list: [n] path › heading, similarity and rank, and a snippet; cited ones are marked."""
     cited = cited_numbers(answer)
     lines = []
@@ -132,12 +132,15 @@ def format_sources(hits: list[Hit], answer: str = "") -> str:
         heading = f" › {_escape(h.header_path)}" if h.header_path else ""
         mark = " · **cited**" if n in cited else ""
         quoted = "\n".join(f"> {ln}" if ln else ">" for ln in snippet_markdown(h.text).splitlines())
-        lines.append(f"**[{n}]** `{h.source}`{heading} — {h.score_label()}{mark}\n{quoted}")
+        # With the collection known, [n] opens the passage in the side panel, as in the answer.
+        label = f"[[{n}]]({CITE_HREF}{collection}:{h.id})" if collection else f"[{n}]"
+        lines.append(f"**{label}** `{h.source}`{heading} — {h.score_label()}{mark}\n{quoted}")
     return "\n\n".join(lines)
 
 
 def sources_message(hits: list[Hit], answer: str, searched: str, question: str,
-                    open_panel: bool = False, seconds: float | None = None, made_with: str = "") -> Message:
+                    open_panel: bool = False, seconds: float | None = None, made_with: str = "",
+                    collection: str | None = None) -> Message:
     """The collapsible Sources message; `open_panel` when the passages are the answer.
 
     `made_with`: the settings that produced the answer, shown in the title even when collapsed."""
@@ -149,7 +152,7 @@ def sources_message(hits: list[Hit], answer: str, searched: str, question: str,
         meta["status"] = "done"  # Gradio starts a "done" panel collapsed
     if seconds is not None:
         meta["duration"] = round(seconds, 2)
-    return {"role": "assistant", "content": format_sources(hits, answer), "metadata": meta}
+    return {"role": "assistant", "content": format_sources(hits, answer, collection), "metadata": meta}
 
 
 def respond(
@@ -210,7 +213,8 @@ def respond(
                 retrieved = ev
                 hits = list(ev.hits)
                 if ev.hits:
-                    sources = sources_message(ev.hits, "", ev.question, question, open_panel, made_with=made_with)
+                    sources = sources_message(ev.hits, "", ev.question, question, open_panel, made_with=made_with,
+                                              collection=collection)
             elif isinstance(ev, Delta) and ev.kind == "reasoning":
                 if reasoning is None:
                     reasoning = {"role": "assistant", "content": "",
@@ -227,7 +231,8 @@ def respond(
                 hits = list(ev.hits)
                 if ev.hits and retrieved is not None:
                     sources = sources_message(ev.hits, ev.answer, retrieved.question, question,
-                                              open_panel, seconds=time.perf_counter() - t0, made_with=made_with)
+                                              open_panel, seconds=time.perf_counter() - t0, made_with=made_with,
+                                              collection=collection)
                 if done is not None:
                     done(ev.answer, hits)
             if llm_configured and answer["content"] == NO_LLM_NOTE:
