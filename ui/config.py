@@ -28,7 +28,7 @@ class UIConfig:
     port: int = env("RAG_UI_PORT", 7860, "TCP port of the web UI")
     user: str | None = env("RAG_UI_USER", None, "user name for the login page (with RAG_UI_PASSWORD)")
     password: str | None = env("RAG_UI_PASSWORD", None, "password for the login page (with RAG_UI_USER)")
-    data_dir: str = env("RAG_DATA_DIR", "./data", "uploads go under DATA_DIR/uploads/<collection>/, saved chats in DATA_DIR/ui.sqlite3")
+    data_dir: str = env("RAG_DATA_DIR", "./data", "uploaded files are stored under DATA_DIR/uploads/<collection>/")
     backend: str | None = env("RAG_UI_BACKEND", None, "initial backend: deepseek, local or retrieval-only (unset: DeepSeek if DEEPSEEK_API_KEY is set, else local if LLM_BASE_URL is set, else retrieval-only)")
     deepseek_base_url: str = env("DEEPSEEK_BASE_URL", DEEPSEEK_BASE_URL, "DeepSeek API endpoint (change only for a proxy)")
     concurrency: int = env("RAG_UI_CONCURRENCY", 4, "chat answers streamed at the same time")
