@@ -164,7 +164,8 @@ def respond(
 
     `llm_configured`: an LLM exists but the user picked retrieval-only, so the pipeline's
     "no LLM is configured" note would be wrong and is replaced. `made_with` labels the Sources
-    panel with the settings; `done(answer, hits)` gets the finished answer and its passages.
+    panel with the settings; `done(answer, hits)` gets the passages once retrieved (answer "")
+    and again with the finished answer.
     """
     history = list(history or [])
     question = (message or "").strip()
@@ -212,6 +213,8 @@ def respond(
             if isinstance(ev, Retrieved):
                 retrieved = ev
                 hits = list(ev.hits)
+                if done is not None:
+                    done("", hits)  # a turn stopped before it finishes still keeps its passages
                 if ev.hits:
                     sources = sources_message(ev.hits, "", ev.question, question, open_panel, made_with=made_with,
                                               collection=collection)

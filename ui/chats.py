@@ -21,7 +21,7 @@ from rag.store import StoreError
 from rag.types import Hit
 from ui import citations
 from ui.backends import LABELS, Prober, resolve
-from ui.chat import content_text, respond
+from ui.chat import content_text, respond, unlink
 from ui.config import UIConfig
 from ui.errors import explain
 from ui.history import History, Passage, Turn, export_markdown, qa_lines, settings_line
@@ -167,7 +167,7 @@ def _last_answer(messages: list) -> str:
         if _role(m) == "user":
             return ""
         if _role(m) == "assistant" and not (meta or {}).get("title"):
-            return content_text(m.get("content") if isinstance(m, dict) else getattr(m, "content", ""))
+            return unlink(content_text(m.get("content") if isinstance(m, dict) else getattr(m, "content", "")))
     return ""
 
 

@@ -38,7 +38,6 @@ def _choose_chat(driver, title: str) -> None:
     option[0].click()
 
 
-@pytest.mark.slow
 def test_chat_survives_a_reload_with_its_settings_and_feedback_exports(app, driver):
     from selenium.webdriver.common.by import By
 

@@ -4,6 +4,7 @@ store on its own, then `rag-ui` itself across a restart."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from gradio_client import Client, handle_file
@@ -100,3 +101,32 @@ def test_chat_is_listed_and_reloads_after_a_restart(tmp_path):
         assert [m["role"] for m in reloaded][:2] == ["user", "assistant"]
         assert json.dumps(reloaded) == json.dumps(messages)
         assert "Retrieval only · top-k 3 · bm25" in json.dumps(reloaded, ensure_ascii=False)  # the settings shown with the answer
+
+
+def test_a_stopped_answer_is_saved_with_its_passages(app, client):
+    """Stop closes the stream before the pipeline finishes; the turn is still saved, as far as it
+    got, with the passages it retrieved (so feedback and the export have them)."""
+    app.stub.state.reply = lambda body: " ".join(f"word{i}" for i in range(80))
+    app.stub.state.delay_s = 0.1
+    job = client.submit("How do I back up the index?", browser_id="stopper", api_name="/chat")
+    deadline = time.monotonic() + 60
+    while not any("word3" in json.dumps(out) for out in job.outputs()):
+        assert time.monotonic() < deadline, "no tokens arrived"
+        time.sleep(0.05)
+    job.cancel()
+    db = History(app.data_dir / "ui.sqlite3")
+    try:
+        def saved():
+            chats = db.list("browser:stopper")
+            conv = db.get("browser:stopper", chats[0][0]) if chats else None
+            return conv if conv and conv.turns and "word3" in conv.turns[0].answer else None
+
+        deadline = time.monotonic() + 20
+        while (conv := saved()) is None:
+            assert time.monotonic() < deadline, "the stopped turn was not saved"
+            time.sleep(0.1)
+        turn = conv.turns[0]
+        assert "word79" not in turn.answer and "#cite:" not in turn.answer
+        assert turn.passages and turn.passages[0].source.endswith("storage.md")
+    finally:
+        db.close()
