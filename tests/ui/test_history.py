@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from gradio_client import Client, handle_file
@@ -130,3 +131,28 @@ def test_a_stopped_answer_is_saved_with_its_passages(app, client):
         assert turn.passages and turn.passages[0].source.endswith("storage.md")
     finally:
         db.close()
+
+
+def test_rename_export_and_delete_the_open_chat(app, client):
+    client.predict("How do I back up the index?", browser_id="exporter", api_name="/chat")
+    assert len(client.predict("exporter", api_name="/conversations")) == 1
+    client.predict("Backups, in short", "exporter", api_name="/rename_chat")  # the open chat: this session's
+    assert [c["title"] for c in client.predict("exporter", api_name="/conversations")] == ["Backups, in short"]
+    exported = client.predict("exporter", api_name="/export_chat")
+    md = Path(exported["value"]["path"] if "value" in exported else exported["path"]).read_text()
+    assert md.startswith("# Backups, in short\n\n## How do I back up the index?\n")
+    assert "copy the whole `data/milvus.db` directory [1]" in md and "#cite:" not in md
+    assert "DeepSeek API deepseek-chat · top-k" in md and "- [1] `tests/ui/fixtures/docs/storage.md`" in md
+    client.predict("exporter", api_name="/delete_chat")
+    assert client.predict("exporter", api_name="/conversations") == []
+    assert client.predict("someone-else", api_name="/conversations") == []
+
+
+def test_the_login_names_the_user_else_the_browser():
+    from types import SimpleNamespace
+
+    from ui.people import user_of
+
+    assert user_of(SimpleNamespace(username="alice", session_hash="s"), "b1") == "user:alice"
+    assert user_of(SimpleNamespace(username=None, session_hash="s"), "b1") == "browser:b1"
+    assert user_of(SimpleNamespace(username=None, session_hash="s"), "") == "session:s"
