@@ -99,14 +99,14 @@ class ChatHandlers:
         conv = self.db.get(user_of(request, browser_id), conv_id)
         if conv is None:
             raise gr.Error("Ask a question first: only saved chats can be exported.")
-        return gr.update(value=_export_file(self.ui, f"chat-{conv.id[:8]}.md", export_markdown(conv)), visible=True)
+        return gr.update(value=_export_file(f"chat-{conv.id[:8]}.md", export_markdown(conv)), visible=True)
 
     def export_qa(self, browser_id: str | None = None, request: gr.Request = None):  # type: ignore[assignment]
         lines = qa_lines(self.db.feedback_rows(user_of(request, browser_id)))
         if not lines:
             raise gr.Error("No liked answers yet: press 👍 under a good answer to add it to the QA file.")
         text = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines)
-        return gr.update(value=_export_file(self.ui, "feedback-qa.jsonl", text), visible=True)
+        return gr.update(value=_export_file("feedback-qa.jsonl", text), visible=True)
 
     def feedback(self, conv_id: str | None, messages: list, browser_id: str | None, data: gr.LikeData,
                  request: gr.Request):
@@ -171,9 +171,9 @@ def _last_answer(messages: list) -> str:
     return ""
 
 
-def _export_file(ui: UIConfig, name: str, text: str) -> str:
-    """A download for one export, under DATA_DIR/exports (Gradio serves files it is handed)."""
-    folder = Path(tempfile.mkdtemp(prefix="export-", dir=ui.exports_dir))
-    path = folder / name
+def _export_file(name: str, text: str) -> str:
+    """A download for one export, in a fresh folder under the system temp dir: Gradio serves
+    files from there whatever RAG_DATA_DIR is (a data dir outside the working folder it refuses)."""
+    path = Path(tempfile.mkdtemp(prefix="rag-ui-export-")) / name
     path.write_text(text, encoding="utf-8")
     return str(path)

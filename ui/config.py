@@ -70,10 +70,3 @@ class UIConfig:
     def history_path(self) -> Path:
         """The SQLite file of saved chats and answer feedback."""
         return Path(self.data_dir) / "ui.sqlite3"
-
-    @property
-    def exports_dir(self) -> Path:
-        """Where chat and QA exports are written for download (created on demand)."""
-        path = Path(self.data_dir) / "exports"
-        path.mkdir(parents=True, exist_ok=True)
-        return path

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import pytest
 
 from rag.eval import load_qa
@@ -38,7 +39,7 @@ def _choose_chat(driver, title: str) -> None:
     option[0].click()
 
 
-def test_chat_survives_a_reload_with_its_settings_and_feedback_exports(app, driver):
+def test_chat_survives_a_reload_with_its_settings_and_feedback_exports(app, driver, tmp_path):
     from selenium.webdriver.common.by import By
 
     browser.open_app(driver, app.url)
@@ -50,9 +51,11 @@ def test_chat_survives_a_reload_with_its_settings_and_feedback_exports(app, driv
 
     driver.find_elements(By.CSS_SELECTOR, '#chatbot button[aria-label="Like"]')[-1].click()
     time.sleep(0.5)
-    before = set(app.data_dir.glob("exports/*/feedback-qa.jsonl"))
     driver.find_element(By.ID, "export-qa").click()
-    [qa] = browser.wait_for("the QA export", lambda: set(app.data_dir.glob("exports/*/feedback-qa.jsonl")) - before)
+    link = browser.wait_for("the QA file's download link", lambda: driver.find_elements(
+        By.CSS_SELECTOR, "#exported a[href*='feedback-qa.jsonl']"))
+    qa = tmp_path / "feedback-qa.jsonl"  # downloaded over HTTP, as the browser would
+    qa.write_bytes(httpx.get(link[0].get_attribute("href"), timeout=10).content)
     [item] = load_qa(qa)
     assert item.question == QUESTION and item.source.endswith("storage.md")
     assert item.heading == "Backing up the index" and item.span is not None  # [1], the first cited passage
