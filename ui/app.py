@@ -8,6 +8,7 @@ working across UI changes: /chat, /ingest, /stats, /kb_view, /delete_source, /st
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -31,7 +32,7 @@ from ui.backends import LABELS, Prober, default_backend, default_local_url, reso
 from ui.chats import ChatHandlers  # noqa: E402
 from ui.config import BACKENDS, UIConfig  # noqa: E402
 from ui.errors import explain  # noqa: E402
-from ui.history import History  # noqa: E402
+from ui.history import History, qa_lines  # noqa: E402
 from ui.people import BROWSER_KEY, browser_secret, new_browser_id  # noqa: E402
 from ui.service import KnowledgeBase, check_collection_name  # noqa: E402
 from ui.uploads import UPLOADS_PREFIX, UploadLimits, store_uploads, upload_source_namer, uploaded_file  # noqa: E402
@@ -351,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=list(BACKENDS), help="initial answer backend (RAG_UI_BACKEND)")
     p.add_argument("--data-dir", help="uploads go under DATA_DIR/uploads (RAG_DATA_DIR, default ./data)")
     p.add_argument("--concurrency", type=int, help="answers streamed at once (RAG_UI_CONCURRENCY, default 4)")
+    p.add_argument("--export-qa", metavar="FILE", help="write every user's liked answers as a rag-eval QA file "
+                   "(JSON lines) and exit")
     return p
 
 
@@ -362,12 +365,29 @@ def _warm_up(kb: KnowledgeBase) -> None:
         log.warning("embedder warm-up failed: %s", e)
 
 
+def export_all_qa(ui: UIConfig, out: Path) -> int:
+    """`rag-ui --export-qa FILE`: the operator's export of everyone's liked answers."""
+    if not ui.history_path.is_file():
+        print(f"rag-ui: no saved chats at {ui.history_path}; check --data-dir (RAG_DATA_DIR)", file=sys.stderr)
+        return 2
+    db = History(ui.history_path)
+    try:
+        lines = qa_lines(db.feedback_rows())
+    finally:
+        db.close()
+    out.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
+    print(f"wrote {len(lines)} questions to {out}; evaluate with: rag-eval qa {out} --collection NAME --uri URI")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="rag-ui: %(message)s")
     try:
         ui = UIConfig.load(host=args.host, port=args.port, backend=args.backend, data_dir=args.data_dir,
                            concurrency=args.concurrency)
+        if args.export_qa:
+            return export_all_qa(ui, Path(args.export_qa))
         rag = RagConfig.load(collection=args.collection, milvus_uri=args.uri, embedder=args.embedder,
                              top_k=args.k, score_floor=args.score_floor, mode=args.mode)
         kb = KnowledgeBase(rag, IngestConfig.load())

@@ -156,3 +156,18 @@ def test_the_login_names_the_user_else_the_browser():
     assert user_of(SimpleNamespace(username="alice", session_hash="s"), "b1") == "user:alice"
     assert user_of(SimpleNamespace(username=None, session_hash="s"), "b1") == "browser:b1"
     assert user_of(SimpleNamespace(username=None, session_hash="s"), "") == "session:s"
+
+
+def test_operator_exports_every_users_liked_answers(tmp_path, capsys):
+    from ui.app import main
+
+    assert main(["--data-dir", str(tmp_path / "none"), "--export-qa", str(tmp_path / "x.jsonl")]) == 2
+    assert "no saved chats" in capsys.readouterr().err
+    db = History(tmp_path / "ui.sqlite3")
+    for user in ("user:alice", "user:bob"):
+        cid = db.save(user, None, [], [_turn(f"Question of {user}?")], SETTINGS)
+        db.feedback(user, cid, 0, True)
+    db.close()
+    out = tmp_path / "qa.jsonl"
+    assert main(["--data-dir", str(tmp_path), "--export-qa", str(out)]) == 0
+    assert sorted(i.question for i in load_qa(out)) == ["Question of user:alice?", "Question of user:bob?"]
