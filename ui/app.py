@@ -8,7 +8,6 @@ working across UI changes: /chat, /ingest, /stats, /kb_view, /delete_source, /st
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -29,10 +28,10 @@ from rag.settings import SettingsError, settings_table  # noqa: E402
 from rag.store import StoreError  # noqa: E402
 from ui import citations, kb_files, views  # noqa: E402
 from ui.backends import LABELS, Prober, default_backend, default_local_url, resolve  # noqa: E402
-from ui.chats import ChatHandlers  # noqa: E402
+from ui.chats import ChatHandlers, export_all_qa  # noqa: E402
 from ui.config import BACKENDS, UIConfig  # noqa: E402
 from ui.errors import explain  # noqa: E402
-from ui.history import History, qa_lines  # noqa: E402
+from ui.history import History  # noqa: E402
 from ui.people import BROWSER_KEY, browser_secret, new_browser_id  # noqa: E402
 from ui.service import KnowledgeBase, check_collection_name  # noqa: E402
 from ui.uploads import UPLOADS_PREFIX, UploadLimits, store_uploads, upload_source_namer, uploaded_file  # noqa: E402
@@ -363,21 +362,6 @@ def _warm_up(kb: KnowledgeBase) -> None:
         kb.embedder.embed_query("warm up")
     except Exception as e:  # only a head start; a real failure shows on the first question
         log.warning("embedder warm-up failed: %s", e)
-
-
-def export_all_qa(ui: UIConfig, out: Path) -> int:
-    """`rag-ui --export-qa FILE`: the operator's export of everyone's liked answers."""
-    if not ui.history_path.is_file():
-        print(f"rag-ui: no saved chats at {ui.history_path}; check --data-dir (RAG_DATA_DIR)", file=sys.stderr)
-        return 2
-    db = History(ui.history_path)
-    try:
-        lines = qa_lines(db.feedback_rows())
-    finally:
-        db.close()
-    out.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
-    print(f"wrote {len(lines)} questions to {out}; evaluate with: rag-eval qa {out} --collection NAME --uri URI")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -177,3 +178,18 @@ def _export_file(name: str, text: str) -> str:
     path = Path(tempfile.mkdtemp(prefix="rag-ui-export-")) / name
     path.write_text(text, encoding="utf-8")
     return str(path)
+
+
+def export_all_qa(ui: UIConfig, out: Path) -> int:
+    """`rag-ui --export-qa FILE`: the operator's export of everyone's liked answers."""
+    if not ui.history_path.is_file():
+        print(f"rag-ui: no saved chats at {ui.history_path}; check --data-dir (RAG_DATA_DIR)", file=sys.stderr)
+        return 2
+    db = History(ui.history_path)
+    try:
+        lines = qa_lines(db.feedback_rows())
+    finally:
+        db.close()
+    out.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
+    print(f"wrote {len(lines)} questions to {out}; evaluate with: rag-eval qa {out} --collection NAME --uri URI")
+    return 0
