@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 from collections import Counter, defaultdict
@@ -347,9 +348,29 @@ class MilvusStore:
             "embedder": props.get("rag.embedder"),
             "dim": dim,
             "bm25": bool(desc.get("functions")),
+            "metric": "IP",  # _create indexes the vectors by inner product (cosine on unit vectors)
+            "analyzer": props.get("rag.analyzer"),
             "last_ingest": props.get("rag.last_ingest"),
             "sources": dict(sorted(per_source.items())),
         }
+
+    def source_chunks(self, source: str) -> list[Hit]:
+        """Every stored chunk of one source file, in chunk order (citation panel, chunk browser).
+
+        Hits with score 0: nothing was searched. An unknown source gives an empty list."""
+        return sorted(self._query(f"source == {json.dumps(source)}"), key=lambda h: h.chunk_index)
+
+    def chunk(self, chunk_id: str) -> Hit | None:
+        """The stored chunk with this id, or None."""
+        found = self._query(f"id == {json.dumps(chunk_id)}")
+        return found[0] if found else None
+
+    @reloading
+    def _query(self, filter: str) -> list[Hit]:
+        rows = self.client.query(self.collection, filter=filter, output_fields=["id", *OUTPUT_FIELDS],
+                                 consistency_level=STRONG)
+        return [Hit(id=r["id"], score=0.0, text=r["text"], source=r["source"], header_path=r["header_path"],
+                    chunk_index=int(r["chunk_index"]), metadata=r.get("metadata") or {}) for r in rows]
 
     # -- search ----------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import html
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pymilvus import MilvusException
@@ -35,7 +35,27 @@ RETRIEVAL_ONLY_CHOSEN = (
     "here are the most relevant passages."
 )
 CITATION_RE = re.compile(r"\[(\d+)\]")
+CITE_HREF = "#cite:"  # a citation link's target: #cite:<collection>:<chunk id>; the page script opens it
+_CITE_LINK_RE = re.compile(r"\[\[(\d+)\]\]\(#cite:[^)]*\)")
 Message = dict[str, Any]
+Done = Callable[[str, list[Hit]], None]
+
+
+def linkify(answer: str, collection: str, hits: list[Hit]) -> str:
+    """Each [n] that names a retrieved passage becomes a link that opens that passage."""
+
+    def link(m: re.Match) -> str:
+        n = int(m.group(1))
+        if not 1 <= n <= len(hits):
+            return m.group(0)
+        return f"[[{n}]]({CITE_HREF}{collection}:{hits[n - 1].id})"
+
+    return CITATION_RE.sub(link, answer)
+
+
+def unlink(text: str) -> str:
+    """The answer as the model wrote it: citation links back to plain [n]."""
+    return _CITE_LINK_RE.sub(r"[\1]", text)
 
 
 def ingest_first(collection: str) -> str:
@@ -82,7 +102,7 @@ def history_pairs(messages: list[Any] | None, turns: int = HISTORY_TURNS) -> lis
     for m in messages or []:
         if _title(m):  # a collapsible panel, not part of what was said
             continue
-        role, text = _role(m), content_text(_content(m)).strip()
+        role, text = _role(m), unlink(content_text(_content(m))).strip()
         if role == "user":
             if question is not None:
                 pairs.append((question, "\n".join(answer)))
@@ -104,7 +124,7 @@ def cited_numbers(answer: str) -> set[int]:
     return {int(n) for n in CITATION_RE.findall(answer)}
 
 
-def format_sources(hits: list[Hit], answer: str = "") -> str:
+def format_sources(hits: list[Hit], answer: str = "", collection: str | None = None) -> str:
     """Markdown list: [n] path › heading, similarity and rank, and a snippet; cited ones are marked."""
     cited = cited_numbers(answer)
     lines = []
@@ -112,31 +132,40 @@ def format_sources(hits: list[Hit], answer: str = "") -> str:
         heading = f" › {_escape(h.header_path)}" if h.header_path else ""
         mark = " · **cited**" if n in cited else ""
         quoted = "\n".join(f"> {ln}" if ln else ">" for ln in snippet_markdown(h.text).splitlines())
-        lines.append(f"**[{n}]** `{h.source}`{heading} — {h.score_label()}{mark}\n{quoted}")
+        # With the collection known, [n] opens the passage in the side panel, as in the answer.
+        label = f"[[{n}]]({CITE_HREF}{collection}:{h.id})" if collection else f"[{n}]"
+        lines.append(f"**{label}** `{h.source}`{heading} — {h.score_label()}{mark}\n{quoted}")
     return "\n\n".join(lines)
 
 
 def sources_message(hits: list[Hit], answer: str, searched: str, question: str,
-                    open_panel: bool = False, seconds: float | None = None) -> Message:
-    """The collapsible Sources message; `open_panel` when the passages are the answer."""
-    meta: dict[str, Any] = {"title": f"{SOURCES_TITLE} ({len(hits)})"}
+                    open_panel: bool = False, seconds: float | None = None, made_with: str = "",
+                    collection: str | None = None) -> Message:
+    """The collapsible Sources message; `open_panel` when the passages are the answer.
+
+    `made_with`: the settings that produced the answer, shown in the title even when collapsed."""
+    title = f"{SOURCES_TITLE} ({len(hits)})" + (f" · {made_with}" if made_with else "")
+    meta: dict[str, Any] = {"title": title}
     if searched.strip() != question.strip():
         meta["log"] = f"searched for: {searched}"  # shows what the follow-up was rewritten to
     if not open_panel:
         meta["status"] = "done"  # Gradio starts a "done" panel collapsed
     if seconds is not None:
         meta["duration"] = round(seconds, 2)
-    return {"role": "assistant", "content": format_sources(hits, answer), "metadata": meta}
+    return {"role": "assistant", "content": format_sources(hits, answer, collection), "metadata": meta}
 
 
 def respond(
     kb: KnowledgeBase, prober: Prober, backend: Backend, message: str, history: list[Any] | None,
     collection: str, top_k: int, score_floor: float | None, mode: str, llm_configured: bool = False,
+    made_with: str = "", done: Done | None = None,
 ) -> Iterator[list[Message]]:
     """Yield the whole chat history after each step, so Gradio streams the diff to the browser.
 
     `llm_configured`: an LLM exists but the user picked retrieval-only, so the pipeline's
-    "no LLM is configured" note would be wrong and is replaced.
+    "no LLM is configured" note would be wrong and is replaced. `made_with` labels the Sources
+    panel with the settings; `done(answer, hits)` gets the passages once retrieved (answer "")
+    and again with the finished answer.
     """
     history = list(history or [])
     question = (message or "").strip()
@@ -149,9 +178,12 @@ def respond(
     reasoning: Message | None = None
     sources: Message | None = None
 
+    hits: list[Hit] = []
+
     def assemble() -> list[Message]:
         # No empty answer bubble: until text arrives, Gradio shows its own "typing" indicator.
-        return [*shown, *([reasoning] if reasoning else []), *([answer] if answer["content"] else []),
+        shown_answer = {**answer, "content": linkify(answer["content"], collection, hits)} if hits else answer
+        return [*shown, *([reasoning] if reasoning else []), *([shown_answer] if answer["content"] else []),
                 *([sources] if sources else [])]
 
     def warn(text: str) -> list[Message]:
@@ -180,8 +212,12 @@ def respond(
         for ev in pipe.ask(question, history=history_pairs(history)):
             if isinstance(ev, Retrieved):
                 retrieved = ev
+                hits = list(ev.hits)
+                if done is not None:
+                    done("", hits)  # a turn stopped before it finishes still keeps its passages
                 if ev.hits:
-                    sources = sources_message(ev.hits, "", ev.question, question, open_panel)
+                    sources = sources_message(ev.hits, "", ev.question, question, open_panel, made_with=made_with,
+                                              collection=collection)
             elif isinstance(ev, Delta) and ev.kind == "reasoning":
                 if reasoning is None:
                     reasoning = {"role": "assistant", "content": "",
@@ -195,9 +231,13 @@ def respond(
                 answer["content"] = ev.answer
                 if reasoning is not None:
                     reasoning["metadata"]["status"] = "done"
+                hits = list(ev.hits)
                 if ev.hits and retrieved is not None:
                     sources = sources_message(ev.hits, ev.answer, retrieved.question, question,
-                                              open_panel, seconds=time.perf_counter() - t0)
+                                              open_panel, seconds=time.perf_counter() - t0, made_with=made_with,
+                                              collection=collection)
+                if done is not None:
+                    done(ev.answer, hits)
             if llm_configured and answer["content"] == NO_LLM_NOTE:
                 answer["content"] = RETRIEVAL_ONLY_CHOSEN
             yield assemble()

@@ -65,3 +65,8 @@ class UIConfig:
     @property
     def uploads_dir(self) -> Path:
         return Path(self.data_dir) / "uploads"
+
+    @property
+    def history_path(self) -> Path:
+        """The SQLite file of saved chats and answer feedback."""
+        return Path(self.data_dir) / "ui.sqlite3"

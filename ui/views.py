@@ -87,22 +87,6 @@ def banner(backend: Backend, probe: Probe, collection: str, stats: dict[str, Any
     return '<div class="banner">' + "<br>".join(notes) + "</div>"
 
 
-def stats_markdown(collection: str, stats: dict[str, Any] | None) -> str:
-    if stats is None:
-        return (f"Collection **{collection}** does not exist yet: ingest documents first. "
-                f"Upload files below and press **Ingest**; the collection is created on the first run.")
-    return (
-        f"| Collection | Files | Chunks | Embedder | Dimension | Last ingest |\n"
-        f"|---|---|---|---|---|---|\n"
-        f"| {collection} | {stats['files']} | {stats['chunks']} | {stats['embedder'] or '?'} | "
-        f"{stats['dim'] or '?'} | {stats['last_ingest'] or 'never'} |"
-    )
-
-
-def sources_rows(stats: dict[str, Any] | None) -> list[list[Any]]:
-    return [[src, n] for src, n in (stats or {}).get("sources", {}).items()]
-
-
 def ingest_markdown(report: IngestReport | None, saved: int, rejected: Sequence[tuple[str, str]],
                     warnings: Sequence[str] = ()) -> str:
     """What happened to an upload: the ingest summary, every refused file with its reason, and

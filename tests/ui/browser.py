@@ -157,3 +157,27 @@ def stream_answer(driver: Any, count_before: int, final: str, timeout: float = 6
 
     wait_for(f"the answer {final[:40]!r}…", done, timeout, every=0.02)
     return seen
+
+
+def click_citation(driver: Any, n: int) -> None:
+    """Click the last answer's [n] link (the page script opens the passage panel)."""
+    from selenium.webdriver.common.by import By
+
+    def link() -> Any:
+        found = [a for a in driver.find_elements(By.CSS_SELECTOR, '#chatbot a[href*="#cite:"]')
+                 if a.text.strip() in (f"[{n}]", str(n))]
+        return found[-1] if found else None
+
+    wait_for(f"the [{n}] citation link", link).click()
+
+
+def passage_panel(driver: Any, expect: str, timeout: float = 20.0) -> str:
+    """The citation panel's text once it shows `expect`."""
+    from selenium.webdriver.common.by import By
+
+    def text() -> str | None:
+        els = driver.find_elements(By.ID, "passage")
+        t = els[0].text if els and els[0].is_displayed() else ""
+        return t if expect in t else None
+
+    return wait_for(f"the passage panel to show {expect!r}", text, timeout)

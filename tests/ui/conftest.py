@@ -18,6 +18,7 @@ from rag.pipeline import REWRITE_PROMPT
 from tests.support.openai_stub import OpenAIStub, free_port
 
 FIXTURE_DOCS = Path(__file__).resolve().parent / "fixtures" / "docs"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"  # screenshots (git-ignored)
 ANSWER = (
     "Stop every process that uses the index, then copy the whole `data/milvus.db` directory [1]. "
     "Only one process can open a Milvus Lite database at a time, so stop `rag-ui` first [2]."
@@ -94,6 +95,19 @@ def client(app: LaunchedApp):
     from gradio_client import Client
 
     return Client(app.url, verbose=False, download_files=False)
+
+
+@pytest.fixture
+def driver(request):
+    """A headless Chromium; a failing test leaves a screenshot in tests/artifacts/."""
+    from tests.ui import browser
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with browser.chrome() as d:
+        yield d
+        failed = getattr(request.node, "rep_call", None)
+        if failed is not None and failed.failed:
+            d.save_screenshot(str(ARTIFACTS / f"failed-{request.node.name}.png"))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -1,6 +1,9 @@
-"""Make the README screenshot (docs/images/ui.png) with the same browser code as the tests.
+"""Make the README screenshots (docs/images/ui*.png) with the same browser code as the tests.
 
-    .venv/bin/python -m tests.ui.make_screenshot [--out docs/images/ui.png]
+    .venv/bin/python -m tests.ui.make_screenshot [--out-dir docs/images]
+
+One picture per view: ui.png (a cited answer with its Sources), ui_citation.png (a citation
+opened in the side panel), ui_kb.png (the knowledge base: collection, files, one file's chunks).
 
 Everything is local and scripted, so the picture is the same on every run: the fixture docs
 are ingested into a throw-away Milvus Lite db, and an OpenAI-protocol stub stands in for the
@@ -34,15 +37,15 @@ ANSWER = (
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(REPO / "docs" / "images" / "ui.png"), help="PNG to write")
+    p.add_argument("--out-dir", default=str(REPO / "docs" / "images"), help="folder for the PNGs")
     p.add_argument("--width", type=int, default=1440)
     p.add_argument("--height", type=int, default=900)
     args = p.parse_args(argv)
     if reason := browser.missing_reason():
         print(f"make_screenshot: {reason}", file=sys.stderr)
         return 2
-    out = Path(args.out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
 
     from ingest.config import IngestConfig
     from rag.config import RagConfig
@@ -66,12 +69,44 @@ def main(argv: list[str] | None = None) -> int:
                 browser.open_panel(driver, "Sources", "[2]")
                 driver.execute_script("document.activeElement && document.activeElement.blur()")
                 time.sleep(0.5)  # let the panel's open animation finish
-                driver.save_screenshot(str(out))
+                driver.save_screenshot(str(out / "ui.png"))
+                browser.click_citation(driver, 1)
+                browser.passage_panel(driver, "Backing up the index")
+                time.sleep(0.5)
+                driver.save_screenshot(str(out / "ui_citation.png"))
+                _kb_view(driver)
+                driver.save_screenshot(str(out / "ui_kb.png"))
         finally:
             kb.close()
             os.chdir(REPO)
-    print(f"wrote {out}")
+    print(f"wrote ui.png, ui_citation.png and ui_kb.png in {out}")
     return 0
+
+
+def _kb_view(driver) -> None:
+    """The Knowledge base tab with docs/storage.md chosen and its chunks listed."""
+    from selenium.webdriver.common.by import By
+
+    [tab] = [t for t in driver.find_elements(By.CSS_SELECTOR, "button[role='tab']") if t.text.strip() == "Knowledge base"]
+    tab.click()
+    browser.wait_for("the files table", lambda: "docs/storage.md" in driver.find_element(By.ID, "kb-sources").text)
+
+    def options() -> list:
+        found = [o for o in driver.find_elements(By.CSS_SELECTOR, "#kb-file li, ul.options li")
+                 if o.text.strip() == "docs/storage.md"]
+        if not found:  # the list opens with the choices it has; open it again until they arrived
+            driver.find_element(By.ID, "kb-stats").click()
+            driver.find_element(By.CSS_SELECTOR, "#kb-file input").click()
+            time.sleep(0.3)
+        return found
+
+    option = browser.wait_for("the file choice", options)
+    option[0].click()
+    driver.find_element(By.ID, "browse-chunks").click()
+    browser.wait_for("the chunks", lambda: "Backing up the index" in driver.find_element(By.ID, "kb-chunks").text)
+    driver.execute_script("document.activeElement && document.activeElement.blur();"
+                          "document.getElementById('kb-sources').scrollIntoView({block: 'start'});")
+    time.sleep(0.5)
 
 
 if __name__ == "__main__":

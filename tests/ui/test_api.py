@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import time
 import zipfile
 
@@ -11,11 +12,12 @@ from gradio_client import handle_file
 
 from rag.pipeline import REWRITE_PROMPT
 from tests.ui.conftest import ANSWER, REASONING, scripted_reply
-from ui.chat import RETRIEVAL_ONLY_CHOSEN, content_text
+from ui.chat import RETRIEVAL_ONLY_CHOSEN, content_text, unlink
 
 
 def _text(message: dict) -> str:
-    return content_text(message["content"])
+    """The message as written: citation links back to plain [n] (test_citations checks the links)."""
+    return unlink(content_text(message["content"]))
 
 
 def _title(message: dict) -> str:
@@ -35,7 +37,9 @@ def _split(messages: list[dict]) -> tuple[list[dict], dict | None, dict | None]:
 def test_api_names_are_pinned(client):
     """gradio_client scripts call these names; renaming one breaks them."""
     named = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert named == {"/chat", "/ingest", "/stats", "/kb_view", "/delete_source", "/status"}
+    assert named == {"/chat", "/ingest", "/stats", "/kb_view", "/delete_source", "/status",
+                     "/conversations", "/open_chat", "/rename_chat", "/delete_chat", "/export_chat", "/export_qa",
+                     "/citation", "/citation_file", "/reingest", "/file_chunks"}
 
 
 def test_streamed_answer_with_sources_and_reasoning(app, client):
@@ -65,6 +69,10 @@ def test_streamed_answer_with_sources_and_reasoning(app, client):
     assert "similarity 0." in body and "hybrid rank 1" in body and "**cited**" in body
     # the snippet keeps the passage's lines (quoted) and its code span intact
     assert "copy the whole `data/milvus.db` directory" in " ".join(body.replace("\n> ", " ").split())
+    # Each [n] links to its passage; the settings that made the answer title the Sources panel.
+    assert re.search(r"\[\[1\]\]\(#cite:docs:[0-9a-f]{32}\)", content_text(answers[0]["content"]))
+    assert sources["metadata"]["title"].startswith("Sources (")
+    assert "DeepSeek API deepseek-chat · top-k" in sources["metadata"]["title"]
     # The request the DeepSeek stub received carries the numbered context.
     (req,) = app.stub.state.requests
     assert req["model"] == "deepseek-chat" and req["stream"] is True

@@ -16,23 +16,12 @@ import pytest
 from rag.llm import LLMClient
 from tests.rag_core.conftest import VENV_BIN
 from tests.ui import browser
-from tests.ui.conftest import ANSWER, FIXTURE_DOCS
+from tests.ui.conftest import ANSWER, ARTIFACTS, FIXTURE_DOCS
 from tests.ui.process import rag_ui, ui_env
 
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 REASON = browser.missing_reason()
 # pytest's -ra (in the project's addopts) prints this reason in the summary of every run.
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"browser test skipped: {REASON}")
-
-
-@pytest.fixture
-def driver(request):
-    ARTIFACTS.mkdir(exist_ok=True)
-    with browser.chrome() as d:
-        yield d
-        failed = getattr(request.node, "rep_call", None)
-        if failed is not None and failed.failed:
-            d.save_screenshot(str(ARTIFACTS / f"failed-{request.node.name}.png"))
 
 
 def rendered(markdown: str) -> str:
