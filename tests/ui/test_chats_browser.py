@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from rag.eval import load_qa
+from evals.datasets import load_qa
 from tests.ui import browser
 from tests.ui.conftest import ANSWER
 from tests.ui.test_browser import REASON

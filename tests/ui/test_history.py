@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 
-from rag.eval import load_qa
+from evals.datasets import load_qa
 from rag.types import Hit
 from tests.ui.conftest import FIXTURE_DOCS
 from tests.ui.process import rag_ui, ui_env
