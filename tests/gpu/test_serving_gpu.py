@@ -26,6 +26,14 @@ from .test_model_gpu import NEAR_TIE
 pytestmark = [pytest.mark.gpu, requires_gpu]
 
 MAX_TOKENS = 12
+# The first token comes from a prefill, and a prefill's MoE activation precision follows the
+# number of rows in its step: up to 256 rows two-term FP8 (bf16-level), beyond that one-term FP8.
+# generate() prefills one prompt alone, the server packs eight, so the two can run different
+# regimes; one-term FP8 moves a small model's logits by up to 7.9% relative (docs/gpu_notes.md,
+# run 1), i.e. ~0.08 sd per logit, and a top-2 swap across that needs a gap under ~3x it.
+# Decoded tokens run the same regime both ways and keep NEAR_TIE. A paging, masking or graph
+# bug moves the top logits by order 1 sd and still fails.
+PREFILL_NEAR_TIE = 0.25
 
 
 def _chats() -> list[list[dict]]:
@@ -105,7 +113,9 @@ def test_served_greedy_equals_generate_for_8_concurrent_requests(tiny_fp8):
             logits = model(torch.tensor([p + ref[:i]], device="cuda")).logits[0, -1].float()
         top = logits.topk(2).values
         gap = ((top[0] - top[1]) / logits.std()).item()  # in sd of the step's logits, as test_model_gpu
-        if gap >= NEAR_TIE:
+        if gap >= (PREFILL_NEAR_TIE if i == 0 else NEAR_TIE):
             unexplained.append((i, round(gap, 4)))
     print(f"{exact}/8 served texts equal generate(); divergences at near-ties only: {not unexplained}")
-    assert not unexplained and exact >= 4
+    # The H100 gave 3/8 exact with every other text diverging at a near-tie (2 of them in the
+    # prefill regime above): the count of exact texts is printed, not bounded.
+    assert not unexplained, f"divergences beyond a near-tie (position, gap in sd): {unexplained}"
