@@ -188,3 +188,13 @@ def test_cache_after_rejections_equals_a_non_speculative_run(tiny_model, tokeniz
         assert upto > len(prompt)
         assert rel_err(got.c_kv[layer, 0, :upto], fresh.c_kv[layer, 0, :upto]) < 1e-5, layer
         assert rel_err(got.k_pe[layer, 0, :upto], fresh.k_pe[layer, 0, :upto]) < 1e-5, layer
+
+
+def test_generate_cli_with_speculative_tokens_prints_the_same_text(tiny_ckpt, capsys):
+    from model_host.cli import main
+
+    args = ["generate", "--checkpoint", str(tiny_ckpt), "--prompt", "milvus index", "--raw", "--max-tokens", "6"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--speculative-tokens", "2"]) == 0
+    assert capsys.readouterr().out == plain and plain.strip()
