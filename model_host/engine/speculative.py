@@ -26,7 +26,7 @@ from model_host.engine.block_manager import BlockManager
 from model_host.engine.paged_cache import PagedLatentCache
 from model_host.engine.sequence import Sequence
 from model_host.model import DeepseekV3
-from model_host.speculative import Pending, speculative_round
+from model_host.speculative import Pending, mtp_draft, speculative_round
 
 
 @dataclasses.dataclass
@@ -48,37 +48,45 @@ class SpecStats:
 
 
 class PagedForwards:
-    """:class:`~model_host.speculative.Forwards` over the paged cache for a list of sequences."""
+    """:class:`~model_host.speculative.Forwards` over the paged cache for a list of sequences
+    (``tables`` [B, W], one row per sequence).  ``graphs`` / ``mtp_graphs`` replay captured
+    single-token steps (:class:`~model_host.kernels.graphs.DecodeGraphs`) when a bucket fits."""
 
-    def __init__(self, model: DeepseekV3, cache: PagedLatentCache, tables: torch.Tensor, decode=None):
+    def __init__(self, model: DeepseekV3, cache: PagedLatentCache, tables: torch.Tensor, graphs=None,
+                 mtp_graphs=None):
         self.model, self.cache, self.tables = model, cache, tables
-        self.decode = decode  # the runner's graphed step (ids, positions, tables) -> (logits, hidden)
+        self.graphs, self.mtp_graphs = graphs, mtp_graphs
 
     def _rows(self, counts: list[int]) -> torch.Tensor:
         return self.tables.repeat_interleave(torch.tensor(counts, device=self.tables.device), dim=0)
 
     def main(self, ids, positions, counts):
         tables = self._rows(counts)
-        if self.decode is not None:
-            return self.decode(ids, positions, tables)
+        if self.graphs is not None and (out := self.graphs.run(ids, positions, tables)) is not None:
+            return out
         self.cache.bind(tables)
         out = self.model(ids.unsqueeze(1), positions.unsqueeze(1), self.cache, kv_len=int(positions.max()) + 1)
         return out.logits[:, 0], out.hidden[:, 0]
 
     def mtp(self, ids, hidden, positions, counts):
-        self.cache.bind(self._rows(counts))
+        tables = self._rows(counts)
+        if self.mtp_graphs is not None and (out := self.mtp_graphs.run(ids, positions, tables, hidden)) is not None:
+            return out
+        self.cache.bind(tables)
         out = self.model.mtp_forward(ids.unsqueeze(1), hidden.unsqueeze(1), positions.unsqueeze(1), self.cache,
                                      kv_len=int(positions.max()) + 1)
         return out.logits[:, 0], out.hidden[:, 0]
 
 
 class SpeculativeDecoder:
-    def __init__(self, model: DeepseekV3, cache: PagedLatentCache, blocks: BlockManager, k: int):
+    def __init__(self, model: DeepseekV3, cache: PagedLatentCache, blocks: BlockManager, k: int,
+                 drafter=mtp_draft):
         if k < 1:
             raise ValueError(f"--speculative-tokens must be >= 1 here, got {k}")
         if not len(model.mtp):
             raise ValueError("--speculative-tokens needs the checkpoint's MTP layer (num_nextn_predict_layers = 1)")
         self.model, self.cache, self.blocks, self.k = model, cache, blocks, k
+        self.drafter = drafter  # mtp_draft; benchmarks and tests pass an oracle (never the server)
         self.stats = SpecStats()
 
     @torch.inference_mode()
@@ -107,7 +115,7 @@ class SpeculativeDecoder:
                                   torch.tensor([len(seq) - 2], device=dev), [1])
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence], tables: torch.Tensor, decode=None) -> list[list[int]]:
+    def step(self, seqs: list[Sequence], tables: torch.Tensor, graphs=None, mtp_graphs=None) -> list[list[int]]:
         """One round for ``seqs`` (each with slots up to ``len - 1 + k``): the tokens each emits."""
         dev = tables.device
         pending = Pending.cat([s.draft_input for s in seqs])
@@ -117,8 +125,9 @@ class SpeculativeDecoder:
         # No drafts past max_tokens: a sequence one token from its end verifies just that token.
         num_drafts = [max(0, min(self.k, s.params.max_tokens - s.num_output - 1)) for s in seqs]
         gens = [s.generator for s in seqs]
-        fw = PagedForwards(self.model, self.cache, tables, decode)
-        verdict, nxt = speculative_round(fw, pending, self.k, temperature, top_k, top_p, gens, num_drafts)
+        fw = PagedForwards(self.model, self.cache, tables, graphs, mtp_graphs)
+        verdict, nxt = speculative_round(fw, pending, self.k, temperature, top_k, top_p, gens, num_drafts,
+                                         self.drafter)
         out = []
         for s, p, nd in zip(seqs, nxt.split(), num_drafts, strict=True):
             n = p.counts[0] - 1
