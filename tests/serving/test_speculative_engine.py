@@ -5,8 +5,8 @@ rejections (main and MTP layers, freed blocks), prefix caching, and the /metrics
 from __future__ import annotations
 
 import random
-from concurrent.futures import ThreadPoolExecutor
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
