@@ -8,7 +8,7 @@ Forward contract (what a serving engine calls)::
 
     out = model(input_ids [B, S], positions [B, S], cache)      # prefill or decode alike
     out.logits  # [B, S, V] fp32 (or [B, 1, V] with last_only=True)
-    out.hidden  # [B, S, D] final-normed hidden states (input to lm_head and to MTP)
+    out.hidden  # [B, S, D] final-normed hidden states (input to lm_head and to MTP), all positions
 
 Positions are absolute per row; the cache holds row b's token at position p in slot p.
 """
@@ -31,7 +31,8 @@ from .rope import RotaryEmbedding
 
 @dataclass
 class ModelOutput:
-    """logits: [B, S', V] float32; hidden: [B, S', D] after the final norm (S' = 1 if last_only)."""
+    """logits: [B, S', V] float32 (S' = 1 if last_only); hidden: [B, S, D] after the final norm
+    (every position: the MTP layer drafts from a whole prefill chunk's hidden states)."""
 
     logits: torch.Tensor
     hidden: torch.Tensor
@@ -197,9 +198,7 @@ class DeepseekV3(nn.Module):
         for layer in self.layers:
             x, residual = layer.residual_forward(x, residual, batch)
         hidden = self.norm(x) if residual is None else self.norm.add_forward(residual, x)[1]
-        if last_only:
-            hidden = hidden[:, -1:]
-        return ModelOutput(self.lm_head(hidden).float(), hidden)
+        return ModelOutput(self.lm_head(hidden[:, -1:] if last_only else hidden).float(), hidden)
 
     @torch.no_grad()
     def mtp_forward(

@@ -22,8 +22,10 @@ from model_host.engine.paged_cache import PagedLatentCache
 from model_host.engine.runner import ModelRunner
 from model_host.engine.scheduler import Scheduler
 from model_host.engine.sequence import Sequence
+from model_host.engine.speculative import SpeculativeDecoder
 from model_host.model import DeepseekV3
 from model_host.sampler import Sampler, SamplingParams
+from model_host.speculative import mtp_draft
 from model_host.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class EngineConfig:
     max_prefill_tokens: int = 8192
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     cache_dtype: torch.dtype | None = None  # default: the model's dtype
+    speculative_tokens: int = 0  # MTP drafts verified per decode step (0 = off; needs the MTP layer)
 
 
 @dataclasses.dataclass
@@ -54,7 +57,10 @@ class StepOutput:
 
 
 class Engine:
-    def __init__(self, model: DeepseekV3, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()):
+    def __init__(self, model: DeepseekV3, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
+                 drafter=None):
+        """``drafter`` replaces the MTP drafter of speculative decoding: for tests and benchmarks
+        only (an oracle that forces acceptance); the server never passes one."""
         cfg = model.cfg
         self.model, self.tokenizer, self.config = model, tokenizer, config
         dtype = config.cache_dtype or model.dtype
@@ -64,12 +70,15 @@ class Engine:
             budget, layers, config.block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)
         self.cache = PagedLatentCache(layers, num_blocks, config.block_size, cfg.kv_lora_rank,
                                       cfg.qk_rope_head_dim, dtype=dtype, device=model.device)
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        k = config.speculative_tokens
+        self.blocks = BlockManager(num_blocks, config.block_size, spec_tokens=k)
         self.scheduler = Scheduler(self.blocks, config.max_batch, config.max_prefill_tokens)
-        self.runner = ModelRunner(model, self.cache)
+        self.spec = SpeculativeDecoder(model, self.cache, self.blocks, k, drafter or mtp_draft) if k else None
+        self.runner = ModelRunner(model, self.cache, spec=self.spec)
         self.sampler = Sampler()
         self.capacity_tokens = num_blocks * config.block_size
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, self.capacity_tokens)
+        # A verify step writes k positions past the sequence: they must fit in the cache too.
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, self.capacity_tokens - k)
         self.by_id: dict[int, Sequence] = {}
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %d B/token/layer)",
                  num_blocks, config.block_size, self.capacity_tokens, self.cache.nbytes() / 2**30,
@@ -110,23 +119,51 @@ class Engine:
         if is_prefill:
             logits = torch.stack([self.runner.prefill(s) for s in seqs])
             for s in seqs:
-                self.blocks.register_full_blocks(s)
+                self.blocks.register_full_blocks(s, self._filled(s))
+        elif self.spec is not None:
+            return self._speculative_step(seqs)
         else:
             logits = self.runner.decode(seqs)
         tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
         now = time.perf_counter()
         outs = []
         for s, tok in zip(seqs, tokens, strict=True):
-            ttft = now - s.arrival if s.first_token_at is None else None
-            itl = None if ttft is not None else now - (s.last_token_at or now)
-            s.first_token_at = s.first_token_at or now
-            s.last_token_at = now
-            out = self._append(s, tok)
-            out.ttft, out.itl = ttft, itl
+            out = self._emit(s, tok, now)
             outs.append(out)
+            if is_prefill and self.spec is not None and not s.finished:
+                self.spec.first_token(s, tok)
             if not is_prefill and s.num_computed % self.blocks.block_size == 0 and not s.finished:
                 self.blocks.register_full_blocks(s)
         return outs
+
+    def _speculative_step(self, seqs: list[Sequence]) -> list[StepOutput]:
+        """Draft, verify and accept for every decode row; a row emits 1 .. k+1 tokens (the ones
+        after a finish are dropped), then gives back the blocks of its rejected drafts."""
+        emitted = self.runner.speculate(seqs)
+        now = time.perf_counter()
+        outs = []
+        for s, toks in zip(seqs, emitted, strict=True):
+            for tok in toks:
+                outs.append(self._emit(s, tok, now))
+                if s.finished:
+                    break
+            if not s.finished:
+                self.spec.settle(s)
+        return outs
+
+    def _filled(self, s: Sequence) -> int:
+        """Positions whose latents are final in every cache layer (with speculation the MTP
+        layer trails the main model by the sequence's pending MTP inputs)."""
+        return s.num_computed if self.spec is None else self.spec.filled(s)
+
+    def _emit(self, s: Sequence, tok: int, now: float) -> StepOutput:
+        ttft = now - s.arrival if s.first_token_at is None else None
+        itl = None if ttft is not None else now - (s.last_token_at or now)
+        s.first_token_at = s.first_token_at or now
+        s.last_token_at = now
+        out = self._append(s, tok)
+        out.ttft, out.itl = ttft, itl
+        return out
 
     def _append(self, s: Sequence, tok: int) -> StepOutput:
         if tok == self.tokenizer.eos_id and not s.params.ignore_eos:

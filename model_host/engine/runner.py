@@ -13,6 +13,7 @@ import torch
 
 from model_host.engine.paged_cache import PagedLatentCache
 from model_host.engine.sequence import Sequence
+from model_host.engine.speculative import SpeculativeDecoder
 from model_host.model import DeepseekV3
 
 
@@ -31,10 +32,13 @@ def _graphs_supported(device: torch.device) -> bool:
 
 
 class ModelRunner:
-    def __init__(self, model: DeepseekV3, cache: PagedLatentCache, cuda_graphs: bool | None = None):
+    def __init__(self, model: DeepseekV3, cache: PagedLatentCache, cuda_graphs: bool | None = None,
+                 spec: SpeculativeDecoder | None = None):
         self.model = model
         self.cache = cache
         self.device = model.device
+        self.spec = spec  # MTP speculative decoding (--speculative-tokens), or None
+        self.mtp_graphs = None
         if cuda_graphs is None:
             cuda_graphs = _graphs_supported(self.device)
         self.graphs = None
@@ -43,6 +47,8 @@ class ModelRunner:
 
             cache.decode_kernel = True
             self.graphs = DecodeGraphs(model, cache, max_blocks_per_seq=cache.num_blocks)
+            if spec is not None:  # the MTP layer's single-token steps (drafts), captured the same way
+                self.mtp_graphs = DecodeGraphs(model, cache, max_blocks_per_seq=cache.num_blocks, mtp=True)
 
     def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(s.block_table) for s in seqs)
@@ -58,6 +64,8 @@ class ModelRunner:
         self.cache.bind(self._tables([seq]))
         out = self.model(ids, positions, self.cache, kv_len=len(seq), last_only=True)
         seq.num_computed = len(seq)
+        if self.spec is not None:
+            self.spec.prefill_chunk(seq, start, len(seq), out.hidden[0])
         return out.logits[0, -1]
 
     @torch.inference_mode()
@@ -74,3 +82,8 @@ class ModelRunner:
         for s in seqs:
             s.num_computed = len(s)
         return logits
+
+    def speculate(self, seqs: list[Sequence]) -> list[list[int]]:
+        """One speculative round for decode rows (each with slots for its drafts): the tokens
+        each sequence emits (1 .. k+1)."""
+        return self.spec.step(seqs, self._tables(seqs), self.graphs, self.mtp_graphs)

@@ -62,7 +62,7 @@ class PagedForwards:
 
     def main(self, ids, positions, counts):
         tables = self._rows(counts)
-        if self.graphs is not None and (out := self.graphs.run(ids, positions, tables)) is not None:
+        if self.graphs is not None and (out := self.graphs.run_hidden(ids, positions, tables)) is not None:
             return out
         self.cache.bind(tables)
         out = self.model(ids.unsqueeze(1), positions.unsqueeze(1), self.cache, kv_len=int(positions.max()) + 1)
@@ -70,7 +70,7 @@ class PagedForwards:
 
     def mtp(self, ids, hidden, positions, counts):
         tables = self._rows(counts)
-        if self.mtp_graphs is not None and (out := self.mtp_graphs.run(ids, positions, tables, hidden)) is not None:
+        if self.mtp_graphs is not None and (out := self.mtp_graphs.run_hidden(ids, positions, tables, hidden)) is not None:
             return out
         self.cache.bind(tables)
         out = self.model.mtp_forward(ids.unsqueeze(1), hidden.unsqueeze(1), positions.unsqueeze(1), self.cache,
@@ -95,6 +95,7 @@ class SpeculativeDecoder:
         hidden states [end - start, D]): fill the MTP layer's cache where the next token is known
         (position i needs token i+1); the last position of a prompt waits for its sampled token."""
         last = end == len(seq)
+        seq.draft_input = None  # (re)computing the prompt, e.g. after a preemption
         n = end - start - (1 if last else 0)
         if n > 0:
             dev = hidden.device
@@ -141,7 +142,14 @@ class SpeculativeDecoder:
 
     def settle(self, seq: Sequence) -> None:
         """After the round's tokens were appended to an unfinished ``seq``: free the blocks of
-        rejected drafts and publish blocks complete in every layer (the MTP layer trails the
-        main model by the pending entries)."""
+        rejected drafts and publish the blocks complete in every layer."""
         self.blocks.truncate(seq)
-        self.blocks.register_full_blocks(seq, seq.num_computed - seq.draft_input.counts[0])
+        self.blocks.register_full_blocks(seq, self.filled(seq))
+
+    @staticmethod
+    def filled(seq: Sequence) -> int:
+        """Positions final in every cache layer: the MTP layer still owes its pending inputs
+        (or, after a prompt's last chunk, that chunk's last position)."""
+        if seq.draft_hidden is not None:
+            return seq.num_computed - 1
+        return seq.num_computed - (seq.draft_input.counts[0] if seq.draft_input is not None else 0)

@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer <key> on /v1/*")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: checkpoint dir name)")
+    p.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
+                   help="MTP speculative decoding: draft K tokens per decode step with the checkpoint's MTP "
+                        "layer and verify them in one forward (0 = off; see docs/benchmarks.md)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (only 1 is implemented)")
     p.set_defaults(func=run)
 
@@ -41,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("model-host: --tp > 1 is not implemented yet; run with --tp 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
-    model = load_model(args.checkpoint, device=device, dtype=dtype)
+    if args.speculative_tokens < 0:
+        raise SystemExit(f"model-host: --speculative-tokens must be >= 0, got {args.speculative_tokens}")
+    model = load_model(args.checkpoint, device=device, dtype=dtype, load_mtp=args.speculative_tokens > 0)
     if device.startswith("cuda"):
         # FP8 GEMM, grouped MoE and paged MLA decode kernels; with them the runner replays
         # decode steps from captured CUDA graphs. The CPU keeps the pure-PyTorch path.
@@ -51,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer(args.checkpoint)
     engine = Engine(model, tokenizer, EngineConfig(
         max_batch=args.max_batch, kv_memory_gb=args.kv_memory_gb, block_size=args.block_size,
-        max_model_len=args.max_model_len,
+        max_model_len=args.max_model_len, speculative_tokens=args.speculative_tokens,
     ))
     logging.getLogger("model-host").info(
         "KV cache holds %d tokens (%d blocks); max context %d; serving %s on http://%s:%d/v1",
