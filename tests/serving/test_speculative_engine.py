@@ -139,3 +139,19 @@ def test_speculative_server_matches_plain_server_and_reports_acceptance(mtp_mode
     assert spec == plain
     assert "model_host_spec_acceptance_rate" in metrics and "model_host_spec_mean_accepted_length" in metrics
     assert "model_host_spec_draft_tokens" in metrics and "model_host_spec_accepted_tokens" in metrics
+
+
+def test_sampled_request_with_speculation_depends_only_on_its_seed(mtp_model):
+    """Temperature > 0: draft draws, acceptance uniforms and residual draws all come from the
+    request's own generator, so a seeded request gives the same tokens alone or in a batch."""
+    model, tok = mtp_model
+    prompts = _prompts(tok, 3, seed=7)
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=6, ignore_eos=True)
+    alone = _engine(model, tok, 2).generate([prompts[0]], params)[0].output_ids
+    others = SamplingParams(temperature=1.0, seed=9, max_tokens=6, ignore_eos=True)
+    engine = _engine(model, tok, 2)
+    seqs = [engine.add(prompts[0], params), engine.add(prompts[1], others), engine.add(prompts[2], others)]
+    while engine.has_work:
+        engine.step()
+    assert seqs[0].output_ids == alone and len(alone) == 6
+    assert engine.spec.stats.drafted > 0
