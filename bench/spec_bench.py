@@ -81,7 +81,7 @@ def continuation_drafter(known: torch.Tensor, start: int):
     return draft
 
 
-def timed(fn, sync, iters: int = 20, warmup: int = 3) -> float:
+def timed(fn, sync, iters: int = 20, warmup: int = 2) -> float:
     """Median milliseconds of fn() (wall clock around a synchronized call)."""
     for _ in range(warmup):
         fn()
@@ -127,7 +127,7 @@ def rows_blocks(ctx: int, page: int, tokens: int, ks) -> int:
 
 
 def run_batch(model, cache: PagedLatentCache, b: int, ks, tokens: int, ctx: int, graphs, mtp_graphs, sync,
-              log) -> dict:
+              log, iters: int = 20) -> dict:
     dev, cfg = model.device, model.cfg
     per_row = rows_blocks(ctx, cache.block_size, tokens, ks)
     res: dict = {}
@@ -138,16 +138,16 @@ def run_batch(model, cache: PagedLatentCache, b: int, ks, tokens: int, ctx: int,
     pos = torch.full((b,), ctx, device=dev)
     zero = torch.zeros(b, device=dev)
     greedy = (zero, zero.long(), zero + 1)  # temperature, top_k, top_p
-    res[f"decode{b}"] = timed(lambda: fw.main(ids, pos, [1] * b), sync)
+    res[f"decode{b}"] = timed(lambda: fw.main(ids, pos, [1] * b), sync, iters)
     log(f"B={b}: plain decode step {res[f'decode{b}']:.3f} ms")
     for k in ks:
         vid = ids.repeat_interleave(k + 1)
         vpos = (pos.unsqueeze(1) + torch.arange(k + 1, device=dev)).reshape(-1)
         counts = [k + 1] * b
-        res[f"verify{b}_k{k}"] = timed(lambda v=vid, p=vpos, c=counts: fw.main(v, p, c), sync)
+        res[f"verify{b}_k{k}"] = timed(lambda v=vid, p=vpos, c=counts: fw.main(v, p, c), sync, iters)
         hidden = torch.randn(b * (k + 1), cfg.hidden_size, device=dev, dtype=model.dtype)
         pending = Pending(vid, hidden, vpos - 1, counts)  # the worst case: k accepted last round
-        res[f"draft{b}_k{k}"] = timed(lambda p=pending, k=k: mtp_draft(fw, p, k, *greedy), sync)
+        res[f"draft{b}_k{k}"] = timed(lambda p=pending, k=k: mtp_draft(fw, p, k, *greedy), sync, iters)
         log(f"B={b} k={k}: verify {res[f'verify{b}_k{k}']:.3f} ms "
             f"({res[f'verify{b}_k{k}'] / res[f'decode{b}']:.2f}x a decode step), "
             f"MTP draft {res[f'draft{b}_k{k}']:.3f} ms")

@@ -198,3 +198,26 @@ def test_generate_cli_with_speculative_tokens_prints_the_same_text(tiny_ckpt, ca
     plain = capsys.readouterr().out
     assert main(args + ["--speculative-tokens", "2"]) == 0
     assert capsys.readouterr().out == plain and plain.strip()
+
+
+def test_spec_bench_plumbing_forces_acceptance(tiny_model):
+    """bench/spec_bench.py on the CPU: its continuation drafter makes every draft accepted
+    (k + 1 tokens per round), and every number of the report is there."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from bench import spec_bench
+    from model_host.engine.paged_cache import PagedLatentCache
+
+    cfg, ctx, ks = tiny_model.cfg, 10, [2]
+    per_row = spec_bench.rows_blocks(ctx, 8, 4, ks)
+    cache = PagedLatentCache(tiny_model.num_cache_layers, 2 * per_row, 8, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                             dtype=torch.float32)
+    cache.c_kv.normal_()
+    cache.k_pe.normal_()
+    with torch.inference_mode():
+        res = spec_bench.run_batch(tiny_model, cache, 2, ks, 4, ctx, None, None, lambda: None, lambda *a: None, iters=1)
+    assert res["tokens_per_round2_k2"] == 3
+    for key in ("decode2", "verify2_k2", "draft2_k2", "round2_k2", "forced2_k2", "projected2_k2_a0.85"):
+        assert res[key] > 0, key
