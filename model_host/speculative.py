@@ -21,7 +21,10 @@ rejected latents: they are past the row's length, so they are never read, and th
 overwrites them (the engine also frees blocks that hold nothing else).
 
 The functions here are batched tensor code with per-row parameters and no engine state, so the
-single-request loop and the serving engine share them.
+single-request loop and the serving engine share them: the model runs through a
+:class:`Forwards`, which takes the round's tokens *packed* (each sequence's entries back to back,
+``counts`` per sequence, as a varlen batch) - the engine maps every entry to a single-token row of
+the paged cache, ``generate`` to one chunk of its contiguous cache.
 """
 
 from __future__ import annotations
