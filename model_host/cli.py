@@ -125,10 +125,10 @@ def _run_generate(args: argparse.Namespace) -> int:
         stop=tuple(args.stop),
     )
     t0 = time.perf_counter()
-    if args.speculative_tokens < 0:
-        print(f"error: --speculative-tokens must be >= 0, got {args.speculative_tokens}", file=sys.stderr)
-        return 2
+    from .speculative import require_mtp
+
     spec = args.speculative_tokens
+    require_mtp(args.checkpoint, spec)
     model = load_model(args.checkpoint, device=device, dtype=dtype, fp8=args.fp8, load_mtp=spec > 0)
     tok = Tokenizer(args.checkpoint)
     if args.raw:

@@ -40,6 +40,17 @@ from .model import DeepseekV3
 from .sampler import apply_top_k_top_p, sample
 
 
+def require_mtp(ckpt_dir, k: int) -> None:
+    """The one-line error of ``--speculative-tokens K`` on a checkpoint without an MTP layer."""
+    from .config import ModelConfig
+
+    if k < 0:
+        raise ValueError(f"--speculative-tokens must be >= 0, got {k}")
+    if k and not ModelConfig.from_json(ckpt_dir).num_nextn_predict_layers:
+        raise ValueError(f"--speculative-tokens {k} drafts with the checkpoint's MTP layer, but {ckpt_dir} has "
+                         "none (num_nextn_predict_layers = 0); drop the flag or use a checkpoint with it")
+
+
 @dataclass(frozen=True)
 class Verdict:
     """tokens [B, k+1]: row b emits ``tokens[b, :accepted[b] + 1]``; accepted [B]: drafts kept."""

@@ -44,8 +44,12 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("model-host: --tp > 1 is not implemented yet; run with --tp 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
-    if args.speculative_tokens < 0:
-        raise SystemExit(f"model-host: --speculative-tokens must be >= 0, got {args.speculative_tokens}")
+    from model_host.speculative import require_mtp
+
+    try:
+        require_mtp(args.checkpoint, args.speculative_tokens)
+    except ValueError as e:
+        raise SystemExit(f"model-host: {e}") from None
     model = load_model(args.checkpoint, device=device, dtype=dtype, load_mtp=args.speculative_tokens > 0)
     if device.startswith("cuda"):
         # FP8 GEMM, grouped MoE and paged MLA decode kernels; with them the runner replays

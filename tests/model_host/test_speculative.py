@@ -221,3 +221,11 @@ def test_spec_bench_plumbing_forces_acceptance(tiny_model):
     assert res["tokens_per_round2_k2"] == 3
     for key in ("decode2", "verify2_k2", "draft2_k2", "round2_k2", "forced2_k2", "projected2_k2_a0.85"):
         assert res[key] > 0, key
+
+
+def test_speculative_tokens_on_a_checkpoint_without_mtp_is_one_clear_error(small_ckpt, capsys):
+    from model_host.cli import main
+
+    assert main(["generate", "--checkpoint", str(small_ckpt), "--prompt", "x", "--speculative-tokens", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "num_nextn_predict_layers = 0" in err[0] and "drop the flag" in err[0]
