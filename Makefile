@@ -27,8 +27,12 @@ ingest: setup
 ask: ingest
 	$(BIN)/rag-ask "$(QUESTION)"
 
-# The UI opens the same Milvus Lite db; ingest runs first, then hands the db over.
+# A newcomer's first command: index docs/, answer QUESTION in the terminal (retrieval-only
+# without an LLM), then serve the web UI on the same db. Each step ends before the next opens
+# the Milvus Lite db: one process at a time.
 run: ingest
+	$(BIN)/rag-ask "$(QUESTION)"
+	@echo "make run: starting the web UI at http://$${RAG_UI_HOST:-127.0.0.1}:$${RAG_UI_PORT:-7860}/ (Ctrl+C stops it)"
 	$(BIN)/rag-ui
 
 lint: setup

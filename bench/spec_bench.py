@@ -115,7 +115,7 @@ def spec_run(fw, first: Pending, k: int, greedy, tokens: int, drafter) -> tuple[
     pending, rounds = first, 0
     done = torch.zeros(len(first.counts), dtype=torch.long)
     while int(done.min()) < tokens:
-        _, pending = speculative_round(fw, pending, k, *greedy, drafter=drafter)
+        pending = speculative_round(fw, pending, k, *greedy, drafter=drafter).pending
         done += torch.tensor(pending.counts)
         rounds += 1
     return int(done.sum()), rounds

@@ -4,15 +4,22 @@
    header path (h1 > h2 > h3 ...). A section with only a heading is merged into the next one.
 2. Blocks: a section is cut into paragraphs, fenced code blocks and tables. Fences and tables
    are atomic: they are never cut while they fit in one chunk.
-3. Packing: blocks are packed greedily up to the token budget, with block-level overlap.
-   A block larger than the budget is split by langchain's recursive markdown splitter.
+3. Packing: blocks are packed greedily up to the token and byte budgets, with block-level
+   overlap. A block larger than the budget is split by langchain's recursive markdown splitter,
+   and a piece still over the byte budget is cut at it.
+
+Non-text runs (`blobs`: an inline base64 image, a hex dump) are left out of every chunk; the
+pipeline reports each file that had one. WordPiece reads such a run as a few [UNK] tokens, so
+the token budget alone let a 51 KB run become one chunk with a meaningless vector, and an 80 KB
+one a chunk over Milvus' VARCHAR limit that aborted the whole run.
 
 Why not `MarkdownHeaderTextSplitter` for step 1: it strips the leading whitespace of every
 line (Python inside a fence loses its indentation) and drops character offsets, and a docs
 QA product must store code exactly and point back into the source.
 
-Every chunk's text is exactly `document.text[start:end]`, and `len(tokens(embed_text))` is at
-most the embedder's limit, so nothing is truncated at embedding time.
+Every chunk's text is exactly `document.text[start:end]`, `len(tokens(embed_text))` is at most
+the embedder's limit (nothing is truncated at embedding time), and its UTF-8 size is at most
+`max_bytes`.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from collections.abc import Callable
 from langchain_text_splitters import Language, RecursiveCharacterTextSplitter
 
 from ingest.loader import Document
+from rag.schema import TEXT_MAX_BYTES
 from rag.types import Chunk
 
 # Every heading level starts a section: FAQ-style docs put one question under each h4.
@@ -35,6 +43,14 @@ MARKDOWN_SEPARATORS = RecursiveCharacterTextSplitter.get_separators_for_language
 # Inside an oversized fence or table only line structure matters; markdown separators such as
 # "```" would peel the closing fence off into a fragment of its own.
 LINE_SEPARATORS = ["\n\n", "\n", " ", ""]
+# Byte budget per token of the chunk size. Real docs stay under 12 bytes per token (the Milvus
+# and Chinese docs' largest 256-token chunk is 2.9 KB), so only runs the tokenizer barely sees
+# (long [UNK] words, whitespace) meet this cap.
+BYTES_PER_TOKEN = 32
+# A whitespace-free run of printable ASCII this long, mostly letters and digits, is data, not
+# text. The longest such runs in the Milvus, Chinese and bulk docs that are text are table
+# rules (660 characters, all punctuation); every run over 1,000 is a base64 image or hex.
+BLOB_RE = re.compile(r"[!-~]{1000,}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +141,29 @@ def blocks(text: str, sec: Section) -> list[tuple[Span, bool]]:
     return out
 
 
+def blobs(text: str, start: int = 0) -> list[Span]:
+    """The non-text runs of `text[start:]` that chunking leaves out."""
+    return [
+        Span(m.start(), m.end()) for m in BLOB_RE.finditer(text, start)
+        if sum(ch.isalnum() for ch in m.group()) * 2 >= len(m.group())
+    ]
+
+
+def _without(blocks: list[tuple[Span, bool]], holes: list[Span]) -> list[tuple[Span, bool]]:
+    """`blocks` with the `holes` (sorted, disjoint) cut out; what is left of a block keeps its kind."""
+    out: list[tuple[Span, bool]] = []
+    for span, atomic in blocks:
+        pos = span.start
+        for h in holes:
+            if h.start < span.end and h.end > pos:
+                if h.start > pos:
+                    out.append((Span(pos, h.start), atomic))
+                pos = h.end
+        if pos < span.end:
+            out.append((Span(pos, span.end), atomic))
+    return out
+
+
 def _tile(pieces: list[str], text: str, base: int) -> list[Span]:
     """Offsets of the splitter's pieces, which tile `text` in order with only whitespace between.
 
@@ -153,6 +192,7 @@ class Chunker:
         self.limit = min(chunk_size, max_tokens)
         self.max_tokens = max_tokens
         self.overlap = overlap
+        self.max_bytes = min(TEXT_MAX_BYTES, self.limit * BYTES_PER_TOKEN)
 
     def _prefix(self, path: tuple[str, ...]) -> tuple[str, ...]:
         # A header path longer than half the budget would crowd out the text; keep its tail.
@@ -161,12 +201,36 @@ class Chunker:
         return path
 
     def _fits(self, prefix: str, text: str) -> bool:
-        return self.count(prefix + text) <= self.limit
+        # Bytes first: they are cheap, and spare the tokenizer a huge run.
+        return len(text.encode()) <= self.max_bytes and self.count(prefix + text) <= self.limit
+
+    @staticmethod
+    def _cut_bytes(text: str, span: Span, max_bytes: int) -> list[Span]:
+        """`span` in consecutive pieces of at most `max_bytes` UTF-8 bytes, cut at the last
+        whitespace of each piece's second half, else hard on a character boundary."""
+        out: list[Span] = []
+        pos = span.start
+        while True:
+            window = text[pos : min(span.end, pos + max_bytes)]  # >= max_bytes bytes unless at the end
+            raw = window.encode()
+            if pos + len(window) == span.end and len(raw) <= max_bytes:
+                break
+            head = raw[:max_bytes].decode(errors="ignore")  # whole characters only
+            cut = max(head.rfind(" "), head.rfind("\n"))
+            n = max(cut + 1 if cut >= len(head) // 2 else len(head), 1)
+            out.append(Span(pos, pos + n))
+            pos += n
+            while pos < span.end and text[pos].isspace():  # pieces start at text, as the splitter's do
+                pos += 1
+        if pos < span.end:
+            out.append(Span(pos, span.end))
+        return out
 
     def _split_oversize(self, text: str, span: Span, prefix: str, atomic: bool) -> list[Span]:
         """Split a too-long block with the recursive markdown splitter; offsets stay exact."""
         specials = self.count("")  # every count includes the special tokens ([CLS] and [SEP])
         budget = self.limit - self.count(prefix) if prefix else self.limit - specials
+        max_bytes = self.max_bytes
         piece_text = text[span.start : span.end]
 
         def length(s: str) -> int:
@@ -183,9 +247,12 @@ class Chunker:
                 chunk_size=max(budget, 8), chunk_overlap=0, length_function=length,
             )
             spans = _tile(splitter.split_text(piece_text), piece_text, span.start)
+            # A run of [UNK] words is few tokens but many bytes: the splitter keeps it whole.
+            spans = [p for s in spans for p in self._cut_bytes(text, s, max_bytes)]
             if all(self._fits(prefix, text[s.start : s.end]) for s in spans):
                 return self._overlap(text, spans, prefix, r"\n" if atomic else r"\s+")
-            budget = int(budget * 0.9)  # token boundaries shifted at the seams; tighten and redo
+            # Token boundaries shifted at the seams (or a byte cut split a word); tighten and redo.
+            budget, max_bytes = int(budget * 0.9), int(max_bytes * 0.9)
 
     def _overlap(self, text: str, spans: list[Span], prefix: str, boundary: str) -> list[Span]:
         """Start each piece up to `overlap` tokens early, after a `boundary` in its predecessor
@@ -205,7 +272,7 @@ class Chunker:
             out.append(Span(min(best, cur.start), cur.end))
         return out
 
-    def _pack(self, text: str, sec: Section, prefix: str, exact: bool = False) -> list[Span]:
+    def _pack(self, text: str, sec: Section, prefix: str, holes: list[Span], exact: bool = False) -> list[Span]:
         """Greedy packing. Token counts of blocks are added up (WordPiece never merges across the
         whitespace between blocks, so the sum is exact for it); `chunk` re-packs any chunk whose
         exact count still disagrees with `exact=True`."""
@@ -221,7 +288,7 @@ class Chunker:
             return sizes[b]
 
         def fits(bs: list[Span]) -> bool:
-            if exact:
+            if exact or len(text[bs[0].start : bs[-1].end].encode()) > self.max_bytes:
                 return self._fits(prefix, text[bs[0].start : bs[-1].end])
             return base + sum(size(b) for b in bs) <= self.limit
 
@@ -233,7 +300,7 @@ class Chunker:
                 kept.append(b)
             return kept[::-1]
 
-        for span, atomic in blocks(text, sec):
+        for span, atomic in _without(blocks(text, sec), holes):
             if cur and fits([*cur, span]):
                 cur.append(span)
                 continue
@@ -255,12 +322,13 @@ class Chunker:
     def chunk(self, doc: Document) -> list[Chunk]:
         """All chunks of `doc`, in order, with offsets, header paths and the file hash."""
         spans: list[tuple[Span, tuple[str, ...]]] = []
+        holes = blobs(doc.text, doc.body_start)
         for sec in sections(doc.text, doc.body_start):
             path = self._prefix(sec.path)
             prefix = f"{' > '.join(path)}\n\n" if path else ""
-            packed = self._pack(doc.text, sec, prefix)
+            packed = self._pack(doc.text, sec, prefix, holes)
             if not all(self._fits(prefix, doc.text[s.start : s.end]) for s in packed):
-                packed = self._pack(doc.text, sec, prefix, exact=True)  # tokenizer without additive counts
+                packed = self._pack(doc.text, sec, prefix, holes, exact=True)  # tokenizer without additive counts
             spans.extend((s, sec.path) for s in packed)
         chunks: list[Chunk] = []
         for span, path in spans:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ class Skip:
 class Discovered:
     files: list[Path]
     roots: list[str]  # source prefixes of the folders given; files gone from them are pruned
+    skipped: list[Skip] = dataclasses.field(default_factory=list)  # symlinks that lead to no file
 
 
 def source_name(path: Path) -> str:
@@ -52,31 +53,58 @@ def source_name(path: Path) -> str:
         return p.as_posix()
 
 
-def discover(paths: Sequence[str], globs: Sequence[str]) -> Discovered:
-    """Expand folders (with `globs`), files and glob patterns into a sorted, de-duplicated list."""
+def broken_link(path: Path, name: Callable[[Path], str] = source_name) -> Skip | None:
+    """A Skip for a symlink that leads to no file (a loop, or a missing target), else None."""
+    if not path.is_symlink() or path.exists():
+        return None
+    source = (Path(name(path.parent)) / path.name).as_posix()  # the link's own name: no target
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # pathlib's "Symlink loop from ..."
+        return Skip(source, f"symlink loop ({path.name} -> {os.readlink(path)} never reaches a file); "
+                            f"point the link at a real file or remove it")
+    except OSError:
+        pass
+    return Skip(source, f"broken symlink to {os.readlink(path)}, which does not exist; fix or remove the link")
+
+
+def discover(paths: Sequence[str], globs: Sequence[str], name: Callable[[Path], str] = source_name) -> Discovered:
+    """Expand folders (with `globs`), files and glob patterns into a sorted, de-duplicated list.
+
+    `name` gives each file its stored source name (default: `source_name`). Symlinks that lead
+    to no file are reported in `skipped`, like every file that cannot be used."""
     files: dict[str, Path] = {}
     roots: list[str] = []
+    skipped: dict[str, Skip] = {}
     for raw in paths:
         if any(ch in raw for ch in "*?["):
             matched = [Path(m) for m in glob.glob(raw, recursive=True) if os.path.isfile(m)]
-            if not matched:
+            links = [skip for m in glob.glob(raw, recursive=True) if (skip := broken_link(Path(m), name))]
+            if not matched and not links:
                 raise FileNotFoundError(f"no files match {raw!r}; check the pattern (quote it so the shell keeps it)")
             files.update((str(m.resolve()), m) for m in matched)
+            skipped.update((skip.source, skip) for skip in links)
             continue
         p = Path(raw)
         if p.is_dir():
-            roots.append(source_name(p))
+            roots.append(name(p))
             for pattern in globs:
                 for m in p.glob(pattern):
                     rel = m.relative_to(p).parts
                     # Hidden folders (.git, .venv) and dependency trees are never documentation.
-                    if m.is_file() and not any(part.startswith(".") or part == "node_modules" for part in rel):
+                    if any(part.startswith(".") or part == "node_modules" for part in rel):
+                        continue
+                    if m.is_file():
                         files[str(m.resolve())] = m
+                    elif skip := broken_link(m, name):
+                        skipped[skip.source] = skip
         elif p.is_file():
             files[str(p.resolve())] = p
+        elif skip := broken_link(p, name):
+            skipped[skip.source] = skip
         else:
             raise FileNotFoundError(f"{raw!r} does not exist; give a folder, a file or a glob pattern")
-    return Discovered(sorted(files.values(), key=source_name), roots)
+    return Discovered(sorted(files.values(), key=name), roots, sorted(skipped.values(), key=lambda s: s.source))
 
 
 def _front_matter(text: str) -> tuple[dict[str, Any], int, str | None]:
@@ -93,9 +121,9 @@ def _front_matter(text: str) -> tuple[dict[str, Any], int, str | None]:
     return json.loads(json.dumps(meta, default=str)), m.end(), None
 
 
-def load(path: Path, max_bytes: int) -> Document | Skip:
+def load(path: Path, max_bytes: int, name: Callable[[Path], str] = source_name) -> Document | Skip:
     """Read one file, or say in one line why it cannot be used."""
-    source = source_name(path)
+    source = name(path)
     try:
         size = path.stat().st_size
         if size > max_bytes:

@@ -16,14 +16,16 @@ import dataclasses
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ingest.chunker import Chunker
+from ingest.chunker import Chunker, blobs
 from ingest.config import IngestConfig
-from ingest.loader import Document, Skip, discover, load
+from ingest.loader import Document, Skip, discover, load, source_name
 from rag.config import RagConfig
 from rag.embedder import Embedder, MiniLMEmbedder, embedder_name, make_embedder
+from rag.schema import row_problem
 from rag.store import MilvusStore
 from rag.types import Chunk
 
@@ -38,6 +40,7 @@ class IngestReport:
     chunks_written: int = 0
     chunks_deleted: int = 0
     chunks_embedded: int = 0
+    blobs_dropped: int = 0  # non-text runs (inline base64 images, hex dumps) left out of chunks
     seconds: float = 0.0
     embed_seconds: float = 0.0
     dry_run: bool = False
@@ -50,10 +53,11 @@ class IngestReport:
 
     def summary(self) -> str:
         verb = "would write" if self.dry_run else "written"
+        dropped = f"; {self.blobs_dropped} non-text runs left out (see warnings)" if self.blobs_dropped else ""
         return (
             f"{'[dry run] ' if self.dry_run else ''}{self.collection}: files {self.files_new} new, "
             f"{self.files_changed} changed, {self.files_unchanged} unchanged, {self.files_removed} removed, "
-            f"{self.files_skipped} skipped; chunks {self.chunks_written} {verb}, {self.chunks_deleted} deleted; "
+            f"{self.files_skipped} skipped; chunks {self.chunks_written} {verb}, {self.chunks_deleted} deleted{dropped}; "
             f"{self.seconds:.1f} s ({self.chunks_per_second:.1f} chunks/s, embedding {self.embed_seconds:.1f} s)"
         )
 
@@ -104,19 +108,30 @@ def ingest(
     store: MilvusStore | None = None,
     progress: bool = True,
     warn: Callable[[str], None] = tqdm.write,
+    name: Callable[[Path], str] = source_name,
+    after_upsert: Callable[[], None] | None = None,
 ) -> IngestReport:
-    """Bring the collection in line with `paths`. Raises StoreError/FileNotFoundError for bad input."""
+    """Bring the collection in line with `paths`. Raises StoreError/FileNotFoundError for bad input.
+
+    `name` gives each file its stored source name; the UI names uploads by their place in the
+    uploads folder, so the name does not depend on the folder rag-ui was started from.
+    `after_upsert` runs once every new chunk is written and before any old version is deleted:
+    the window in which a changed file is stored twice, where the crash tests kill a run.
+    """
     t0 = time.perf_counter()
     report = IngestReport(dry_run=dry_run, collection=rag_config.collection)
-    found = discover(paths, config.glob_list)
-    if not found.files:
+    found = discover(paths, config.glob_list, name)
+    if not found.files and not found.skipped:
         raise FileNotFoundError(
             f"no files match {config.globs!r} under {', '.join(paths)}; check the path or pass --glob"
         )
+    for skip in found.skipped:
+        report.skipped.append((skip.source, skip.reason))
+        warn(f"skipped {skip.source}: {skip.reason}")
 
     docs: list[Document] = []
     for f in tqdm(found.files, desc="reading", unit="file", disable=not progress, leave=False):
-        doc = load(f, int(config.max_file_mb * 1e6))
+        doc = load(f, int(config.max_file_mb * 1e6), name)
         if isinstance(doc, Skip):
             report.skipped.append((doc.source, doc.reason))
             warn(f"skipped {doc.source}: {doc.reason}")
@@ -124,7 +139,6 @@ def ingest(
         if "front_matter_error" in doc.metadata:
             warn(f"{doc.source}: {doc.metadata['front_matter_error']}")
         docs.append(doc)
-    report.files_skipped = len(report.skipped)
 
     share = cjk_share([d.text for d in docs[:200]])
     own_store = store is None
@@ -138,7 +152,7 @@ def ingest(
         if dry_run and not store.exists():
             states = {}
         elif dry_run:
-            store.check_compatible(embedder)
+            store.open_existing(embedder, answering=False)  # loaded: a reopened collection is 'released'
             states = store.file_states()
         else:
             analyzer = config.analyzer
@@ -147,32 +161,41 @@ def ingest(
             store.ensure(embedder, recreate=recreate, analyzer=analyzer)
             states = {} if recreate else store.file_states()
 
-        todo: list[Document] = []
-        stale_ids: list[str] = []
-        for doc in docs:
-            st = states.get(doc.source)
-            if st is not None and st.is_complete(doc.file_hash):
-                report.files_unchanged += 1
-                continue
-            todo.append(doc)
-            if st is None:
-                report.files_new += 1
-            else:
-                report.files_changed += 1
+        todo = [d for d in docs if d.source not in states or not states[d.source].is_complete(d.file_hash)]
+        report.files_unchanged = len(docs) - len(todo)
         current = {d.source for d in docs} | {s for s, _ in report.skipped}
         removed = [s for s in states if s not in current and _under(s, found.roots)] if config.prune else []
         report.files_removed = len(removed)
 
         chunker = Chunker(embedder.count_tokens, embedder.max_tokens, config.chunk_size, config.chunk_overlap)
         chunks: list[Chunk] = []
+        stale_ids: list[str] = []
         for doc in tqdm(todo, desc="chunking", unit="file", disable=not progress or not todo, leave=False):
             new = chunker.chunk(doc)
+            # One file's content never aborts the run: a row Milvus would refuse (a source path
+            # or heading over its VARCHAR limit) skips that file, which keeps what it had stored.
+            problem = next((p for p in map(row_problem, new) if p), None)
+            if problem:
+                report.skipped.append((doc.source, f"{problem}; shorten it"))
+                warn(f"skipped {doc.source}: {problem}; shorten it")
+                continue
+            if dropped := blobs(doc.text, doc.body_start):
+                report.blobs_dropped += len(dropped)
+                line = doc.text.count("\n", 0, dropped[0].start) + 1
+                warn(f"{doc.source}: left out {len(dropped)} non-text run(s) of "
+                     f"{sum(b.end - b.start for b in dropped):,} characters without spaces (first at line {line}: "
+                     f"{doc.text[dropped[0].start : dropped[0].start + 24]}...), such as an inline base64 image "
+                     f"or a hex dump, which no embedder can read; link such data from a separate file instead")
             chunks.extend(new)
             if doc.source in states:
+                report.files_changed += 1
                 keep = {c.id for c in new}
                 stale_ids.extend(i for i in states[doc.source].ids if i not in keep)
+            else:
+                report.files_new += 1
         for src in removed:
             stale_ids.extend(states[src].ids)
+        report.files_skipped = len(report.skipped)
         report.chunks_written = len(chunks)
         report.chunks_deleted = len(stale_ids)
         if dry_run:
@@ -192,6 +215,8 @@ def ingest(
             report.chunks_embedded += len(batch)
             bar.update(len(batch))
         bar.close()
+        if after_upsert is not None:
+            after_upsert()
         # Old versions go only after every new chunk is in, so a file is never missing.
         store.delete_ids(stale_ids)
         if chunks or stale_ids:

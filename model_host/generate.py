@@ -191,10 +191,10 @@ def generate_speculative(
                 break
         else:
             # No drafts past max_tokens: the last round verifies only what can still be emitted.
-            verdict, pending = speculative_round(fw, pending, k, temperature, top_k, top_p, gens,
-                                                 [min(k, params.max_tokens - len(out) - 1)],
-                                                 drafter=drafter or mtp_draft)
-            new_tokens = verdict.tokens[0, : pending.counts[0]].tolist()
+            step = speculative_round(fw, pending, k, temperature, top_k, top_p, gens,
+                                     [min(k, params.max_tokens - len(out) - 1)], drafter=drafter or mtp_draft)
+            pending = step.pending
+            new_tokens = step.verdict.tokens[0, : pending.counts[0]].tolist()
             continue
         break
     if not matcher.stopped:

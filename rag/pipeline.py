@@ -52,11 +52,17 @@ Event = Retrieved | Delta | Finished
 class RagPipeline:
     """Owns the embedder, the store handle, the retriever and the optional LLM client."""
 
-    def __init__(self, config: RagConfig, embedder: Embedder | None = None, store: MilvusStore | None = None):
+    def __init__(
+        self, config: RagConfig, embedder: Embedder | None = None, store: MilvusStore | None = None,
+        *, store_open: bool = False,
+    ):
+        """`store_open`: the caller already opened `store` for `embedder` (checked and loaded it)
+        and reuses it across pipelines, as the UI does; opening again costs ~6 Milvus calls."""
         self.config = config
         self.embedder = embedder or make_embedder(config)
         self.store = store or MilvusStore(config.milvus_uri, config.collection, config.milvus_token)
-        self.store.open_existing(self.embedder)
+        if not (store_open and store is not None):
+            self.store.open_existing(self.embedder)
         self.retriever = Retriever(self.store, self.embedder, config.mode, config.rrf_k)
         llm = config.llm
         self.llm = LLMClient(*llm, timeout=config.llm_timeout) if llm else None
@@ -84,14 +90,21 @@ class RagPipeline:
     def ask(
         self, question: str, k: int | None = None, filter: str = "", mode: str | None = None,
         history: list[tuple[str, str]] | None = None, use_llm: bool = True,
+        load_model_ms: float | None = None,
     ) -> Iterator[Event]:
-        """Stream the events of one answer: Retrieved, then Deltas, then Finished."""
+        """Stream the events of one answer: Retrieved, then Deltas, then Finished.
+
+        `load_model_ms`: time the caller spent loading the embedding model for this answer,
+        reported in the timings (the first question of a process pays it).
+        """
         t0 = time.perf_counter()
         searched = self.rewrite(question, history or []) if history else question
         r = self.retriever.retrieve(searched, k or self.config.top_k, filter, mode)
         floor = self.score_floor
         hits = [h for h in r.hits if h.similarity is None or h.similarity >= floor]
         timings = {"embed_ms": r.embed_ms, "search_ms": r.search_ms}
+        if load_model_ms is not None:
+            timings["load_model_ms"] = load_model_ms
         llm = self.llm if use_llm else None
         prompt = build_prompt(question if not history else searched, hits, self.config.context_tokens)
         hits = prompt.hits
@@ -114,6 +127,11 @@ class RagPipeline:
         yield Delta("answer", answer)
         timings["total_ms"] = (time.perf_counter() - t0) * 1e3
         yield Finished(answer, "", hits, status, timings)
+
+    @property
+    def needs_query_vectors(self) -> bool:
+        """Whether answering embeds the question (every mode but BM25 on a BM25 collection)."""
+        return self.config.mode != "bm25" or not self.store.bm25
 
     def close(self) -> None:
         self.store.close()

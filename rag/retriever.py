@@ -84,5 +84,6 @@ class Retriever:
             scores = self.reranker.score(question, [h.text for h in hits])
             hits = [dataclasses.replace(h, score=float(s)) for s, h in sorted(
                 zip(scores, hits, strict=True), key=lambda p: -p[0])][:k]
+        hits = [dataclasses.replace(h, rank=i, mode=mode) for i, h in enumerate(hits, 1)]
         t2 = time.perf_counter()
         return Retrieval(hits, mode, (t1 - t0) * 1e3, (t2 - t1) * 1e3)

@@ -1,4 +1,5 @@
-"""The Milvus collection: schema, writes, the per-file ingest state, and search.
+"""The Milvus collection: opening and creating it, writes, the per-file ingest state, and search
+(its schema and row limits are in `rag.schema`).
 
 The same code serves Milvus Lite (a local path), a Milvus server and Zilliz Cloud (a URI);
 pymilvus' `MilvusClient` hides the difference. The collection records which embedder wrote
@@ -9,47 +10,56 @@ error, so vectors of two models never mix.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
-from pymilvus import (
-    AnnSearchRequest,
-    DataType,
-    Function,
-    FunctionType,
-    MilvusClient,
-    MilvusException,
-    RRFRanker,
-    WeightedRanker,
-)
+from pymilvus import AnnSearchRequest, MilvusClient, MilvusException, RRFRanker, WeightedRanker
 
-from rag.embedder import Embedder
+from rag.embedder import Embedder, embedder_name
+from rag.schema import SCHEMA_VERSION, build_schema, foreign_shape, row_problem
 from rag.types import Chunk, Hit
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1"
-TEXT_MAX_BYTES = 65535  # Milvus VARCHAR limits count UTF-8 bytes, not characters
-SOURCE_MAX_BYTES = 1024
-HEADER_MAX_BYTES = 2048
 OUTPUT_FIELDS = ["text", "source", "header_path", "chunk_index", "metadata"]
 STRONG = "Strong"  # ingest state must see its own writes, on a server too
-# Analyzer settings that mean the same on Milvus Lite and on a 2.5+ server. `standard` splits
-# at Unicode word boundaries and lowercases (one CJK run becomes one token, useless for Chinese);
-# jieba segments Chinese into words. ({"type": "chinese"} is server-only; Lite rejects it.)
-ANALYZER_PARAMS: dict[str, dict[str, Any]] = {
-    "standard": {"type": "standard"},
-    "jieba": {"tokenizer": "jieba", "filter": ["lowercase"]},
-}
 
 
 class StoreError(RuntimeError):
     """A store problem the user can fix; the message is one line that names the fix."""
+
+
+R = TypeVar("R")
+
+
+def is_released(e: MilvusException) -> bool:
+    """Milvus' answer to a search or query on a collection that is not loaded (any more)."""
+    msg = str(getattr(e, "message", e)).lower()
+    return "released" in msg or "not loaded" in msg
+
+
+def reloading(method: Callable[..., R]) -> Callable[..., R]:
+    """Run a read; if Milvus says the collection is released (a restart, or another client
+    released it), load it and retry once instead of failing the user's request."""
+
+    @functools.wraps(method)
+    def run(self: MilvusStore, *args: Any, **kwargs: Any) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except MilvusException as e:
+            if not is_released(e):
+                raise
+            log.info("collection %r was released; loading it again", self.collection)
+            self.client.load_collection(self.collection)
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 @dataclasses.dataclass
@@ -133,11 +143,22 @@ class MilvusStore:
     def describe(self) -> dict[str, Any]:
         return self.client.describe_collection(self.collection)
 
-    def check_compatible(self, embedder: Embedder) -> None:
-        """Raise StoreError unless the collection was written by this embedder, dimension and metric."""
+    def _check_ours(self, desc: dict[str, Any]) -> None:
+        """Refuse a collection rag-ingest did not make: describe it, and never advise dropping it."""
+        if shape := foreign_shape(desc):
+            raise StoreError(
+                f"collection {self.collection!r} at {self.uri} was not made by rag-ingest (fields: {shape}); "
+                f"leave it to its owner and choose another --collection name (RAG_COLLECTION)"
+            )
+
+    def check_compatible(self, embedder: Embedder, answering: bool = False) -> None:
+        """Raise StoreError unless rag-ingest made the collection with this embedder, dimension and
+        metric. The advice fits the command: rag-ingest can rebuild it (--recreate); the answering
+        side (rag-ask, rag-ui, rag-eval) must use the collection's own embedder or re-ingest."""
         desc = self.describe()
+        self._check_ours(desc)
         props = desc.get("properties") or {}
-        dim = next((int(f["params"]["dim"]) for f in desc["fields"] if f["name"] == "vector"), None)
+        dim = next(int(f["params"]["dim"]) for f in desc["fields"] if f["name"] == "vector")
         metric = self.client.describe_index(self.collection, "vector").get("metric_type")
         problems = []
         if dim != embedder.dim:
@@ -146,31 +167,42 @@ class MilvusStore:
             problems.append(f"metric {metric} (need IP)")
         if props.get("rag.embedder") != embedder.model_id:
             problems.append(f"embedder {props.get('rag.embedder')!r} (this run: {embedder.model_id!r})")
-        if problems:
-            raise StoreError(
-                f"collection {self.collection!r} was built with " + ", ".join(problems)
-                + "; re-run with --recreate to rebuild it, or choose another --collection name"
-            )
+        if not problems:
+            return
+        built = f"collection {self.collection!r} was built with " + ", ".join(problems)
+        if not answering:
+            raise StoreError(built + "; re-run with --recreate to rebuild it, or choose another --collection name")
+        own = embedder_name(props.get("rag.embedder") or "")
+        use = f"answer with its own embedder (--embedder {own}, RAG_EMBEDDER={own})" if own else (
+            "answer with the embedder that built it")
+        raise StoreError(
+            f"{built}; {use}, or re-ingest it with this one: "
+            f"rag-ingest PATH --collection {self.collection} --embedder {embedder_name(embedder.model_id) or '<name>'} --recreate"
+        )
 
     def ensure(self, embedder: Embedder, recreate: bool = False, analyzer: str = "standard") -> None:
         """Open the collection (checking it matches `embedder`), or create it."""
         if recreate and self.exists():
+            self._check_ours(self.describe())  # --recreate drops only what rag-ingest made
             self.client.drop_collection(self.collection)
         if self.exists():
-            self.check_compatible(embedder)
-            self.bm25 = bool(self.describe().get("functions"))
-            # A reopened collection is not searchable until loaded (Lite and server alike).
-            self.client.load_collection(self.collection)
+            self._load(embedder, answering=False)
             return
         self._create(embedder, analyzer)
 
-    def open_existing(self, embedder: Embedder) -> None:
-        """Open for retrieval: the collection must exist and match the embedder."""
+    def open_existing(self, embedder: Embedder, answering: bool = True) -> None:
+        """Open for retrieval (or a dry run): the collection must exist and match the embedder."""
         if not self.exists():
             raise StoreError(
                 f"collection {self.collection!r} does not exist at {self.uri}; run `rag-ingest PATH` first"
             )
-        self.ensure(embedder)
+        self._load(embedder, answering)
+
+    def _load(self, embedder: Embedder, answering: bool) -> None:
+        self.check_compatible(embedder, answering)
+        self.bm25 = bool(self.describe().get("functions"))
+        # A reopened collection is not searchable until loaded (Lite and server alike).
+        self.client.load_collection(self.collection)
 
     def _create(self, embedder: Embedder, analyzer: str) -> None:
         # Attempts, best first: BM25 with the chosen analyzer; BM25 with the standard analyzer
@@ -179,7 +211,7 @@ class MilvusStore:
         attempt: str | None = analyzer
         while True:
             with_bm25 = attempt is not None
-            schema = self._schema(embedder.dim, attempt or "standard", with_bm25)
+            schema = build_schema(embedder.dim, attempt or "standard", with_bm25)
             index = self.client.prepare_index_params()
             index.add_index("vector", index_type="AUTOINDEX", metric_type="IP")
             if with_bm25:
@@ -228,30 +260,6 @@ class MilvusStore:
                 continue
             return
 
-    @staticmethod
-    def _schema(dim: int, analyzer: str, with_bm25: bool):
-        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-        text_opts: dict[str, Any] = {}
-        if with_bm25:
-            text_opts = {"enable_analyzer": True, "analyzer_params": ANALYZER_PARAMS[analyzer]}
-        schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES, **text_opts)
-        schema.add_field("source", DataType.VARCHAR, max_length=SOURCE_MAX_BYTES)
-        schema.add_field("header_path", DataType.VARCHAR, max_length=HEADER_MAX_BYTES)
-        schema.add_field("chunk_index", DataType.INT64)
-        schema.add_field("chunk_count", DataType.INT64)
-        schema.add_field("file_hash", DataType.VARCHAR, max_length=64)
-        schema.add_field("embedder", DataType.VARCHAR, max_length=256)
-        schema.add_field("metadata", DataType.JSON)
-        if with_bm25:
-            schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
-            schema.add_function(Function(
-                name="text_bm25", function_type=FunctionType.BM25,
-                input_field_names=["text"], output_field_names=["sparse"],
-            ))
-        return schema
-
     def close(self) -> None:
         self.client.close()
 
@@ -261,16 +269,8 @@ class MilvusStore:
         """Write chunks; ids are deterministic, so writing the same chunk twice is a no-op."""
         rows = []
         for chunk, vec in zip(chunks, vectors, strict=True):
-            for field, value, limit in (
-                ("text", chunk.text, TEXT_MAX_BYTES),
-                ("source path", chunk.source, SOURCE_MAX_BYTES),
-                ("header path", chunk.heading, HEADER_MAX_BYTES),
-            ):
-                if len(value.encode()) > limit:
-                    raise StoreError(
-                        f"{chunk.source}: chunk {chunk.chunk_index} {field} is {len(value.encode())} bytes, over "
-                        f"Milvus' {limit}-byte VARCHAR limit; shorten it (or lower --chunk-size)"
-                    )
+            if problem := row_problem(chunk):
+                raise StoreError(f"{chunk.source}: {problem}; shorten it")
             rows.append({
                 "id": chunk.id, "vector": vec.tolist(), "text": chunk.text, "source": chunk.source,
                 "header_path": chunk.heading, "chunk_index": chunk.chunk_index,
@@ -295,6 +295,7 @@ class MilvusStore:
 
     # -- ingest state ----------------------------------------------------------------------
 
+    @reloading
     def file_states(self) -> dict[str, FileState]:
         """Every source in the collection with its stored versions, read in pages."""
         states: dict[str, FileState] = defaultdict(FileState)
@@ -348,6 +349,7 @@ class MilvusStore:
             ))
         return hits
 
+    @reloading
     def search_dense(self, vector: np.ndarray, k: int, filter: str = "") -> list[Hit]:
         """Top-k by inner product (cosine on unit vectors)."""
         res = self.client.search(
@@ -356,6 +358,7 @@ class MilvusStore:
         )
         return self._hits(res[0], dense=True)
 
+    @reloading
     def search_bm25(self, text: str, k: int, filter: str = "") -> list[Hit]:
         """Top-k by Milvus BM25 over the analyzed text; scores are reported positive."""
         res = self.client.search(
@@ -367,6 +370,7 @@ class MilvusStore:
         sign = -1.0 if rows and float(rows[0]["distance"]) < 0 else 1.0
         return self._hits(rows, sign)
 
+    @reloading
     def search_hybrid(
         self, vector: np.ndarray, text: str, k: int, filter: str = "",
         rrf_k: int = 10, weights: tuple[float, float] | None = None, candidates: int | None = None,

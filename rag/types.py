@@ -44,7 +44,23 @@ class Hit:
     chunk_index: int
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     similarity: float | None = None  # dense cosine to the question, when known (dense and hybrid)
+    rank: int = 0  # 1-based position in the retrieval mode's ranking (0: not ranked yet)
+    mode: str = ""  # the retrieval mode that ranked it: dense, bm25 or hybrid
+
+    def score_label(self) -> str:
+        """What a reader can judge: the similarity (or BM25 score) and the mode's rank, labelled.
+
+        The hybrid `score` is a reciprocal-rank-fusion value (about 1/(k+rank)); it orders hits
+        but is no similarity, so it is never what we show. The score floor speaks of similarity.
+        """
+        if self.similarity is not None:
+            value = f"similarity {self.similarity:.3f}"
+        elif self.mode == "bm25":
+            value = f"BM25 score {self.score:.2f}"
+        else:
+            value = f"score {self.score:.3f}"
+        return f"{value}, {self.mode or 'search'} rank {self.rank}" if self.rank else value
 
     def citation(self, n: int) -> str:
         heading = f" › {self.header_path}" if self.header_path else ""
-        return f"[{n}] {self.source}{heading} ({self.score:.3f})"
+        return f"[{n}] {self.source}{heading} ({self.score_label()})"

@@ -12,7 +12,6 @@ import logging
 import os
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a self-hosted tool phones no one
@@ -28,8 +27,9 @@ from ui import views  # noqa: E402
 from ui.backends import LABELS, Prober, default_backend, default_local_url, resolve  # noqa: E402
 from ui.chat import respond  # noqa: E402
 from ui.config import BACKENDS, UIConfig  # noqa: E402
+from ui.errors import explain  # noqa: E402
 from ui.service import KnowledgeBase, check_collection_name  # noqa: E402
-from ui.uploads import UploadLimits, store_uploads  # noqa: E402
+from ui.uploads import UploadLimits, store_uploads, upload_source_namer, uploaded_file  # noqa: E402
 
 log = logging.getLogger("rag-ui")
 STATUS_MAX_AGE = 30.0  # seconds a timer tick may reuse collection stats
@@ -82,7 +82,7 @@ def build_app(kb: KnowledgeBase, ui: UIConfig) -> gr.Blocks:
         try:
             stats = kb.stats(collection)
         except (StoreError, MilvusException) as e:
-            return f"⚠️ {e}", [], gr.update(choices=[], value=None)
+            return f"⚠️ {explain(e, collection, rag.milvus_uri)}", [], gr.update(choices=[], value=None)
         sources = list((stats or {}).get("sources", {}))
         return (views.stats_markdown(collection, stats), views.sources_rows(stats),
                 gr.update(choices=sources, value=None))
@@ -92,7 +92,7 @@ def build_app(kb: KnowledgeBase, ui: UIConfig) -> gr.Blocks:
         try:
             stats = kb.stats(collection)
         except (StoreError, MilvusException) as e:
-            raise gr.Error(str(e)) from e
+            raise gr.Error(explain(e, collection, rag.milvus_uri)) from e
         return {"collection": collection, "exists": False} if stats is None else {**stats, "exists": True}
 
     def status(backend: str, local_url: str, collection: str):
@@ -102,7 +102,7 @@ def build_app(kb: KnowledgeBase, ui: UIConfig) -> gr.Blocks:
         try:
             stats = kb.stats(collection, max_age=STATUS_MAX_AGE)
         except (StoreError, MilvusException) as e:
-            error = str(e)
+            error = explain(e, collection, rag.milvus_uri)
         chosen = BACKENDS.index(backend) if backend in BACKENDS else 0
         return (views.status_html(backends, probes, backend, collection, stats, error),
                 views.banner(backends[chosen], probes[chosen], collection, stats, llm_configured))
@@ -115,14 +115,15 @@ def build_app(kb: KnowledgeBase, ui: UIConfig) -> gr.Blocks:
         except StoreError as e:
             return f"⚠️ {e}", *kb_view(rag.collection), None
         progress(0, desc="Checking uploads")
-        result = store_uploads(files or [], ui.uploads_dir / collection, limits)
+        root = ui.uploads_dir / collection
+        result = store_uploads(files or [], root, limits)
         report, note, warnings = None, "", []
         if result.saved:
             progress(0.05, desc=f"Ingesting {len(result.saved)} files")
             try:
-                report = kb.ingest(result.saved, collection, warn=warnings.append)
+                report = kb.ingest(result.saved, collection, warn=warnings.append, name=upload_source_namer(root))
             except (StoreError, FileNotFoundError, SettingsError, MilvusException) as e:
-                note = f"⚠️ ingest failed: {e}\n\n"
+                note = f"⚠️ ingest failed: {explain(e, collection, rag.milvus_uri)}\n\n"
         md = note + views.ingest_markdown(report, len(result.saved), result.rejected, warnings)
         return md, *kb_view(collection), None  # None clears the upload box for the next batch
 
@@ -132,13 +133,13 @@ def build_app(kb: KnowledgeBase, ui: UIConfig) -> gr.Blocks:
         try:
             n = kb.delete_source(collection, source)
         except (StoreError, MilvusException) as e:
-            return f"⚠️ {e}", *kb_view(collection)
+            return f"⚠️ {explain(e, collection, rag.milvus_uri)}", *kb_view(collection)
         if n == 0:
             return f"**{source}** is not a source of **{collection}**; nothing was deleted.", *kb_view(collection)
         note = f"Deleted **{source}** ({n} chunks) from **{collection}**."
         # An uploaded copy goes too, or the next upload batch would not bring it back as "new".
-        path = Path(source) if os.path.isabs(source) else Path.cwd() / source
-        if path.is_file() and path.resolve().is_relative_to((ui.uploads_dir / collection).resolve()):
+        path = uploaded_file(ui.uploads_dir / collection, source)
+        if path is not None:
             path.unlink()
             note += " Its uploaded file was removed as well."
         else:
@@ -187,7 +188,7 @@ def build_app(kb: KnowledgeBase, ui: UIConfig) -> gr.Blocks:
                 ingest_btn = gr.Button("Ingest", variant="primary", elem_id="ingest")
                 ingest_md = gr.Markdown(elem_id="ingest-report", min_height=80)
                 sources_df = gr.Dataframe(headers=["Source", "Chunks"], datatype=["str", "number"],
-                                          interactive=False, label="Sources", wrap=True)
+                                          interactive=False, label="Sources", wrap=True, elem_id="kb-sources")
                 with gr.Row(equal_height=True):
                     source_dd = gr.Dropdown([], label="Source to delete", scale=4, allow_custom_value=True)
                     delete_btn = gr.Button("Delete source", variant="stop", scale=1)

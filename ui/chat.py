@@ -6,7 +6,7 @@ Gradio hands history back to us, so every reader here accepts both shapes.
 
 One answer appends, in order: the user's message, an optional collapsible "Reasoning" message
 (DeepSeek-R1 style reasoning deltas), the answer, and a collapsible "Sources" message that
-lists each [n] with its file, heading path, score and a snippet.
+lists each [n] with its file, heading path, similarity and rank, and a snippet.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from rag.pipeline import HISTORY_TURNS, NO_LLM_NOTE, Finished, Retrieved
 from rag.store import StoreError
 from rag.types import Hit
 from ui.backends import Backend, Prober
+from ui.errors import explain
 from ui.service import KnowledgeBase
+from ui.snippets import snippet_markdown
 
-SNIPPET_CHARS = 220
 SOURCES_TITLE = "Sources"
 REASONING_TITLE = "Reasoning"
 RETRIEVAL_ONLY_CHOSEN = (
@@ -99,42 +100,19 @@ def _escape(text: str) -> str:
     return re.sub(r"([\\`*_{}\[\]()#+\-!|>~])", r"\\\1", text)
 
 
-def _inline(text: str) -> str:
-    """Escape prose but keep balanced `code spans` (escapes inside them would show literally)."""
-    pieces = text.split("`")
-    if len(pieces) % 2 == 0:  # an unbalanced backtick: treat everything as prose
-        return _escape(text)
-    return "".join(_escape(p) if i % 2 == 0 else f"`{p}`" for i, p in enumerate(pieces))
-
-
-def snippet(text: str, limit: int = SNIPPET_CHARS) -> str:
-    """The passage's first words, without the heading lines the header path already shows."""
-    body = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
-    flat = " ".join(" ".join(body).split()) or " ".join(text.split())
-    if len(flat) <= limit:
-        return flat
-    cut = flat[:limit].rsplit(" ", 1)[0]
-    if cut.count("`") % 2:  # never end inside a code span
-        cut = cut[: cut.rindex("`")].rstrip()
-    return cut + " …"
-
-
 def cited_numbers(answer: str) -> set[int]:
     return {int(n) for n in CITATION_RE.findall(answer)}
 
 
 def format_sources(hits: list[Hit], answer: str = "") -> str:
-    """Markdown list: [n] path › heading (score) and a short snippet; cited ones are marked."""
+    """Markdown list: [n] path › heading, similarity and rank, and a snippet; cited ones are marked."""
     cited = cited_numbers(answer)
     lines = []
     for n, h in enumerate(hits, 1):
         heading = f" › {_escape(h.header_path)}" if h.header_path else ""
         mark = " · **cited**" if n in cited else ""
-        sim = f", similarity {h.similarity:.3f}" if h.similarity is not None and h.similarity != h.score else ""
-        lines.append(
-            f"**[{n}]** `{h.source}`{heading} — score {h.score:.3f}{sim}{mark}\n"
-            f"> {_inline(snippet(h.text))}"
-        )
+        quoted = "\n".join(f"> {ln}" if ln else ">" for ln in snippet_markdown(h.text).splitlines())
+        lines.append(f"**[{n}]** `{h.source}`{heading} — {h.score_label()}{mark}\n{quoted}")
     return "\n\n".join(lines)
 
 
@@ -192,7 +170,7 @@ def respond(
             return
         pipe = kb.pipeline(collection, backend, prober.model_for(backend), top_k, score_floor, mode)
     except (StoreError, MilvusException) as e:
-        yield warn(str(e))
+        yield warn(explain(e, collection, kb.rag_config.milvus_uri))
         return
     yield assemble()  # the question shows at once, then the answer streams in below it
 
@@ -223,5 +201,7 @@ def respond(
             if llm_configured and answer["content"] == NO_LLM_NOTE:
                 answer["content"] = RETRIEVAL_ONLY_CHOSEN
             yield assemble()
-    except (LLMError, StoreError, MilvusException) as e:  # shown in the chat, not as a bare error toast
+    except LLMError as e:  # shown in the chat, not as a bare error toast
         yield warn(str(e))
+    except (StoreError, MilvusException) as e:
+        yield warn(explain(e, collection, kb.rag_config.milvus_uri))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest.config import IngestConfig
+from ingest.loader import source_name
 from ingest.pipeline import IngestReport, ingest
 from rag.config import RagConfig
 from rag.embedder import E5Embedder, Embedder, MiniLMEmbedder, make_embedder
@@ -60,16 +61,27 @@ def embedder_for(rag_config: RagConfig, store: MilvusStore) -> Embedder:
 class KnowledgeBase:
     """Owns the embedder and the Milvus client; builds a light `RagPipeline` per question."""
 
-    def __init__(self, rag_config: RagConfig, ingest_config: IngestConfig, embedder: Embedder | None = None):
+    def __init__(
+        self, rag_config: RagConfig, ingest_config: IngestConfig, embedder: Embedder | None = None,
+        store: MilvusStore | None = None,
+    ):
+        """`store`: an already connected store for `rag_config`'s database (default: connect to it)."""
         self.rag_config = rag_config
         self.ingest_config = ingest_config
-        self._base = MilvusStore(rag_config.milvus_uri, rag_config.collection, rag_config.milvus_token)
+        self._base = store or MilvusStore(rag_config.milvus_uri, rag_config.collection, rag_config.milvus_token)
         self.embedder = embedder or embedder_for(rag_config, self._base)
         self._views: dict[str, MilvusStore] = {}
         self._opened: set[str] = set()
         self._views_lock = threading.Lock()
         self.write_lock = threading.Lock()
         self._stats: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        # Load an existing collection now: after a restart Milvus holds it released, and the
+        # first stats read (sidebar, Knowledge-base tab) would fail instead of showing its rows.
+        try:
+            if self.exists(rag_config.collection):
+                self._open(rag_config.collection)
+        except StoreError as e:  # e.g. another embedder's collection: each question explains it
+            log.warning("%s", e)
 
     # -- stores ----------------------------------------------------------------------------
 
@@ -119,7 +131,7 @@ class KnowledgeBase:
             self.rag_config, collection=view.collection, top_k=int(top_k), score_floor=score_floor, mode=mode,
             llm_base_url=None, deepseek_api_key=None,
         )
-        pipe = RagPipeline(config, embedder=self.embedder, store=view)
+        pipe = RagPipeline(config, embedder=self.embedder, store=view, store_open=True)
         if backend.kind != "retrieval-only":
             assert backend.base_url and backend.api_key
             pipe.llm = LLMClient(backend.base_url, model, backend.api_key, timeout=self.rag_config.llm_timeout)
@@ -142,15 +154,18 @@ class KnowledgeBase:
 
     def ingest(
         self, paths: Sequence[str | Path], collection: str, warn: Callable[[str], None] | None = None,
+        name: Callable[[Path], str] = source_name,
     ) -> IngestReport:
-        """The CLI's incremental ingest of `paths`, into the shared store, one writer at a time."""
+        """The CLI's incremental ingest of `paths`, into the shared store, one writer at a time.
+
+        `name` gives each file its source name (uploads: `uploads.upload_source_namer`)."""
         view = self.store(collection)
         config = dataclasses.replace(self.rag_config, collection=view.collection)
         with self.write_lock:
             try:
                 report = ingest(
                     [str(p) for p in paths], config, self.ingest_config, embedder=self.embedder, store=view,
-                    progress=True, warn=warn or (lambda msg: log.warning("%s", msg)),
+                    progress=True, warn=warn or (lambda msg: log.warning("%s", msg)), name=name,
                 )
             finally:
                 self._stats.pop(view.collection, None)  # even a failed run may have written

@@ -16,11 +16,12 @@ import stat
 import tempfile
 import unicodedata
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 
 from ingest.loader import TEXT_SUFFIXES
 
+UPLOADS_PREFIX = "uploads/"  # source names of uploaded files: uploads/<path inside the collection's folder>
 ZIP_SUFFIX = ".zip"
 ALLOWED = ", ".join(sorted(TEXT_SUFFIXES)) + ", or a .zip of them"
 _UNSAFE_CHARS = re.compile(r"[^\w.\- ]+")
@@ -44,6 +45,26 @@ class UploadResult:
 
 class _Refused(Exception):
     """The whole archive is refused; the message says why."""
+
+
+def upload_source_namer(root: Path) -> Callable[[Path], str]:
+    """Source names for files stored under `root` (one collection's uploads folder):
+    `uploads/<relative path>`, the same whichever folder rag-ui was started from."""
+    base = root.resolve()
+
+    def name(path: Path) -> str:
+        return UPLOADS_PREFIX + path.resolve().relative_to(base).as_posix()
+
+    return name
+
+
+def uploaded_file(root: Path, source: str) -> Path | None:
+    """The stored file behind an upload's source name, or None (not an upload, or gone)."""
+    if not source.startswith(UPLOADS_PREFIX):
+        return None
+    path = root / source[len(UPLOADS_PREFIX):]
+    inside = path.resolve().is_relative_to(root.resolve())  # a crafted name must not reach outside
+    return path if inside and path.is_file() else None
 
 
 def safe_name(name: str) -> str:

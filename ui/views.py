@@ -69,7 +69,7 @@ def banner(backend: Backend, probe: Probe, collection: str, stats: dict[str, Any
            llm_configured: bool = False) -> str:
     """The plain sentences above the chat when something limits the answers, else ''."""
     notes = []
-    if stats is None:
+    if stats is None or not stats["chunks"]:  # no collection, or one whose every source was deleted
         notes.append(f"The knowledge base <b>{html.escape(collection)}</b> is empty: <b>ingest documents "
                      f"first</b> (Knowledge base tab).")
     if backend.kind == "retrieval-only" and llm_configured:

@@ -47,6 +47,16 @@ class EngineConfig:
 
 
 @dataclasses.dataclass
+class TokenLogprob:
+    """Log-probability of a chosen token under the model (raw logits, before temperature and
+    top-k/top-p) and the `n` most likely alternatives, as asked by `SamplingParams.logprobs`."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclasses.dataclass
 class StepOutput:
     seq: Sequence
     text: str  # newly releasable text (may be empty)
@@ -54,6 +64,7 @@ class StepOutput:
     finished: bool
     ttft: float | None = None  # seconds from arrival, on a request's first token
     itl: float | None = None  # seconds since the previous token, on later tokens
+    logprob: TokenLogprob | None = None  # only for requests that asked (and not for EOS)
 
 
 class Engine:
@@ -124,11 +135,13 @@ class Engine:
             return self._speculative_step(seqs)
         else:
             logits = self.runner.decode(seqs)
-        tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+        sampled = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        tokens = sampled.tolist()
+        logprobs = self._logprobs(logits, sampled, tokens, seqs)
         now = time.perf_counter()
         outs = []
-        for s, tok in zip(seqs, tokens, strict=True):
-            out = self._emit(s, tok, now)
+        for s, tok, lp in zip(seqs, tokens, logprobs, strict=True):
+            out = self._emit(s, tok, now, lp)
             outs.append(out)
             if is_prefill and self.spec is not None and not s.finished:
                 self.spec.first_token(s, tok)
@@ -139,12 +152,15 @@ class Engine:
     def _speculative_step(self, seqs: list[Sequence]) -> list[StepOutput]:
         """Draft, verify and accept for every decode row; a row emits 1 .. k+1 tokens (the ones
         after a finish are dropped), then gives back the blocks of its rejected drafts."""
-        emitted = self.runner.speculate(seqs)
+        emitted, target = self.runner.speculate(seqs)
         now = time.perf_counter()
         outs = []
-        for s, toks in zip(seqs, emitted, strict=True):
-            for tok in toks:
-                outs.append(self._emit(s, tok, now))
+        for i, (s, toks) in enumerate(zip(seqs, emitted, strict=True)):
+            # Logprobs of the emitted tokens under the verify forward's logits (what plain decoding sees).
+            lps = self._logprobs(target[i, : len(toks)], torch.tensor(toks, device=target.device), toks,
+                                 [s] * len(toks))
+            for tok, lp in zip(toks, lps, strict=True):
+                outs.append(self._emit(s, tok, now, lp))
                 if s.finished:
                     break
             if not s.finished:
@@ -156,13 +172,36 @@ class Engine:
         layer trails the main model by the sequence's pending MTP inputs)."""
         return s.num_computed if self.spec is None else self.spec.filled(s)
 
-    def _emit(self, s: Sequence, tok: int, now: float) -> StepOutput:
+    def _emit(self, s: Sequence, tok: int, now: float, lp: TokenLogprob | None) -> StepOutput:
         ttft = now - s.arrival if s.first_token_at is None else None
         itl = None if ttft is not None else now - (s.last_token_at or now)
         s.first_token_at = s.first_token_at or now
         s.last_token_at = now
-        out = self._append(s, tok)
+        try:
+            out = self._append(s, tok)
+        except Exception:  # this request's decoding or stop matching: it fails alone
+            log.exception("request %d failed after token %d", s.id, tok)
+            return self._fail(s)
         out.ttft, out.itl = ttft, itl
+        out.logprob = lp if out.token is not None else None
+        return out
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, sampled: torch.Tensor, tokens: list[int],
+                  seqs: list[Sequence]) -> list[TokenLogprob | None]:
+        """log_softmax of the rows that asked for logprobs; nothing is computed for the others."""
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        out: list[TokenLogprob | None] = [None] * len(seqs)
+        if not rows:
+            return out
+        lp = logits[rows].float().log_softmax(dim=-1)
+        chosen = lp.gather(1, sampled[rows].unsqueeze(1)).squeeze(1).tolist()
+        k = max(seqs[i].params.logprobs for i in rows)
+        # A stable sort, not topk: among tied logits the lowest index comes first, the sampler's rule.
+        top_v, top_i = (t[:, :k] for t in lp.sort(dim=-1, descending=True, stable=True))
+        for j, (i, v, idx) in enumerate(zip(rows, top_v.tolist(), top_i.tolist(), strict=True)):
+            n = seqs[i].params.logprobs
+            out[i] = TokenLogprob(tokens[i], chosen[j], list(zip(idx[:n], v[:n], strict=True)))
         return out
 
     def _append(self, s: Sequence, tok: int) -> StepOutput:
@@ -184,6 +223,12 @@ class Engine:
         self.by_id.pop(s.id, None)
         return StepOutput(s, text, tok, True)
 
+    def _fail(self, s: Sequence) -> StepOutput:
+        s.finish_reason = "error"
+        self.scheduler.finish(s)
+        self.by_id.pop(s.id, None)
+        return StepOutput(s, "", None, True)
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
         """Run prompts to completion synchronously (tests, benchmarks, offline use)."""
         seqs = [self.add(p, params) for p in prompts]
@@ -192,33 +237,71 @@ class Engine:
         return seqs
 
 
+class EngineStopped(RuntimeError):
+    """The engine thread is gone (a failed step, or shutdown): no request can be served."""
+
+
+Callback = Callable[[StepOutput | Exception], None]
+
+
 class EngineLoop:
-    """Drives an Engine on a background thread; callbacks run on that thread."""
+    """Drives an Engine on a background thread; callbacks run on that thread.
+
+    A callback gets each StepOutput of its request, or one Exception when the request failed
+    (the engine refused it, or the engine stopped).  A failure that belongs to one request
+    (its admission, its decoding) fails that request only.  A failed model step is not one
+    request's fault and leaves the device in an unknown state (CUDA errors are sticky), so the
+    loop fails every request in flight and stops: `alive` turns False, `/health` answers 503, and
+    the orchestrator restarts the process instead of the server hanging or serving garbage.
+    """
 
     def __init__(self, engine: Engine, on_step: Callable[[list[StepOutput]], None] | None = None):
         self.engine = engine
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.callbacks: dict[int, Callable[[StepOutput], None]] = {}
+        self.callbacks: dict[int, Callback] = {}
+        self.aborts: dict[int, threading.Event] = {}  # sequence id -> its request's abort switch
         self.on_step = on_step
         self._stop = threading.Event()
+        self._closed = False  # no more submissions; guarded by _lock with the inbox's last drain
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.recent_tokens: collections.deque[tuple[float, int]] = collections.deque(maxlen=512)
         self.error: BaseException | None = None
 
+    @property
+    def alive(self) -> bool:
+        """Running and taking requests (False from the moment the loop starts failing its requests)."""
+        return self._thread.is_alive() and not self._closed
+
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10) -> None:
+        """Stop after the current step; requests still in flight get EngineStopped."""
         self._stop.set()
         self.inbox.put(None)
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams,
-               callback: Callable[[StepOutput], None]) -> threading.Event:
-        """Queue a request; returns an event to set for aborting it. Validate with engine.check first."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, callback: Callback) -> threading.Event:
+        """Queue a request; returns an event to set for aborting it. Validate with engine.check first.
+
+        Raises EngineStopped when the engine thread has ended."""
         abort = threading.Event()
-        self.inbox.put(("add", prompt_ids, params, callback, abort))
+        with self._lock:
+            if self._closed:
+                raise EngineStopped(f"the engine has stopped: {self.error or 'shutting down'}")
+            self.inbox.put(("add", prompt_ids, params, callback, abort))
         return abort
+
+    @staticmethod
+    def _notify(callback: Callback, item: StepOutput | Exception) -> bool:
+        try:
+            callback(item)
+            return True
+        except Exception:  # e.g. the server's event loop is closed: only this request is lost
+            log.exception("delivering a result failed")
+            return False
 
     def _drain(self, block: bool) -> None:
         try:
@@ -227,45 +310,85 @@ class EngineLoop:
             return
         while item is not None:
             _, prompt_ids, params, callback, abort = item
-            seq = self.engine.add(prompt_ids, params)
-            seq.abort_event = abort  # type: ignore[attr-defined]
-            self.callbacks[seq.id] = callback
+            try:
+                seq = self.engine.add(prompt_ids, params)
+            except Exception as e:  # this request only (the HTTP layer validates, this is the backstop)
+                log.warning("request refused by the engine: %s", e)
+                self._notify(callback, e)
+            else:
+                self.callbacks[seq.id] = callback
+                self.aborts[seq.id] = abort
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
                 item = None
 
+    def _apply_aborts(self) -> None:
+        for sid in [sid for sid, ev in self.aborts.items() if ev.is_set()]:
+            seq = self.engine.by_id.get(sid)
+            cb = self.callbacks.pop(sid, None)
+            del self.aborts[sid]
+            if seq is None:
+                continue
+            self.engine.abort(seq)
+            if cb:  # an explicit /v1/abort: the request's handler ends with finish_reason "abort"
+                self._notify(cb, StepOutput(seq, "", None, True))
+
+    def _deliver(self, outs: list[StepOutput]) -> None:
+        n = sum(1 for o in outs if o.token is not None)
+        self.recent_tokens.append((time.perf_counter(), n))
+        if self.on_step:
+            try:
+                self.on_step(outs)
+            except Exception:
+                log.exception("the on_step hook failed")
+        for o in outs:
+            cb = self.callbacks.get(o.seq.id)
+            if cb and not self._notify(cb, o) and not o.finished and o.seq.id in self.aborts:
+                self.aborts[o.seq.id].set()  # nobody is listening: free its blocks next step
+            if o.finished:
+                self.callbacks.pop(o.seq.id, None)
+                self.aborts.pop(o.seq.id, None)
+
     def _run(self) -> None:
         eng = self.engine
-        while not self._stop.is_set():
-            self._drain(block=not eng.has_work)
-            for seq in [s for s in list(eng.by_id.values()) if s.abort_event.is_set()]:  # type: ignore[attr-defined]
-                eng.abort(seq)
-                self.callbacks.pop(seq.id, None)
-            if not eng.has_work:
-                continue
+        try:
+            while not self._stop.is_set():
+                self._drain(block=not eng.has_work)
+                self._apply_aborts()
+                if not eng.has_work:
+                    continue
+                try:
+                    outs = eng.step()
+                except Exception as e:
+                    log.exception("engine step failed; the engine stops and /health reports 503")
+                    self.error = e
+                    return
+                self._deliver(outs)
+        except BaseException as e:  # a bug in the loop itself: never die silently
+            log.exception("engine loop failed")
+            self.error = e
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        """Fail every request still queued or running, and refuse new ones."""
+        err = EngineStopped(f"the engine stopped: {self.error}" if self.error else "the server is shutting down")
+        with self._lock:
+            self._closed = True
+        while True:
             try:
-                outs = eng.step()
-            except Exception as e:  # a model bug must not kill the server silently
-                log.exception("engine step failed")
-                self.error = e
-                for seq in list(eng.by_id.values()):
-                    seq.finish_reason = "error"
-                    cb = self.callbacks.pop(seq.id, None)
-                    eng.abort(seq)
-                    if cb:
-                        cb(StepOutput(seq, "", None, True))
-                continue
-            n = sum(1 for o in outs if o.token is not None)
-            self.recent_tokens.append((time.perf_counter(), n))
-            if self.on_step:
-                self.on_step(outs)
-            for o in outs:
-                cb = self.callbacks.get(o.seq.id)
-                if cb:
-                    cb(o)
-                if o.finished:
-                    self.callbacks.pop(o.seq.id, None)
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self._notify(item[3], err)
+        for seq in list(self.engine.by_id.values()):
+            self.engine.abort(seq)
+            cb = self.callbacks.pop(seq.id, None)
+            if cb:
+                self._notify(cb, err)
+        self.aborts.clear()
 
     def tokens_per_second(self, window: float = 10.0) -> float:
         now = time.perf_counter()

@@ -83,7 +83,7 @@ class ModelRunner:
             s.num_computed = len(s)
         return logits
 
-    def speculate(self, seqs: list[Sequence]) -> list[list[int]]:
+    def speculate(self, seqs: list[Sequence]) -> tuple[list[list[int]], torch.Tensor]:
         """One speculative round for decode rows (each with slots for its drafts): the tokens
-        each sequence emits (1 .. k+1)."""
+        each sequence emits (1 .. k+1), and the verify logits [B, k+1, V]."""
         return self.spec.step(seqs, self._tables(seqs), self.graphs, self.mtp_graphs)

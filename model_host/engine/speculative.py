@@ -116,8 +116,10 @@ class SpeculativeDecoder:
                                   torch.tensor([len(seq) - 2], device=dev), [1])
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence], tables: torch.Tensor, graphs=None, mtp_graphs=None) -> list[list[int]]:
-        """One round for ``seqs`` (each with slots up to ``len - 1 + k``): the tokens each emits."""
+    def step(self, seqs: list[Sequence], tables: torch.Tensor, graphs=None,
+             mtp_graphs=None) -> tuple[list[list[int]], torch.Tensor]:
+        """One round for ``seqs`` (each with slots up to ``len - 1 + k``): the tokens each emits,
+        and the verify logits [B, k+1, V] they were judged by (for logprobs)."""
         dev = tables.device
         pending = Pending.cat([s.draft_input for s in seqs])
         temperature = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32, device=dev)
@@ -127,18 +129,17 @@ class SpeculativeDecoder:
         num_drafts = [max(0, min(self.k, s.params.max_tokens - s.num_output - 1)) for s in seqs]
         gens = [s.generator for s in seqs]
         fw = PagedForwards(self.model, self.cache, tables, graphs, mtp_graphs)
-        verdict, nxt = speculative_round(fw, pending, self.k, temperature, top_k, top_p, gens, num_drafts,
-                                         self.drafter)
+        step = speculative_round(fw, pending, self.k, temperature, top_k, top_p, gens, num_drafts, self.drafter)
         out = []
-        for s, p, nd in zip(seqs, nxt.split(), num_drafts, strict=True):
+        for s, p, nd in zip(seqs, step.pending.split(), num_drafts, strict=True):
             n = p.counts[0] - 1
             s.draft_input = p
             s.num_computed = len(s) + n  # t[L-1] and the n accepted drafts are now in the cache
             self.stats.rounds += 1
             self.stats.drafted += nd
             self.stats.accepted += n
-            out.append(verdict.tokens[len(out), : n + 1].tolist())
-        return out
+            out.append(step.verdict.tokens[len(out), : n + 1].tolist())
+        return out, step.target
 
     def settle(self, seq: Sequence) -> None:
         """After the round's tokens were appended to an unfinished ``seq``: free the blocks of

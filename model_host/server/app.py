@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,14 +16,21 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from model_host.engine.engine import EngineLoop, RequestError, StepOutput
+from model_host.engine.engine import EngineLoop, EngineStopped, RequestError, StepOutput, TokenLogprob
 from model_host.server.metrics import Metrics
 from model_host.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from model_host.tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 4 * 2**20
+DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
+log = logging.getLogger(__name__)
+
+
+class AbortRequest(BaseModel):
+    model_config = ConfigDict(strict=True)
+    id: str
 
 
 class _Request:
@@ -31,7 +39,7 @@ class _Request:
     def __init__(self, rid: str, prompt_len: int):
         self.id = rid
         self.prompt_len = prompt_len
-        self.queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self.queue: asyncio.Queue[StepOutput | Exception] = asyncio.Queue()
         self.abort: Any = None
         self.done = False
 
@@ -63,12 +71,19 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
     async def _bad_method(request: Request, _e: Exception) -> JSONResponse:
         return JSONResponse(APIError(405, f"method {request.method} not allowed on {request.url.path}").body(), 405)
 
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, e: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=e)
+        return JSONResponse(APIError(500, "internal server error; see the server log", type="server_error").body(),
+                            500)
+
     def authorize(request: Request) -> None:
         if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
             raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
                            type="authentication_error", code="invalid_api_key")
 
     async def parse(request: Request, model: type[BaseModel]) -> Any:
+        """Authorize, read at most max_body_bytes, and validate the JSON body into `model`."""
         authorize(request)
         if int(request.headers.get("content-length") or 0) > max_body_bytes:
             raise APIError(413, f"request body over {max_body_bytes} bytes")
@@ -81,16 +96,25 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"malformed JSON body: {e}") from None
+        except RecursionError:
+            raise APIError(400, "malformed JSON body: nested too deeply") from None
         try:
-            req = model.model_validate(data)
+            return model.model_validate(data)
         except ValidationError as e:
             err = e.errors()[0]
-            param = ".".join(str(p) for p in err["loc"])
+            param = ".".join(str(p) for p in err["loc"]) or "body"
             raise APIError(400, f"{param}: {err['msg']}", param=param) from None
+
+    async def parse_generation(request: Request, model: type[BaseModel]) -> Any:
+        req = await parse(request, model)
         if req.model != model_name:
             raise APIError(404, f"model {req.model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
         return req
+
+    def unavailable() -> APIError:
+        return APIError(503, f"the engine has stopped ({loop.error or 'shutting down'}); see the server log",
+                        type="server_error", code="engine_stopped")
 
     def start(prompt_ids: list[int], req: Any, prefix: str) -> _Request:
         params = req.sampling(len(prompt_ids), engine.max_model_len)
@@ -98,21 +122,48 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
             engine.check(len(prompt_ids), params.max_tokens)
         except RequestError as e:
             raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+        if not loop.alive:
+            raise unavailable()
         r = _Request(f"{prefix}-{uuid.uuid4().hex[:24]}", len(prompt_ids))
         aio = asyncio.get_running_loop()
-        r.abort = loop.submit(prompt_ids, params, lambda out: aio.call_soon_threadsafe(r.queue.put_nowait, out))
+        try:
+            r.abort = loop.submit(prompt_ids, params, lambda out: aio.call_soon_threadsafe(r.queue.put_nowait, out))
+        except EngineStopped:
+            raise unavailable() from None
         inflight[r.id] = r
         metrics.prompt_tokens.inc(len(prompt_ids))
         return r
 
-    async def outputs(r: _Request) -> AsyncIterator[StepOutput]:
+    async def next_output(r: _Request, request: Request | None) -> StepOutput | Exception | None:
+        """The request's next output; None once `request`'s client has disconnected."""
+        if request is None:  # streaming: Starlette cancels the response when the client leaves
+            return await r.queue.get()
+        while True:
+            try:
+                return await asyncio.wait_for(r.queue.get(), DISCONNECT_POLL_S)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return None
+
+    async def outputs(r: _Request, request: Request | None = None) -> AsyncIterator[StepOutput]:
+        """Step outputs until the request finishes. With `request`, a client that disconnects
+        (non-streaming) ends it; a streaming one ends it by closing this generator."""
+        reason = "abort"
         try:
             while True:
-                out = await r.queue.get()
+                out = await next_output(r, request)
+                if out is None:
+                    return
+                if isinstance(out, Exception):
+                    r.done, reason = True, "error"
+                    if isinstance(out, EngineStopped):
+                        raise APIError(503, f"{out}; see the server log", type="server_error", code="engine_stopped")
+                    raise APIError(500, f"the engine failed on this request ({out}); see the server log",
+                                   type="server_error")
                 if out.finished:
-                    r.done = True
+                    r.done, reason = True, out.seq.finish_reason or "stop"
                     metrics.cached_tokens.inc(out.seq.prompt_cached_tokens)
-                    if out.seq.finish_reason == "error":
+                    if reason == "error":
                         raise APIError(500, "the engine failed on this request; see the server log",
                                        type="server_error")
                 yield out
@@ -120,27 +171,57 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
                     return
         finally:
             inflight.pop(r.id, None)
+            metrics.finished(reason)
             if not r.done:
                 r.abort.set()  # client went away (or we failed): free the blocks now
 
-    async def respond(r: _Request, stream: bool, include_usage: bool, chat: bool) -> Response:
+    def token_text(tok: int) -> str:
+        return tokenizer.decode([tok])
+
+    def chat_logprobs(lps: list[TokenLogprob]) -> dict[str, Any]:
+        def entry(tok: int, lp: float) -> dict[str, Any]:
+            text = token_text(tok)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+        return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]}
+                            for t in lps]}
+
+    def completion_logprobs(lps: list[TokenLogprob], offset: int) -> dict[str, Any]:
+        tokens = [token_text(t.token) for t in lps]
+        offsets = []
+        for text in tokens:
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": [t.logprob for t in lps],
+                "top_logprobs": [{token_text(i): v for i, v in t.top} for t in lps], "text_offset": offsets}
+
+    async def respond(r: _Request, request: Request, stream: bool, include_usage: bool, chat: bool,
+                      logprobs: bool) -> Response:
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
+        sent_chars = 0  # text_offset of the next completion token
 
-        def choice(text: str, finish: str | None) -> dict[str, Any]:
+        def choice(text: str, finish: str | None, lps: list[TokenLogprob]) -> dict[str, Any]:
+            nonlocal sent_chars
             if chat:
+                lp = chat_logprobs(lps) if logprobs else None
                 return {"index": 0, "delta" if stream else "message":
                         ({"content": text} if stream else {"role": "assistant", "content": text}),
-                        "finish_reason": finish}
-            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+                        "logprobs": lp, "finish_reason": finish}
+            lp = completion_logprobs(lps, sent_chars) if logprobs else None
+            sent_chars += len(text)
+            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": lp}
 
         if not stream:
-            text, last = [], None
-            async for out in outputs(r):
+            text, lps, last = [], [], None
+            async for out in outputs(r, request):
                 text.append(out.text)
+                lps += [out.logprob] if out.logprob else []
                 last = out
+            if last is None:  # the client disconnected: nobody to answer
+                return Response(status_code=499)
             return JSONResponse({"id": r.id, "object": obj, "created": created, "model": model_name,
-                                 "choices": [choice("".join(text), last.seq.finish_reason)],
+                                 "choices": [choice("".join(text), last.seq.finish_reason, lps)],
                                  "usage": r.usage(last)})
 
         def sse(payload: dict[str, Any]) -> str:
@@ -151,21 +232,21 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
             if chat:
                 yield sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                 "finish_reason": None}]})
+            gen = outputs(r)
             try:
-                async for out in outputs(r):
-                    if out.text:
-                        yield sse({**base, "choices": [choice(out.text, None)]})
+                async for out in gen:
+                    if out.text or out.logprob:
+                        yield sse({**base, "choices": [choice(out.text, None, [out.logprob] if out.logprob else [])]})
                     if out.finished:
-                        yield sse({**base, "choices": [choice("", out.seq.finish_reason)]})
+                        yield sse({**base, "choices": [choice("", out.seq.finish_reason, [])]})
                         if include_usage:
                             yield sse({**base, "choices": [], "usage": r.usage(out)})
             except APIError as e:
                 yield sse(e.body())
             finally:
-                # A disconnect cancels this generator at a `yield`; the inner one may not be
-                # closed until garbage collection, so abort here as well.
-                if not r.done:
-                    r.abort.set()
+                # A disconnect cancels this generator at a `yield`, where `gen` is suspended:
+                # close it now (it aborts the request) rather than at garbage collection.
+                await gen.aclose()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -173,18 +254,18 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
+        req: ChatCompletionRequest = await parse_generation(request, ChatCompletionRequest)
         try:
             ids = tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         r = start(ids, req, "chatcmpl")
         include = bool(req.stream_options and req.stream_options.include_usage)
-        return await respond(r, req.stream, include, chat=True)
+        return await respond(r, request, req.stream, include, chat=True, logprobs=req.logprobs)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req: CompletionRequest = await parse(request, CompletionRequest)
+        req: CompletionRequest = await parse_generation(request, CompletionRequest)
         if isinstance(req.prompt, str):
             ids = tokenizer.encode(req.prompt, add_bos=True)
         else:
@@ -193,16 +274,12 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
                 raise APIError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
         r = start(ids, req, "cmpl")
         include = bool(req.stream_options and req.stream_options.include_usage)
-        return await respond(r, req.stream, include, chat=False)
+        return await respond(r, request, req.stream, include, chat=False, logprobs=req.logprobs is not None)
 
     @app.post("/v1/abort")
     async def abort(request: Request) -> dict[str, Any]:
         """Explicit cancel by response id (the `id` of a completion or its stream chunks)."""
-        authorize(request)
-        try:
-            rid = (await request.json())["id"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise APIError(400, 'body must be {"id": "<completion id>"}', param="id") from None
+        rid = (await parse(request, AbortRequest)).id
         r = inflight.get(rid)
         if r is None:
             raise APIError(404, f"no request {rid!r} in flight", param="id")
@@ -219,8 +296,11 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
 
     @app.get("/health")
     async def health() -> Response:
-        if loop.error is not None:
-            return JSONResponse({"status": "error", "error": str(loop.error)}, status_code=503)
+        """200 while the engine thread runs; 503 once it has died (or stopped), so an orchestrator
+        restarts the server instead of sending it requests that would hang."""
+        if not loop.alive:
+            return JSONResponse({"status": "error", "error": str(loop.error or "the engine is not running")},
+                                status_code=503)
         return JSONResponse({"status": "ok", "model": model_name})
 
     @app.get("/metrics")

@@ -43,7 +43,10 @@ class Metrics:
         self.cached_tokens = Counter("model_host_prompt_cached_tokens", "Prompt tokens served by the prefix cache",
                                      registry=r)
         self.generation_tokens = Counter("model_host_generation_tokens", "Tokens generated", registry=r)
-        self.requests = Counter("model_host_requests", "Finished requests by reason", ["finish_reason"], registry=r)
+        # Counted by the HTTP layer, which sees every outcome: finished (ok: stop or length),
+        # aborted (client gone, /v1/abort, shutdown) or failed (error).
+        self.requests = Counter("model_host_requests", "Generation requests by outcome",
+                                ["status", "finish_reason"], registry=r)
         self.ttft = Histogram("model_host_time_to_first_token_seconds", "Arrival to first token",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("model_host_inter_token_latency_seconds", "Gap between consecutive tokens",
@@ -58,8 +61,11 @@ class Metrics:
                 self.ttft.observe(o.ttft)
             if o.itl is not None:
                 self.itl.observe(o.itl)
-            if o.finished:
-                self.requests.labels(o.seq.finish_reason or "stop").inc()
+
+    def finished(self, finish_reason: str) -> None:
+        """One generation request ended: stop / length (ok), abort (aborted) or error."""
+        status = {"stop": "ok", "length": "ok", "abort": "aborted"}.get(finish_reason, "error")
+        self.requests.labels(status, finish_reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

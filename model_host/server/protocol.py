@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from model_host.sampler import SamplingParams
+from model_host.sampler import MAX_TOP_LOGPROBS, SamplingParams
 
 DEFAULT_MAX_TOKENS = 1024
 
@@ -42,8 +42,28 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Fields of the OpenAI API that change the answer and that this server does not implement: a
+# request that sets one gets a 400 naming it instead of an answer that silently ignores it.
+# Each with the values that mean "off", which clients may send explicitly.
+_NO_TOOLS = ("function calling is not implemented", (None, [], "none"))
+_NO_PENALTY = ("repetition penalties are not implemented", (None, 0))
+UNSUPPORTED = {
+    "tools": _NO_TOOLS, "tool_choice": _NO_TOOLS, "functions": _NO_TOOLS, "function_call": _NO_TOOLS,
+    "presence_penalty": _NO_PENALTY, "frequency_penalty": _NO_PENALTY,
+    "logit_bias": ("logit_bias is not implemented", (None, {})),
+    "best_of": ("best_of is not implemented; send separate requests", (None, 1)),
+    "suffix": ("suffix (insertion) is not implemented", (None, "")),
+}
+
+
+class ResponseFormat(BaseModel):
+    type: str
+
+
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields (user, logprobs=false...) are harmless
+    # Strict: "10" is not a number. Unknown fields (user, metadata...) do not change the answer
+    # and are ignored; the ones that would are in UNSUPPORTED.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     stream: bool = False
@@ -53,10 +73,24 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # extension, as in vLLM
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**64)  # a torch.Generator seed
     stop: str | list[str] | None = None
     n: int = 1
     ignore_eos: bool = False  # extension, for benchmarks
+    response_format: ResponseFormat | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    best_of: Any = None
+    suffix: Any = None
+
+    def num_logprobs(self) -> int | None:
+        """None: no logprobs; n: the chosen token's and the n most likely ones."""
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -69,6 +103,13 @@ class _Sampling(BaseModel):
         """Validate against the context and build SamplingParams; raises APIError (400)."""
         if self.n != 1:
             raise APIError(400, f"n={self.n} is not supported; send {self.n} separate requests", param="n")
+        for name, (why, off) in UNSUPPORTED.items():
+            if getattr(self, name) not in off:
+                raise APIError(400, f"{name} is not supported by this server ({why}); remove it", param=name)
+        if self.response_format is not None and self.response_format.type != "text":
+            raise APIError(400, f"response_format type {self.response_format.type!r} is not supported: JSON mode "
+                           "is not implemented; ask for JSON in the prompt, or send type 'text'",
+                           param="response_format")
         requested = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         if requested is not None and requested <= 0:
             raise APIError(400, f"max_tokens must be at least 1, got {requested}", param="max_tokens")
@@ -82,19 +123,34 @@ class _Sampling(BaseModel):
                 param="max_tokens", code="context_length_exceeded",
             )
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return SamplingParams(
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
-            max_tokens=requested or min(DEFAULT_MAX_TOKENS, room), stop=stop, ignore_eos=self.ignore_eos,
-        )
+        try:
+            return SamplingParams(
+                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+                max_tokens=requested or min(DEFAULT_MAX_TOKENS, room), stop=stop, ignore_eos=self.ignore_eos,
+                logprobs=self.num_logprobs(),
+            )
+        except ValueError as e:  # the fields above are validated; this is the backstop
+            raise APIError(400, str(e)) from None
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def num_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int]
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)  # the legacy API's limit
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("echo")
     @classmethod

@@ -1,5 +1,6 @@
 """End-to-end GPU checks of the FP8 kernel path: logits vs the dequantized BF16 path, greedy
-decoding vs the CPU path over 64 steps, and CUDA-graph replay in the engine's runner."""
+decoding vs the CPU path over 64 steps (within a fixed error bound, flips only at near-ties),
+and CUDA-graph replay in the engine's runner."""
 
 from __future__ import annotations
 
@@ -67,8 +68,40 @@ def test_fp8_logits_close_to_dequantized_bf16(ckpt):
     assert rel(a8, ref) < (0.12 if kind == "dense" else 0.3) and agree > (0.75 if kind == "dense" else 0.6)
 
 
-def test_greedy_64_steps_match_cpu_or_diverge_within_fp8_noise(ckpt):
-    kind, path = ckpt
+# The greedy check's bounds, fixed in advance instead of measured at each step (a bug that moves
+# every logit must not excuse its own flips).
+# STEP_ERR: relative logits error of one decode step. The module checks bound each module's kernel
+# error at under 0.0085 relative (attention, dense MLP, MoE on identical real-width inputs,
+# docs/benchmarks.md); the tiny model stacks six such modules, and the dense logits test above
+# measures 0.013 over 96 tokens with a 2e-2 bar. One token averages less, hence 3e-2 (a CPU BF16
+# emulation of this test measured 0.016 at its worst step); a kernel bug is of order 0.1-1.
+STEP_ERR = 3e-2
+# NEAR_TIE: a wrong greedy token is forgiven only when the reference's gap between its best token
+# and the chosen one is under this many standard deviations of that step's logits. Within the
+# STEP_ERR bound the RMS logit error is ~0.03 sd, so a swap beyond 0.1 sd needs two logits each off
+# by over 1.5x the RMS error in opposite directions; the emulation's largest single-logit error
+# was 0.059 sd. (The random model's median top-2 gap is ~0.2 sd, so 0.1 sd is a real near-tie.)
+NEAR_TIE = 0.1
+
+
+@pytest.fixture(scope="module", params=["dense", "moe-all-experts"])
+def smooth_ckpt(request, tmp_path_factory):
+    """Models whose output is a continuous function of the weights. A random router's top-4 of 16
+    has near-tied experts: a last-bit difference picks another expert and moves the logits by
+    ~1/8 of the MoE output, a jump no kernel error bound covers (and that compounds through the
+    cache). With every expert selected (16 of 16, all 4 groups) the routing weights are still
+    computed by the routing kernel, grouped GEMMs and combine run as usual, and the step error is
+    kernel error alone. The expert choice itself is tested exactly in test_fused_kernels.py."""
+    extra = ({"n_routed_experts": None} if request.param == "dense"
+             else {"num_experts_per_tok": 16, "topk_group": 4})
+    path = tmp_path_factory.mktemp(request.param)
+    cfg = make_config("tiny", vocab_size=1024, mtp=False, hidden_size=256, **extra)
+    write_random_checkpoint(path, cfg, dtype="fp8", tokenizer=False, seed=5)
+    return request.param, path
+
+
+def test_greedy_64_steps_match_cpu_within_the_module_error_bound(smooth_ckpt):
+    kind, path = smooth_ckpt
     gpu = load_model(path, device="cuda", dtype=torch.bfloat16)
     cpu = load_model(path, dtype=torch.float32)
     prompt = torch.randint(0, 1024, (1, 16)).tolist()[0]
@@ -89,18 +122,19 @@ def test_greedy_64_steps_match_cpu_or_diverge_within_fp8_noise(ckpt):
     toks = seq.token_ids[len(prompt):]
     # CPU float32 reference, teacher-forced on the GPU's tokens (one pass, no cache).
     ref = cpu(torch.tensor([seq.token_ids[:-1]])).logits[0, len(prompt) - 1:]
-    match, unexplained = 0, []
+    errors, flips, unexplained = [], [], []
     for i, tok in enumerate(toks):
         r, g = ref[i], logits[i].reshape(-1).float().cpu()
-        if int(r.argmax()) == tok:
-            match += 1
-            continue
-        gap = (r.max() - r[tok]).item()
-        noise = (g - r).abs().max().item()  # the largest logit perturbation at this step
-        if gap > noise:
-            unexplained.append((i, gap, noise))
-    print(f"{kind}: {match}/64 greedy tokens equal the CPU argmax; unexplained flips {unexplained}")
-    assert not unexplained and match >= 32
+        errors.append(rel(g, r))
+        if int(r.argmax()) != tok:
+            gap = ((r.max() - r[tok]) / r.std()).item()  # in standard deviations of the step's logits
+            (flips if gap < NEAR_TIE else unexplained).append((i, round(gap, 4)))
+    worst = max(errors)
+    print(f"{kind}: {64 - len(flips) - len(unexplained)}/64 greedy tokens equal the CPU argmax; worst step "
+          f"error {worst:.4f} (bound {STEP_ERR}); near-tie flips {flips}; other flips {unexplained}")
+    assert worst < STEP_ERR, f"step {errors.index(worst)}: logits error {worst:.4f} over the module-check bound"
+    assert not unexplained, f"wrong greedy tokens where the reference's gap is over {NEAR_TIE} sd: {unexplained}"
+    assert len(flips) <= 8  # near-ties are a minority of steps (~1 in 64 in the CPU emulation)
 
 
 def test_runner_graph_decode_with_pdl_matches_eager_without(ckpt):

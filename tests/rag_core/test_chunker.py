@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import random
+import string
 from pathlib import Path
 
 import pytest
 
-from ingest.chunker import Chunker
+from ingest.chunker import Chunker, blobs
 from ingest.loader import Document, discover, load
-from rag.store import HEADER_MAX_BYTES, TEXT_MAX_BYTES
+from rag.schema import HEADER_MAX_BYTES, TEXT_MAX_BYTES
 from tests.conftest import shared_data
+from tests.rag_core.conftest import run_cli, snapshot
 
 
 def doc_of(text: str, source: str = "doc.md") -> Document:
@@ -225,3 +228,67 @@ def test_words_the_tokenizer_drops_do_not_repeat_or_lose_text(embedder):
     chunks = ch.chunk(doc)
     check_invariants(ch, doc, chunks)
     assert not _uncovered(doc, chunks)
+
+
+def _letters(n: int, seed: int, alphabet: str = string.ascii_letters + string.digits) -> str:
+    rnd = random.Random(seed)
+    return "".join(rnd.choice(alphabet) for _ in range(n))
+
+
+def test_few_token_words_are_cut_to_the_byte_budget(embedder):
+    """Words over WordPiece's 100 characters are one [UNK] each: 200 of them are few tokens but
+    60 KB, which the token budget alone kept as one chunk with a meaningless vector."""
+    words = " ".join(_letters(300, i, string.ascii_lowercase) for i in range(200))
+    doc = doc_of(f"# Words\n\n{words}\n\nThe closing sentence is prose.\n")
+    ch = chunker_for(embedder)
+    chunks = ch.chunk(doc)
+    check_invariants(ch, doc, chunks)
+    assert not _uncovered(doc, chunks)
+    budget = 32 * ch.limit  # bytes per token of the chunk size
+    assert max(len(c.text.encode()) for c in chunks) <= budget
+    assert len(chunks) >= len(words.encode()) // budget
+
+
+def test_non_text_runs_are_left_out_and_prose_around_them_kept(embedder):
+    image = f"![arch](data:image/png;base64,{_letters(20000, 1)})"
+    rule = "|" + "-" * 1200 + "|"  # a very wide table's rule: punctuation, not data
+    cjk = "向量数据库存储嵌入并支持相似性搜索。" * 80  # Chinese prose has no spaces either
+    text = (f"# Diagram\n\nThe architecture is shown here {image} and explained below.\n\n"
+            f"| a |\n{rule}\n| b |\n\n{cjk}\n\nAfter the image, the query node is explained.\n")
+    doc = doc_of(text)
+    ch = chunker_for(embedder)
+    chunks = ch.chunk(doc)
+    check_invariants(ch, doc, chunks)
+    assert _uncovered(doc, chunks) == image  # the rule and the Chinese prose are all kept
+    assert [(b.start, b.end) for b in blobs(text)] == [(text.index(image), text.index(image) + len(image))]
+    joined = "\n".join(c.text for c in chunks)
+    for kept in ("The architecture is shown here", "and explained below.", cjk[:40], "query node"):
+        assert kept in joined
+
+
+def test_inline_image_and_hex_line_never_abort_the_run(tmp_path: Path, embedder):
+    """An 80 KB inline base64 image (letters and digits, as a flat image encodes) was one chunk
+    over Milvus' VARCHAR limit and aborted the whole run with 0 rows; a 51 KB hex line was one
+    51 KB chunk. Now both are left out with a warning and every file lands."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "image.md").write_text(
+        f"# Diagram\n\nThe architecture is shown below.\n\n![arch](data:image/png;base64,{_letters(80_000, 2)})\n\n"
+        "After the image, the text explains the query node.\n")
+    (docs / "hexline.md").write_text(f"# Digests\n\nThe digest list follows.\n\n{_letters(51_000, 3, '0123456789abcdef')}\n")
+    (docs / "normal.md").write_text("# Normal\n\nMilvus stores vectors in collections with a primary key.\n")
+    uri = str(tmp_path / "m.db")
+    res = run_cli("ingest.cli", "docs", "--uri", uri, "--quiet", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "files 3 new" in res.stdout and "2 non-text runs left out" in res.stdout, res.stdout
+    for name, size in (("image.md", "80,031"), ("hexline.md", "51,000")):
+        warning = [ln for ln in res.stderr.splitlines() if ln.startswith(f"docs/{name}: left out 1 non-text run")]
+        assert len(warning) == 1 and f"{size} characters" in warning[0] and "base64" in warning[0], res.stderr
+
+    got = snapshot(uri, embedder)
+    by_source: dict[str, list[str]] = {}
+    for r in got.values():
+        by_source.setdefault(r["source"], []).append(r["text"])
+    assert set(by_source) == {"docs/image.md", "docs/hexline.md", "docs/normal.md"}
+    assert any("query node" in t for t in by_source["docs/image.md"])
+    assert all(len(r["text"].encode()) < 100 for r in got.values()), "only the prose around the runs lands"

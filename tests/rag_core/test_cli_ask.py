@@ -19,8 +19,10 @@ from tests.rag_core.conftest import cli_env, run_cli
 from tests.support.openai_stub import free_port
 
 QUESTION = "How is data stored in milvus?"
+LOADING = "rag-ask: loading the embedding model ..."
 REPLY = "Milvus stores inserted data in object storage [1] and metadata in etcd [2]."
-SOURCE_LINE = re.compile(r"^  \[(\d+)\] (docs/\S+\.md) › (.+) \((\d\.\d{3})\)$")
+# The similarity the score floor speaks of, and the mode's rank, labelled (issue 14.6).
+SOURCE_LINE = re.compile(r"^  \[(\d+)\] (docs/\S+\.md) › (.+) \(similarity (\d\.\d{3}), hybrid rank (\d+)\)$")
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,7 @@ def test_json_output(workdir: Path, openai_stub):
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["status"] == "answered" and out["answer"] == REPLY and out["reasoning"] == "Look at passage 1."
-    assert set(out["timings"]) == {"embed_ms", "search_ms", "llm_first_token_ms", "total_ms"}
+    assert set(out["timings"]) == {"load_model_ms", "embed_ms", "search_ms", "llm_first_token_ms", "total_ms"}
     assert all(v >= 0 for v in out["timings"].values())
     assert out["timings"]["total_ms"] >= out["timings"]["llm_first_token_ms"]
     srcs = out["sources"]
@@ -104,5 +106,39 @@ def test_unreachable_llm_is_one_line_and_exit_1(workdir: Path):
     res = run_cli("rag.cli", QUESTION, cwd=workdir, env=ask_env(LLM_BASE_URL=url, LLM_TIMEOUT="5"))
     assert res.returncode == 1
     assert "Traceback" not in res.stderr
-    lines = res.stderr.strip().splitlines()
-    assert lines == [f"rag-ask: cannot connect to the LLM at {url}; start it or fix LLM_BASE_URL"], res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln]
+    assert lines == [LOADING, f"rag-ask: cannot connect to the LLM at {url}; start it or fix LLM_BASE_URL"], res.stderr
+
+
+@pytest.mark.slow
+def test_model_loading_is_announced_and_timed(workdir: Path):
+    """Issue 14.5: one stderr line while the embedding model loads, and its time in the timings;
+    neither when nothing loads (BM25 mode does not embed the question)."""
+    res = run_cli("rag.cli", QUESTION, "--json", cwd=workdir, env=ask_env())
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.splitlines() == [LOADING], res.stderr
+    timings = json.loads(res.stdout)["timings"]
+    assert timings["load_model_ms"] > 100  # torch and the network load in seconds, not micro-seconds
+    assert timings["embed_ms"] < timings["load_model_ms"]  # the load is no longer hidden in the first embed
+
+    res = run_cli("rag.cli", QUESTION, "--json", "--mode", "bm25", cwd=workdir, env=ask_env())
+    assert res.returncode == 0, res.stderr
+    assert "loading the embedding model" not in res.stderr
+    assert json.loads(res.stdout)["timings"]["load_model_ms"] == 0
+
+
+@pytest.mark.slow
+def test_sources_show_similarity_and_rank_not_the_fused_score(workdir: Path):
+    """Issue 14.6: the printed number is the dense similarity (what the score floor compares),
+    with the hybrid rank; the fused RRF score stays internal."""
+    shown = run_cli("rag.cli", QUESTION, "--retrieval-only", cwd=workdir, env=ask_env())
+    as_json = run_cli("rag.cli", QUESTION, "--json", "--retrieval-only", cwd=workdir, env=ask_env())
+    assert shown.returncode == 0 and as_json.returncode == 0, shown.stderr + as_json.stderr
+    parsed = [m for ln in shown.stdout.splitlines() if (m := SOURCE_LINE.match(ln))]
+    sources = json.loads(as_json.stdout)["sources"]
+    assert len(parsed) == len(sources) >= 2
+    for m, src in zip(parsed, sources, strict=True):
+        assert float(m.group(4)) == pytest.approx(src["similarity"], abs=5e-4)
+        assert int(m.group(5)) == src["rank"] and src["mode"] == "hybrid"
+        assert abs(src["score"] - src["similarity"]) > 0.1  # the fused score is another number
+    assert [s["rank"] for s in sources] == sorted(s["rank"] for s in sources)

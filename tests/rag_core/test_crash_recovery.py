@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -118,3 +119,81 @@ def test_kill_9_then_rerun_converges(corpus: Path, embedder):
     assert_same_state(got, snapshot(ref_uri, embedder))
     assert any("Added after the crash" in r["text"] for r in got.values() if r["source"] == written[0])
     assert len({r["file_hash"] for r in got.values() if r["source"] == written[0]}) == 1
+
+
+# A child process that ingests `docs` once, waits for the parent to edit a file, then ingests
+# again and, in the window between writing the new chunks and deleting the old ones, reports
+# what the collection holds and waits to be killed.
+WINDOW_CHILD = """
+import json, sys, time
+from ingest.config import IngestConfig
+from ingest.pipeline import ingest
+from rag.config import RagConfig
+from rag.embedder import MiniLMEmbedder
+from rag.store import MilvusStore
+from tests.rag_core.conftest import rows
+
+uri = sys.argv[1]
+embedder = MiniLMEmbedder(device="cpu")
+rag_config, config = RagConfig.load(environ={}, milvus_uri=uri), IngestConfig.load(environ={})
+ingest(["docs"], rag_config, config, embedder=embedder, progress=False, warn=lambda _m: None)
+print("ingested", flush=True)
+sys.stdin.readline()  # the parent has edited a file
+store = MilvusStore(uri, "docs")
+
+def in_the_window():
+    held = {}
+    for r in rows(store).values():
+        held.setdefault(r["source"], set()).add(r["file_hash"])
+    print("window " + json.dumps({s: sorted(h) for s, h in held.items()}), flush=True)
+    time.sleep(600)  # SIGKILL arrives here
+
+ingest(["docs"], rag_config, config, embedder=embedder, store=store, progress=False,
+       warn=lambda _m: None, after_upsert=in_the_window)
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_between_new_chunks_and_old_deletion_converges(small_corpus: Path, embedder):
+    """Milvus Lite: a changed file stored twice (new chunks in, old not yet deleted) when the run
+    dies is redone by the next run, which ends with exactly the clean run's ids."""
+    work = small_corpus.parent
+    beta = small_corpus / "beta.md"
+    edited = beta.read_text().replace("Part 2 of index building", "Part 2 of index building, rewritten")
+
+    crashed = str(work / "crashed.db")
+    log = work / "child.log"  # a file, not a pipe: nobody reads stderr while the child runs
+    child = subprocess.Popen([sys.executable, "-c", WINDOW_CHILD, crashed], cwd=work, env=cli_env(),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+    try:
+        assert child.stdout.readline().strip() == "ingested", log.read_text()[-3000:]
+        ref_uri = str(work / "reference.db")
+        do_ingest(["docs"], ref_uri, embedder, cwd=work)  # the clean runs, on a db of their own
+        old_ids = {i for i, r in snapshot(ref_uri, embedder).items() if r["source"] == "docs/beta.md"}
+        beta.write_text(edited)
+        clean = do_ingest(["docs"], ref_uri, embedder, cwd=work)
+        assert clean.files_changed == 1 and clean.chunks_deleted > 0
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        line = child.stdout.readline()
+        assert line.startswith("window "), log.read_text()[-3000:]
+        held = json.loads(line.removeprefix("window "))
+        assert len(held["docs/beta.md"]) == 2, held  # both versions visible in the window
+        assert all(len(h) == 1 for s, h in held.items() if s != "docs/beta.md"), held
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+
+    crashed_rows = snapshot(crashed, embedder)
+    beta_hashes = {r["file_hash"] for r in crashed_rows.values() if r["source"] == "docs/beta.md"}
+    assert len(beta_hashes) == 2, "the kill left both versions of the changed file"
+    assert old_ids <= crashed_rows.keys()
+
+    rerun = do_ingest(["docs"], crashed, embedder, cwd=work)
+    assert (rerun.files_changed, rerun.files_unchanged, rerun.files_new) == (1, 3, 0)
+    assert rerun.chunks_deleted == clean.chunks_deleted  # exactly the old version's leftovers
+    assert_same_state(snapshot(crashed, embedder), snapshot(ref_uri, embedder))

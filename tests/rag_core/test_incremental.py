@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.rag_core.conftest import do_ingest, small_doc, snapshot
+import pytest
+
+from tests.rag_core.conftest import do_ingest, run_cli, small_doc, snapshot
 
 
 def ids_of(snap: dict[str, dict], name: str) -> set[str]:
@@ -63,3 +65,17 @@ def test_prune_only_inside_the_ingested_folder(tmp_path: Path, small_corpus: Pat
     rep = do_ingest([small_corpus], milvus_uri, embedder)  # `other` not given: not a deletion
     assert rep.files_removed == 0
     assert ids_of(snapshot(milvus_uri, embedder), "keep.md")
+
+
+@pytest.mark.slow  # two CLI runs, each loading the embedder
+def test_dry_run_on_a_reopened_collection(small_corpus: Path):
+    """A Milvus Lite collection reopened by a new process is 'released'; --dry-run read its state
+    without loading it and died with a pymilvus traceback."""
+    cwd = small_corpus.parent
+    uri = str(cwd / "m.db")
+    first = run_cli("ingest.cli", "docs", "--uri", uri, "--quiet", cwd=cwd)
+    assert first.returncode == 0, first.stderr
+    (small_corpus / "alpha.md").write_text(small_doc("Alpha", "data storage, edited"))
+    dry = run_cli("ingest.cli", "docs", "--uri", uri, "--quiet", "--dry-run", cwd=cwd)
+    assert dry.returncode == 0 and "Traceback" not in dry.stderr, dry.stderr
+    assert "[dry run] docs: files 0 new, 1 changed, 3 unchanged" in dry.stdout, dry.stdout

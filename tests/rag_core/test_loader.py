@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from ingest.config import IngestConfig
 from ingest.loader import Document, Skip, load
-from tests.rag_core.conftest import cli_env, do_ingest, open_store, rows, run_cli
+from ingest.pipeline import ingest
+from rag.config import RagConfig
+from tests.rag_core.conftest import cli_env, do_ingest, open_store, rows, run_cli, working_dir
 
 REASONS = {
     "empty.md": "empty file",
@@ -71,3 +74,41 @@ def test_cli_prints_one_line_per_skip(messy: Path):
     out = json.loads(res.stdout)  # warnings must not leak into the JSON on stdout
     assert out["files_skipped"] == len(REASONS)
     assert {Path(s).name for s, _ in out["skipped"]} == set(REASONS)
+
+
+@pytest.fixture
+def looped(tmp_path: Path) -> Path:
+    root = tmp_path / "docs"
+    root.mkdir()
+    (root / "good.md").write_text("# Good\n\nMilvus keeps vectors in segments.\n")
+    (root / "self.md").symlink_to("self.md")
+    (root / "ping.md").symlink_to("pong.md")
+    (root / "pong.md").symlink_to("ping.md")
+    (root / "gone.md").symlink_to("missing.md")
+    return root
+
+
+def test_symlink_loops_in_a_folder_are_reported_skips(looped: Path, milvus_uri: str, embedder):
+    warnings: list[str] = []
+    rag_config = RagConfig.load(environ={}, milvus_uri=milvus_uri)
+    with working_dir(looped.parent):
+        report = ingest(["docs"], rag_config, IngestConfig.load(environ={}), embedder=embedder,
+                        progress=False, warn=warnings.append)
+    skipped = dict(report.skipped)
+    assert set(skipped) == {"docs/self.md", "docs/ping.md", "docs/pong.md", "docs/gone.md"}
+    for name in ("self.md", "ping.md", "pong.md"):
+        assert skipped[f"docs/{name}"].startswith("symlink loop"), skipped
+        assert any(w.startswith(f"skipped docs/{name}: symlink loop") for w in warnings), warnings
+    assert "broken symlink to missing.md" in skipped["docs/gone.md"]
+    assert report.files_skipped == 4 and report.files_new == 1
+
+
+def test_a_looped_file_given_directly_is_a_skip_not_missing(looped: Path):
+    res = run_cli("ingest.cli", "docs/self.md", "docs/good.md", "--uri", str(looped.parent / "m.db"),
+                  "--dry-run", "--quiet", cwd=looped.parent, env=cli_env())
+    assert res.returncode == 0, res.stderr
+    assert "does not exist" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("skipped ")]
+    assert lines == ["skipped docs/self.md: symlink loop (self.md -> self.md never reaches a file); "
+                     "point the link at a real file or remove it"], res.stderr
+    assert "1 new" in res.stdout and "1 skipped" in res.stdout, res.stdout

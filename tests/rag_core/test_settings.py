@@ -57,3 +57,26 @@ def test_cli_reports_a_bad_env_value_in_one_line(tmp_path: Path):
         res = run_cli(module, *args, cwd=tmp_path, env=cli_env(**{var: "lots"}))
         assert res.returncode == 2
         assert res.stderr.strip().splitlines() == [f"{prog}: {var}='lots' is not a valid int; fix or unset it"]
+
+
+def test_default_overlap_follows_the_chunk_size():
+    """`--chunk-size 64` failed with the fixed default overlap of 32 (half of 64)."""
+    assert IngestConfig.load(environ={}).chunk_overlap == 32  # 256-token chunks keep their overlap
+    assert IngestConfig.load(environ={}, chunk_size=64).chunk_overlap == 8
+    assert IngestConfig.load(environ={"RAG_CHUNK_SIZE": "32"}).chunk_overlap == 4
+    assert IngestConfig.load(environ={}, chunk_size=1024).chunk_overlap == 32
+    assert IngestConfig.load(environ={"RAG_CHUNK_OVERLAP": "0"}, chunk_size=64).chunk_overlap == 0  # explicit wins
+    with pytest.raises(SettingsError) as err:
+        IngestConfig.load(environ={}, chunk_size=64, chunk_overlap=32)
+    assert "lower --chunk-overlap (RAG_CHUNK_OVERLAP)" in str(err.value)
+    with pytest.raises(SettingsError, match=r"at least 32 tokens \(--chunk-size, RAG_CHUNK_SIZE\)"):
+        IngestConfig.load(environ={}, chunk_size=16)
+
+
+def test_cli_chunk_size_64_with_the_default_overlap(tmp_path: Path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A\n\n" + "Milvus keeps vectors in segments. " * 40)
+    res = run_cli("ingest.cli", "docs", "--chunk-size", "64", "--uri", str(tmp_path / "m.db"), "--dry-run",
+                  "--quiet", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "files 1 new" in res.stdout

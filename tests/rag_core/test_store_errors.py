@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pymilvus import DataType, MilvusClient
 
 from rag.config import RagConfig
 from rag.embedder import Embedder
@@ -40,14 +41,71 @@ def test_other_embedders_collection_is_refused_and_left_alone(small_corpus: Path
 
         with pytest.raises(StoreError, match="--recreate"):  # the ingest path says the same, writes nothing
             do_ingest([small_corpus], milvus_uri, embedder)
-        with pytest.raises(StoreError, match="--recreate"):  # and so does the answering path
+        with pytest.raises(StoreError) as err:  # the answering path refuses too, with its own advice
             RagPipeline(RagConfig.load(environ={}, milvus_uri=milvus_uri), embedder=embedder, store=store)
+        msg = str(err.value)
+        assert named in msg and "re-run with --recreate" not in msg
+        assert "re-ingest it with this one: rag-ingest PATH --collection docs --embedder minilm --recreate" in msg
 
         after = rows(store)
         assert after.keys() == before.keys()
         assert store.describe()["properties"]["rag.embedder"] == other.model_id
     finally:
         store.close()
+
+
+def test_answering_advice_names_the_collections_own_embedder(small_corpus: Path, milvus_uri: str, embedder):
+    """rag-ask, rag-ui and rag-eval have no --recreate: they are told which --embedder matches."""
+    do_ingest([small_corpus], milvus_uri, embedder)
+    store = MilvusStore(milvus_uri, "docs")
+    try:
+        with pytest.raises(StoreError) as err:
+            RagPipeline(RagConfig.load(environ={}, milvus_uri=milvus_uri),
+                        embedder=HashEmbedder(384, "test/other-384d"), store=store)
+    finally:
+        store.close()
+    msg = str(err.value)
+    assert "\n" not in msg and "embedder 'sentence-transformers/all-MiniLM-L6-v2'" in msg
+    assert "answer with its own embedder (--embedder minilm, RAG_EMBEDDER=minilm)" in msg
+    assert "re-run with --recreate" not in msg
+
+
+def make_foreign_collection(uri: str) -> None:
+    """Someone else's collection named `docs`: another schema, 128-d vectors, L2, three rows."""
+    client = MilvusClient(uri)
+    schema = MilvusClient.create_schema(auto_id=True)
+    schema.add_field("pk", DataType.INT64, is_primary=True)
+    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=128)
+    schema.add_field("title", DataType.VARCHAR, max_length=200)
+    index = client.prepare_index_params()
+    index.add_index("embedding", index_type="AUTOINDEX", metric_type="L2")
+    client.create_collection("docs", schema=schema, index_params=index)
+    client.insert("docs", [{"embedding": [float(i)] * 128, "title": f"row {i}"} for i in range(3)])
+    client.flush("docs")
+    client.close()
+
+
+def test_foreign_collection_is_described_and_never_dropped(small_corpus: Path, milvus_uri: str, embedder):
+    make_foreign_collection(milvus_uri)
+    for attempt in (
+        lambda: do_ingest([small_corpus], milvus_uri, embedder),
+        lambda: do_ingest([small_corpus], milvus_uri, embedder, recreate=True),  # --recreate must not drop it
+        lambda: RagPipeline(RagConfig.load(environ={}, milvus_uri=milvus_uri), embedder=embedder),
+    ):
+        with pytest.raises(StoreError) as err:
+            attempt()
+        msg = str(err.value)
+        assert "\n" not in msg and "dimension None" not in msg and "--recreate" not in msg, msg
+        assert "was not made by rag-ingest" in msg, msg
+        assert "fields: pk INT64, embedding FLOAT_VECTOR(dim 128), title VARCHAR" in msg, msg
+        assert "choose another --collection name" in msg, msg
+    client = MilvusClient(milvus_uri)
+    try:
+        assert client.describe_collection("docs")["fields"][1]["name"] == "embedding"
+        client.load_collection("docs")
+        assert len(client.query("docs", filter="pk >= 0", output_fields=["title"])) == 3
+    finally:
+        client.close()
 
 
 def test_recreate_rebuilds_with_the_new_embedder(small_corpus: Path, milvus_uri: str, embedder):

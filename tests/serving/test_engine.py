@@ -9,6 +9,7 @@ import pytest
 from model_host.engine.engine import Engine, EngineConfig, RequestError
 from model_host.generate import generate
 from model_host.sampler import SamplingParams
+from model_host.tokenizer import StreamDecoder, Tokenizer
 
 
 def _prompts(tok, n: int, seed: int = 0) -> list[list[int]]:
@@ -88,4 +89,33 @@ def test_abort_frees_blocks(tiny_model):
     assert engine.blocks.num_free < engine.blocks.num_blocks
     for s in seqs:
         engine.abort(s)
+    assert engine.blocks.num_free == engine.blocks.num_blocks and not engine.has_work
+
+
+class _BrokenDecoder(StreamDecoder):
+    def push(self, token_id: int) -> str:
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected decoder fault")
+
+
+class _FirstDecoderBreaks(Tokenizer):
+    """The real tokenizer, except that the first request's stream decoder fails on its first token."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.handed_out = 0
+
+    def stream_decoder(self, *, skip_special_tokens: bool = True) -> StreamDecoder:
+        self.handed_out += 1
+        cls = _BrokenDecoder if self.handed_out == 1 else StreamDecoder
+        return cls(self, skip_special_tokens=skip_special_tokens)
+
+
+def test_a_request_failing_inside_a_step_fails_alone(tiny_model, tiny_checkpoint):
+    model, tok = tiny_model
+    engine = Engine(model, _FirstDecoderBreaks(tiny_checkpoint), EngineConfig(max_batch=4, kv_memory_gb=0.02))
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    prompts = _prompts(tok, 2)
+    broken, healthy = engine.generate(prompts, params)
+    assert broken.finish_reason == "error" and healthy.finish_reason == "length"
+    assert healthy.output_ids == generate(model, tok, prompts[1], params).token_ids
     assert engine.blocks.num_free == engine.blocks.num_blocks and not engine.has_work

@@ -32,7 +32,7 @@ def test_models_health_metrics_and_non_streamed_chat(serve):
                      "model_host_generation_tokens_per_second", "model_host_time_to_first_token_seconds_bucket",
                      "model_host_inter_token_latency_seconds_bucket"):
             assert name in text, name
-        assert 'model_host_requests_total{finish_reason="length"} 1.0' in text
+        assert 'model_host_requests_total{finish_reason="length",status="ok"} 1.0' in text
 
 
 def test_streamed_chunks_equal_non_streamed_text_for_same_seed(serve):

@@ -156,3 +156,24 @@ def test_sampled_request_with_speculation_depends_only_on_its_seed(mtp_model):
         engine.step()
     assert seqs[0].output_ids == alone and len(alone) == 6
     assert engine.spec.stats.drafted > 0
+
+
+def test_logprobs_with_speculation_equal_plain_decoding(mtp_model):
+    """Each emitted token's logprobs come from the verify logits at its position: the numbers
+    plain decoding reports (rounds emit several tokens, after accepted drafts too)."""
+    model, tok = mtp_model
+    params = SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2)
+    prompt = _prompts(tok, 1, seed=11)[0]
+
+    def logprobs(k: int, drafter=None) -> list[tuple[int, float, list[int]]]:
+        engine = _engine(model, tok, k, drafter)
+        engine.add(prompt, params)
+        got = []
+        while engine.has_work:
+            got += [(o.token, o.logprob.logprob, [t for t, _ in o.logprob.top]) for o in engine.step()]
+        return got
+
+    plain = logprobs(0)
+    spec = logprobs(2, oracle_drafter(miss_every=4))
+    assert [(t, top) for t, _, top in spec] == [(t, top) for t, _, top in plain] and len(plain) == 6
+    assert [lp for _, lp, _ in spec] == pytest.approx([lp for _, lp, _ in plain], abs=1e-4)

@@ -15,6 +15,10 @@ import numpy as np
 class HashEmbedder:
     score_floor = 0.0
     max_tokens = 256
+    loaded = True  # nothing to load
+
+    def load(self) -> None:
+        pass
 
     def __init__(self, dim: int = 8, model_id: str | None = None, per_char: bool = False):
         self.dim = dim

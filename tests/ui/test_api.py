@@ -62,8 +62,9 @@ def test_streamed_answer_with_sources_and_reasoning(app, client):
     assert sources is not None and sources["metadata"]["status"] == "done"
     body = _text(sources)
     assert "**[1]** `tests/ui/fixtures/docs/storage.md` › Storage and backups › Backing up the index" in body
-    assert "score 0." in body and "**cited**" in body
-    assert "copy the whole `data/milvus.db` directory" in body  # the snippet, code span intact
+    assert "similarity 0." in body and "hybrid rank 1" in body and "**cited**" in body
+    # the snippet keeps the passage's lines (quoted) and its code span intact
+    assert "copy the whole `data/milvus.db` directory" in " ".join(body.replace("\n> ", " ").split())
     # The request the DeepSeek stub received carries the numbered context.
     (req,) = app.stub.state.requests
     assert req["model"] == "deepseek-chat" and req["stream"] is True
@@ -99,7 +100,7 @@ def test_retrieval_only_mode(app, client):
     assert reasoning is None and app.stub.state.requests == []  # no LLM was asked anything
     assert "status" not in sources["metadata"]  # left open: the passages are the answer
     assert "`tests/ui/fixtures/docs/retrieval.md` › Retrieval modes › BM25 and hybrid" in _text(sources)
-    assert "reciprocal\\-rank fusion" in _text(sources)
+    assert "reciprocal-rank fusion" in _text(sources)
 
     status_html, banner = client.predict("retrieval-only", api_name="/status")
     assert "Retrieval-only mode" in banner
@@ -116,7 +117,7 @@ def test_upload_is_ingested_and_retrievable(app, client, tmp_path):
     stored = app.data_dir / "uploads" / "uploaded" / "release-notes.md"
     assert stored.is_file()
     assert "| uploaded | 1 | 1 |" in stats_md
-    assert [row[0] for row in table["data"]] == [str(stored)]
+    assert [row[0] for row in table["data"]] == ["uploads/release-notes.md"]  # not the server's path
 
     stats = client.predict("uploaded", api_name="/stats")
     assert stats["exists"] and stats["files"] == 1 and stats["dim"] == 384 and stats["last_ingest"]
@@ -124,15 +125,15 @@ def test_upload_is_ingested_and_retrievable(app, client, tmp_path):
     messages, _ = client.predict("When does the quokka scheduler rotate logs?", collection="uploaded",
                                  api_name="/chat")
     _, _, sources = _split(messages)
-    assert f"**[1]** `{stored}` › Release notes › Version 2.4" in _text(sources)
+    assert "**[1]** `uploads/release-notes.md` › Release notes › Version 2.4" in _text(sources)
 
     # Re-uploading the same file is incremental: nothing is embedded again.
     report, *_ = client.predict([handle_file(str(note))], "uploaded", api_name="/ingest")
     assert "0 new, 0 changed, 1 unchanged" in report
 
-    note_md, _, table, _ = client.predict("uploaded", str(stored), api_name="/delete_source")
+    note_md, _, table, _ = client.predict("uploaded", "uploads/release-notes.md", api_name="/delete_source")
     assert "Deleted" in note_md and table["data"] == [] and not stored.exists()
-    note_md, *_ = client.predict("uploaded", str(stored), api_name="/delete_source")
+    note_md, *_ = client.predict("uploaded", "uploads/release-notes.md", api_name="/delete_source")
     assert "nothing was deleted" in note_md
 
 
@@ -203,3 +204,41 @@ def test_unreachable_backend_is_explained_in_the_chat(app, client):
     assert sources is not None  # retrieval still worked: the passages are listed
     status_html, banner = client.predict("local", dead, api_name="/status")
     assert "connection refused" in status_html and "Local model host" in banner
+
+
+def test_uploads_land_while_an_answer_streams(app, client, tmp_path):
+    """Two uploads under the write lock while a streamed answer runs: every row of both lands,
+    and the answer completes (issue 14, honest tests)."""
+    from gradio_client import Client
+
+    long_answer = " ".join(f"w{i}" for i in range(80)) + " [1]."
+    app.stub.state.reply = scripted_reply(answer=long_answer)
+    app.stub.state.delay_s = 0.1  # the answer streams for about 8 s
+    batches = []
+    for b, names in enumerate((["alpha.md", "beta.md"], ["gamma.md"])):
+        folder = tmp_path / f"batch{b}"
+        folder.mkdir()
+        for name in names:
+            topic = name.removesuffix(".md")
+            (folder / name).write_text(f"# {topic.title()}\n\n## Part one\n\nThe {topic} module starts first.\n\n"
+                                       f"## Part two\n\nThe {topic} module stops last.\n")
+        batches.append([handle_file(str(p)) for p in sorted(folder.iterdir())])
+
+    chat = client.submit("How do I back up the index?", api_name="/chat")
+    deadline = time.monotonic() + 60
+    while len(chat.outputs()) < 3:  # the answer is streaming
+        assert time.monotonic() < deadline, "the answer never started"
+        time.sleep(0.05)
+    uploads = [Client(app.url, verbose=False, download_files=False).submit(files, "concurrent", api_name="/ingest")
+               for files in batches]
+    assert not chat.done(), "the answer ended before the uploads were sent; make it longer"
+    reports = [job.result(timeout=300)[0] for job in uploads]
+    messages, _ = chat.result(timeout=120)
+
+    assert _text(_split(messages)[0][0]) == long_answer
+    assert all("Rejected" not in r and "ingest failed" not in r for r in reports), reports
+    written = sum(int(r.split(" chunks written")[0].rsplit(" ", 1)[1]) for r in reports)
+    states = app.kb.store("concurrent").file_states()
+    assert sorted(states) == ["uploads/alpha.md", "uploads/beta.md", "uploads/gamma.md"]
+    assert all(len(st.ids_by_hash) == 1 and st.is_complete(next(iter(st.ids_by_hash))) for st in states.values())
+    assert sum(len(st.ids) for st in states.values()) == written == 6

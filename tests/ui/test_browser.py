@@ -6,14 +6,18 @@ silently. Screenshots go to tests/artifacts/ (git-ignored), also on failure.
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from rag.llm import LLMClient
+from tests.rag_core.conftest import VENV_BIN
 from tests.ui import browser
-from tests.ui.conftest import ANSWER
+from tests.ui.conftest import ANSWER, FIXTURE_DOCS
+from tests.ui.process import rag_ui, ui_env
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 REASON = browser.missing_reason()
@@ -47,8 +51,8 @@ def test_question_streams_answer_and_sources_render(app, driver):
 
     text = browser.open_panel(driver, "Sources", "[1]")
     assert "[1] tests/ui/fixtures/docs/storage.md › Storage and backups › Backing up the index" in text
-    assert "cited" in text and "score 0." in text
-    assert "copy the whole data/milvus.db directory" in text  # the snippet
+    assert "cited" in text and "similarity 0." in text and "hybrid rank 1" in text
+    assert "copy the whole data/milvus.db directory" in " ".join(text.split())  # the snippet, its lines kept
     time.sleep(0.5)  # the panel's open animation
     driver.save_screenshot(str(ARTIFACTS / "ui_chat.png"))
 
@@ -87,3 +91,56 @@ def test_stop_button_ends_the_stream(app, driver, monkeypatch):
     app.stub.state.delay_s = 0.0
     browser.ask(driver, "How do I back up the index?")
     browser.stream_answer(driver, 1, rendered(ANSWER))
+
+
+@pytest.fixture(scope="module")
+def restarted(tmp_path_factory):
+    """`rag-ui` started on a database `rag-ingest` filled before: the second `make run`."""
+    tmp = tmp_path_factory.mktemp("restart")
+    db = str(tmp / "milvus.db")
+    res = subprocess.run([str(VENV_BIN / "rag-ingest"), str(FIXTURE_DOCS), "--uri", db, "--quiet", "--json"],
+                         cwd=tmp, env=ui_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    with rag_ui("--uri", db, "--data-dir", str(tmp / "data"), cwd=tmp, env=ui_env(), log=tmp / "ui.log") as url:
+        yield url, report
+
+
+def _tab(driver, label: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    tabs = [t for t in driver.find_elements(By.CSS_SELECTOR, "button[role='tab']") if t.text.strip() == label]
+    assert tabs, f"no {label!r} tab"
+    tabs[0].click()
+
+
+@pytest.mark.slow
+def test_restart_on_a_filled_database_shows_its_rows(restarted, driver):
+    """Issue 14.2: after a restart the collection is loaded at start-up, so the sidebar, the banner
+    and the Knowledge-base table show the real rows at once, and no raw Milvus text reaches the page."""
+    from selenium.webdriver.common.by import By
+
+    url, report = restarted
+    files, chunks = report["files_new"], report["chunks_written"]
+    assert files == 4 and chunks > files
+    browser.open_app(driver, url)
+    status = browser.wait_for("the knowledge-base row", lambda: (
+        t if "Knowledge base" in (t := driver.find_element(By.ID, "status").text) else None))
+    assert f"{files} files, {chunks} chunks" in status, status
+    banner = driver.find_element(By.ID, "banner").text
+    assert "Retrieval-only mode" in banner and "empty" not in banner and "ingest documents first" not in banner
+
+    _tab(driver, "Knowledge base")
+    cells = browser.wait_for("the collection table", lambda: driver.execute_script(
+        "return Array.from(document.querySelectorAll('#kb-stats td')).map(e => e.textContent.trim());"))
+    assert cells[:3] == ["docs", str(files), str(chunks)], cells
+    expected = {"ingest.md", "retrieval.md", "settings.txt", "storage.md"}
+
+    def listed() -> set[str]:
+        text = driver.execute_script("return document.querySelector('#kb-sources').innerText;")
+        return {Path(t.strip()).name for t in text.splitlines() if t.strip().startswith("/")}
+
+    browser.wait_for(f"the sources table to list {sorted(expected)}", lambda: listed() == expected)
+    page = driver.find_element(By.TAG_NAME, "body").text
+    for raw in ("MilvusException", "released", "Traceback", "<_InactiveRpcError"):
+        assert raw not in page

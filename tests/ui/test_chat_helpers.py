@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rag.types import Hit
-from ui.chat import content_text, format_sources, history_pairs, snippet
+from ui.chat import content_text, format_sources, history_pairs
 
 
 def test_content_text_accepts_strings_and_block_lists():
@@ -28,20 +28,24 @@ def test_history_pairs_skips_panels_and_is_bounded():
     assert history_pairs(None) == []
 
 
-def test_format_sources_marks_cited_and_escapes_markdown():
+def test_format_sources_marks_cited_and_labels_similarity_and_rank():
+    """Issue 14.6: the similarity and the mode's rank, labelled; never the fused RRF score."""
     hits = [
-        Hit("1", 0.71, "## Setup\nRun `make run` then open <http://x>.", "docs/a.md", "Guide › Setup", 0, similarity=0.71),
-        Hit("2", 0.40, "# Title\n[link](javascript:alert(1)) *bold*", "docs/b.md", "", 0, similarity=0.40),
+        Hit("1", 0.0909, "## Setup\nRun `make run` then open <http://x>.", "docs/a.md", "Guide › Setup", 0,
+            similarity=0.728, rank=1, mode="hybrid"),
+        Hit("2", 7.25, "# Title\n[link](javascript:alert(1)) *bold*", "docs/b.md", "", 0, rank=2, mode="bm25"),
     ]
     md = format_sources(hits, "Use make [1].")
     first, second = md.split("\n\n")
-    assert first.startswith("**[1]** `docs/a.md` › Guide › Setup — score 0.710 · **cited**")
+    assert first.startswith("**[1]** `docs/a.md` › Guide › Setup — similarity 0.728, hybrid rank 1 · **cited**")
+    assert "0.091" not in md and "0.0909" not in md  # the fused score is not shown
+    assert second.startswith("**[2]** `docs/b.md` — BM25 score 7.25, bm25 rank 2\n")
     assert "`make run`" in first and "Setup\nRun" not in first  # heading lines dropped, code kept
+    assert "&lt;http://x&gt;" in first  # an autolink stays text
     assert "**cited**" not in second
-    assert "\\[link\\]\\(javascript:alert\\(1\\)\\) \\*bold\\*" in second  # inert text, no link
+    assert "\\[link\\](javascript:alert(1))" in second and "*bold*" in second  # no link; emphasis kept
 
 
-def test_snippet_is_short_and_never_ends_inside_code():
-    text = "word " * 40 + "`a very long code span that crosses the limit` tail"
-    s = snippet(text, limit=220)
-    assert s.endswith(" …") and s.count("`") % 2 == 0 and len(s) <= 222
+def test_cli_citation_labels_similarity_and_rank():
+    hit = Hit("1", 0.168, "text", "docs/a.md", "A › B", 0, similarity=0.728, rank=3, mode="hybrid")
+    assert hit.citation(2) == "[2] docs/a.md › A › B (similarity 0.728, hybrid rank 3)"

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from gradio_client.exceptions import AuthenticationError
 
 from rag.config import RagConfig
 from rag.settings import SettingsError
-from tests.support.openai_stub import free_port
+from tests.ui.conftest import FIXTURE_DOCS
+from tests.ui.process import rag_ui, ui_env
 from ui.backends import default_backend, resolve
 from ui.config import UIConfig
 
@@ -66,38 +63,12 @@ def test_auto_embedder_resolves_for_the_ui(tmp_path):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """`python -m ui` with a login, no LLM configured and an empty Milvus Lite db."""
+    """`rag-ui` with a login, no LLM configured and an empty Milvus Lite db."""
     tmp = tmp_path_factory.mktemp("cli")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("DEEPSEEK_API_KEY", "LLM_BASE_URL", "RAG_UI_BACKEND")}
-    env.update(RAG_UI_USER="alice", RAG_UI_PASSWORD="s3cret", RAG_UI_WARMUP="0", RAG_UI_STATUS_EVERY="0")
-    cmd = [sys.executable, "-m", "ui", "--port", str(port), "--uri", str(tmp / "milvus.db"),
-           "--data-dir", str(tmp / "data")]
-    log = open(tmp / "ui.log", "w")  # noqa: SIM115  (closed below, after the process ends)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"rag-ui exited with {proc.returncode}:\n{(tmp / 'ui.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(url, timeout=2).status_code < 500:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"rag-ui did not start:\n{(tmp / 'ui.log').read_text()[-3000:]}")
-            time.sleep(0.3)
+    env = ui_env(RAG_UI_USER="alice", RAG_UI_PASSWORD="s3cret")
+    with rag_ui("--uri", str(tmp / "milvus.db"), "--data-dir", str(tmp / "data"), cwd=REPO, env=env,
+                log=tmp / "ui.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def test_login_required_and_wrong_password_refused(served):
@@ -121,3 +92,40 @@ def test_first_run_without_collection_or_llm(served):
     messages, _ = client.predict("How do I back up the index?", api_name="/chat")
     assert "ingest documents first" in messages[-1]["content"][0]["text"]
     assert "no language model is configured" in banner
+
+
+def test_milvus_uri_may_be_a_lite_path(tmp_path):
+    """`MILVUS_URI=./data/milvus.db rag-ui` starts exactly like `--uri ./data/milvus.db` (issue 14.1);
+    pymilvus used to reject the path at import time with a traceback."""
+    env = ui_env(MILVUS_URI="./data/milvus.db")
+    with rag_ui(cwd=tmp_path, env=env, log=tmp_path / "ui.log") as url:
+        client = Client(url, verbose=False)
+        assert client.predict(api_name="/stats") == {"collection": "docs", "exists": False}
+        report, *_ = client.predict([handle_file(str(FIXTURE_DOCS / "storage.md"))], "docs", api_name="/ingest")
+        assert "**Ingested 1 file** into **docs**: 1 new" in report
+    assert (tmp_path / "data" / "milvus.db").is_dir()  # the relative path, from rag-ui's folder
+    assert "Traceback" not in (tmp_path / "ui.log").read_text()
+
+
+@pytest.mark.slow
+def test_upload_source_name_does_not_depend_on_the_start_folder(tmp_path):
+    """The same upload from rag-ui started in two folders is one source, `uploads/<name>` (issue 14.8):
+    the second run finds it unchanged instead of adding a second copy under another name."""
+    first, second = tmp_path / "first", tmp_path / "elsewhere" / "second"
+    first.mkdir()
+    second.mkdir(parents=True)
+    db, data = tmp_path / "milvus.db", first / "data"
+    note = tmp_path / "notes.md"
+    note.write_text("# Notes\n\n## Rotation\n\nThe quokka scheduler rotates its log files every Tuesday.\n")
+    runs = [(first, "data"), (second, str(data))]  # a relative data dir, then the same one absolute
+    reports, sources = [], []
+    for i, (cwd, data_dir) in enumerate(runs):
+        with rag_ui("--uri", str(db), "--data-dir", data_dir, cwd=cwd, env=ui_env(), log=tmp_path / f"ui{i}.log") as url:
+            client = Client(url, verbose=False, download_files=False)
+            report, _, table, _, _ = client.predict([handle_file(str(note))], "docs", api_name="/ingest")
+            reports.append(report)
+            sources.append([row[0] for row in table["data"]])
+    assert "1 new, 0 changed, 0 unchanged" in reports[0]
+    assert "0 new, 0 changed, 1 unchanged" in reports[1]
+    assert sources == [["uploads/notes.md"], ["uploads/notes.md"]]
+    assert (data / "uploads" / "docs" / "notes.md").is_file()
