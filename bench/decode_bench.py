@@ -4,8 +4,8 @@ One command on one GPU builds the model directly on the device (V3 widths, 1 den
 layers, 256 experts, FP8 128x128 block weights drawn at random in the checkpoint format, router
 bias spread U[0, 0.25) so routing is not degenerate), then times:
 
-* our runtime: the reference torch path, the FP8 kernel backend eagerly, and the FP8 backend
-  with decode replayed from CUDA graphs (Triton GEMMs, and cuBLASLt blockwise ``_scaled_mm``);
+* our runtime: the reference ops (``TorchOps``), the kernel ops (``TritonOps``) eagerly, and
+  the kernel ops with decode replayed from CUDA graphs (Triton GEMMs, cuBLASLt ``_scaled_mm``);
 * transformers' DeepseekV3ForCausalLM on the same weights dequantized to BF16 (built after our
   runs, once our FP8 copies are no longer needed, so both fit on one 80 GB card);
 * a roofline: bytes a decode step must read (weights actually touched: routed experts counted
@@ -16,6 +16,7 @@ step does not depend on their values); prefill is 2048 tokens of one sequence in
 
     python3 bench/decode_bench.py --out $OUT          # full table (HF included)
     python3 bench/decode_bench.py --skip-hf --micro   # ours only, plus GEMM micro-benchmarks
+    python3 bench/decode_bench.py --skip-hf --tune --out $OUT   # sweep; writes $OUT/tables/<gpu>.json
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model_host.checkpoint import make_config  # noqa: E402
 from model_host.engine.paged_cache import PagedLatentCache  # noqa: E402
-from model_host.fp8 import FP8_DTYPE, Linear, TorchBackend, block_dequantize, set_backend  # noqa: E402
+from model_host.fp8 import FP8_DTYPE, Linear, block_dequantize  # noqa: E402
 from model_host.layers import Embedding  # noqa: E402
 from model_host.model import DeepseekV3  # noqa: E402
 from model_host.moe import Gate  # noqa: E402
+from model_host.ops import TorchOps  # noqa: E402
 
 CTX, PAGE = 512, 64
 DEVICE = "cuda"  # the smoke test in tests/gpu points this at the CPU
@@ -148,14 +150,19 @@ def decode_bytes(model: DeepseekV3, rig: Rig, b: int, active: list[int]) -> int:
 
 
 def active_experts(model: DeepseekV3, fn) -> list[int]:
-    """Distinct routed experts per MoE layer in one run of ``fn`` (forward hooks on the gates)."""
+    """Distinct routed experts per MoE layer in one run of ``fn`` (forward hooks on the MoEs,
+    routing their inputs again with the model's ops)."""
     seen, hooks = [], []
     for layer in model.layers:
         if hasattr(layer.mlp, "gate"):
             slot = len(seen)
             seen.append(0)
-            hooks.append(layer.mlp.gate.register_forward_hook(
-                lambda _m, _i, out, s=slot: seen.__setitem__(s, int(out[1].unique().numel()))))
+
+            def hook(m, args, _out, s=slot):
+                x = args[0].reshape(-1, args[0].shape[-1])
+                seen[s] = int(args[1].route(x, m.gate).indices.unique().numel())
+
+            hooks.append(layer.mlp.register_forward_hook(hook))
     fn()
     for h in hooks:
         h.remove()
@@ -172,20 +179,16 @@ def linear_flops_per_token(model: DeepseekV3) -> float:
     return 2.0 * n
 
 
-def run_ours(model, rig, variant: str, batches, res: dict) -> None:
-    from model_host.kernels import pdl
-    from model_host.kernels.backend import TritonFP8Backend
+def run_ours(model, rig, variant: str, batches, res: dict, tuning=None) -> None:
+    """Time ``variant`` ("torch", "fp8-eager", "fp8-graph"); ``tuning``: the kernels' launch table
+    (default: the package's table of this GPU)."""
+    from model_host.kernels.backend import TritonOps
     from model_host.kernels.graphs import DecodeGraphs
 
-    backend = {"torch": TorchBackend(), "fp8-eager": TritonFP8Backend(),
-               "fp8-graph": TritonFP8Backend(), "fp8-graph-pdl": TritonFP8Backend(),
-               "fp8-graph-pdl-early": TritonFP8Backend(),
-               "fp8-graph-w8a8": TritonFP8Backend(gemm="triton", act="fp8")}[variant]
-    prev = set_backend(backend)
-    pdl_was = pdl.LAUNCH["pdl"]
-    # What programmatic dependent launch buys: off, or the early trigger, against the default.
-    pdl.LAUNCH["pdl"] = {"fp8-graph-pdl": "wait", "fp8-graph-pdl-early": "early"}.get(variant, pdl_was)
-    rig.cache.decode_kernel = variant != "torch"
+    ops = {"torch": lambda: TorchOps(), "fp8-eager": lambda: TritonOps(tuning), "fp8-graph": lambda: TritonOps(tuning)}
+    if variant not in ops:
+        raise SystemExit(f"decode_bench: unknown variant {variant!r}; use one of {', '.join(ops)}")
+    prev, model.ops = model.ops, ops[variant]()
     graphs = DecodeGraphs(model, rig.cache, rig.per_row) if "graph" in variant else None
     try:
         for b in batches:
@@ -205,7 +208,7 @@ def run_ours(model, rig, variant: str, batches, res: dict) -> None:
                 log(f"{key}: FAILED {type(e).__name__}: {e}")
                 traceback.print_exc()
                 torch.cuda.empty_cache()
-        if not variant.startswith("fp8-graph") or variant == "fp8-graph-w8a8":  # prefill is eager
+        if not variant.startswith("fp8-graph"):  # prefill is eager
             key = f"{variant}/prefill2048"
             try:
                 g = torch.Generator(device=DEVICE).manual_seed(2048)
@@ -218,8 +221,7 @@ def run_ours(model, rig, variant: str, batches, res: dict) -> None:
                 log(f"{key}: FAILED {type(e).__name__}: {e}")
                 traceback.print_exc()
     finally:
-        set_backend(prev)
-        pdl.LAUNCH["pdl"] = pdl_was
+        model.ops = prev
         graphs = None  # noqa: F841 - drop the captured graphs before the next variant
         torch.cuda.empty_cache()
 
@@ -307,8 +309,7 @@ def fmt(x, spec=".2f") -> str:
 
 
 def table(res: dict, batches) -> str:
-    cols = ["hf-bf16", "torch", "fp8-eager", "fp8-graph", "fp8-graph-pdl", "fp8-graph-pdl-early",
-            "fp8-graph-w8a8"]
+    cols = ["hf-bf16", "torch", "fp8-eager", "fp8-graph"]
     lines = ["| case | " + " | ".join(f"{c} ms" for c in cols) + " | best ours | x HF | roofline ms | BW frac |",
              "|---" * (len(cols) + 5) + "|"]
     for case in [f"decode{b}" for b in batches] + ["prefill2048"]:
@@ -327,13 +328,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path)
     ap.add_argument("--batches", default="1,8,32,128")
-    ap.add_argument("--variants", default="torch,fp8-eager,fp8-graph,fp8-graph-pdl,fp8-graph-pdl-early,fp8-graph-w8a8")
+    ap.add_argument("--variants", default="torch,fp8-eager,fp8-graph")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--micro", action="store_true", help="also run GEMM micro-benchmarks")
     ap.add_argument("--profile", action="store_true", help="top kernels of a bs1 decode step and a prefill")
-    ap.add_argument("--tune", action="store_true", help="sweep kernel launch parameters first (whole decode steps)")
+    ap.add_argument("--tune", action="store_true",
+                    help="sweep the launch table first (whole decode steps); writes OUT/tables/<gpu>.json and runs with it")
     ap.add_argument("--check", action="store_true", help="per-module kernel vs torch-path errors")
-    ap.add_argument("--gemv", action="store_true", help="small-M GEMM launch sweep per decode linear shape")
+    ap.add_argument("--gemv", action="store_true",
+                    help="small-M GEMM launch sweep per decode linear shape; writes OUT/gemv/<gpu>.json")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     import decode_diag  # noqa: E402 - sibling module (bench/ is on sys.path when run as a script)
@@ -357,25 +360,25 @@ def main() -> None:
     rig = Rig(model, max(batches))
     if args.micro:
         decode_diag.run_micro(db, model, res)
-    from model_host.kernels.backend import TritonFP8Backend
+    from model_host.kernels.backend import TritonOps
 
-    prev = set_backend(TritonFP8Backend())
-    rig.cache.decode_kernel = True
+    model.ops = TritonOps()
     for b in batches:  # roofline from this step's routing (kernel path: fits at any batch)
         ids, pos, tables = rig.decode_inputs(b)
         act = active_experts(model, lambda ids=ids, pos=pos, t=tables: rig.eager_step(ids, pos, t))
         nbytes = decode_bytes(model, rig, b, act)
         res[f"roofline/decode{b}"] = nbytes / bw / 1e6
         log(f"decode{b}: active experts {act}, {nbytes / 1e9:.2f} GB -> {res[f'roofline/decode{b}']:.3f} ms")
-    set_backend(prev)
+    model.ops = TorchOps()
     fl = linear_flops_per_token(model) * 2048
+    tuning = None
     if args.tune:
-        decode_diag.tune_grouped(db, model, rig, res)
+        tuning = decode_diag.tune(db, model, rig, res, args.out or Path("."))
     if args.check:
         for b in (1, 8):  # bs1: the one-row GEMV path; bs8: the tensor-core tiles
             decode_diag.check_modules(db, model, rig, res, b=b)
     if args.gemv:
-        decode_diag.sweep_small_m(db, model, res)
+        decode_diag.sweep_small_m(db, model, res, args.out or Path("."))
     if args.profile:
         try:
             decode_diag.profile(db, model, rig, res)
@@ -383,15 +386,15 @@ def main() -> None:
             log(f"profile FAILED {type(e).__name__}: {e}")
     for v in args.variants.split(","):
         t0 = time.perf_counter()
-        run_ours(model, rig, v, batches, res)
+        run_ours(model, rig, v, batches, res, tuning)
         log(f"[{v} done in {time.perf_counter() - t0:.0f}s]")
-    for v in ("torch", "fp8-eager", "fp8-graph-w8a8"):
+    for v in ("torch", "fp8-eager"):
         if res.get(f"{v}/prefill2048"):
             log(f"{v} prefill: FP8-linear {fl / res[f'{v}/prefill2048'] / 1e9:.0f} TFLOP/s ({fl / 1e12:.1f} TFLOP)")
         if f"{v}/prefill_logits" in res and "torch/prefill_logits" in res and v != "torch":
             a, r = res[f"{v}/prefill_logits"], res["torch/prefill_logits"]
             log(f"check {v} vs torch-path logits (256-token prefill): rel err {((a - r).norm() / r.norm()).item():.4f}")
-    for v in ("fp8-eager", "fp8-graph", "fp8-graph-pdl", "fp8-graph-pdl-early", "fp8-graph-w8a8"):
+    for v in ("fp8-eager", "fp8-graph"):
         a, r = res.get(f"{v}/decode8_logits"), res.get("torch/decode8_logits")
         if a is not None and r is not None:
             agree = (a.argmax(-1) == r.argmax(-1)).float().mean().item()
@@ -403,12 +406,9 @@ def main() -> None:
             ids = torch.randint(0, cfg.vocab_size, (1, 64), device=DEVICE)
             with torch.no_grad():
                 ref = hf(ids, use_cache=False).logits.float().cpu()[0]
-            prev = set_backend(TritonFP8Backend())
-            try:
-                rig.cache.bind(torch.arange(2, device=DEVICE).view(1, -1))
-                ours = model(ids, cache=rig.cache, kv_len=64).logits.float().cpu()[0]
-            finally:
-                set_backend(prev)
+            model.ops = TritonOps()
+            rig.cache.bind(torch.arange(2, device=DEVICE).view(1, -1))
+            ours = model(ids, cache=rig.cache, kv_len=64).logits.float().cpu()[0]
             agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
             log(f"check fp8 kernels vs HF BF16 logits (64-token prefill): rel err "
                 f"{((ours - ref).norm() / ref.norm()).item():.4f}, argmax agreement {agree:.2f}")

@@ -38,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rag.eval_cli import main as rag_eval  # noqa: E402
+from evals.cli import main as rag_eval  # noqa: E402
 
 SHARED = Path(os.environ.get("RAG_SHARED_DATA", REPO.parent / "shared" / "data"))
 ZH_DIRS = ["milvus_docs_v2.0.x_zh-CN", "pingcap_docs-cn_subset/faq"]
@@ -164,9 +164,9 @@ def floors(uri: str, collection: str, embedder_name: str, on_topic: str, floor: 
     most off-topic top hits. `sweep` lists the floors tabulated (default: the floor +-0.15 in
     steps of 0.05, too coarse for e5, whose scores all lie within a few hundredths).
     """
+    from evals.datasets import is_gold, load_beir, load_qa
     from rag.config import RagConfig
     from rag.embedder import make_embedder
-    from rag.eval import is_gold, load_beir, load_qa
     from rag.store import MilvusStore
 
     emb = make_embedder(RagConfig.load(embedder=embedder_name))

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ingest.config import IngestConfig
 from ingest.pipeline import ingest
+from rag.bm25 import ANALYZERS
 from rag.config import RagConfig
 from rag.settings import SettingsError
 from rag.store import StoreError
@@ -25,13 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="folders, files or quoted glob patterns")
     p.add_argument("--collection", help="Milvus collection (RAG_COLLECTION, default docs)")
     p.add_argument("--uri", help="Milvus Lite path or server URI (MILVUS_URI, default ./data/milvus.db)")
-    p.add_argument("--embedder", help="minilm (default), e5 (multilingual), openai:<model>, or auto: the "
-                   "collection's own, else e5 for a mostly-CJK corpus, else minilm (RAG_EMBEDDER)")
+    p.add_argument("--embedder", help="auto (default): the collection's own, else e5 for a mostly-CJK corpus, "
+                   "else minilm; or minilm, e5 (multilingual), openai:<model> (RAG_EMBEDDER)")
     p.add_argument("--glob", action="append", help="pattern inside folders; repeatable (default md, markdown, txt)")
     p.add_argument("--chunk-size", type=int, help="tokens per chunk, header path included (RAG_CHUNK_SIZE)")
     p.add_argument("--chunk-overlap", type=int, help="overlap tokens (RAG_CHUNK_OVERLAP)")
     p.add_argument("--max-file-mb", type=float, help="skip larger files (RAG_MAX_FILE_MB)")
-    p.add_argument("--analyzer", choices=["auto", "standard", "jieba"], help="BM25 analyzer of a new collection")
+    p.add_argument("--analyzer", choices=["auto", *ANALYZERS], help="BM25 analyzer of a new collection (RAG_ANALYZER)")
     p.add_argument("--recreate", action="store_true", help="drop the collection and rebuild it")
     p.add_argument("--no-prune", action="store_true", help="keep chunks of files gone from the folders")
     p.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from rag.bm25 import ANALYZERS
 from rag.settings import SettingsError, env, load_settings
 
 DEFAULT_GLOBS = "**/*.md,**/*.markdown,**/*.txt"
@@ -22,7 +23,7 @@ class IngestConfig:
     max_file_mb: float = env("RAG_MAX_FILE_MB", 5.0, "larger files are skipped and reported")
     embed_batch: int = env("RAG_EMBED_BATCH", 256, "chunks per embedding call and Milvus upsert")
     prune: bool = env("RAG_PRUNE", True, "delete chunks of files gone from an ingested folder")
-    analyzer: str = env("RAG_ANALYZER", "auto", "BM25 analyzer of a new collection: standard, jieba, or auto (jieba for mostly-CJK corpora)")
+    analyzer: str = env("RAG_ANALYZER", "auto", "BM25 analyzer of a new collection: standard, english (stemmed, stop words), jieba, or auto (jieba for mostly-CJK corpora, else english)")
 
     def __post_init__(self) -> None:
         if self.chunk_size < 32:
@@ -36,8 +37,8 @@ class IngestConfig:
                 f"chunk overlap {self.chunk_overlap} must be between 0 and half the chunk size ({self.chunk_size // 2}); "
                 f"lower --chunk-overlap (RAG_CHUNK_OVERLAP) or unset it to follow the chunk size"
             )
-        if self.analyzer not in ("auto", "standard", "jieba"):
-            raise SettingsError(f"analyzer {self.analyzer!r} is not one of auto, standard, jieba")
+        if self.analyzer not in ("auto", *ANALYZERS):
+            raise SettingsError(f"analyzer {self.analyzer!r} is not one of auto, {', '.join(ANALYZERS)}")
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> IngestConfig:

@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 from ingest.chunker import Chunker, blobs
 from ingest.config import IngestConfig
 from ingest.loader import Document, Skip, discover, load, source_name
+from rag.bm25 import resolve_analyzer
 from rag.config import RagConfig
-from rag.embedder import Embedder, MiniLMEmbedder, embedder_name, make_embedder
+from rag.embedder import Embedder, MiniLMEmbedder, make_embedder, resolve_name
 from rag.schema import row_problem
 from rag.store import MilvusStore
 from rag.types import Chunk
@@ -81,18 +82,6 @@ def cjk_share(texts: Sequence[str]) -> float:
     return cjk / letters if letters else 0.0
 
 
-def resolve_embedder(name: str, share: float, store: MilvusStore, recreate: bool = False) -> str:
-    """`auto`: the collection's own embedder when it exists (vectors never mix), else e5 for a
-    mostly-CJK corpus and minilm otherwise. Any other name is returned as given."""
-    if name != "auto":
-        return name
-    if not recreate and store.exists():
-        recorded = (store.describe().get("properties") or {}).get("rag.embedder") or ""
-        if embedder_name(recorded):
-            return embedder_name(recorded)  # type: ignore[return-value]
-    return "e5" if share > CJK_MAJORITY else "minilm"
-
-
 def _under(source: str, roots: Sequence[str]) -> bool:
     return any(source == r or source.startswith(r.rstrip("/") + "/") for r in roots)
 
@@ -145,7 +134,8 @@ def ingest(
     store = store or MilvusStore(rag_config.milvus_uri, rag_config.collection, rag_config.milvus_token)
     try:
         if embedder is None:
-            embedder = make_embedder(rag_config, resolve_embedder(rag_config.embedder, share, store, recreate))
+            recorded = None if recreate else store.recorded_embedder()
+            embedder = make_embedder(rag_config, resolve_name(rag_config.embedder, recorded, share > CJK_MAJORITY))
         if share > CJK_MAJORITY and embedder.model_id == MiniLMEmbedder.model_id:
             warn(f"this corpus is {share:.0%} CJK text but all-MiniLM-L6-v2 is English-only; "
                  f"--embedder e5 (multilingual; or auto) retrieves it far better (with --recreate)")
@@ -155,9 +145,7 @@ def ingest(
             store.open_existing(embedder, answering=False)  # loaded: a reopened collection is 'released'
             states = store.file_states()
         else:
-            analyzer = config.analyzer
-            if analyzer == "auto":
-                analyzer = "jieba" if share > CJK_MAJORITY else "standard"
+            analyzer = resolve_analyzer(config.analyzer, share > CJK_MAJORITY)
             store.ensure(embedder, recreate=recreate, analyzer=analyzer)
             states = {} if recreate else store.file_states()
 

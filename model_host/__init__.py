@@ -9,16 +9,20 @@ Public API (what the serving engine builds on)::
     out = model(input_ids, positions, cache, kv_len=..., last_only=True)   # ModelOutput
     next_ids = Sampler()(out.logits[:, -1], [params, ...], [generator, ...])
 
-Modules: config (ModelConfig), fp8 (Linear / StackedLinear / backends), rope, mla, moe, cache,
-model, spec + loader + checkpoint (on-disk format), tokenizer, sampler, generate, cli.
+    model.ops = TritonOps()   # model_host.kernels.backend: the GPU kernels (default TorchOps)
+
+Modules: config (ModelConfig), ops (the op interface + TorchOps), fp8 (Linear / StackedLinear),
+rope, mla, moe, cache, model, spec + loader + checkpoint (on-disk format), tokenizer, sampler,
+stop, generate, cli.
 """
 
 from .cache import ContiguousLatentCache, LatentCache
 from .config import ConfigError, ModelConfig
-from .generate import GenerationResult, StopMatcher, generate
+from .generate import GenerationResult, generate
 from .loader import CheckpointError, load_model, validate_checkpoint
 from .model import DeepseekV3, ModelOutput
 from .sampler import Sampler, SamplingParams, sample
+from .stop import StopMatcher
 from .tokenizer import Tokenizer
 
 __all__ = [

@@ -38,6 +38,14 @@ class LatentCache(ABC):
         Positions a row has not written yet hold garbage; attention masks them by position.
         """
 
+    # A paged cache's [B, max_blocks] tables of the bound rows (kernels walk them); None here.
+    block_tables: torch.Tensor | None = None
+
+    def slot_mapping(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """Flat cache rows ([B * S], the same for every layer) of ``positions``, where the cache
+        stores layers as flat slot arrays (see :meth:`flat`); None otherwise."""
+        return None
+
     def bytes_per_token_per_layer(self) -> int:
         """Storage cost of one token in one layer (the number MLA is built to minimise)."""
         return (self.kv_lora_rank + self.rope_dim) * self.dtype.itemsize
@@ -63,27 +71,12 @@ class ContiguousLatentCache(LatentCache):
         self.k_pe = torch.zeros(num_layers, batch_size, max_seq_len, rope_dim, dtype=dtype, device=device)
 
     @classmethod
-    def for_config(
-        cls,
-        cfg: ModelConfig,
-        batch_size: int,
-        max_seq_len: int,
-        *,
-        include_mtp: bool = False,
-        dtype: torch.dtype = torch.bfloat16,
-        device: torch.device | str | None = None,
-    ) -> ContiguousLatentCache:
+    def for_config(cls, cfg: ModelConfig, batch_size: int, max_seq_len: int, *, include_mtp: bool = False,
+                   dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None
+                   ) -> ContiguousLatentCache:
         """A cache for every decoder layer (plus the MTP layer, index ``num_hidden_layers``)."""
         layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if include_mtp else 0)
-        return cls(
-            layers,
-            batch_size,
-            max_seq_len,
-            cfg.kv_lora_rank,
-            cfg.qk_rope_head_dim,
-            dtype=dtype,
-            device=device,
-        )
+        return cls(layers, batch_size, max_seq_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=dtype, device=device)
 
     def write(self, layer: int, positions: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
         if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= self.max_seq_len:

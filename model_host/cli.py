@@ -1,4 +1,4 @@
-"""``model-host`` command line: make-checkpoint, generate, serve.
+"""``model-host`` command line: make-checkpoint, generate, plan, serve.
 
 Each subcommand is a ``register(subparsers)`` + ``run(args)`` pair in :data:`COMMANDS`.
 """
@@ -157,7 +157,30 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (_register_make_checkpoint, _register_generate, serve_cli.register)
+# ----------------------------------------------------------------------------------- plan
+def _register_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="does the model fit on N GPUs, and how many KV tokens remain")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint directory (its config.json is read)")
+    src.add_argument("--config", help="a config.json file")
+    p.add_argument("--gpus", type=int, required=True, help="tensor/expert-parallel ranks, one per GPU")
+    p.add_argument("--gpu-mem-gb", type=float, required=True, help="memory per GPU in GiB (as nvidia-smi shows)")
+    p.add_argument("--mtp", action="store_true", help="count the MTP layer too (serve does not load it)")
+    p.add_argument("--max-prefill-tokens", type=int, default=8192, help="largest prefill (sizes the reserve)")
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from .config import ModelConfig
+    from .plan import plan
+
+    cfg = ModelConfig.from_json(args.checkpoint or args.config)
+    p = plan(cfg, args.gpus, args.gpu_mem_gb, mtp=args.mtp, max_prefill_tokens=args.max_prefill_tokens)
+    print(p.sentence())
+    return 0 if p.fits else 1
+
+
+COMMANDS = (_register_make_checkpoint, _register_generate, _register_plan, serve_cli.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

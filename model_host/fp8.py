@@ -1,11 +1,9 @@
-"""FP8 block weights and the single linear-layer abstraction of the runtime.
+"""FP8 block weights: the block math and the parameter holders of every projection.
 
 DeepSeek-V3 ships its projection weights as ``float8_e4m3fn`` with one fp32 ``scale_inv`` per
-128x128 block: ``weight = w_fp8 * scale_inv`` blockwise.  Every matmul in the model goes through
-:class:`Linear` (one weight) or :class:`StackedLinear` (one weight per routed expert), and both
-dispatch to a pluggable :class:`LinearBackend`.  The default :class:`TorchBackend` dequantizes
-and calls plain torch ops; a GPU backend (Triton FP8 GEMM, grouped FP8 GEMM) can be installed
-with :func:`set_backend` without touching the model code.
+128x128 block: ``weight = w_fp8 * scale_inv`` blockwise.  Every projection's parameters live in
+:class:`Linear` (one weight) or :class:`StackedLinear` (one weight per routed expert); the
+matmuls are ops of :mod:`model_host.ops` (PyTorch reference or the Triton kernels).
 """
 
 from __future__ import annotations
@@ -22,9 +20,7 @@ DEFAULT_BLOCK = (128, 128)
 
 
 # --------------------------------------------------------------------------- block math
-def scale_shape(
-    shape: tuple[int, ...] | torch.Size, block: tuple[int, int] = DEFAULT_BLOCK
-) -> tuple[int, ...]:
+def scale_shape(shape: tuple[int, ...] | torch.Size, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[int, ...]:
     """Shape of ``scale_inv`` for a weight of ``shape`` (leading dims, e.g. experts, kept)."""
     *lead, out, inn = shape
     return (*lead, math.ceil(out / block[0]), math.ceil(inn / block[1]))
@@ -40,12 +36,8 @@ def _blocked(x: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, int
     return x.reshape(*lead, r, block[0], c, block[1]), out, inn
 
 
-def block_dequantize(
-    w: torch.Tensor,
-    scale_inv: torch.Tensor,
-    block: tuple[int, int] = DEFAULT_BLOCK,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+def block_dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``w.float() * scale_inv`` broadcast over 128x128 blocks, cast to ``dtype``.
 
     The product is taken in fp32 (exactly what the checkpoint definition says), so the result is
@@ -60,9 +52,7 @@ def block_dequantize(
     return wb.to(dtype)
 
 
-def block_quantize(
-    w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK
-) -> tuple[torch.Tensor, torch.Tensor]:
+def block_quantize(w: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize to (float8_e4m3fn weight, fp32 scale_inv) with one scale per block.
 
     ``scale_inv = amax(|block|) / 448`` so the largest magnitude of each block maps to the fp8
@@ -78,45 +68,32 @@ def block_quantize(
 
 # ------------------------------------------------------------------------------ layers
 class Linear(nn.Module):
-    """``y = x @ W^T`` (no bias) for a bf16/fp32 weight, or an FP8 weight plus block ``scale_inv``.
+    """The parameters of ``y = x @ W^T`` (no bias): a bf16/fp32 weight, or an FP8 weight plus
+    block ``scale_inv``.  The product itself is an op (:meth:`model_host.ops.Ops.linear`).
 
     Parameter names match the checkpoint (``weight``, ``weight_scale_inv``) so a state dict maps
     one to one.  Whether the layer is FP8 is decided by the tensors it holds, not by flags.
+    ``lead`` are leading weight dims (``(num_experts,)`` for :class:`StackedLinear`).
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        fp8_block: tuple[int, int] | None = None,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, *, fp8_block: tuple[int, int] | None = None,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 lead: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.block = fp8_block or DEFAULT_BLOCK
+        shape = (*lead, out_features, in_features)
         wdtype = FP8_DTYPE if fp8_block else dtype
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=wdtype, device=device), False)
+        self.weight = nn.Parameter(torch.empty(shape, dtype=wdtype, device=device), requires_grad=False)
         if fp8_block:
-            s = torch.empty(
-                scale_shape((out_features, in_features), self.block), dtype=torch.float32, device=device
-            )
+            s = torch.empty(scale_shape(shape, self.block), dtype=torch.float32, device=device)
             self.weight_scale_inv = nn.Parameter(s, requires_grad=False)
         else:
             self.register_parameter("weight_scale_inv", None)
-        self._dequant: torch.Tensor | None = None  # backend-managed cache of the dense weight
 
     @property
     def is_fp8(self) -> bool:
         return self.weight.dtype == FP8_DTYPE
-
-    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight as a dense ``dtype`` tensor (dequantized if FP8; cached per backend policy)."""
-        return get_backend().dense_weight(self, dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return get_backend().linear(x, self)
 
     def extra_repr(self) -> str:
         kind = f"fp8 block={self.block}" if self.is_fp8 else str(self.weight.dtype)
@@ -124,91 +101,15 @@ class Linear(nn.Module):
 
 
 class StackedLinear(Linear):
-    """``num_experts`` linears of identical shape stored as one [E, out, in] weight.
+    """``num_experts`` linears of identical shape stored as one [E, out, in] weight (the routed
+    experts); :meth:`model_host.ops.Ops.moe` runs them as grouped GEMMs."""
 
-    ``forward(x_sorted, offsets)`` runs a grouped GEMM: rows ``offsets[e-1]:offsets[e]`` of
-    ``x_sorted`` are multiplied by expert ``e``'s weight, with no Python loop over experts and no
-    host synchronisation (``offsets`` stays on the device).
-    """
-
-    def __init__(
-        self,
-        num_experts: int,
-        in_features: int,
-        out_features: int,
-        *,
-        fp8_block: tuple[int, int] | None = None,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        nn.Module.__init__(self)
-        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
-        self.block = fp8_block or DEFAULT_BLOCK
-        wdtype = FP8_DTYPE if fp8_block else dtype
-        shape = (num_experts, out_features, in_features)
-        self.weight = nn.Parameter(torch.empty(shape, dtype=wdtype, device=device), False)
-        if fp8_block:
-            s = torch.empty(scale_shape(shape, self.block), dtype=torch.float32, device=device)
-            self.weight_scale_inv = nn.Parameter(s, requires_grad=False)
-        else:
-            self.register_parameter("weight_scale_inv", None)
-        self._dequant = None
-
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return get_backend().grouped_linear(x, self, offsets)
+    def __init__(self, num_experts: int, in_features: int, out_features: int, **kw) -> None:
+        super().__init__(in_features, out_features, lead=(num_experts,), **kw)
+        self.num_experts = num_experts
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, " + super().extra_repr()
-
-
-# ----------------------------------------------------------------------------- backends
-class LinearBackend:
-    """Interface for matmul kernels.  Subclass and :func:`set_backend` to plug in GPU kernels."""
-
-    def dense_weight(self, layer: Linear, dtype: torch.dtype) -> torch.Tensor:
-        raise NotImplementedError
-
-    def linear(self, x: torch.Tensor, layer: Linear) -> torch.Tensor:
-        raise NotImplementedError
-
-    def grouped_linear(self, x: torch.Tensor, layer: StackedLinear, offsets: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class TorchBackend(LinearBackend):
-    """Reference backend: dequantize FP8 to the activation dtype, then ``F.linear`` / grouped mm.
-
-    ``cache_dequantized=False`` (default) dequantizes on every call, so RAM stays at the FP8
-    size; ``True`` keeps one dense copy per layer (fast, but ~2-4x the FP8 weight memory).
-    """
-
-    def __init__(self, cache_dequantized: bool = False) -> None:
-        self.cache_dequantized = cache_dequantized
-
-    def dense_weight(self, layer: Linear, dtype: torch.dtype) -> torch.Tensor:
-        w = layer.weight
-        if not layer.is_fp8:
-            return w if w.dtype == dtype else w.to(dtype)
-        cached = layer._dequant
-        if cached is not None and cached.dtype == dtype and cached.device == w.device:
-            return cached
-        dense = block_dequantize(w, layer.weight_scale_inv, layer.block, dtype)
-        layer._dequant = dense if self.cache_dequantized else None
-        return dense
-
-    def linear(self, x: torch.Tensor, layer: Linear) -> torch.Tensor:
-        return F.linear(x, self.dense_weight(layer, x.dtype))
-
-    def grouped_linear(self, x: torch.Tensor, layer: StackedLinear, offsets: torch.Tensor) -> torch.Tensor:
-        if layer.is_fp8 and not self.cache_dequantized:
-            # Dequantizing all 256 experts per call would need ~45 GB at V3 widths; dequantize
-            # only experts that received tokens.  Finding them costs one host sync on CUDA: fine
-            # for this reference path, which GPU FP8 grouped-GEMM kernels replace.
-            counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
-            active = torch.nonzero(counts).squeeze(1)
-            w = block_dequantize(layer.weight[active], layer.weight_scale_inv[active], layer.block, x.dtype)
-            return grouped_mm(x, w, offsets[active])
-        return grouped_mm(x, self.dense_weight(layer, x.dtype), offsets)  # [E, out, in]
 
 
 def _no_grouped_mm(*_args, **_kwargs):
@@ -236,16 +137,3 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
 
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None) or _no_grouped_mm
-_backend: LinearBackend = TorchBackend()
-
-
-def get_backend() -> LinearBackend:
-    """The backend every :class:`Linear` dispatches to."""
-    return _backend
-
-
-def set_backend(backend: LinearBackend) -> LinearBackend:
-    """Install ``backend`` process-wide; returns the previous one (restore it when done)."""
-    global _backend
-    prev, _backend = _backend, backend
-    return prev

@@ -9,6 +9,9 @@
   unless ``fp8="dequantize"``; routed experts are stacked into ``[E, out, in]`` at load time.
 * The MTP layer (index ``num_hidden_layers``) is optional; its ``embed_tokens`` and
   ``shared_head.head`` copies are shared with the main model's when they are equal.
+* Under tensor / expert parallelism (``parallel`` = this rank's :class:`DistContext`) each
+  rank reads only its slices (:mod:`model_host.sharding`) through ``get_slice``, so only those
+  bytes of the memory-mapped shards are touched and host memory stays near the rank's share.
 """
 
 from __future__ import annotations
@@ -27,8 +30,12 @@ from safetensors import safe_open
 from torch import nn
 
 from .config import ModelConfig
+from .dist import DistContext
 from .fp8 import FP8_DTYPE, block_dequantize
 from .model import DeepseekV3
+from .ops import Ops
+from .parallel import parallelize
+from .sharding import Layout, Shard
 from .spec import TensorSpec, checkpoint_layout
 
 log = logging.getLogger(__name__)
@@ -157,6 +164,14 @@ def _equal_tables(a: torch.Tensor, b: torch.Tensor, rows_per_chunk: int = 4096) 
     return True
 
 
+def _read_shard(handle, name: str, shard: Shard) -> torch.Tensor:
+    """This rank's part of tensor ``name``: only its rows / columns are read from the mmap."""
+    if shard.dim is None:
+        return handle.get_tensor(name)
+    cut = slice(shard.start, shard.stop)
+    return handle.get_slice(name)[cut] if shard.dim == 0 else handle.get_slice(name)[:, cut]
+
+
 def load_model(
     ckpt_dir: str | Path,
     *,
@@ -165,15 +180,20 @@ def load_model(
     load_mtp: bool = False,
     fp8: str = "keep",
     max_layers: int | None = None,
+    ops: Ops | None = None,
+    parallel: DistContext | None = None,
 ) -> DeepseekV3:
     """Validate and load a checkpoint directory.
 
     device/dtype: where and in which dtype non-FP8 weights live (activations use ``dtype``).
     load_mtp:     also load the MTP layer (needs ``num_nextn_predict_layers`` = 1).
-    fp8:          "keep" (FP8 weight + scale in each Linear, dequantized per backend policy) or
+    fp8:          "keep" (FP8 weight + scale in each Linear, dequantized per ops policy) or
                   "dequantize" (convert to ``dtype`` at load time).
     max_layers:   load only the first N decoder layers (debugging big checkpoints on small
                   machines); the rest are validated but not read.
+    ops:          the kernels the model calls (default :class:`~model_host.ops.TorchOps`).
+    parallel:     this rank's process group: load its tensor / expert-parallel share only
+                  (default: the whole model, one process).
     """
     if fp8 not in ("keep", "dequantize"):
         raise ValueError(f"fp8={fp8!r} (expected 'keep' or 'dequantize')")
@@ -189,7 +209,11 @@ def load_model(
         specs = tuple(s for s in specs if _layer_of(s.name) is None or _layer_of(s.name) < max_layers)
         model_cfg = model_cfg.replace(num_hidden_layers=max_layers)
     device = torch.device(device)
-    model = DeepseekV3(model_cfg, with_mtp=load_mtp, dtype=dtype, device="meta")
+    ctx = parallel or DistContext()
+    layout = Layout(cfg, ctx.rank, ctx.world)
+    shards = {s.name: layout.shard(s) for s in specs}
+    specs = tuple(s for s in specs if shards[s.name] is not None)  # other ranks' experts
+    model = parallelize(DeepseekV3(model_cfg, with_mtp=load_mtp, dtype=dtype, device="meta", ops=ops), ctx)
     params = dict(model.named_parameters())
 
     # Stacked expert tensors are allocated once and filled slot by slot.
@@ -221,7 +245,7 @@ def load_model(
             path = infos[name].file
             if path not in handles:
                 handles[path] = stack.enter_context(safe_open(path, framework="pt", device="cpu"))
-            return handles[path].get_tensor(name)
+            return _read_shard(handles[path], name, shards[name])
 
         def convert(s: TensorSpec, t: torch.Tensor) -> torch.Tensor:
             if s.fp8:
@@ -240,7 +264,7 @@ def load_model(
                 if s.expert is None:
                     _set_param(model, s.target, t.to(device))
                 else:
-                    stacked[s.target][s.expert].copy_(t)
+                    stacked[s.target][layout.local_expert(s.expert)].copy_(t)
                 del t
         for target, t in stacked.items():
             _set_param(model, target, t)

@@ -26,6 +26,7 @@ from .fp8 import Linear
 from .layers import Embedding, RMSNorm
 from .mla import MLA, AttentionBatch, build_attention_batch
 from .moe import MLP, MoE
+from .ops import Ops, TorchOps
 from .rope import RotaryEmbedding
 
 
@@ -53,12 +54,12 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, fp8_block=fp8, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        delta, h = self.residual_forward(x, None, batch)
+    def forward(self, x: torch.Tensor, batch: AttentionBatch, ops: Ops) -> torch.Tensor:
+        delta, h = self.residual_forward(x, None, batch, ops)
         return h + delta
 
     def residual_forward(self, delta: torch.Tensor, residual: torch.Tensor | None,
-                         batch: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+                         batch: AttentionBatch, ops: Ops) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer on a residual stream carried as ``residual + delta`` (``delta`` alone when
         ``residual`` is None) -> (this layer's ffn output, the stream before it is added).
 
@@ -66,13 +67,24 @@ class DecoderLayer(nn.Module):
         vLLM does) instead of a separate elementwise add per layer; the sums are the same.
         """
         if residual is None:
-            residual, hn = delta, self.input_layernorm(delta)
+            normed = ops.rms_norm(delta, self.input_layernorm)
         else:
-            residual, hn = self.input_layernorm.add_forward(residual, delta)
-        # The post-attention norm feeds the FP8 MoE / MLP: a backend may quantize it in the same pass.
-        residual, hn = self.post_attention_layernorm.add_forward(residual, self.self_attn(hn, batch),
-                                                                 prequantize=True)
-        return self.mlp(hn), residual
+            normed = ops.rms_norm(residual, self.input_layernorm, residual=delta)
+        attn = self.self_attn(normed.out, batch, ops)
+        # The post-attention norm feeds the FP8 MoE / MLP: the backend may quantize it in the same pass.
+        normed = ops.rms_norm(normed.residual, self.post_attention_layernorm, residual=attn, quantize=True)
+        return self.mlp(normed.out, ops, normed.quant), normed.residual
+
+
+class LMHead(Linear):
+    """The vocabulary projection (``lm_head``, the MTP ``shared_head.head``): fp32 logits.
+
+    A module call rather than a bare ``ops.linear`` so that tensor parallelism can gather the
+    vocabulary shards of the logits in one place (:class:`model_host.parallel.VocabParallelHead`).
+    """
+
+    def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
+        return ops.linear(x, self).float()
 
 
 class SharedHead(nn.Module):
@@ -81,7 +93,7 @@ class SharedHead(nn.Module):
     def __init__(self, cfg: ModelConfig, *, dtype=None, device=None) -> None:
         super().__init__()
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
-        self.head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, device=device)
+        self.head = LMHead(cfg.hidden_size, cfg.vocab_size, dtype=dtype, device=device)
 
 
 class MTPLayer(DecoderLayer):
@@ -103,13 +115,12 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = Linear(2 * d, d, dtype=dtype, device=device)  # bf16 in V3, never FP8
         self.shared_head = SharedHead(cfg, dtype=dtype, device=device)
 
-    def forward(
-        self, next_ids: torch.Tensor, prev_hidden: torch.Tensor, batch: AttentionBatch
-    ) -> torch.Tensor:  # type: ignore[override]
-        e = self.enorm(self.embed_tokens(next_ids))
-        h = self.eh_proj(torch.cat((e, self.hnorm(prev_hidden.to(e.dtype))), dim=-1))
-        h = super().forward(h, batch)
-        return self.shared_head.norm(h)
+    def forward(self, next_ids: torch.Tensor, prev_hidden: torch.Tensor, batch: AttentionBatch,
+                ops: Ops) -> torch.Tensor:  # type: ignore[override]
+        e = ops.rms_norm(self.embed_tokens(next_ids), self.enorm).out
+        h = torch.cat((e, ops.rms_norm(prev_hidden.to(e.dtype), self.hnorm).out), dim=-1)
+        h = super().forward(ops.linear(h, self.eh_proj), batch, ops)
+        return ops.rms_norm(h, self.shared_head.norm).out
 
 
 class DeepseekV3(nn.Module):
@@ -122,16 +133,19 @@ class DeepseekV3(nn.Module):
         with_mtp: bool = False,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
+        ops: Ops | None = None,
     ) -> None:
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
+        # The kernels every layer calls (model_host.ops); assign another backend to switch.
+        self.ops: Ops = ops if ops is not None else TorchOps()
         d = cfg.hidden_size
         self.embed_tokens = Embedding(cfg.vocab_size, d, dtype=dtype, device=device)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, dtype=dtype, device=device) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype, device=device)
-        self.lm_head = Linear(d, cfg.vocab_size, dtype=dtype, device=device)
+        self.lm_head = LMHead(d, cfg.vocab_size, dtype=dtype, device=device)
         n_mtp = cfg.num_nextn_predict_layers if with_mtp else 0
         if with_mtp and not n_mtp:
             raise ValueError("with_mtp=True but config.num_nextn_predict_layers is 0")
@@ -147,28 +161,15 @@ class DeepseekV3(nn.Module):
         """Cache layers needed: decoder layers, plus one for the MTP layer when present."""
         return self.cfg.num_hidden_layers + len(self.mtp)
 
-    def new_cache(
-        self, batch_size: int, max_seq_len: int, *, dtype: torch.dtype | None = None
-    ) -> ContiguousLatentCache:
+    def new_cache(self, batch_size: int, max_seq_len: int, *, dtype: torch.dtype | None = None
+                  ) -> ContiguousLatentCache:
         """A contiguous latent cache sized for this model (MTP layer included if loaded)."""
-        return ContiguousLatentCache(
-            self.num_cache_layers,
-            batch_size,
-            max_seq_len,
-            self.cfg.kv_lora_rank,
-            self.cfg.qk_rope_head_dim,
-            dtype=dtype or self.dtype,
-            device=self.device,
-        )
+        return ContiguousLatentCache.for_config(self.cfg, batch_size, max_seq_len, include_mtp=len(self.mtp) > 0,
+                                                dtype=dtype or self.dtype, device=self.device)
 
-    def attention_batch(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        cache: LatentCache | None = None,
-        kv_len: int | None = None,
-        mla_mode: str = "auto",
-    ) -> AttentionBatch:
+    def attention_batch(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                        cache: LatentCache | None = None, kv_len: int | None = None,
+                        mla_mode: str = "auto") -> AttentionBatch:
         """Rotary tables + causal mask for one forward, shared by every layer."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
@@ -176,16 +177,8 @@ class DeepseekV3(nn.Module):
         return build_attention_batch(positions, cos, sin, cache, kv_len, mla_mode)
 
     @torch.no_grad()
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        cache: LatentCache | None = None,
-        *,
-        kv_len: int | None = None,
-        last_only: bool = False,
-        mla_mode: str = "auto",
-    ) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: LatentCache | None = None,
+                *, kv_len: int | None = None, last_only: bool = False, mla_mode: str = "auto") -> ModelOutput:
         """Run ``input_ids`` [B, S] at absolute ``positions`` [B, S] (default 0..S-1).
 
         With a ``cache`` the new latents are written at ``positions`` and attention reads cache
@@ -196,9 +189,10 @@ class DeepseekV3(nn.Module):
         batch = self.attention_batch(input_ids, positions, cache, kv_len, mla_mode)
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x, residual = layer.residual_forward(x, residual, batch)
-        hidden = self.norm(x) if residual is None else self.norm.add_forward(residual, x)[1]
-        return ModelOutput(self.lm_head(hidden[:, -1:] if last_only else hidden).float(), hidden)
+            x, residual = layer.residual_forward(x, residual, batch, self.ops)
+        hidden = (self.ops.rms_norm(x, self.norm) if residual is None
+                  else self.ops.rms_norm(residual, self.norm, residual=x)).out
+        return ModelOutput(self.lm_head(hidden[:, -1:] if last_only else hidden, self.ops), hidden)
 
     @torch.no_grad()
     def mtp_forward(
@@ -220,5 +214,5 @@ class DeepseekV3(nn.Module):
             raise RuntimeError("model was built without the MTP module (load with load_mtp=True)")
         batch = self.attention_batch(next_ids, positions, cache, kv_len, mla_mode)
         mtp = self.mtp[0]
-        h = mtp(next_ids, prev_hidden, batch)
-        return ModelOutput(mtp.shared_head.head(h).float(), h)
+        h = mtp(next_ids, prev_hidden, batch, self.ops)
+        return ModelOutput(mtp.shared_head.head(h, self.ops), h)

@@ -10,19 +10,19 @@ Routing (DeepSeek-V3 ``noaux_tc``), per token, in fp32:
 Ties are broken toward the lower expert / group index (stable sort), so routing is a
 deterministic function of the scores on every device.
 
-Expert execution is grouped: the N*k (token, expert) pairs are sorted by expert and run through
-one grouped GEMM per projection over stacked ``[E, out, in]`` weights; no Python loop over
-experts and no host synchronisation.
+Expert execution is an op (:meth:`model_host.ops.Ops.moe`): the N*k (token, expert) pairs are
+sorted by expert and run through one grouped GEMM per projection over stacked ``[E, out, in]``
+weights; no Python loop over experts and no host synchronisation.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .fp8 import Linear, StackedLinear, get_backend
+from .fp8 import Linear, StackedLinear
+from .ops import Ops, Routing
 
 
 class MLP(nn.Module):
@@ -35,12 +35,8 @@ class MLP(nn.Module):
         self.up_proj = Linear(dim, inter, **kw)
         self.down_proj = Linear(inter, dim, **kw)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A GPU backend may run the whole block as fused kernels (gate+up+SiLU-mul in one launch).
-        fused = getattr(get_backend(), "mlp_forward", None)
-        if fused is not None and (y := fused(self, x)) is not None:
-            return y
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, ops: Ops, x_quant: tuple | None = None) -> torch.Tensor:
+        return ops.swiglu(x, self, x_quant)
 
 
 def stable_topk(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -102,24 +98,14 @@ class Gate(nn.Module):
         else:
             self.register_parameter("e_score_correction_bias", None)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fused = getattr(get_backend(), "route", None)  # GPU: one routing kernel, same choices
-        if fused is not None and (routed := fused(self, x)) is not None:
-            return routed
-        # Router logits in fp32: near-ties between experts are common and bf16 would flip them.
-        logits = F.linear(x.float(), self.weight.float())
+    def choose(self, logits: torch.Tensor) -> Routing:
+        """The experts of fp32 router ``logits`` [N, E] under this layer's routing config."""
         c = self.cfg
-        return route(
-            logits,
-            self.e_score_correction_bias,
-            top_k=c.num_experts_per_tok,
-            n_group=c.n_group,
-            topk_group=c.topk_group,
-            topk_method=c.topk_method,
-            scoring_func=c.scoring_func,
-            norm_topk_prob=c.norm_topk_prob,
-            routed_scaling_factor=c.routed_scaling_factor,
-        )
+        weights, indices = route(
+            logits, self.e_score_correction_bias, top_k=c.num_experts_per_tok, n_group=c.n_group,
+            topk_group=c.topk_group, topk_method=c.topk_method, scoring_func=c.scoring_func,
+            norm_topk_prob=c.norm_topk_prob, routed_scaling_factor=c.routed_scaling_factor)
+        return Routing(weights, indices)
 
 
 class Experts(nn.Module):
@@ -134,23 +120,6 @@ class Experts(nn.Module):
         self.gate_proj = StackedLinear(num_experts, dim, inter, **kw)
         self.up_proj = StackedLinear(num_experts, dim, inter, **kw)
         self.down_proj = StackedLinear(num_experts, inter, dim, **kw)
-
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """x [N, D], weights/indices [N, k] -> sum_k weights * expert_indices(x), [N, D]."""
-        n, k = indices.shape
-        flat = indices.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # group (token, slot) pairs by expert
-        token = order // k
-        # Per-expert end offsets without bincount (which syncs on CUDA to size its output).
-        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
-        counts.scatter_add_(0, flat.to(torch.int64), torch.ones_like(flat, dtype=torch.int32))
-        offsets = counts.cumsum(0, dtype=torch.int32)
-        xs = x[token]
-        h = F.silu(self.gate_proj(xs, offsets)) * self.up_proj(xs, offsets)
-        y = self.down_proj(h, offsets).float() * weights.reshape(-1)[order].unsqueeze(-1)
-        # Accumulate the k contributions per token in fp32, then return in activation dtype.
-        out = torch.zeros(n, x.shape[-1], dtype=torch.float32, device=x.device)
-        return out.index_add_(0, token, y).to(x.dtype)
 
 
 class MoE(nn.Module):
@@ -173,15 +142,7 @@ class MoE(nn.Module):
             inter = cfg.moe_intermediate_size * cfg.n_shared_experts
             self.shared_experts = MLP(cfg.hidden_size, inter, fp8_block=fp8, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A GPU backend may fuse routed + shared experts into grouped FP8 launches.
-        fused = getattr(get_backend(), "moe_forward", None)
-        if fused is not None and (y := fused(self, x)) is not None:
-            return y
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        weights, indices = self.gate(flat)
-        out = self.experts(flat, weights, indices)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
-        return out.view(shape)
+    def forward(self, x: torch.Tensor, ops: Ops, x_quant: tuple | None = None) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        routing = ops.route(flat, self.gate)
+        return ops.moe(flat, self.experts, routing, self.shared_experts, x_quant).view(x.shape)

@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, help="passages to retrieve (RAG_TOP_K)")
     p.add_argument("--collection", help="Milvus collection (RAG_COLLECTION)")
     p.add_argument("--uri", help="Milvus Lite path or server URI (MILVUS_URI)")
-    p.add_argument("--embedder", help="minilm, e5 or openai:<model>; must match the collection (RAG_EMBEDDER)")
+    p.add_argument("--embedder", help="auto (default: the collection's own), minilm, e5 or openai:<model> (RAG_EMBEDDER)")
     p.add_argument("--mode", choices=["dense", "bm25", "hybrid"], help="retrieval mode (RAG_MODE)")
     p.add_argument("--filter", default="", help='Milvus filter expression, e.g. \'source like "docs/%%"\'')
     p.add_argument("--score-floor", type=float, help="minimum dense similarity (RAG_SCORE_FLOOR)")

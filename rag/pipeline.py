@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 
 from rag.config import RagConfig
-from rag.embedder import Embedder, make_embedder
+from rag.embedder import Embedder, make_embedder, resolve_name
 from rag.llm import Delta, LLMClient, Usage
 from rag.prompt import NO_CONTEXT_ANSWER, build_prompt
 from rag.retriever import Retriever
@@ -59,8 +59,8 @@ class RagPipeline:
         """`store_open`: the caller already opened `store` for `embedder` (checked and loaded it)
         and reuses it across pipelines, as the UI does; opening again costs ~6 Milvus calls."""
         self.config = config
-        self.embedder = embedder or make_embedder(config)
         self.store = store or MilvusStore(config.milvus_uri, config.collection, config.milvus_token)
+        self.embedder = embedder or make_embedder(config, resolve_name(config.embedder, self.store.recorded_embedder()))
         if not (store_open and store is not None):
             self.store.open_existing(self.embedder)
         self.retriever = Retriever(self.store, self.embedder, config.mode, config.rrf_k)

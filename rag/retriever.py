@@ -1,4 +1,4 @@
-"""Question -> embedding -> Milvus search (dense, BM25 or hybrid) -> [rerank] -> hits, with timings."""
+"""Question -> embedding -> Milvus search (dense, BM25 or hybrid) -> hits, with timings."""
 
 from __future__ import annotations
 
@@ -6,29 +6,12 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
 
 from rag.embedder import Embedder
 from rag.store import MilvusStore
 from rag.types import Hit
 
 log = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class Reranker(Protocol):
-    """Second stage: scores (question, passage) pairs jointly, e.g. a cross-encoder.
-
-    No implementation ships: no pip-installable package carries cross-encoder weights that
-    load offline (flashrank, for one, downloads its ONNX files from a hub at first use), and a
-    reranker must be a real model. Plug one in with `Retriever(..., reranker=...)`.
-    """
-
-    model_id: str
-
-    def score(self, question: str, passages: Sequence[str]) -> Sequence[float]:
-        """One relevance score per passage, higher is better."""
-        ...
 
 
 @dataclasses.dataclass
@@ -39,22 +22,36 @@ class Retrieval:
     search_ms: float
 
 
+def weighted_rrf(lists: Sequence[tuple[float, Sequence[Hit]]], rrf_k: int, k: int) -> list[Hit]:
+    """Reciprocal-rank fusion with a weight per list: a hit scores sum(w / (rrf_k + rank)).
+
+    With equal weights this is Milvus' RRFRanker; a smaller BM25 weight lets BM25 reorder close
+    dense candidates without pulling in passages that only share words with the question.
+    """
+    fused: dict[str, float] = {}
+    first: dict[str, Hit] = {}
+    for weight, hits in lists:
+        for rank, h in enumerate(hits, 1):
+            fused[h.id] = fused.get(h.id, 0.0) + weight / (rrf_k + rank)
+            first.setdefault(h.id, h)
+    best = sorted(fused, key=lambda i: -fused[i])[:k]
+    return [dataclasses.replace(first[i], score=fused[i]) for i in best]
+
+
 class Retriever:
     """Runs one query against one collection. Stateless apart from its handles."""
 
     def __init__(
         self, store: MilvusStore, embedder: Embedder, mode: str = "dense", rrf_k: int = 10,
         weights: tuple[float, float] | None = None, candidates: int | None = None,
-        reranker: Reranker | None = None, rerank_depth: int = 20,
     ):
         self.store = store
         self.embedder = embedder
         self.mode = mode
         self.rrf_k = rrf_k
-        self.weights = weights  # (dense, bm25) for a WeightedRanker; None fuses by RRF
+        # (dense, bm25) weights of the fusion; None takes the embedder's measured ones.
+        self.weights = weights or embedder.rrf_weights
         self.candidates = candidates  # hits per route before fusion; None lets the store pick
-        self.reranker = reranker
-        self.rerank_depth = rerank_depth  # first-stage hits the reranker re-orders
         self._warned = False
 
     def _effective_mode(self, mode: str) -> str:
@@ -65,25 +62,26 @@ class Retriever:
             return "dense"
         return mode
 
+    def _hybrid(self, vec, question: str, k: int, filter: str) -> list[Hit]:
+        dense_w, bm25_w = self.weights
+        if dense_w == bm25_w:  # plain RRF: one request, fused inside Milvus
+            return self.store.search_hybrid(vec, question, k, filter, rrf_k=self.rrf_k, candidates=self.candidates)
+        n = self.candidates or max(k * 4, 20)
+        return weighted_rrf([(dense_w, self.store.search_dense(vec, n, filter)),
+                             (bm25_w, self.store.search_bm25(question, n, filter, query=vec))], self.rrf_k, k)
+
     def retrieve(self, question: str, k: int, filter: str = "", mode: str | None = None) -> Retrieval:
         """Top-k hits for `question`; `filter` is a Milvus boolean expression, e.g. `source like "docs/%"`."""
         mode = self._effective_mode(mode or self.mode)
-        n = max(k, self.rerank_depth) if self.reranker else k
         t0 = time.perf_counter()
         vec = self.embedder.embed_query(question) if mode != "bm25" else None
         t1 = time.perf_counter()
         if mode == "dense":
-            hits = self.store.search_dense(vec, n, filter)
+            hits = self.store.search_dense(vec, k, filter)
         elif mode == "bm25":
-            hits = self.store.search_bm25(question, n, filter)
+            hits = self.store.search_bm25(question, k, filter)
         else:
-            hits = self.store.search_hybrid(
-                vec, question, n, filter, rrf_k=self.rrf_k, weights=self.weights, candidates=self.candidates,
-            )
-        if self.reranker and hits:
-            scores = self.reranker.score(question, [h.text for h in hits])
-            hits = [dataclasses.replace(h, score=float(s)) for s, h in sorted(
-                zip(scores, hits, strict=True), key=lambda p: -p[0])][:k]
+            hits = self._hybrid(vec, question, k, filter)
         hits = [dataclasses.replace(h, rank=i, mode=mode) for i, h in enumerate(hits, 1)]
         t2 = time.perf_counter()
         return Retrieval(hits, mode, (t1 - t0) * 1e3, (t2 - t1) * 1e3)

@@ -7,32 +7,24 @@ from typing import Any
 
 from pymilvus import CollectionSchema, DataType, Function, FunctionType, MilvusClient
 
+from rag.bm25 import ANALYZER_PARAMS
 from rag.types import Chunk
 
-SCHEMA_VERSION = "1"
+# 2: BM25 reads its own field, `bm25_text` (title + heading path + text, see rag/bm25.py);
+# schema 1 fed BM25 the chunk text alone.
+SCHEMA_VERSION = "2"
 TEXT_MAX_BYTES = 65535  # Milvus VARCHAR limits count UTF-8 bytes, not characters
 SOURCE_MAX_BYTES = 1024
 HEADER_MAX_BYTES = 2048
 RAG_FIELDS = ["id", "vector", "text", "source", "header_path", "chunk_index", "chunk_count", "file_hash",
               "embedder", "metadata"]
-# Analyzer settings that mean the same on Milvus Lite and on a 2.5+ server. `standard` splits
-# at Unicode word boundaries and lowercases (one CJK run becomes one token, useless for Chinese);
-# jieba segments Chinese into words. ({"type": "chinese"} is server-only; Lite rejects it.)
-ANALYZER_PARAMS: dict[str, dict[str, Any]] = {
-    "standard": {"type": "standard"},
-    "jieba": {"tokenizer": "jieba", "filter": ["lowercase"]},
-}
-
 
 def build_schema(dim: int, analyzer: str, with_bm25: bool) -> CollectionSchema:
     """The fields rag-ingest writes; `sparse` and its BM25 function only where Milvus has them."""
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-    text_opts: dict[str, Any] = {}
-    if with_bm25:
-        text_opts = {"enable_analyzer": True, "analyzer_params": ANALYZER_PARAMS[analyzer]}
-    schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES, **text_opts)
+    schema.add_field("text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES)
     schema.add_field("source", DataType.VARCHAR, max_length=SOURCE_MAX_BYTES)
     schema.add_field("header_path", DataType.VARCHAR, max_length=HEADER_MAX_BYTES)
     schema.add_field("chunk_index", DataType.INT64)
@@ -41,18 +33,24 @@ def build_schema(dim: int, analyzer: str, with_bm25: bool) -> CollectionSchema:
     schema.add_field("embedder", DataType.VARCHAR, max_length=256)
     schema.add_field("metadata", DataType.JSON)
     if with_bm25:
+        # BM25 reads its own text (title + heading path + chunk, stemmed for `english`), so the
+        # stored `text` stays what the prompt quotes.
+        schema.add_field("bm25_text", DataType.VARCHAR, max_length=TEXT_MAX_BYTES, enable_analyzer=True,
+                         analyzer_params=ANALYZER_PARAMS[analyzer])
         schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
         schema.add_function(Function(
             name="text_bm25", function_type=FunctionType.BM25,
-            input_field_names=["text"], output_field_names=["sparse"],
+            input_field_names=["bm25_text"], output_field_names=["sparse"],
         ))
     return schema
 
 
-def row_problem(chunk: Chunk) -> str | None:
-    """Why Milvus would refuse this chunk's row (a VARCHAR over its byte limit), else None."""
+def row_problem(chunk: Chunk, lexical: str = "") -> str | None:
+    """Why Milvus would refuse this chunk's row (a VARCHAR over its byte limit), else None.
+    `lexical`: the row's BM25 text, where the collection has one."""
     for field, value, limit in (
         ("text", chunk.text, TEXT_MAX_BYTES),
+        ("text with its title and headings", lexical, TEXT_MAX_BYTES),
         ("source path", chunk.source, SOURCE_MAX_BYTES),
         ("header path", chunk.heading, HEADER_MAX_BYTES),
     ):

@@ -19,8 +19,9 @@ from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import numpy as np
-from pymilvus import AnnSearchRequest, MilvusClient, MilvusException, RRFRanker, WeightedRanker
+from pymilvus import AnnSearchRequest, MilvusClient, MilvusException, RRFRanker
 
+from rag import bm25
 from rag.embedder import Embedder, embedder_name
 from rag.schema import SCHEMA_VERSION, build_schema, foreign_shape, row_problem
 from rag.types import Chunk, Hit
@@ -129,6 +130,7 @@ class MilvusStore:
         self.collection = collection
         self.client = connect(uri, token)
         self.bm25 = False
+        self.analyzer = "standard"  # of the BM25 field; read from the collection when it is opened
         # query_iterator asks Milvus Lite for an optional timestamp RPC it lacks; the in-process
         # server logs a traceback and the client a warning, then both carry on correctly.
         logging.getLogger("pymilvus").setLevel(logging.ERROR)
@@ -151,6 +153,12 @@ class MilvusStore:
                 f"leave it to its owner and choose another --collection name (RAG_COLLECTION)"
             )
 
+    def recorded_embedder(self) -> str | None:
+        """The model id of the embedder that built the collection; None when there is no collection."""
+        if not self.exists():
+            return None
+        return (self.describe().get("properties") or {}).get("rag.embedder") or None
+
     def check_compatible(self, embedder: Embedder, answering: bool = False) -> None:
         """Raise StoreError unless rag-ingest made the collection with this embedder, dimension and
         metric. The advice fits the command: rag-ingest can rebuild it (--recreate); the answering
@@ -165,6 +173,12 @@ class MilvusStore:
             problems.append(f"dimension {dim} (this embedder: {embedder.dim})")
         if metric != "IP":
             problems.append(f"metric {metric} (need IP)")
+        if props.get("rag.schema", "1") != SCHEMA_VERSION:
+            raise StoreError(
+                f"collection {self.collection!r} has schema {props.get('rag.schema', '1')}, from an older version "
+                f"(this version needs {SCHEMA_VERSION}: BM25 over title, headings and text); rebuild it with "
+                f"`rag-ingest PATH --recreate`"
+            )
         if props.get("rag.embedder") != embedder.model_id:
             problems.append(f"embedder {props.get('rag.embedder')!r} (this run: {embedder.model_id!r})")
         if not problems:
@@ -200,7 +214,9 @@ class MilvusStore:
 
     def _load(self, embedder: Embedder, answering: bool) -> None:
         self.check_compatible(embedder, answering)
-        self.bm25 = bool(self.describe().get("functions"))
+        desc = self.describe()
+        self.bm25 = bool(desc.get("functions"))
+        self.analyzer = (desc.get("properties") or {}).get("rag.analyzer", "standard")
         # A reopened collection is not searchable until loaded (Lite and server alike).
         self.client.load_collection(self.collection)
 
@@ -251,6 +267,7 @@ class MilvusStore:
                 pymilvus_log.setLevel(level)
             # Servers older than 2.5 accept the schema but silently drop functions.
             self.bm25 = bool(self.describe().get("functions"))
+            self.analyzer = attempt or "standard"
             if with_bm25 and not self.bm25:
                 # Its `sparse` field would then be an ordinary field that every upsert must fill;
                 # rebuild the collection without it.
@@ -269,13 +286,15 @@ class MilvusStore:
         """Write chunks; ids are deterministic, so writing the same chunk twice is a no-op."""
         rows = []
         for chunk, vec in zip(chunks, vectors, strict=True):
-            if problem := row_problem(chunk):
-                raise StoreError(f"{chunk.source}: {problem}; shorten it")
+            lexical = bm25.document_text(chunk, self.analyzer) if self.bm25 else ""
+            if problem := row_problem(chunk, lexical):
+                raise StoreError(f"{chunk.source}: {problem}; shorten it (or lower --chunk-size)")
             rows.append({
                 "id": chunk.id, "vector": vec.tolist(), "text": chunk.text, "source": chunk.source,
                 "header_path": chunk.heading, "chunk_index": chunk.chunk_index,
                 "chunk_count": chunk.chunk_count, "file_hash": chunk.file_hash, "embedder": embedder_id,
                 "metadata": {"start": chunk.start, "end": chunk.end, **chunk.metadata},
+                **({"bm25_text": lexical} if self.bm25 else {}),
             })
         if rows:
             self.client.upsert(self.collection, rows)
@@ -359,29 +378,35 @@ class MilvusStore:
         return self._hits(res[0], dense=True)
 
     @reloading
-    def search_bm25(self, text: str, k: int, filter: str = "") -> list[Hit]:
-        """Top-k by Milvus BM25 over the analyzed text; scores are reported positive."""
+    def search_bm25(self, text: str, k: int, filter: str = "", query: np.ndarray | None = None) -> list[Hit]:
+        """Top-k by Milvus BM25 over the analyzed text; scores are reported positive.
+
+        With the question's `query` vector, each hit also gets its dense similarity (for fusion
+        and the score floor).
+        """
         res = self.client.search(
-            self.collection, data=[text], anns_field="sparse", limit=k, filter=filter,
-            output_fields=OUTPUT_FIELDS, search_params={"metric_type": "BM25"}, consistency_level=STRONG,
+            self.collection, data=[bm25.query_text(text, self.analyzer)], anns_field="sparse", limit=k, filter=filter,
+            output_fields=OUTPUT_FIELDS + (["vector"] if query is not None else []),
+            search_params={"metric_type": "BM25"}, consistency_level=STRONG,
         )
         # Milvus Lite reports BM25 as a negated distance; a server reports the score itself.
         rows = res[0]
         sign = -1.0 if rows and float(rows[0]["distance"]) < 0 else 1.0
-        return self._hits(rows, sign)
+        return self._hits(rows, sign, query=query)
 
     @reloading
     def search_hybrid(
         self, vector: np.ndarray, text: str, k: int, filter: str = "",
-        rrf_k: int = 10, weights: tuple[float, float] | None = None, candidates: int | None = None,
+        rrf_k: int = 10, candidates: int | None = None,
     ) -> list[Hit]:
-        """Dense + BM25 fused in Milvus by reciprocal-rank fusion (or weighted scores)."""
+        """Dense + BM25 fused in Milvus by reciprocal-rank fusion (equal weights; see Retriever)."""
         n = candidates or max(k * 4, 20)
         reqs = [
             AnnSearchRequest([vector.tolist()], "vector", {"metric_type": "IP"}, n, expr=filter or None),
-            AnnSearchRequest([text], "sparse", {"metric_type": "BM25"}, n, expr=filter or None),
+            AnnSearchRequest([bm25.query_text(text, self.analyzer)], "sparse", {"metric_type": "BM25"}, n,
+                             expr=filter or None),
         ]
-        ranker = WeightedRanker(*weights) if weights else RRFRanker(rrf_k)
+        ranker = RRFRanker(rrf_k)
         # The fused score is rank-based; the vectors give each hit its dense similarity too,
         # which the score floor needs.
         res = self.client.hybrid_search(

@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (RAG_UI_PORT, default 7860)")
     p.add_argument("--collection", help="Milvus collection (RAG_COLLECTION, default docs)")
     p.add_argument("--uri", help="Milvus Lite path or server URI (MILVUS_URI, default ./data/milvus.db)")
-    p.add_argument("--embedder", help="minilm, e5 or openai:<model>; must match the collection (RAG_EMBEDDER)")
+    p.add_argument("--embedder", help="auto (default: the collection's own), minilm, e5 or openai:<model> (RAG_EMBEDDER)")
     p.add_argument("--k", type=int, help="passages per answer (RAG_TOP_K)")
     p.add_argument("--score-floor", type=float, help="minimum dense similarity (RAG_SCORE_FLOOR)")
     p.add_argument("--mode", choices=["dense", "bm25", "hybrid"], help="retrieval mode (RAG_MODE)")

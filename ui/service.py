@@ -22,7 +22,7 @@ from ingest.config import IngestConfig
 from ingest.loader import source_name
 from ingest.pipeline import IngestReport, ingest
 from rag.config import RagConfig
-from rag.embedder import E5Embedder, Embedder, MiniLMEmbedder, make_embedder
+from rag.embedder import Embedder, make_embedder, resolve_name
 from rag.llm import LLMClient
 from rag.pipeline import RagPipeline
 from rag.store import MilvusStore, StoreError
@@ -43,19 +43,8 @@ def check_collection_name(name: str) -> str:
 
 
 def embedder_for(rag_config: RagConfig, store: MilvusStore) -> Embedder:
-    """The configured embedder; for `auto`, the one the default collection was built with.
-
-    A UI process embeds with one model, so `auto` (a rag-ingest choice) resolves once here:
-    to the embedder the collection records, else all-MiniLM-L6-v2.
-    """
-    if rag_config.embedder != "auto":
-        return make_embedder(rag_config)
-    name = "minilm"
-    if store.exists():
-        recorded = (store.describe().get("properties") or {}).get("rag.embedder") or ""
-        known = {MiniLMEmbedder.model_id: "minilm", E5Embedder.model_id: "e5"}
-        name = recorded if recorded.startswith("openai:") else known.get(recorded, "minilm")
-    return make_embedder(rag_config, name)
+    """The configured embedder; `auto` resolves to the one the collection was built with, else MiniLM."""
+    return make_embedder(rag_config, resolve_name(rag_config.embedder, store.recorded_embedder()))
 
 
 class KnowledgeBase:
@@ -71,6 +60,7 @@ class KnowledgeBase:
         self._base = store or MilvusStore(rag_config.milvus_uri, rag_config.collection, rag_config.milvus_token)
         self.embedder = embedder or embedder_for(rag_config, self._base)
         self._views: dict[str, MilvusStore] = {}
+        self._embedders: dict[str, Embedder] = {self.embedder.model_id: self.embedder}
         self._opened: set[str] = set()
         self._views_lock = threading.Lock()
         self.write_lock = threading.Lock()
@@ -108,12 +98,23 @@ class KnowledgeBase:
             log.warning("cannot list collections: %s", e)
             return []
 
+    def embedder_of(self, collection: str) -> Embedder:
+        """The embedder that built `collection` (its questions and uploads use it), else the UI's own."""
+        recorded = self.store(collection).recorded_embedder()
+        if recorded is None:
+            return self.embedder
+        with self._views_lock:
+            if recorded not in self._embedders:
+                self._embedders[recorded] = make_embedder(self.rag_config, resolve_name("auto", recorded))
+            return self._embedders[recorded]
+
     def _open(self, collection: str) -> MilvusStore:
-        """The view, opened for search (loaded and checked against the embedder) once."""
+        """The view, opened for search (loaded and checked against its embedder) once."""
         view = self.store(collection)
+        embedder = self.embedder_of(collection)
         with self._views_lock:
             if collection not in self._opened:
-                view.open_existing(self.embedder)
+                view.open_existing(embedder)
                 self._opened.add(collection)
         return view
 
@@ -131,7 +132,7 @@ class KnowledgeBase:
             self.rag_config, collection=view.collection, top_k=int(top_k), score_floor=score_floor, mode=mode,
             llm_base_url=None, deepseek_api_key=None,
         )
-        pipe = RagPipeline(config, embedder=self.embedder, store=view, store_open=True)
+        pipe = RagPipeline(config, embedder=self.embedder_of(view.collection), store=view, store_open=True)
         if backend.kind != "retrieval-only":
             assert backend.base_url and backend.api_key
             pipe.llm = LLMClient(backend.base_url, model, backend.api_key, timeout=self.rag_config.llm_timeout)
@@ -164,8 +165,8 @@ class KnowledgeBase:
         with self.write_lock:
             try:
                 report = ingest(
-                    [str(p) for p in paths], config, self.ingest_config, embedder=self.embedder, store=view,
-                    progress=True, warn=warn or (lambda msg: log.warning("%s", msg)), name=name,
+                    [str(p) for p in paths], config, self.ingest_config, embedder=self.embedder_of(view.collection),
+                    store=view, progress=True, warn=warn or (lambda msg: log.warning("%s", msg)), name=name,
                 )
             finally:
                 self._stats.pop(view.collection, None)  # even a failed run may have written

@@ -67,11 +67,16 @@ class StepOutput:
     logprob: TokenLogprob | None = None  # only for requests that asked (and not for EOS)
 
 
+RunnerFactory = Callable[[DeepseekV3, PagedLatentCache], ModelRunner]
+
+
 class Engine:
     def __init__(self, model: DeepseekV3, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
-                 drafter=None):
-        """``drafter`` replaces the MTP drafter of speculative decoding: for tests and benchmarks
-        only (an oracle that forces acceptance); the server never passes one."""
+                 runner: RunnerFactory = ModelRunner, drafter=None):
+        """``runner`` builds the model runner over the engine's cache (tensor-parallel rank 0
+        passes one that broadcasts each forward to the other ranks).  ``drafter`` replaces the
+        MTP drafter of speculative decoding: for tests and benchmarks only (an oracle that forces
+        acceptance); the server never passes one."""
         cfg = model.cfg
         self.model, self.tokenizer, self.config = model, tokenizer, config
         dtype = config.cache_dtype or model.dtype
@@ -85,7 +90,7 @@ class Engine:
         self.blocks = BlockManager(num_blocks, config.block_size, spec_tokens=k)
         self.scheduler = Scheduler(self.blocks, config.max_batch, config.max_prefill_tokens)
         self.spec = SpeculativeDecoder(model, self.cache, self.blocks, k, drafter or mtp_draft) if k else None
-        self.runner = ModelRunner(model, self.cache, spec=self.spec)
+        self.runner = runner(model, self.cache, spec=self.spec) if self.spec else runner(model, self.cache)
         self.sampler = Sampler()
         self.capacity_tokens = num_blocks * config.block_size
         # A verify step writes k positions past the sequence: they must fit in the cache too.

@@ -7,10 +7,9 @@ sequence's can be shared, which is how prefix caching saves prefill work.
 The engine `bind`s the block tables of the rows in a forward pass; MLA then calls `write` and
 `read` exactly as on the contiguous cache, so attention code does not know about paging.
 
-With `decode_kernel` set, single-token decode attends through `attend_decode` instead: the
-paged MLA kernel walks the block tables itself (no gathered copy of the context), and the
-lengths come from the device, which is what lets the decode step be captured in a CUDA graph.
-One extra block past `num_blocks` (`scratch_block`) absorbs the writes of padding rows when a
+Under TritonOps, single-token decode runs the paged MLA kernel on `flat` storage and the bound
+`block_tables` instead (no gathered copy of the context; lengths come from the device, which is
+what lets the decode step be captured in a CUDA graph). One extra block past `num_blocks` (`scratch_block`) absorbs the writes of padding rows when a
 graph captured for a larger batch replays a smaller one; the block manager never hands it out.
 """
 
@@ -29,7 +28,6 @@ class PagedLatentCache(LatentCache):
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.kv_lora_rank, self.rope_dim, self.dtype = kv_lora_rank, rope_dim, dtype
         self.scratch_block = num_blocks  # padding rows of captured decode graphs write here
-        self.decode_kernel = False  # True: MLA decode uses attend_decode (paged kernel)
         slots = (num_blocks + 1) * block_size
         self.c_kv = torch.zeros(num_layers, slots, kv_lora_rank, dtype=dtype, device=device)
         self.k_pe = torch.zeros(num_layers, slots, rope_dim, dtype=dtype, device=device)
@@ -71,18 +69,6 @@ class PagedLatentCache(LatentCache):
     def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(c_kv [slots, R], k_pe [slots, P]) of one layer, indexed by :meth:`slot_mapping`."""
         return self.c_kv[layer], self.k_pe[layer]
-
-    def attend_decode(self, layer: int, q: torch.Tensor, positions: torch.Tensor, scale: float,
-                      rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      q_pe: torch.Tensor | None = None) -> torch.Tensor:
-        """Absorbed MLA decode for the bound rows: q [B, H, R+dr] (or [B, H, R] and ``q_pe``
-        [B, H, dr]) at ``positions`` [B] -> latent output [B, H, R].  With ``rope`` = (cos, sin)
-        the kernel rotates q's rope part itself."""
-        from model_host.kernels.mla_decode import mla_decode
-
-        assert self.block_tables is not None, "bind() block tables before a forward"
-        return mla_decode(q, self.c_kv[layer], self.k_pe[layer], self.block_tables, positions,
-                          self.block_size, scale, rope=rope, lens_from_positions=True, q_pe=q_pe)
 
     def nbytes(self) -> int:
         return self.c_kv.nbytes + self.k_pe.nbytes

@@ -1,6 +1,6 @@
 """Turns scheduled sequences into model forwards over the paged latent cache.
 
-On CUDA with the FP8 kernel backend installed (``model_host.kernels.install()``), decode steps
+On CUDA with the model on the GPU kernels (``model.ops`` a ``TritonOps``), decode steps
 run through the paged MLA kernel and are replayed from CUDA graphs captured per batch-size
 bucket (:class:`model_host.kernels.graphs.DecodeGraphs`); everything else runs eagerly.
 """
@@ -17,18 +17,17 @@ from model_host.engine.speculative import SpeculativeDecoder
 from model_host.model import DeepseekV3
 
 
-def _graphs_supported(device: torch.device) -> bool:
-    """CUDA + Triton + a sync-free (kernel) backend; MODEL_HOST_CUDA_GRAPHS=0 opts out."""
-    if device.type != "cuda" or os.environ.get("MODEL_HOST_CUDA_GRAPHS", "1") == "0":
+def _graphs_supported(model: DeepseekV3) -> bool:
+    """CUDA + Triton + the sync-free kernel ops; MODEL_HOST_CUDA_GRAPHS=0 opts out."""
+    if model.device.type != "cuda" or os.environ.get("MODEL_HOST_CUDA_GRAPHS", "1") == "0":
         return False
-    from model_host.fp8 import get_backend
     from model_host.kernels import HAS_TRITON
 
     if not HAS_TRITON:
         return False
-    from model_host.kernels.backend import TritonFP8Backend
+    from model_host.kernels.backend import TritonOps
 
-    return isinstance(get_backend(), TritonFP8Backend)
+    return isinstance(model.ops, TritonOps)
 
 
 class ModelRunner:
@@ -40,12 +39,11 @@ class ModelRunner:
         self.spec = spec  # MTP speculative decoding (--speculative-tokens), or None
         self.mtp_graphs = None
         if cuda_graphs is None:
-            cuda_graphs = _graphs_supported(self.device)
+            cuda_graphs = _graphs_supported(model)
         self.graphs = None
         if cuda_graphs:
             from model_host.kernels.graphs import DecodeGraphs
 
-            cache.decode_kernel = True
             self.graphs = DecodeGraphs(model, cache, max_blocks_per_seq=cache.num_blocks)
             if spec is not None:  # the MTP layer's single-token steps (drafts), captured the same way
                 self.mtp_graphs = DecodeGraphs(model, cache, max_blocks_per_seq=cache.num_blocks, mtp=True)

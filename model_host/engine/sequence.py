@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from model_host.generate import StopMatcher
 from model_host.sampler import SamplingParams
+from model_host.stop import StopMatcher
 from model_host.tokenizer import StreamDecoder
 
 _ids = itertools.count()

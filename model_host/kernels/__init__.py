@@ -11,10 +11,10 @@
   write) and prefill's [nope | rope] query / key assembly, one launch each.
 * :mod:`.routing`     - the noaux_tc expert choice, the sort of rows by expert, and prefill's
   weighted combine of the expert outputs.
-* :mod:`.backend`     - :class:`TritonFP8Backend`, the :class:`~model_host.fp8.LinearBackend`
-  that routes the model's linears / MoE / MLP through the kernels.
+* :mod:`.backend`     - :class:`~.backend.TritonOps`, the :class:`~model_host.ops.Ops` interface
+  on these kernels (``model.ops = TritonOps()``).
+* :mod:`.tuning`      - launch configurations, one JSON table per GPU model in ``tables/``.
 * :mod:`.graphs`      - CUDA-graph capture of the decode step per batch-size bucket.
-* :mod:`.pdl`         - programmatic dependent launch for the Triton kernels (off by default).
 
 Every public kernel entry point falls back to its reference on CPU tensors or when Triton is
 missing, so CI (CPU only) exercises the same call sites.
@@ -42,14 +42,3 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def use_triton(*tensors: torch.Tensor) -> bool:
     """True when the Triton kernels can run on these tensors (CUDA + Triton, or the interpreter)."""
     return HAS_TRITON and (INTERPRET or all(t.is_cuda for t in tensors))
-
-
-def install(model=None, *, gemm: str = "auto"):
-    """Install :class:`TritonFP8Backend` process-wide; returns the previous backend.
-
-    ``model`` (optional) is unused today; kept so callers can later pre-pack weights per model.
-    """
-    from ..fp8 import set_backend
-    from .backend import TritonFP8Backend
-
-    return set_backend(TritonFP8Backend(gemm=gemm))

@@ -15,21 +15,17 @@ from __future__ import annotations
 import torch
 
 from . import HAS_TRITON
-from .fp8_linear import BLOCK, TUNED_GEMV, _tile_counters
-from .pdl import pdl_args
+from .fp8_linear import BLOCK, _tile_counters
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     from .fp8_linear import splitk_store
-    from .pdl import gdc_enter
 
     @triton.jit
     def _gemv_kernel(a_ptr, b_ptr, bs_ptr, c_ptr, N, K, stride_bn, stride_bsn, stride_cs, k_split,
-                     out_ptr, cnt_ptr, LAST_REDUCES: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr,
-                     PDL: tl.constexpr):
-        gdc_enter(PDL)
+                     out_ptr, cnt_ptr, LAST_REDUCES: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr):
         pid_n, pid_s = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -53,10 +49,9 @@ if HAS_TRITON:
                      tl.num_programs(1), LAST_REDUCES)
 
 
-def gemv_config(m: int, n: int, k: int, sms: int) -> dict:
+def gemv_config(m: int, n: int, k: int, sms: int, t: dict) -> dict:
     """Launch shape for one row: N tiles x K splits of whole ``KB``-block steps, ~``waves`` x SMs
-    programs (a_mode 2: the W8A16 function, bf16 activations)."""
-    t = TUNED_GEMV
+    programs (a_mode 2: the W8A16 function, bf16 activations); ``t``: ``Tuning.gemv``."""
     kb, bn = t["KB"], t["BLOCK_N"]
     tiles = -(-n // bn)
     steps = -(-k // (kb * BLOCK))  # K iterations of one unsplit program
@@ -81,5 +76,5 @@ def gemv_w8a16(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out: torch.T
     _gemv_kernel[grid](
         x, w, w_s, c, n, k, w.stride(0), w_s.stride(0), n, cfg["k_split"], out,
         counters if counters is not None else out, LAST_REDUCES=split > 1, BLOCK_N=cfg["BLOCK_N"],
-        KB=cfg["KB"], num_warps=cfg["num_warps"], **pdl_args(x))
+        KB=cfg["KB"], num_warps=cfg["num_warps"])
     return out

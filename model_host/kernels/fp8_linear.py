@@ -14,12 +14,12 @@ Two GPU implementations, picked per shape by :mod:`.backend`:
 
 * Triton (:func:`w8a8_linear`).  Small M (decode) splits K across programs so that even a
   576-row ``kv_a`` projection puts enough loads in flight; the program finishing a tile last
-  sums the fp32 partials in split order (deterministic, unlike atomics).  Its activations
-  either keep 16-bit precision (``act16``: bf16 MMAs on weights widened in registers, or two
-  FP8 terms, value plus rounding residual, on FP8 MMAs: :func:`act_quant_split_reference`)
-  or are quantized inside the GEMM prologue.  Large M (prefill) quantizes once with
-  :func:`act_quant` and runs 128x128 tiles.  One bf16 row (decode at batch 1) goes to the
-  CUDA-core GEMV of :mod:`.fp8_gemv` instead (``TUNED_GEMV``).
+  sums the fp32 partials in split order (deterministic, unlike atomics).  Its activations keep
+  16-bit precision (W8A16: bf16 MMAs on weights widened in registers; the GEMM is bound by
+  weight bytes, so FP8 activations would buy nothing but quantization error).  Large M
+  (prefill) quantizes once with :func:`act_quant` and runs 128x128 tiles.  One bf16 row
+  (decode at batch 1) goes to the CUDA-core GEMV of :mod:`.fp8_gemv` instead.  Launch shapes
+  come from the :class:`~.tuning.Tuning` table.
 * ``torch._scaled_mm`` with 1x128 / 128x128 block scales (cuBLASLt >= 12.9 on sm_90):
   :func:`scaled_mm_linear`.
 
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from . import HAS_TRITON, use_triton
-from .pdl import pdl_args
+from .tuning import Tuning
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -45,7 +45,6 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .pdl import gdc_enter
 
     @triton.jit
     def quant_tile(x):
@@ -58,8 +57,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _act_quant_kernel(x_ptr, q_ptr, s_ptr, q2_ptr, s2_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sk,
-                          SPLIT: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        gdc_enter(PDL)
+                          SPLIT: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rows < M)[:, None] & (cols < K)[None, :]
@@ -76,11 +74,10 @@ if HAS_TRITON:
             tl.store(s2_ptr + s_offs, s2, mask=rows < M)
 
     @triton.jit
-    def _w8a8_kernel(a_ptr, as_ptr, a2_ptr, as2_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
+    def _w8a8_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
                      stride_am, stride_asm, stride_ask, stride_bn, stride_bsn, stride_cs, stride_cm,
                      k_split, out_ptr, cnt_ptr, A_MODE: tl.constexpr, LAST_REDUCES: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        gdc_enter(PDL)
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # Axis 0 walks M fastest: neighbouring programs share one weight tile, so the (large)
         # weight streams from HBM once while the (small) activation rows stay in L2.
         pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -89,7 +86,6 @@ if HAS_TRITON:
         offs_k = tl.arange(0, BLOCK_K)
         mask_m, mask_n = offs_m < M, offs_n < N
         a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
-        a2_rows = a2_ptr + offs_m.to(tl.int64)[:, None] * stride_am  # A_MODE 3: same layout as a
         b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn
         bs_rows = bs_ptr + (offs_n // BLOCK_K) * stride_bsn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -99,29 +95,15 @@ if HAS_TRITON:
             k0 = k_lo + i * BLOCK_K
             kk = k0 + offs_k
             mask_k = kk < K
-            in_k = k0 < K
-            a_mask = mask_m[:, None] & mask_k[None, :]
-            a = tl.load(a_rows + kk[None, :], mask=a_mask, other=0.0)
+            in_k = tl.full((1,), k0, tl.int32) < K  # a [1] block: the interpreter rejects scalar masks
+            a = tl.load(a_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(b_rows + kk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             b_s = tl.load(bs_rows + k0 // BLOCK_K, mask=mask_n & in_k, other=0.0)
-            if A_MODE == 3:  # two FP8 terms (value + rounding residual): ~bf16 precision, FP8 MMAs
-                s_offs = offs_m * stride_asm + (k0 // BLOCK_K) * stride_ask
-                a_s = tl.load(as_ptr + s_offs, mask=mask_m & in_k, other=0.0)
-                a2 = tl.load(a2_rows + kk[None, :], mask=a_mask, other=0.0)
-                a2_s = tl.load(as2_ptr + s_offs, mask=mask_m & in_k, other=0.0)
-                bt = tl.trans(b)
-                acc += (tl.dot(a, bt) * a_s[:, None] + tl.dot(a2, bt) * a2_s[:, None]) * b_s[None, :]
-            elif A_MODE == 2:  # W8A16: bf16 activations, FP8 weights widened exactly in registers
+            if A_MODE == 2:  # W8A16: bf16 activations, FP8 weights widened exactly in registers
                 acc += tl.dot(a, tl.trans(b.to(a.dtype))) * b_s[None, :]
-            else:
-                if A_MODE == 1:  # fused per-token x 128-channel quantization of the bf16 tile
-                    af = a.to(tl.float32)
-                    amax = tl.max(tl.abs(af), axis=1)
-                    a_s = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
-                    a = tl.math.div_rn(af, tl.broadcast_to(a_s[:, None], af.shape)).to(tl.float8e4nv)
-                else:
-                    a_s = tl.load(as_ptr + offs_m * stride_asm + (k0 // BLOCK_K) * stride_ask,
-                                  mask=mask_m & in_k, other=0.0)
+            else:  # pre-quantized FP8 activations, per-token x 128-channel scales
+                a_s = tl.load(as_ptr + offs_m * stride_asm + (k0 // BLOCK_K) * stride_ask,
+                              mask=mask_m & in_k, other=0.0)
                 acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])
         mask_c = mask_m[:, None] & mask_n[None, :]
         tile = offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
@@ -148,8 +130,7 @@ if HAS_TRITON:
                 tl.atomic_xchg(counter, 0)
 
     @triton.jit
-    def _splitk_reduce_kernel(ws_ptr, c_ptr, MN, S, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        gdc_enter(PDL)
+    def _splitk_reduce_kernel(ws_ptr, c_ptr, MN, S, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < MN
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -227,36 +208,23 @@ def act_quant(x: torch.Tensor, split: bool = False) -> tuple[torch.Tensor, ...]:
     rows = 16
     _act_quant_kernel[(triton.cdiv(m, rows), nkb)](
         x, q, s_t, q2, s2_t, m, k, x.stride(0), q.stride(0), 1, m, SPLIT=split, ROWS=rows, BLOCK_K=BLOCK,
-        num_warps=4, **pdl_args(x))
+        num_warps=4)
     return (q, s_t.t(), q2, s2_t.t()) if split else (q, s_t.t())
 
 
-# Small-M (decode) launch parameters: N tile for M <= 64, warps, pipeline stages, how many
-# waves of programs split-K aims for, and how the 16-bit activations of ``act16`` enter the
-# MMA ("fp8x2": two FP8 terms, see act_quant_split_reference; "bf16": weights widened to bf16
-# in registers).  bench/decode_bench.py --gemv sweeps them per decode linear (these values won
-# on the H200, 2026-12-02) and --tune over whole captured steps (docs/gpu_notes.md).
-TUNED_SMALL_M = dict(BLOCK_N=64, num_warps=4, num_stages=3, waves=8, act16="bf16")
-ACT16_MODES = {"bf16": 2, "fp8x2": 3}
-# Rows up to ``max_m`` (bf16 activations) take the CUDA-core GEMV of :mod:`.fp8_gemv` instead
-# of 16-row tensor-core tiles; its launch shape: N rows and 128-wide K blocks per iteration.
-TUNED_GEMV = dict(max_m=1, BLOCK_N=64, KB=1, num_warps=8, waves=4)
-
-
-def gemm_config(m: int, n: int, k: int, sms: int, act16: bool = False, gemv: bool = True) -> dict:
+def gemm_config(m: int, n: int, k: int, sms: int, tuning: Tuning) -> dict:
     """Tile shape, split-K and activation handling for an (M, N, K) problem; see module doc.
 
-    ``a_mode``: 0 pre-quantized FP8 activations, 1 quantized in the prologue, 2 bf16
-    activations (W8A16), 3 pre-quantized two-term FP8 activations (2 and 3 only on the small-M
-    path when ``act16``, per ``TUNED_SMALL_M["act16"]``).  ``gemv=False`` keeps tensor-core
-    tiles for rows the GEMV would take (``TUNED_GEMV["max_m"]``).
+    ``a_mode``: 0 pre-quantized FP8 activations (large M), 2 bf16 activations (W8A16, the
+    small-M decode path, where the GEMM is bound by weight bytes and activation quantization
+    would only add error).  Rows up to ``tuning.gemv["max_m"]`` take the CUDA-core GEMV.
     """
-    if gemv and act16 and m <= TUNED_GEMV["max_m"] and TUNED_SMALL_M["act16"] == "bf16":
+    if m <= tuning.gemv["max_m"]:
         from .fp8_gemv import gemv_config
 
-        return gemv_config(m, n, k, sms)
+        return gemv_config(m, n, k, sms, tuning.gemv)
     if m <= 256:  # decode-like: bandwidth bound, maximise loads in flight
-        t = TUNED_SMALL_M
+        t = tuning.small_m
         bm = _pow2_at_least(m, 16) if m <= 64 else 64
         bn = t["BLOCK_N"] if m <= 64 else 128
         tiles = -(-m // bm) * -(-n // bn)
@@ -267,14 +235,13 @@ def gemm_config(m: int, n: int, k: int, sms: int, act16: bool = False, gemv: boo
             split = max(1, min(-(-want // tiles), nkb // 4))
         k_split = -(-nkb // split) * BLOCK
         split = -(-k // k_split)
-        a_mode = ACT16_MODES[t["act16"]] if act16 else 1
-        return dict(BLOCK_M=bm, BLOCK_N=bn, split=split, k_split=k_split, a_mode=a_mode,
+        return dict(BLOCK_M=bm, BLOCK_N=bn, split=split, k_split=k_split, a_mode=2,
                     num_warps=t["num_warps"], num_stages=t["num_stages"])
     return dict(BLOCK_M=128, BLOCK_N=128, split=1, k_split=k, a_mode=0, num_warps=8, num_stages=3)
 
 
 def w8a16_reference(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=None) -> torch.Tensor:
-    """The W8A16 mode: activations unquantized, weights dequantized (the TorchBackend function)."""
+    """The W8A16 mode: activations unquantized, weights dequantized (the TorchOps function)."""
     from ..fp8 import block_dequantize
 
     return (x.float() @ block_dequantize(w, w_s).T).to(out_dtype or x.dtype)
@@ -287,29 +254,15 @@ def linear_reference(a_mode: int):
     return functools.partial(w8a8_reference, split=a_mode == 3)
 
 
-def quantized_operands(x: torch.Tensor, a_mode: int, a_quant: tuple | None) -> tuple:
-    """(a, a_s, a2, a2_s) kernel operands for ``a_mode``: the raw activations where the kernel
-    reads them itself (modes 1, 2), else the FP8 terms (``a_quant`` when the caller has them)."""
-    if a_mode in (1, 2):
-        return x, x, x, x
-    terms = a_quant if a_quant is not None else act_quant(x, split=a_mode == 3)
-    return terms if a_mode == 3 else (*terms, *terms)
-
-
-def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=None,
-                config: dict | None = None, act16: bool = False,
-                a_quant: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-    """``x`` [M, K] (bf16/fp32) times FP8 ``w`` [N, K] with block scales ``w_s`` -> [M, N].
-
-    ``act16``: keep 16-bit activation precision on the small-M (decode) path, where the GEMM
-    is bound by weight bytes and one-term FP8 activations buy nothing but quantization error.
-    ``a_quant``: the :func:`act_quant` of ``x`` (``split=True`` for a_mode 3) when the caller
-    already has it.
-    """
+def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, config: dict,
+                a_quant: tuple[torch.Tensor, torch.Tensor] | None = None, out_dtype=None) -> torch.Tensor:
+    """``x`` [M, K] (bf16/fp32) times FP8 ``w`` [N, K] with block scales ``w_s`` -> [M, N], launched
+    with ``config`` from :func:`gemm_config`.  ``a_quant``: the :func:`act_quant` of ``x``
+    (a_mode 0) when the caller already has it."""
     out_dtype = out_dtype or x.dtype
     m, k = x.shape
     n = w.shape[0]
-    cfg = config or gemm_config(m, n, k, num_sms(x.device.index or 0), act16)
+    cfg = config
     if not use_triton(x, w):
         return linear_reference(cfg["a_mode"])(x, w, w_s, out_dtype)
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
@@ -319,25 +272,20 @@ def w8a8_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=N
     if cfg.get("gemv"):
         from .fp8_gemv import gemv_w8a16
 
-        if cfg["a_mode"] != 2:
-            raise ValueError(f"the GEMV computes W8A16 (a_mode 2), not a_mode {cfg['a_mode']}")
-
         return gemv_w8a16(x, w, w_s, out, cfg)
-    a, a_s, a2, a2_s = quantized_operands(x, cfg["a_mode"], a_quant)
-    sam, sak = (a_s.stride(0), a_s.stride(1)) if cfg["a_mode"] in (0, 3) else (0, 0)
+    a, a_s = (x, x) if cfg["a_mode"] == 2 else (a_quant if a_quant is not None else act_quant(x))
+    sam, sak = (a_s.stride(0), a_s.stride(1)) if cfg["a_mode"] == 0 else (0, 0)
     split = cfg["split"]
     c = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
     counters = _tile_counters(x.device, grid[0] * grid[1]) if split > 1 else None
     _w8a8_kernel[grid](
-        a, a_s, a2, a2_s, w, w_s, c, m, n, k, a.stride(0), sam, sak, w.stride(0), w_s.stride(0),
+        a, a_s, w, w_s, c, m, n, k, a.stride(0), sam, sak, w.stride(0), w_s.stride(0),
         m * n, n, cfg["k_split"], out, counters if counters is not None else out,
         A_MODE=cfg["a_mode"], LAST_REDUCES=counters is not None, BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BLOCK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **pdl_args(x))
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BLOCK, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split > 1 and counters is None:
-        _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](
-            c, out, m * n, split, BLOCK=1024, num_warps=4, **pdl_args(out))
+        _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](c, out, m * n, split, BLOCK=1024, num_warps=4)
     return out
 
 

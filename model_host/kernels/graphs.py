@@ -9,7 +9,7 @@ captured step needs, and how it gets it:
   ``scratch_block`` (position 0), so their writes and reads never touch a real sequence;
 * static shapes - the paged MLA kernel reads lengths from ``positions`` on the device, so the
   graph is independent of the context length (``kv_len`` is passed as 1 and unused);
-* no host syncs - the FP8 backend's MoE / routing path is sync-free; Triton kernels are
+* no host syncs - TritonOps' decode path (MoE, routing, paged MLA) is sync-free; Triton kernels are
   compiled (and ``kv_b`` dequantized) by two warm-up steps before capture.
 
 Graphs share one memory pool; outputs are copied out before the next replay can reuse it.
@@ -54,7 +54,6 @@ class DecodeGraphs:
 
     def capture(self, b: int) -> None:
         """Warm up (compiles kernels, fills weight caches) on a side stream, then capture."""
-        self.cache.decode_kernel = True
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -21,13 +21,11 @@ from __future__ import annotations
 import torch
 
 from . import HAS_TRITON, INTERPRET, use_triton
-from .pdl import pdl_args
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .pdl import gdc_enter
 
     @triton.jit
     def _mla_split_kernel(q_ptr, qpe_ptr, ckv_ptr, kpe_ptr, bt_ptr, len_ptr, po_ptr, plse_ptr, cos_ptr, sin_ptr,
@@ -35,8 +33,7 @@ if HAS_TRITON:
                           stride_pb, stride_ph, stride_ps, stride_cs,
                           PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr, DL: tl.constexpr,
                           DR: tl.constexpr, ROPE: tl.constexpr, LEN_FROM_POS: tl.constexpr,
-                          BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-        gdc_enter(PDL)
+                          BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_h, b, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         seq_len = tl.load(len_ptr + b).to(tl.int32)
         if LEN_FROM_POS:  # the decode token's position: it attends to positions 0..pos
@@ -97,8 +94,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _mla_merge_kernel(po_ptr, plse_ptr, o_ptr, H, stride_pb, stride_ph, stride_ps,
-                          stride_ob, stride_oh, NUM_SPLITS: tl.constexpr, DL: tl.constexpr, PDL: tl.constexpr):
-        gdc_enter(PDL)
+                          stride_ob, stride_oh, NUM_SPLITS: tl.constexpr, DL: tl.constexpr):
         h, b = tl.program_id(0), tl.program_id(1)
         offs_s = tl.arange(0, NUM_SPLITS)
         lse = tl.load(plse_ptr + (b * H + h) * NUM_SPLITS + offs_s)
@@ -186,9 +182,9 @@ def mla_decode(q: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, block_ta
         block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), cos.stride(0),
         PAGE=page, NUM_SPLITS=splits, DL=r, DR=dr, ROPE=rope is not None,
-        LEN_FROM_POS=lens_from_positions, BLOCK_H=block_h, BLOCK_N=block_n, num_warps=4, num_stages=2, **pdl_args(q))
+        LEN_FROM_POS=lens_from_positions, BLOCK_H=block_h, BLOCK_N=block_n, num_warps=4, num_stages=2)
     out = torch.empty(bsz, h, r, dtype=out_dtype, device=q.device)
     _mla_merge_kernel[(h, bsz)](
         part_o, part_lse, out, h, part_o.stride(0), part_o.stride(1), part_o.stride(2),
-        out.stride(0), out.stride(1), NUM_SPLITS=splits, DL=r, num_warps=4, **pdl_args(q))
+        out.stride(0), out.stride(1), NUM_SPLITS=splits, DL=r, num_warps=4)
     return out

@@ -17,9 +17,10 @@ Epilogues (``MODE``):
   down projection fused with the routing-weighted combine; like ``index_add_`` on CUDA the
   summation order of a token's k contributions is not fixed).
 
-Activations are quantized per row and 128 channels, either inside the prologue (few rows:
-decode) or once beforehand by :func:`~.fp8_linear.act_quant` (many rows: prefill); the first
-projection gathers its rows from the unsorted tokens through ``rows`` (no sorted copy of x).
+Activations are quantized per row and 128 channels by :func:`~.fp8_linear.act_quant` (or by
+the norm before, in the same pass): two FP8 terms for few rows (decode: bf16 precision on FP8
+MMAs), one for many (prefill); the first projection gathers its rows from the unsorted tokens
+through ``rows`` (no sorted copy of x).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from . import HAS_TRITON, use_triton
-from .fp8_linear import ACT16_MODES, BLOCK, linear_reference, quantized_operands
-from .pdl import pdl_args
+from .fp8_linear import BLOCK, act_quant, linear_reference
+from .tuning import Tuning
 
 MODES = {"store": 0, "gated": 1, "scatter": 2}
 
@@ -39,7 +40,6 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .pdl import gdc_enter
 
     @triton.jit
     def _grouped_kernel(a_ptr, as_ptr, a2_ptr, as2_ptr, rows_ptr, b_ptr, bs_ptr, b2_ptr, b2s_ptr, c_ptr,
@@ -49,8 +49,7 @@ if HAS_TRITON:
                         MODE: tl.constexpr, A_MODE: tl.constexpr, HAS_ROWS: tl.constexpr,
                         HAS_SCAT: tl.constexpr, HAS_WT: tl.constexpr, SEARCH_STEPS: tl.constexpr,
                         SINGLE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        gdc_enter(PDL)
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         tile = tl.program_id(0)
         pid_n = tl.program_id(1)
         if SINGLE:  # one expert (dense MLP / shared expert): rows 0..single_rows, no schedule
@@ -112,18 +111,8 @@ if HAS_TRITON:
                 if MODE == 1:
                     b2t = tl.trans(b2)
                     acc2 += (tl.dot(a, b2t) * a_s + tl.dot(a2, b2t) * a2_s) * b2_s[None, :]
-            elif A_MODE == 2:  # W8A16 (decode): bf16 activations, weights widened in registers
-                acc += tl.dot(a, tl.trans(b.to(a.dtype))) * b_s[None, :]
-                if MODE == 1:
-                    acc2 += tl.dot(a, tl.trans(b2.to(a.dtype))) * b2_s[None, :]
-            else:
-                if A_MODE == 1:
-                    af = a.to(tl.float32)
-                    amax = tl.max(tl.abs(af), axis=1)
-                    a_s = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
-                    a = tl.math.div_rn(af, tl.broadcast_to(a_s[:, None], af.shape)).to(tl.float8e4nv)
-                else:
-                    a_s = tl.load(as_ptr + src * stride_asm + (k0 // BLOCK_K) * stride_ask, mask=mask_m, other=0.0)
+            else:  # one pre-quantized FP8 term (prefill)
+                a_s = tl.load(as_ptr + src * stride_asm + (k0 // BLOCK_K) * stride_ask, mask=mask_m, other=0.0)
                 acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])
                 if MODE == 1:
                     acc2 += tl.dot(a, tl.trans(b2)) * (a_s[:, None] * b2_s[None, :])
@@ -153,34 +142,17 @@ def max_tiles(rows: int, experts: int, block_m: int) -> int:
     return max(1, min(rows, -(-rows // block_m) + min(experts, rows)))
 
 
-# Launch parameters per regime; bench/decode_bench.py --tune sweeps candidates on the real
-# shapes (decode: whole captured steps) and overwrites these.  H100 (docs/gpu_notes.md):
-# prefill 8 warps is 2.9x faster than 4 (two 64x128 fp32 accumulators); decode (4 warps,
-# 3 stages, N tiles 64 then 32 down to 256 programs) won the whole-step sweep, 1-2% ahead of
-# the runners-up; an isolated sweep of one launch once picked a setting 12% slower overall.
-# Decode picks the widest N tile in ``block_ns`` that still yields ``min_programs`` programs
-# (16 if none does), so one-row launches spread over the whole GPU.
-TUNED = {
-    # act16: how 16-bit activation precision enters the MMA (fp8_linear.TUNED_SMALL_M); two FP8
-    # terms won the H200 sweep (grouped launches 0.574 -> 0.414 ms per bs1 step).
-    "decode": dict(num_warps=4, num_stages=3, block_ns=(64, 32), min_programs=256, act16="fp8x2"),
-    "prefill": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
-    "prefill_down": dict(BLOCK_M=64, BLOCK_N=256, num_warps=8, num_stages=4),  # K = 2048: wide N tiles
-}
-
-
-def grouped_config(rows: int, n: int, experts: int, act16: bool = False, down: bool = False) -> dict:
-    """Decode (<= 256 rows): 16-row tiles, activations quantized in the prologue (or with
-    16-bit precision under ``act16``: bf16, or two FP8 terms), N spread over many programs.
-    Prefill: wide tiles on pre-quantized rows (``down``: the down projection's own tuning)."""
+def grouped_config(rows: int, n: int, experts: int, tuning: Tuning, down: bool = False) -> dict:
+    """Decode (<= 256 rows): 16-row tiles on two-term FP8 activations (a_mode 3: bf16 precision
+    on FP8 MMAs), the widest N tile in ``block_ns`` that still yields ``min_programs`` programs
+    (16 if none does), so one-row launches spread over the whole GPU.  Prefill: wide tiles on
+    one pre-quantized FP8 term (a_mode 0; ``down``: the down projection's own tuning, K = 2048)."""
     if rows <= 256:
-        t = TUNED["decode"]
+        t = tuning.grouped_decode
         groups = min(max_tiles(rows, experts, 16), experts)
         bn = next((bn for bn in t["block_ns"] if groups * -(-n // bn) >= t["min_programs"]), 16)
-        a_mode = ACT16_MODES[t["act16"]] if act16 else 1
-        return dict(BLOCK_M=16, BLOCK_N=bn, a_mode=a_mode, num_warps=t["num_warps"],
-                    num_stages=t["num_stages"])
-    return dict(a_mode=0, **TUNED["prefill_down" if down else "prefill"])
+        return dict(BLOCK_M=16, BLOCK_N=bn, a_mode=3, num_warps=t["num_warps"], num_stages=t["num_stages"])
+    return dict(a_mode=0, **(tuning.grouped_prefill_down if down else tuning.grouped_prefill))
 
 
 def grouped_reference(a, w, w_s, offsets, *, mode="store", rows=None, w2=None, w2_s=None,
@@ -213,10 +185,10 @@ def grouped_w8a8(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, counts: to
                  num_rows: int, mode: str = "store", rows: torch.Tensor | None = None,
                  w2: torch.Tensor | None = None, w2_s: torch.Tensor | None = None,
                  out: torch.Tensor | None = None, scatter: torch.Tensor | None = None,
-                 weight: torch.Tensor | None = None, config: dict | None = None,
+                 weight: torch.Tensor | None = None, config: dict,
                  a_quant: tuple[torch.Tensor, ...] | None = None,
                  schedule: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 out_dtype=None, act16: bool = False) -> torch.Tensor:
+                 out_dtype=None) -> torch.Tensor:
     """Grouped FP8 GEMM; see the module doc.
 
     a:        [T, K] activations (bf16); row ``i`` of the sorted problem reads ``a[rows[i]]``
@@ -229,11 +201,11 @@ def grouped_w8a8(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, counts: to
     out:      mode "scatter": fp32 [T', N] accumulated into (``scatter`` rows, ``weight``).
     a_quant:  pre-quantized (q, s) of ``a`` for the many-rows path, or its two-term
               (q, s, q2, s2) for a_mode 3 (computed if needed).
-    act16:    16-bit activation precision on the few-rows path (see :func:`w8a8_linear`).
+    config:   launch shape and a_mode from :func:`grouped_config`.
     Returns [num_rows, N] (modes store/gated) or ``out`` (scatter).
     """
     e_count, n, k = w.shape
-    cfg = config or grouped_config(num_rows, n, e_count, act16)
+    cfg = config
     mode_id = MODES[mode]
     single = counts is None and schedule is None
     if single:
@@ -251,8 +223,9 @@ def grouped_w8a8(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, counts: to
     c = out if mode_id == 2 else torch.empty(num_rows, n, dtype=out_dtype or a.dtype, device=a.device)
     if num_rows == 0:
         return c
-    aa, a_s, a2, a2_s = quantized_operands(a, cfg["a_mode"], a_quant)
-    sam, sak = (a_s.stride(0), a_s.stride(1)) if cfg["a_mode"] in (0, 3) else (0, 0)
+    terms = a_quant if a_quant is not None else act_quant(a, split=cfg["a_mode"] == 3)
+    aa, a_s, a2, a2_s = terms if cfg["a_mode"] == 3 else (*terms, *terms)
+    sam, sak = a_s.stride(0), a_s.stride(1)
     b2, b2s = (w2, w2_s) if w2 is not None else (w, w_s)
     grid = (max_tiles(num_rows, e_count, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     if single:
@@ -267,5 +240,5 @@ def grouped_w8a8(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, counts: to
         HAS_SCAT=scatter is not None, HAS_WT=weight is not None,
         SEARCH_STEPS=max(1, math.ceil(math.log2(max(e_count, 2)))), SINGLE=single,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BLOCK,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(a))
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return c

@@ -20,21 +20,18 @@ import torch.nn.functional as F
 
 from . import HAS_TRITON, use_triton
 from .fp8_linear import act_quant
-from .pdl import pdl_args
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     from .fp8_linear import quant_tile
-    from .pdl import gdc_enter
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, q_ptr, s_ptr, q2_ptr, s2_ptr, D, eps,
                          stride_x, stride_r, stride_y, stride_h, stride_q, stride_s,
                          HAS_RES: tl.constexpr, QUANT: tl.constexpr, BLOCK_D: tl.constexpr,
-                         CHUNK: tl.constexpr, PDL: tl.constexpr):
-        gdc_enter(PDL)
+                         CHUNK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         # Every program reduces the whole row (the same sum in the same order everywhere), then
         # writes only its CHUNK of columns: a decode row is spread over several SMs instead of
@@ -74,8 +71,7 @@ if HAS_TRITON:
     @triton.jit
     def _latent_store_kernel(kv_ptr, w_ptr, cos_ptr, sin_ptr, slot_ptr, ckv_ptr, kpe_ptr, eps,
                              stride_kv, stride_cs, stride_ckv, stride_kpe,
-                             R: tl.constexpr, P: tl.constexpr, PDL: tl.constexpr):
-        gdc_enter(PDL)
+                             R: tl.constexpr, P: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, R)
         c = tl.load(kv_ptr + t * stride_kv + offs).to(tl.float32)
@@ -98,8 +94,7 @@ if HAS_TRITON:
     def _concat_heads_kernel(nope_ptr, pe_ptr, cos_ptr, sin_ptr, out_ptr, H,
                              s_nt, s_nh, s_pt, s_ph, s_cs, s_ot, s_oh,
                              DN: tl.constexpr, DR: tl.constexpr, ROPE: tl.constexpr,
-                             BLOCK_H: tl.constexpr, PDL: tl.constexpr):
-        gdc_enter(PDL)
+                             BLOCK_H: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         mh = (heads < H)[:, None]
@@ -179,7 +174,7 @@ def _rms_norm(x, weight, eps, residual, quant: bool):
             x2, r2, weight, y, hh, q, s, terms[2] if quant else q, terms[3].t() if quant else s, d, eps,
             x2.stride(0), r2.stride(0), y.stride(0), hh.stride(0), q.stride(0), rows,
             HAS_RES=residual is not None, QUANT=quant, BLOCK_D=block, CHUNK=chunk,
-            num_warps=8 if block >= 4096 else 4, **pdl_args(x))
+            num_warps=8 if block >= 4096 else 4)
     return y.view(x.shape), (None if h is None else h.view(x.shape)), terms
 
 
@@ -214,7 +209,7 @@ def latent_store(kv_a: torch.Tensor, weight: torch.Tensor, eps: float, cos: torc
     cos, sin = cos.contiguous(), sin.contiguous()
     _latent_store_kernel[(t,)](
         kv_a, weight, cos, sin, slots, c_kv, k_pe, eps, kv_a.stride(0), cos.stride(0),
-        c_kv.stride(0), k_pe.stride(0), R=r, P=p, num_warps=4, **pdl_args(kv_a))
+        c_kv.stride(0), k_pe.stride(0), R=r, P=p, num_warps=4)
     return None
 
 
@@ -248,5 +243,5 @@ def concat_heads(nope: torch.Tensor, pe: torch.Tensor,
         _concat_heads_kernel[(b * t, triton.cdiv(h, block_h))](
             nope2, pe2, cos, sin, out2, h, nope2.stride(0), nope2.stride(1), pe2.stride(0),
             pe2.stride(1) if pe.shape[2] > 1 else 0, cos.stride(0), out2.stride(0), out2.stride(1),
-            DN=dn, DR=dr, ROPE=rope is not None, BLOCK_H=block_h, num_warps=4, **pdl_args(nope))
+            DN=dn, DR=dr, ROPE=rope is not None, BLOCK_H=block_h, num_warps=4)
     return out

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import sort_by_expert as sort_by_expert_order
 from . import HAS_TRITON, use_triton
-from .pdl import pdl_args
+from .moe_grouped import tile_schedule
 
 SORT_MAX_ROWS = 256
 
@@ -28,13 +29,11 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .pdl import gdc_enter
 
     @triton.jit
     def _noaux_tc_kernel(logit_ptr, bias_ptr, w_ptr, idx_ptr, stride_l, scale,
                          G: tl.constexpr, EG: tl.constexpr, TG: tl.constexpr, K: tl.constexpr,
-                         KP: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
-        gdc_enter(PDL)
+                         KP: tl.constexpr, NORM: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         g = tl.arange(0, G)
         j = tl.arange(0, EG)
@@ -71,8 +70,7 @@ if HAS_TRITON:
     @triton.jit
     def _sort_by_expert_kernel(idx_ptr, w_ptr, offsets_ptr, tile_end_ptr, token_ptr, w_sorted_ptr,
                                R, E, K: tl.constexpr, BLOCK_M: tl.constexpr, RP: tl.constexpr,
-                               EP: tl.constexpr, PDL: tl.constexpr):
-        gdc_enter(PDL)
+                               EP: tl.constexpr):
         r = tl.arange(0, RP)
         valid = r < R
         ex = tl.load(idx_ptr + r, mask=valid, other=E).to(tl.int32)  # padding rows sort last
@@ -91,8 +89,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _combine_kernel(y_ptr, inv_ptr, w_ptr, sh_ptr, out_ptr, D, stride_y, stride_sh, stride_o,
-                        K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-        gdc_enter(PDL)
+                        K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_D: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = offs < D
@@ -109,13 +106,15 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def route_noaux_tc(logits: torch.Tensor, bias: torch.Tensor, *, top_k: int, n_group: int, topk_group: int,
-                   norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0
-                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+def route_noaux_tc(logits: torch.Tensor, bias: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(weights [T, k] fp32, indices [T, k] int32) from fp32 router logits [T, E], as
-    :func:`model_host.moe.route` with sigmoid scoring and ``noaux_tc``; None where the kernel
-    does not apply (CPU tensors, non-power-of-two group shapes)."""
+    :func:`model_host.moe.route` with sigmoid scoring and ``noaux_tc`` under ``cfg`` (a
+    ModelConfig); None where the kernel does not apply (CPU tensors, other routing methods,
+    non-power-of-two group shapes)."""
     t, e = logits.shape
+    top_k, n_group, topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+    if cfg.topk_method != "noaux_tc" or cfg.scoring_func != "sigmoid":
+        return None
     if not (use_triton(logits) and _pow2(n_group) and e % n_group == 0 and _pow2(e // n_group)
             and e // n_group >= 2 and top_k <= topk_group * (e // n_group)):
         return None
@@ -124,9 +123,9 @@ def route_noaux_tc(logits: torch.Tensor, bias: torch.Tensor, *, top_k: int, n_gr
     idx = torch.empty(t, top_k, dtype=torch.int32, device=logits.device)
     if t:
         _noaux_tc_kernel[(t,)](
-            logits, bias, weights, idx, logits.stride(0), float(routed_scaling_factor),
+            logits, bias, weights, idx, logits.stride(0), float(cfg.routed_scaling_factor),
             G=n_group, EG=e // n_group, TG=topk_group, K=top_k, KP=triton.next_power_of_2(top_k),
-            NORM=norm_topk_prob and top_k > 1, num_warps=4 if e <= 512 else 8, **pdl_args(logits))
+            NORM=cfg.norm_topk_prob and top_k > 1, num_warps=4 if e <= 512 else 8)
     return weights, idx
 
 
@@ -136,14 +135,9 @@ def sort_by_expert_reference(idx: torch.Tensor, weights: torch.Tensor, num_exper
     idx / weights: [T, k].  offsets[e] is the end row of expert e; tile_end the running count of
     ``block_m``-row tiles; token[i] the source token of sorted row i; weight its routing weight.
     """
-    k = idx.shape[1]
-    flat = idx.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=idx.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    offsets = counts.cumsum(0, dtype=torch.int32)
-    tile_end = ((counts + block_m - 1) // block_m).cumsum(0, dtype=torch.int32)
-    token = (order // k).to(torch.int32)
+    order, counts = sort_by_expert_order(idx, num_experts)
+    offsets, tile_end = tile_schedule(counts, block_m)
+    token = (order // idx.shape[1]).to(torch.int32)
     return offsets, tile_end, token, weights.reshape(-1)[order].float().contiguous()
 
 
@@ -162,7 +156,7 @@ def sort_by_expert(idx: torch.Tensor, weights: torch.Tensor, num_experts: int, b
     _sort_by_expert_kernel[(1,)](
         idx.contiguous(), weights.float().contiguous(), offsets, tile_end, token, w_sorted, rows, num_experts,
         K=k, BLOCK_M=block_m, RP=rp, EP=max(16, triton.next_power_of_2(num_experts)),
-        num_warps=8 if rp * rp >= 65536 else 4, **pdl_args(idx))
+        num_warps=8 if rp * rp >= 65536 else 4)
     return offsets, tile_end, token, w_sorted
 
 
@@ -192,5 +186,5 @@ def combine(y: torch.Tensor, inv: torch.Tensor, weights: torch.Tensor,
         sh = shared if shared is not None else out
         _combine_kernel[(t, triton.cdiv(d, 1024))](
             y, inv, weights.float().contiguous(), sh, out, d, y.stride(0), sh.stride(0), out.stride(0),
-            K=k, HAS_SHARED=shared is not None, BLOCK_D=1024, num_warps=4, **pdl_args(y))
+            K=k, HAS_SHARED=shared is not None, BLOCK_D=1024, num_warps=4)
     return out

@@ -1,21 +1,33 @@
 """`model-host serve`: load a checkpoint and serve it over the OpenAI protocol.
 
 `build` loads the model and constructs the engine and the app; `run` adds the process around
-them: start-up logging, the engine thread, uvicorn, and a prompt shutdown on SIGTERM/SIGINT.
+them: the fit check, the ranks, start-up logging, the engine thread, uvicorn, and a prompt
+shutdown on SIGTERM/SIGINT.
+
+With ``--tp N`` the model is split over N ranks (:mod:`model_host.parallel`): this process is
+rank 0 (scheduler + HTTP) and spawns ranks 1..N-1, or, under ``torchrun``, every process runs
+this command and its rank picks its role.  Before anything is loaded or spawned, the memory
+plan (:mod:`model_host.plan`) must say the model fits, else serve exits with its sentence.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import signal
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from fastapi import FastAPI
 
+from model_host import dist
+from model_host.config import ModelConfig
 from model_host.engine.engine import EngineLoop
+from model_host.sharding import check_divisible
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 log = logging.getLogger("model_host.server")
@@ -34,10 +46,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer <key> on /v1/*")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: checkpoint dir name)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor/expert-parallel ranks, one per GPU (spawned here, or torchrun's WORLD_SIZE)")
+    p.add_argument("--gpu-mem-gb", type=float, default=None,
+                   help="GiB per GPU for the fit check (default: the GPU's own; on CPU only checked when given)")
     p.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
                    help="MTP speculative decoding: draft K tokens per decode step with the checkpoint's MTP "
                         "layer and verify them in one forward (0 = off; see docs/benchmarks.md)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (only 1 is implemented)")
     p.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default 5)")
     p.set_defaults(func=run)
@@ -49,53 +64,143 @@ class Served:
     loop: EngineLoop
     model_name: str
     device: str
+    ctx: dist.DistContext = field(default_factory=dist.DistContext)
+
+    def close(self) -> None:
+        """Stop the engine thread, then release the other ranks and leave the group."""
+        self.loop.stop()
+        if self.ctx.world > 1:
+            self.loop.engine.runner.shutdown()
+        self.ctx.close()
 
 
-def build(args: argparse.Namespace) -> Served:
-    """Load the checkpoint and build the engine loop (not started) and the app over it."""
-    from model_host.engine.engine import Engine, EngineConfig
+def _device_dtype(args: argparse.Namespace) -> tuple[str, torch.dtype]:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+
+
+def _engine_config(args: argparse.Namespace):
+    from model_host.engine.engine import EngineConfig
+
+    return EngineConfig(max_batch=args.max_batch, kv_memory_gb=args.kv_memory_gb, block_size=args.block_size,
+                        max_model_len=args.max_model_len, speculative_tokens=args.speculative_tokens)
+
+
+def _load(args: argparse.Namespace, ctx: dist.DistContext):
+    """This rank's share of the model (on its own GPU under TP) and the tokenizer."""
     from model_host.loader import load_model
-    from model_host.server.app import create_app
     from model_host.tokenizer import Tokenizer
 
-    if args.tp != 1:
-        raise SystemExit("model-host: --tp > 1 is not implemented yet; run with --tp 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+    device, dtype = _device_dtype(args)
+    ops = None  # the CPU keeps the pure-PyTorch ops
+    if device.startswith("cuda"):
+        # FP8 GEMM, grouped MoE and paged MLA decode kernels; with them the runner replays
+        # decode steps from captured CUDA graphs.
+        from model_host.kernels.backend import TritonOps
+
+        ops = TritonOps()
+    where = ctx.device if ctx.world > 1 else device
+    model = load_model(args.checkpoint, device=where, dtype=dtype, ops=ops, parallel=ctx,
+                       load_mtp=args.speculative_tokens > 0)
+    return model, Tokenizer(args.checkpoint)
+
+
+def build(args: argparse.Namespace, ctx: dist.DistContext | None = None) -> Served:
+    """Load the checkpoint (rank 0's share under TP) and build the engine loop (not started) and
+    the app over it."""
+    from model_host.engine.engine import Engine
+    from model_host.engine.runner import ModelRunner
+    from model_host.engine.tp import DriverRunner
+    from model_host.server.app import create_app
+
+    ctx = ctx or dist.DistContext()
+    device, dtype = _device_dtype(args)
+    name = args.served_model_name or Path(args.checkpoint).resolve().name
+    log.info("loading %s on %s (%s), %d rank(s)", args.checkpoint, device, str(dtype).removeprefix("torch."),
+             ctx.world)
+    t0 = time.perf_counter()
+    model, tokenizer = _load(args, ctx)
+    runner = functools.partial(DriverRunner, ctx=ctx) if ctx.world > 1 else ModelRunner
+    engine = Engine(model, tokenizer, _engine_config(args), runner=runner)
+    log.info("model %s loaded in %.1f s: %d layers, device %s; KV cache holds %d tokens (%d blocks of %d); "
+             "max context %d tokens", name, time.perf_counter() - t0, model.cfg.num_hidden_layers, device,
+             engine.capacity_tokens, engine.blocks.num_blocks, engine.blocks.block_size, engine.max_model_len)
+    loop = EngineLoop(engine)
+    return Served(create_app(loop, tokenizer, name, args.api_key), loop, name, device, ctx)
+
+
+def _check_fits(args: argparse.Namespace) -> None:
+    """Exit with the planner's sentence when the model, or the asked-for KV cache, does not fit."""
+    from model_host.plan import GiB, plan
+
+    device, dtype = _device_dtype(args)
+    mem = args.gpu_mem_gb
+    if mem is None and device.startswith("cuda"):
+        mem = torch.cuda.get_device_properties(0).total_memory / GiB
+    if mem is None:
+        return
+    p = plan(ModelConfig.from_json(args.checkpoint), args.tp, mem, dtype=dtype)
+    if not p.fits:
+        raise SystemExit(f"model-host: {Path(args.checkpoint).name} {p.sentence()}")
+    if args.kv_memory_gb * GiB > p.kv_bytes:
+        raise SystemExit(f"model-host: --kv-memory-gb {args.kv_memory_gb:g} is more than the "
+                         f"{p.kv_bytes / GiB:.1f} GiB per GPU left for the KV cache; lower it ({p.sentence()})")
+
+
+def _check_speculative(args: argparse.Namespace) -> None:
     from model_host.speculative import require_mtp
 
     try:
         require_mtp(args.checkpoint, args.speculative_tokens)
     except ValueError as e:
         raise SystemExit(f"model-host: {e}") from None
-    name = args.served_model_name or Path(args.checkpoint).resolve().name
-    log.info("loading %s on %s (%s)", args.checkpoint, device, str(dtype).removeprefix("torch."))
-    t0 = time.perf_counter()
-    model = load_model(args.checkpoint, device=device, dtype=dtype, load_mtp=args.speculative_tokens > 0)
-    if device.startswith("cuda"):
-        # FP8 GEMM, grouped MoE and paged MLA decode kernels; with them the runner replays
-        # decode steps from captured CUDA graphs. The CPU keeps the pure-PyTorch path.
-        from model_host.kernels import install
-
-        install(model)
-    tokenizer = Tokenizer(args.checkpoint)
-    engine = Engine(model, tokenizer, EngineConfig(
-        max_batch=args.max_batch, kv_memory_gb=args.kv_memory_gb, block_size=args.block_size,
-        max_model_len=args.max_model_len, speculative_tokens=args.speculative_tokens,
-    ))
-    log.info("model %s loaded in %.1f s: %d layers, device %s; KV cache holds %d tokens (%d blocks of %d); "
-             "max context %d tokens", name, time.perf_counter() - t0, model.cfg.num_hidden_layers, device,
-             engine.capacity_tokens, engine.blocks.num_blocks, engine.blocks.block_size, engine.max_model_len)
-    loop = EngineLoop(engine)
-    return Served(create_app(loop, tokenizer, name, args.api_key), loop, name, device)
+    if args.speculative_tokens and args.tp > 1:
+        raise SystemExit("model-host: --speculative-tokens runs on one GPU for now; drop it or use --tp 1")
 
 
 def run(args: argparse.Namespace) -> int:
+    # Before any rank loads a byte; under torchrun every rank checks (the same pure answer), so
+    # a refusal stops them all instead of leaving ranks waiting for rank 0.
+    rv = dist.from_env()
+    if rv is not None and rv.world != args.tp:
+        raise SystemExit(f"model-host: --tp {args.tp} but torchrun started {rv.world} ranks; pass --tp {rv.world}")
+    check_divisible(ModelConfig.from_json(args.checkpoint), args.tp)
+    _check_speculative(args)
+    _check_fits(args)
+    device, _ = _device_dtype(args)
+    if device.startswith("cuda") and rv is None and torch.cuda.device_count() < args.tp:
+        raise SystemExit(f"model-host: --tp {args.tp} needs {args.tp} GPUs; {torch.cuda.device_count()} visible")
+    workers = []
+    if rv is None:
+        rv, workers = dist.spawn(args.tp, serve_rank, (args,)) if args.tp > 1 else (dist.Rendezvous(0, 1, 0), [])
+    try:
+        return serve_rank(rv, args)
+    finally:
+        for w in workers:
+            w.join(timeout=30)
+
+
+def serve_rank(rv: dist.Rendezvous, args: argparse.Namespace) -> int:
+    """One rank: rank 0 serves HTTP; the others load their share and follow its step plans."""
     import uvicorn
 
+    from model_host.engine.engine import Engine
+    from model_host.engine.tp import follow
+
     # Start-up lines are shown without -v: a server that prints nothing looks hung while it loads.
+    logging.basicConfig(format=f"model-host[{rv.rank}]: %(message)s" if rv.world > 1 else "%(message)s")
     log.setLevel(logging.INFO)
-    served = build(args)
+    ctx = dist.init(rv, "cuda" if _device_dtype(args)[0].startswith("cuda") else "cpu")
+    if not ctx.is_driver:  # the same engine (same cache and blocks), driven by rank 0's plans
+        model, tokenizer = _load(args, ctx)
+        follow(Engine(model, tokenizer, _engine_config(args)).runner, ctx)
+        ctx.close()
+        return 0
+    served = build(args, ctx)
+    if ctx.world > 1:
+        # uvicorn re-raises SIGTERM after its shutdown; as an exception (not the default
+        # action, which kills at once) it lets `close` release the other ranks first.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     # A short graceful timeout: uvicorn otherwise waits for every open request (a long
     # generation, a stalled stream) before exiting on SIGTERM.
     server = uvicorn.Server(uvicorn.Config(served.app, host=args.host, port=args.port, log_level="warning",
@@ -105,5 +210,5 @@ def run(args: argparse.Namespace) -> int:
     try:
         server.run()  # on SIGTERM uvicorn re-raises the signal after its shutdown: the process ends here
     finally:
-        served.loop.stop()
+        served.close()
     return 0

@@ -5,6 +5,7 @@ references are the model's own math, so a kernel that matches them matches the m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from model_host.engine.paged_cache import PagedLatentCache
 from model_host.fp8 import block_quantize
 from model_host.kernels.mla_decode import mla_decode, mla_decode_reference
-from model_host.kernels.moe_grouped import grouped_w8a8
+from model_host.kernels.moe_grouped import grouped_config, grouped_w8a8
 from model_host.kernels.norm_rope import (
     concat_heads,
     concat_heads_reference,
@@ -31,10 +32,12 @@ from model_host.kernels.routing import (
     sort_by_expert,
     sort_by_expert_reference,
 )
+from model_host.kernels.tuning import load_tuning
 from model_host.moe import route
+from model_host.ops import TorchOps
 from model_host.rope import apply_rope
 
-from .conftest import rel, requires_gpu
+from .conftest import rel, requires_gpu, route_config, triton_only
 
 gpu = pytest.mark.gpu
 
@@ -56,7 +59,7 @@ def test_latent_store_reference_is_the_mla_cache_write():
     want.bind(tables)
     got.bind(tables)
     c, pe = kv_a.split([r, p], dim=-1)
-    want.write(0, pos, norm(c), apply_rope(pe, cos, sin))
+    want.write(0, pos, TorchOps().rms_norm(c, norm).out, apply_rope(pe, cos, sin))
     latent_store_reference(kv_a.view(-1, r + p), norm.weight, norm.eps, cos.view(-1, p // 2),
                            sin.view(-1, p // 2), got.slot_mapping(pos), *got.flat(0))
     assert torch.equal(want.c_kv, got.c_kv) and torch.equal(want.k_pe, got.k_pe)
@@ -122,10 +125,9 @@ def test_concatenated_q_a_kv_a_gemm_equals_the_two_linears(m):
     """MLA's two down projections as one GEMM (backend.linears): the same function as the two
     separate linears, and an in-place weight change rebuilds the concatenated copy."""
     from model_host.fp8 import Linear
-    from model_host.kernels.backend import TritonFP8Backend
     from model_host.kernels.fp8_linear import w8a8_reference, w8a16_reference
 
-    be = TritonFP8Backend(gemm="triton")
+    be = triton_only()
     layers = []
     for n in (1536, 576):
         lin = Linear(7168, n, fp8_block=(128, 128), device="cuda")
@@ -179,7 +181,7 @@ def test_route_kernel_matches_torch_route(t, e, g, tg, k):
     logits = torch.randn(t, e, device="cuda")
     bias = torch.rand(e, device="cuda") * 0.25
     kw = dict(top_k=k, n_group=g, topk_group=tg, norm_topk_prob=True, routed_scaling_factor=2.5)
-    w, idx = route_noaux_tc(logits, bias, **kw)
+    w, idx = route_noaux_tc(logits, bias, route_config(e, **kw))
     ref_w, ref_idx = route(logits, bias, topk_method="noaux_tc", scoring_func="sigmoid", **kw)
     assert torch.equal(idx.long(), ref_idx)
     assert torch.allclose(w, ref_w, rtol=1e-5, atol=1e-6)
@@ -192,7 +194,7 @@ def test_route_kernel_breaks_ties_like_a_stable_sort():
     logits[1, 200:] = 1.0  # ties inside the best groups
     bias = torch.zeros(256, device="cuda")
     kw = dict(top_k=8, n_group=8, topk_group=4, norm_topk_prob=True, routed_scaling_factor=1.0)
-    w, idx = route_noaux_tc(logits, bias, **kw)
+    w, idx = route_noaux_tc(logits, bias, route_config(256, **kw))
     ref_w, ref_idx = route(logits, bias, topk_method="noaux_tc", scoring_func="sigmoid", **kw)
     assert torch.equal(idx.long(), ref_idx) and torch.allclose(w, ref_w)
     assert idx[0].tolist() == list(range(8))
@@ -238,7 +240,7 @@ def test_single_expert_grouped_launch_equals_counted_one(t):
     wg, sg = block_quantize(torch.randn(1, inter, d, device="cuda") / math.sqrt(d))
     wu, su = block_quantize(torch.randn(1, inter, d, device="cuda") / math.sqrt(d))
     one = torch.full((1,), t, dtype=torch.int32, device="cuda")
-    kw = dict(num_rows=t, mode="gated", w2=wu, w2_s=su, act16=True)
+    kw = dict(num_rows=t, mode="gated", w2=wu, w2_s=su, config=grouped_config(t, inter, 1, load_tuning()))
     assert torch.equal(grouped_w8a8(x, wg, sg, None, **kw), grouped_w8a8(x, wg, sg, one, **kw))
 
 
@@ -272,28 +274,6 @@ def test_combine_kernel_vs_float64(t, k, d, shared):
     assert got.dtype == torch.bfloat16 and rel(got, want) < 5e-3
 
 
-def test_prefill_quantization_is_reused_only_for_the_same_unchanged_tensor():
-    """The backend's memo: the same tensor object at the same version gets the same (q, s);
-    an in-place change or another tensor with equal values is quantized afresh (runs on CPU)."""
-    from model_host.kernels.backend import TritonFP8Backend
-
-    be = TritonFP8Backend()
-    x = torch.randn(300, 512, dtype=torch.bfloat16)
-    first = be.quantized(x)
-    assert be.quantized(x) is first
-    assert be.quantized(x.view(150, 1024), source=x) is not first  # another shape of the same source
-    two = be.quantized(x, split=True)  # the two-term decode form is its own entry
-    assert len(two) == 4 and torch.equal(two[1], first[1]) and be.quantized(x, split=True) is two
-    other = x.clone()
-    assert be.quantized(other) is not first
-    x.mul_(2)
-    again = be.quantized(x)
-    assert again is not first and torch.equal(again[1], 2 * first[1])
-    with torch.inference_mode():  # the engine's mode: no version counters, identity still works
-        y = torch.randn(300, 512, dtype=torch.bfloat16)
-        assert be.quantized(y) is be.quantized(y) and be.quantized(y.clone()) is not be.quantized(y)
-
-
 @gpu
 @requires_gpu
 @pytest.mark.parametrize("m,n,k", [(1, 1536, 7168), (1, 576, 7168), (5, 7168, 16384)])
@@ -302,9 +282,10 @@ def test_split_k_reduced_by_the_last_program_is_exact_and_leaves_counters_zeroed
 
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w, ws = block_quantize(torch.randn(n, k, device="cuda") / math.sqrt(k))
-    assert gemm_config(m, n, k, num_sms(), act16=True)["split"] > 1
-    first = w8a8_linear(x, w, ws, act16=True)
-    assert torch.equal(first, w8a8_linear(x, w, ws, act16=True))  # fixed summation order
+    cfg = gemm_config(m, n, k, num_sms(), load_tuning())
+    assert cfg["split"] > 1  # m = 1: the GEMV's split-K, else the tensor-core tiles'
+    first = w8a8_linear(x, w, ws, cfg)
+    assert torch.equal(first, w8a8_linear(x, w, ws, cfg))  # fixed summation order
     assert rel(first, w8a16_reference(x.double(), w, ws, torch.float64)) < 1e-2
     assert int(_COUNTERS["cuda:0"].abs().sum()) == 0
 
@@ -319,16 +300,11 @@ def test_batch_one_gemv_vs_float64_and_reproducible(n, k, bn, kb):
 
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     w, ws = block_quantize(torch.randn(n, k, device="cuda") / math.sqrt(k))
-    saved = dict(fl.TUNED_GEMV)
-    fl.TUNED_GEMV.update(max_m=1, BLOCK_N=bn, KB=kb, num_warps=4, waves=4)
-    try:
-        cfg = fl.gemm_config(1, n, k, fl.num_sms(), act16=True)
-        assert cfg.get("gemv") and (cfg["split"] > 1 or k <= kb * 128)
-        first = fl.w8a8_linear(x, w, ws, act16=True)
-        assert torch.equal(first, fl.w8a8_linear(x, w, ws, act16=True))
-        assert not fl.gemm_config(2, n, k, fl.num_sms(), act16=True).get("gemv")  # one row only
-    finally:
-        fl.TUNED_GEMV.clear()
-        fl.TUNED_GEMV.update(saved)
+    tuning = dataclasses.replace(load_tuning(), gemv=dict(max_m=1, BLOCK_N=bn, KB=kb, num_warps=4, waves=4))
+    cfg = fl.gemm_config(1, n, k, fl.num_sms(), tuning)
+    assert cfg.get("gemv") and (cfg["split"] > 1 or k <= kb * 128)
+    first = fl.w8a8_linear(x, w, ws, cfg)
+    assert torch.equal(first, fl.w8a8_linear(x, w, ws, cfg))
+    assert not fl.gemm_config(2, n, k, fl.num_sms(), tuning).get("gemv")  # one row only
     assert rel(first, fl.w8a16_reference(x.double(), w, ws, torch.float64)) < 1e-2
     assert int(fl._COUNTERS["cuda:0"].abs().sum()) == 0

@@ -3,12 +3,14 @@ included; plus CPU checks that each kernel's pure-PyTorch path computes the defi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from model_host.engine.paged_cache import PagedLatentCache
 from model_host.fp8 import block_dequantize, block_quantize
 from model_host.kernels.fp8_linear import (
     act_dequant,
@@ -23,9 +25,13 @@ from model_host.kernels.fp8_linear import (
 )
 from model_host.kernels.mla_decode import mla_decode, mla_decode_reference
 from model_host.kernels.moe_grouped import grouped_w8a8, tile_schedule
-from model_host.mla import attend_absorbed
+from model_host.kernels.tuning import load_tuning
+from model_host.mla import build_attention_batch
+from model_host.ops import TorchOps
 
 from .conftest import rel, requires_gpu
+
+NO_GEMV = dataclasses.replace(load_tuning("NVIDIA H200"), gemv={"max_m": 0})
 
 gpu = pytest.mark.gpu
 
@@ -84,20 +90,22 @@ def test_w8a8_reference_matches_float64():
     assert rel(w8a8_reference(x, w, s, torch.float32), w8a8_f64(x, w, s)) < 1e-6
 
 
-def test_mla_decode_reference_matches_model_attention():
-    """The paged decode reference equals the model's absorbed attention on gathered latents."""
+def test_mla_decode_reference_matches_torch_ops():
+    """The paged decode reference equals the model's absorbed attention (TorchOps.mla_decode,
+    identity W_uk / W_uv: attention in latent space) on the same paged cache."""
     b, h, r, dr, page = 2, 4, 32, 8, 4
-    c_kv, k_pe = torch.randn(40, r), torch.randn(40, dr)
+    cache = PagedLatentCache(1, 10, page, r, dr, dtype=torch.float32)
+    cache.c_kv.normal_()
+    cache.k_pe.normal_()
     tables = torch.tensor([[3, 1, 7, 0], [5, 2, 9, 8]])
     lens = torch.tensor([13, 6])
     q = torch.randn(b, h, r + dr)
-    out = mla_decode_reference(q, c_kv, k_pe, tables, lens, page, 0.3)
-    for i in range(b):
-        slots = (tables[i, torch.arange(lens[i]) // page] * page + torch.arange(lens[i]) % page)
-        eye = torch.eye(r).expand(h, r, r)  # identity W_uk / W_uv: attention in latent space
-        ref = attend_absorbed(q[i, None, None, :, :r], q[i, None, None, :, r:], c_kv[slots][None],
-                              k_pe[slots][None], eye, eye, torch.ones(1, 1, 1, len(slots), dtype=torch.bool), 0.3)
-        assert rel(out[i], ref[0, 0]) < 1e-5
+    out = mla_decode_reference(q, cache.c_kv[0], cache.k_pe[0], tables, lens, page, 0.3)
+    cache.bind(tables)
+    ones = torch.ones(b, 1, dr // 2)  # rope by angle 0: q_pe as it is
+    batch = build_attention_batch((lens - 1).view(b, 1), ones, torch.zeros_like(ones), cache)
+    got = TorchOps().mla_decode(q[:, None, :, :r], q[:, None, :, r:], batch, 0, 0.3)
+    assert rel(got[:, 0], out) < 1e-5
 
 
 def test_grouped_reference_on_cpu_matches_per_expert_loop():
@@ -108,16 +116,19 @@ def test_grouped_reference_on_cpu_matches_per_expert_loop():
     order = torch.argsort(idx.reshape(-1), stable=True)
     token = order // k
     counts = torch.bincount(idx.reshape(-1), minlength=e)
-    out = grouped_w8a8(x, w, s, counts, num_rows=t * k, mode="store", rows=token, out_dtype=torch.float32)
+    out = grouped_w8a8(x, w, s, counts, num_rows=t * k, mode="store", rows=token, out_dtype=torch.float32,
+                       config=dict(BLOCK_M=16, a_mode=0))
     expert = idx.reshape(-1)[order]
     ref = torch.stack([w8a8_f64(x[token[i], None], w[expert[i]], s[expert[i]])[0] for i in range(t * k)])
     assert rel(out, ref) < 1e-6
 
 
 def test_gemm_config_splits_k_for_small_decode_shapes():
-    cfg = gemm_config(1, 576, 7168, 132)
-    assert cfg["a_mode"] == 1 and cfg["split"] > 1 and cfg["k_split"] % 128 == 0
-    assert gemm_config(2048, 7168, 2048, 132)["split"] == 1
+    tuning = load_tuning("NVIDIA H200")
+    cfg = gemm_config(8, 576, 7168, 132, tuning)
+    assert cfg["a_mode"] == 2 and cfg["split"] > 1 and cfg["k_split"] % 128 == 0
+    assert gemm_config(1, 576, 7168, 132, tuning)["gemv"]  # one row: the CUDA-core GEMV
+    assert gemm_config(2048, 7168, 2048, 132, tuning)["split"] == 1
 
 
 # ---------------------------------------------------------------------------------- GPU kernels
@@ -128,7 +139,8 @@ def test_gemm_config_splits_k_for_small_decode_shapes():
 def test_w8a8_linear_vs_float64(m, n, k):
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w, s = rand_fp8(n, k, device="cuda")
-    out = w8a8_linear(x, w, s, torch.float32)
+    cfg = gemm_config(m, n, k, num_sms(), NO_GEMV)  # tensor-core tiles at M=1 too
+    out = w8a8_linear(x, w, s, dict(cfg, a_mode=0), out_dtype=torch.float32)
     assert out.isfinite().all()
     # Same quantized operands; what remains is the FP8 tensor core's reduced-precision
     # accumulation inside each 128-wide K chunk (measured ~1.3e-4 on H100) before the fp32
@@ -136,14 +148,8 @@ def test_w8a8_linear_vs_float64(m, n, k):
     assert rel(out, w8a8_f64(x, w, s)) < 5e-4
     # W8A16 (decode mode): bf16 activations times exactly widened FP8 weights.
     if m <= 256:  # larger M is always W8A8
-        cfg = gemm_config(m, n, k, num_sms(), act16=True, gemv=False)  # tensor-core tiles at M=1 too
-        out16 = w8a8_linear(x, w, s, torch.float32, config=dict(cfg, a_mode=2))
-        ref16 = w8a16_f64(x, w, s)
-        assert rel(out16, ref16) < 1e-5
-        # Two-term FP8 activations: the same FP8 MMA accumulation bound against their own
-        # oracle, and bf16-level error against the unquantized activations.
-        out3 = w8a8_linear(x, w, s, torch.float32, config=dict(cfg, a_mode=3))
-        assert rel(out3, w8a8_f64(x, w, s, split=True)) < 5e-4 and rel(out3, ref16) < 5e-3
+        out16 = w8a8_linear(x, w, s, dict(cfg, a_mode=2), out_dtype=torch.float32)
+        assert rel(out16, w8a16_f64(x, w, s)) < 1e-5
 
 
 @gpu
@@ -191,36 +197,26 @@ def test_grouped_moe_kernels_vs_float64(t, e, k, quant):
     token = (order // k).int()
     counts = torch.bincount(flat, minlength=e).int()
     wt = torch.rand(t * k, device="cuda")
-    cfg = dict(BLOCK_M=16 if quant else 64, BLOCK_N=64, a_mode=1 if quant else 0, num_warps=4, num_stages=3)
+    # quant: the decode mode (two-term FP8 activations: bf16 precision on FP8 MMAs), else prefill's one term.
+    cfg = dict(BLOCK_M=16 if quant else 64, BLOCK_N=64, a_mode=3 if quant else 0, num_warps=4, num_stages=3)
     h = grouped_w8a8(x, wg, sg, counts, num_rows=t * k, mode="gated", rows=token, w2=wu, w2_s=su,
                      config=cfg, out_dtype=torch.float32)
     out = grouped_w8a8(h.bfloat16(), wd, sd, counts, num_rows=t * k, mode="scatter", config=cfg,
                        out=torch.zeros(t, 192, device="cuda"), scatter=token, weight=wt)
     ex = flat[order]
-    h_ref = torch.stack([F.silu(w8a8_f64(x[token[i], None], wg[ex[i]], sg[ex[i]])[0])
-                         * w8a8_f64(x[token[i], None], wu[ex[i]], su[ex[i]])[0] for i in range(t * k)])
+    split = cfg["a_mode"] == 3
+    h_ref = torch.stack([F.silu(w8a8_f64(x[token[i], None], wg[ex[i]], sg[ex[i]], split)[0])
+                         * w8a8_f64(x[token[i], None], wu[ex[i]], su[ex[i]], split)[0] for i in range(t * k)])
     assert rel(h, h_ref) < 5e-4  # FP8 MMA chunk accumulation, see test_w8a8_linear_vs_float64
-    y = torch.stack([w8a8_f64(h.bfloat16()[i, None], wd[ex[i]], sd[ex[i]])[0] for i in range(t * k)])
+    y = torch.stack([w8a8_f64(h.bfloat16()[i, None], wd[ex[i]], sd[ex[i]], split)[0] for i in range(t * k)])
     ref = torch.zeros(t, 192, dtype=torch.float64).index_add_(0, token.long().cpu(), y * wt.double().cpu()[:, None])
     assert rel(out, ref) < 5e-4
-    if quant:  # the W8A16 decode mode of the same launch
-        cfg16 = dict(cfg, a_mode=2)
-        h16 = grouped_w8a8(x, wg, sg, counts, num_rows=t * k, mode="gated", rows=token, w2=wu, w2_s=su,
-                           config=cfg16, out_dtype=torch.float32)
+    if quant:  # two terms: bf16-level error against the unquantized activations
         xd = x.double().cpu()
         deq = lambda w_, s_: block_dequantize(w_.cpu(), s_.cpu(), dtype=torch.float64)  # noqa: E731
         ref16 = torch.stack([F.silu(xd[token[i]] @ deq(wg[ex[i]], sg[ex[i]]).T)
                              * (xd[token[i]] @ deq(wu[ex[i]], su[ex[i]]).T) for i in range(t * k)])
-        assert rel(h16, ref16) < 1e-5
-        h3 = grouped_w8a8(x, wg, sg, counts, num_rows=t * k, mode="gated", rows=token, w2=wu, w2_s=su,
-                          config=dict(cfg, a_mode=3), out_dtype=torch.float32)
-        assert rel(h3, ref16) < 5e-3  # two-term FP8 activations: bf16-level error
-        out3 = grouped_w8a8(h16.bfloat16(), wd, sd, counts, num_rows=t * k, mode="scatter",
-                            config=dict(cfg, a_mode=3), out=torch.zeros(t, 192, device="cuda"),
-                            scatter=token, weight=wt)
-        y16 = torch.stack([w8a16_f64(h16.bfloat16()[i, None], wd[ex[i]], sd[ex[i]])[0] for i in range(t * k)])
-        ref3 = torch.zeros(t, 192, dtype=torch.float64).index_add_(0, token.long().cpu(), y16 * wt.double().cpu()[:, None])
-        assert rel(out3, ref3) < 5e-3
+        assert rel(h, ref16) < 5e-3
     offsets, tile_end = tile_schedule(counts, cfg["BLOCK_M"])
     assert int(offsets[-1]) == t * k
 

@@ -9,15 +9,9 @@ import torch
 from safetensors import safe_open
 
 from model_host.checkpoint import export_checkpoint, make_config, write_random_checkpoint
-from model_host.fp8 import (
-    FP8_DTYPE,
-    LinearBackend,
-    TorchBackend,
-    block_dequantize,
-    block_quantize,
-    set_backend,
-)
+from model_host.fp8 import FP8_DTYPE, block_dequantize, block_quantize
 from model_host.loader import load_model, scan_checkpoint
+from model_host.ops import TorchOps
 from model_host.spec import checkpoint_layout
 
 from .conftest import rel_err
@@ -86,7 +80,7 @@ def test_loader_dequantized_weights_are_exact(odd_fp8_ckpt, mode):
         f = handles.setdefault(path, safe_open(path, framework="pt"))
         ref = blockwise_reference(f.get_tensor(spec.name), f.get_tensor(spec.name + "_scale_inv"))
         mod = model.get_submodule(spec.target.rpartition(".")[0])
-        got = mod.dense_weight(torch.float32) if mode == "keep" else params[spec.target]
+        got = model.ops.dense_weight(mod, torch.float32) if mode == "keep" else params[spec.target]
         if spec.expert is not None:
             got = got[spec.expert]
         assert torch.equal(got, ref), spec.name
@@ -111,39 +105,30 @@ def test_fp8_logits_equal_dequantized_export(odd_fp8_ckpt, tmp_path):
     assert rel_err(step, ref[:, 11:]) < 1e-5
 
 
-def test_dequant_cache_policy_and_pluggable_backend(odd_fp8_ckpt):
+def test_dequant_cache_policy_and_explicit_ops(odd_fp8_ckpt):
     model = load_model(odd_fp8_ckpt, dtype=torch.float32)
     lin = model.layers[0].self_attn.o_proj
     ids = torch.zeros(1, 3, dtype=torch.long)
     base = model(ids).logits
-    assert lin._dequant is None  # default: dequantize on the fly, keep nothing
-    prev = set_backend(TorchBackend(cache_dequantized=True))
-    try:
-        assert torch.equal(model(ids).logits, base)
-        assert lin._dequant is not None and lin._dequant.dtype == torch.float32
-    finally:
-        set_backend(prev)
-        lin._dequant = None
+    assert not model.ops._dense  # default: dequantize on the fly, keep nothing
+    model.ops = TorchOps(cache_dequantized=True)
+    assert torch.equal(model(ids).logits, base)
+    assert model.ops._dense[lin].dtype == torch.float32  # kept by the ops, keyed by module
+    assert not any(isinstance(v, torch.Tensor) for v in vars(lin).values())  # nothing on the module
 
-    class Counting(LinearBackend):
+    class Counting(TorchOps):  # the model reaches kernels only through its ops
         def __init__(self):
-            self.inner, self.calls = TorchBackend(), {"linear": 0, "grouped": 0}
-
-        def dense_weight(self, layer, dtype):
-            return self.inner.dense_weight(layer, dtype)
+            super().__init__()
+            self.calls = {"linear": 0, "moe": 0}
 
         def linear(self, x, layer):
             self.calls["linear"] += 1
-            return self.inner.linear(x, layer)
+            return super().linear(x, layer)
 
-        def grouped_linear(self, x, layer, offsets):
-            self.calls["grouped"] += 1
-            return self.inner.grouped_linear(x, layer, offsets)
+        def moe(self, *args, **kw):
+            self.calls["moe"] += 1
+            return super().moe(*args, **kw)
 
-    counting = Counting()
-    prev = set_backend(counting)
-    try:
-        assert torch.equal(model(ids).logits, base)
-    finally:
-        set_backend(prev)
-    assert counting.calls["linear"] > 10 and counting.calls["grouped"] == 3  # one MoE layer x 3 projections
+    model.ops = counting = Counting()
+    assert torch.equal(model(ids).logits, base)
+    assert counting.calls["linear"] > 10 and counting.calls["moe"] == 1  # one MoE layer

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_host.generate import StopMatcher, generate
+from model_host.generate import generate
 from model_host.sampler import Sampler, SamplingParams, apply_top_k_top_p, sample
+from model_host.stop import StopMatcher
 
 PROMPT = [{"role": "user", "content": "Write a haiku about the sea."}]
 

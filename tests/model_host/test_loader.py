@@ -130,7 +130,7 @@ def test_max_layers_loads_a_prefix(sharded):
     assert len(one.layers) == 1
     x = full.embed_tokens(torch.arange(6).unsqueeze(0))
     batch = full.attention_batch(torch.zeros(1, 6, dtype=torch.long))
-    assert rel_err(one.layers[0](x, batch), full.layers[0](x, batch)) == 0
+    assert rel_err(one.layers[0](x, batch, one.ops), full.layers[0](x, batch, full.ops)) == 0
 
 
 def test_unsupported_config_is_reported_before_reading_weights(sharded, tmp_path):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from model_host.fp8 import StackedLinear, block_quantize
 from model_host.moe import Experts, route
+from model_host.ops import Routing, TorchOps
 
 ROUTE = dict(top_k=4, n_group=4, topk_group=2, routed_scaling_factor=2.5)
 
@@ -111,7 +112,8 @@ def test_grouped_experts_equal_per_expert_loop():
     idx = torch.stack([torch.randperm(e - 2, generator=g)[:k] for _ in range(n)])  # experts 6, 7 unused
     weights = torch.rand(n, k, generator=g)
     ref = _reference_experts(x, weights, idx, *(w / 5 for w in ws))
-    assert torch.allclose(ex(x, weights, idx), ref, atol=1e-4, rtol=1e-4)
+    out = TorchOps().moe(x, ex, Routing(weights, idx), None)
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_grouped_mm_fallback_without_torch_kernel(monkeypatch):
@@ -127,8 +129,6 @@ def test_grouped_mm_fallback_without_torch_kernel(monkeypatch):
 
 
 def test_fp8_stacked_only_dequantizes_active_experts_but_matches_dense():
-    from model_host.fp8 import TorchBackend, set_backend
-
     g = torch.Generator().manual_seed(1)
     e, d, out = 6, 200, 136  # non-multiples of 128
     w = torch.randn(e, out, d, generator=g)
@@ -137,20 +137,16 @@ def test_fp8_stacked_only_dequantizes_active_experts_but_matches_dense():
     lin.weight.data, lin.weight_scale_inv.data = q, s
     x = torch.randn(9, d, generator=g)
     offsets = torch.tensor([2, 2, 5, 5, 5, 9], dtype=torch.int32)  # experts 1, 3, 4 empty
-    sparse = lin(x, offsets)
-    prev = set_backend(TorchBackend(cache_dequantized=True))
-    try:
-        dense = lin(x, offsets)
-    finally:
-        set_backend(prev)
-    assert torch.equal(sparse, dense)
+    sparse = TorchOps().grouped_linear(x, lin, offsets)
+    assert torch.equal(sparse, TorchOps(cache_dequantized=True).grouped_linear(x, lin, offsets))
 
 
 def test_random_checkpoint_routes_across_experts(small_model):
     """The writer's init spreads tokens over experts (bias spread + unit router logits)."""
     moe = small_model.layers[1].mlp
-    x = small_model.layers[1].post_attention_layernorm(small_model.embed_tokens(torch.arange(1024)))
-    _, idx = moe.gate(x)
+    ops = small_model.ops
+    x = ops.rms_norm(small_model.embed_tokens(torch.arange(1024)), small_model.layers[1].post_attention_layernorm).out
+    idx = ops.route(x, moe.gate).indices
     load = torch.bincount(idx.flatten(), minlength=moe.experts.num_experts).float() / idx.numel()
     assert (load > 0).all(), load
     assert load.max() < 0.25

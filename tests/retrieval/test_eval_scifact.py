@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rag.eval_cli import main
+from evals.cli import main
 from tests.conftest import shared_data
 
 

@@ -10,11 +10,12 @@ import pytest
 from pymilvus import MilvusException
 
 from ingest.config import IngestConfig
-from ingest.pipeline import ingest, resolve_embedder
+from ingest.pipeline import ingest
 from rag.config import RagConfig
-from rag.retriever import Retriever
+from rag.embedder import resolve_name
+from rag.retriever import Retriever, weighted_rrf
 from rag.store import MilvusStore, StoreError
-from rag.types import Chunk
+from rag.types import Chunk, Hit
 from tests.support.hash_embedder import HashEmbedder
 
 ZH_PASSAGES = [
@@ -76,10 +77,10 @@ def test_cjk_corpus_gets_jieba_and_an_e5_suggestion(tmp_path: Path, milvus_uri: 
     try:
         assert store.describe()["properties"]["rag.analyzer"] == "jieba"
         # `auto` keeps the collection's own embedder, and picks e5 only for a new CJK corpus.
-        assert resolve_embedder("auto", 0.9, store) == "minilm"
-        assert resolve_embedder("auto", 0.9, store, recreate=True) == "e5"
-        assert resolve_embedder("auto", 0.01, store, recreate=True) == "minilm"
-        assert resolve_embedder("e5", 0.01, store) == "e5"
+        assert resolve_name("auto", store.recorded_embedder(), cjk=True) == "minilm"
+        assert resolve_name("auto", None, cjk=True) == "e5"
+        assert resolve_name("auto", None, cjk=False) == "minilm"
+        assert resolve_name("e5", store.recorded_embedder()) == "e5"
     finally:
         store.close()
 
@@ -133,21 +134,31 @@ def test_e5_and_minilm_collections_never_mix(small_corpus: Path, milvus_uri: str
             store.close()
 
 
-def test_reranker_protocol_reorders_first_stage_hits(milvus_uri: str):
-    """No reranker ships (no offline cross-encoder weights); this checks the plumbing only."""
-    from rag.retriever import Reranker
+def _h(i: str) -> Hit:
+    return Hit(id=i, score=0.0, text=i, source=f"{i}.md", header_path="", chunk_index=0)
 
-    class PrefersPark:
-        model_id = "test/keyword"
 
-        def score(self, question: str, passages: Sequence[str]) -> list[float]:
-            return [1.0 if "公园" in p else 0.0 for p in passages]
+def test_weighted_rrf_by_hand():
+    dense, lexical = [_h("a"), _h("b"), _h("c")], [_h("c"), _h("d")]
+    fused = weighted_rrf([(1.0, dense), (0.5, lexical)], rrf_k=10, k=4)
+    # c: 1/13 + 0.5/11 = 0.1224; a: 1/11 = 0.0909; b: 1/12 = 0.0833; d: 0.5/12 = 0.0417
+    assert [h.id for h in fused] == ["c", "a", "b", "d"]
+    assert fused[0].score == pytest.approx(1 / 13 + 0.5 / 11)
+    # Equal weights: plain RRF, where c's two mid ranks beat a's single first rank too.
+    assert [h.id for h in weighted_rrf([(1.0, dense), (1.0, lexical)], 10, 2)] == ["c", "a"]
 
-    assert isinstance(PrefersPark(), Reranker)
+
+def test_unequal_weights_fuse_both_routes_with_similarities(milvus_uri: str):
     store = _store_with(milvus_uri, "jieba")
+    emb = HashEmbedder(16, per_char=True)
     try:
-        r = Retriever(store, HashEmbedder(16, per_char=True), mode="bm25", reranker=PrefersPark(), rerank_depth=4)
-        hits = r.retrieve("数据 存储 公园", 2).hits
-        assert len(hits) == 2 and hits[0].source == "zh/2.md" and hits[0].score == 1.0
+        question = "数据 存储 公园"
+        weighted = Retriever(store, emb, mode="hybrid", weights=(1.0, 0.3)).retrieve(question, 3)
+        vec = emb.embed_query(question)
+        expected = weighted_rrf([(1.0, store.search_dense(vec, 20)), (0.3, store.search_bm25(question, 20))], 10, 3)
+        assert [h.id for h in weighted.hits] == [h.id for h in expected]
+        assert all(h.similarity is not None for h in weighted.hits)  # the score floor still applies
+        plain = Retriever(store, emb, mode="hybrid").retrieve(question, 3)  # HashEmbedder: (1, 1)
+        assert plain.mode == "hybrid" and len(plain.hits) == 3
     finally:
         store.close()

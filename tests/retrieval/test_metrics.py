@@ -7,19 +7,8 @@ import math
 
 import pytest
 
-from rag.eval import (
-    BeirData,
-    QAItem,
-    evaluate,
-    is_gold,
-    load_qa,
-    max_per_key,
-    mrr_at_k,
-    ndcg_at_k,
-    qa_ranking,
-    recall_at_k,
-    subset,
-)
+from evals.datasets import BeirData, Gold, QAItem, is_gold, load_qa, qa_ranking, subset
+from evals.metrics import evaluate, max_per_key, mrr_at_k, ndcg_at_k, recall_at_k
 from rag.types import Hit
 
 QRELS = {
@@ -73,18 +62,61 @@ def test_max_per_doc_keeps_best_chunk():
 
 
 def test_qa_gold_matching(tmp_path):
-    item = QAItem("q?", "faq/product.md", heading="Is it free?", span=(100, 200))
+    item = QAItem("q?", (Gold("faq/product.md", heading="Is it free?", span=(100, 200)),))
     assert is_gold(_hit("docs/faq/product.md", 1, 150, 260), item)  # suffix path, overlapping span
     assert not is_gold(_hit("docs/faq/product.md", 1, 200, 260), item)  # touches, no overlap
     assert not is_gold(_hit("docs/other/product.md", 1, 150, 260), item)
-    by_heading = QAItem("q?", "faq/product.md", heading="Is it free?")
+    by_heading = QAItem("q?", (Gold("faq/product.md", heading="Is it free?"),))
     assert is_gold(_hit("faq/product.md", 1, heading="FAQ › Is it free?"), by_heading)
     assert not is_gold(_hit("faq/product.md", 1, heading="FAQ › Other"), by_heading)
     ranked, rels = qa_ranking([_hit("x.md", 1), _hit("faq/product.md", 1, 120, 130)], item)
     assert mrr_at_k(ranked, rels, 10) == 0.5
     path = tmp_path / "qa.jsonl"
     path.write_text(json.dumps({"question": "q?", "source": "a.md", "span": [1, 5]}) + "\n\n")
-    assert load_qa(path) == [QAItem("q?", "a.md", None, (1, 5), "1")]
+    assert load_qa(path) == [QAItem("q?", (Gold("a.md", None, (1, 5)),), "1")]
+
+
+def test_exact_match_needs_the_chunk_inside_the_gold_section_or_holding_it():
+    gold = QAItem("q?", (Gold("a.md", span=(100, 200)),))
+    inside, holding, straddling = _hit("a.md", 1, 120, 180), _hit("a.md", 1, 50, 250), _hit("a.md", 1, 150, 260)
+    assert all(is_gold(h, gold) for h in (inside, holding, straddling))  # any overlap
+    assert is_gold(inside, gold, "exact") and is_gold(holding, gold, "exact")
+    assert not is_gold(straddling, gold, "exact")  # half of it is the next section
+    ranked, rels = qa_ranking([straddling, inside], gold, "exact")
+    assert mrr_at_k(ranked, rels, 10) == 0.5
+
+
+def test_several_gold_passages_and_json_list_files(tmp_path):
+    records = [
+        {"id": "q1", "question": "How is it priced?",
+         "gold": [{"source": "faq.md", "heading": "Cost"}, {"source": "pricing.md", "span": [0, 40]}]},
+        {"question": "Where are logs?", "source": "ops.md"},
+    ]
+    as_list, as_lines = tmp_path / "qa.json", tmp_path / "qa.jsonl"
+    as_list.write_text(json.dumps(records, indent=2))
+    as_lines.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    items = load_qa(as_list)
+    assert items == load_qa(as_lines)
+    assert [it.id for it in items] == ["q1", "2"] and len(items[0].gold) == 2
+    # Either gold passage answers the question; the first one found sets the rank.
+    ranked, rels = qa_ranking([_hit("x.md", 1), _hit("docs/pricing.md", 1, 10, 30), _hit("faq.md", 1, heading="Cost")],
+                              items[0])
+    assert mrr_at_k(ranked, rels, 10) == 0.5 and len(rels) == 2
+
+
+@pytest.mark.parametrize("text, named", [
+    ('[{"question": "q"}]', "needs 'question' and 'source'"),
+    ('{"question": "q", "gold": []}', "non-empty list"),
+    ('{"question": "q", "source": "a.md", "span": [5, 1]}', "start < end"),
+    ('{"question": "q", "source": "a.md"\n', "not valid JSON"),
+    ('[{"question": "q", "source": "a.md"},]', "not valid JSON"),
+])
+def test_bad_qa_files_get_one_line_naming_the_fix(tmp_path, text, named):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=named) as err:
+        load_qa(path)
+    assert "\n" not in str(err.value)
 
 
 def test_subset_is_fixed_and_keeps_judged_docs():

@@ -14,6 +14,7 @@ import numpy as np
 
 class HashEmbedder:
     score_floor = 0.0
+    rrf_weights = (1.0, 1.0)
     max_tokens = 256
     loaded = True  # nothing to load
 

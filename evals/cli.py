@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from evals.datasets import MATCHES
+from rag.bm25 import ANALYZERS, resolve_analyzer
 from rag.config import RagConfig
 from rag.settings import SettingsError
 from rag.store import StoreError
@@ -53,14 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--embedder", help="minilm (default), e5 or openai:<model> (RAG_EMBEDDER)")
+    common.add_argument("--embedder", help="auto (default: as rag-ingest picks it), minilm, e5 or openai:<model> "
+                        "(RAG_EMBEDDER)")
     common.add_argument("--modes", "--mode", type=_modes, default=["dense", "bm25", "hybrid"],
                         help="comma list of dense, bm25, hybrid (default: all three)")
     common.add_argument("--uri", help="Milvus Lite path or server URI (default: a temporary Lite folder)")
     common.add_argument("--rrf-k", type=int, help="k of reciprocal-rank fusion (RAG_RRF_K)")
-    common.add_argument("--weights", type=_weights, help="fuse hybrid by WeightedRanker(DENSE,BM25) instead of RRF")
+    common.add_argument("--weights", type=_weights, help="hybrid: weighted RRF with these weights instead of the embedder's")
     common.add_argument("--candidates", type=int, help="hits per route before hybrid fusion (default: store's choice)")
-    common.add_argument("--analyzer", choices=["auto", "standard", "jieba"], default="auto", help="BM25 analyzer of the new collection")
+    common.add_argument("--analyzer", choices=["auto", *ANALYZERS], default="auto",
+                        help="BM25 analyzer of the new collection (auto: jieba for CJK, else the default)")
     common.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -72,11 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--chunk-size", type=int, default=256, help="tokens per chunk (default 256)")
     b.add_argument("--keep", action="store_true", help="keep the collection (with --uri) to re-run without ingest")
 
-    q = sub.add_parser("qa", parents=[common], help="JSONL of question + gold source (+ heading or span)")
+    q = sub.add_parser("qa", parents=[common], help="JSON lines or a JSON list: question + gold source(s) "
+                       "(+ heading or span)")
     q.add_argument("file")
     q.add_argument("--docs", nargs="+", metavar="PATH", help="ingest these markdown folders/files into a fresh collection")
     q.add_argument("--collection", help="evaluate an existing collection instead (needs --uri or MILVUS_URI)")
     q.add_argument("--k", type=int, default=10, help="passages retrieved per question (default 10)")
+    q.add_argument("--match", choices=MATCHES, default="any",
+                   help="gold spans: any overlap (default), or exact: the chunk inside the gold section or holding "
+                   "the whole gold passage")
     q.add_argument("--show-misses", action="store_true", help="list the questions each mode missed in the top 5")
     return p
 
@@ -111,19 +119,21 @@ def _table(rows: list[dict[str, Any]], metrics: list[str], published: dict[str, 
 
 
 def run_beir(args, config: RagConfig) -> dict[str, Any]:
-    from rag.embedder import make_embedder
-    from rag.eval import BEIR_METRICS, load_beir, subset
-    from rag.eval_run import eval_beir, index_beir
+    from evals.datasets import load_beir, subset
+    from evals.metrics import BEIR_METRICS
+    from evals.runners import eval_beir, index_beir
+    from rag.embedder import make_embedder, resolve_name
     from rag.store import MilvusStore
 
     t0 = time.perf_counter()
     data = subset(load_beir(args.folder, args.split), args.limit_queries, args.limit_docs)
-    embedder = make_embedder(config)
     with _uri(args.uri) as uri:
         store = MilvusStore(uri, config.collection, config.milvus_token)
         try:
             reuse = args.keep and store.exists()
-            store.ensure(embedder, recreate=not reuse, analyzer="standard" if args.analyzer == "auto" else args.analyzer)
+            # BEIR corpora here are English: `auto` is MiniLM, or a kept collection's own embedder.
+            embedder = make_embedder(config, resolve_name(config.embedder, store.recorded_embedder() if reuse else None))
+            store.ensure(embedder, recreate=not reuse, analyzer=resolve_analyzer(args.analyzer, cjk=False))
             stats = None if reuse else index_beir(data.corpus, store, embedder, args.chunk_size, progress=not args.quiet)
             results = eval_beir(data, store, embedder, args.modes, retriever_opts=_retriever_opts(args, config),
                                 progress=not args.quiet)
@@ -141,18 +151,20 @@ def run_beir(args, config: RagConfig) -> dict[str, Any]:
 
 
 def run_qa(args, config: RagConfig) -> dict[str, Any]:
+    from evals.datasets import load_qa
+    from evals.metrics import QA_METRICS
+    from evals.runners import eval_qa
     from ingest.config import IngestConfig
     from ingest.pipeline import ingest
-    from rag.embedder import make_embedder
-    from rag.eval import QA_METRICS, load_qa
-    from rag.eval_run import eval_qa
+    from rag.embedder import make_embedder, resolve_name
     from rag.store import MilvusStore
 
     if bool(args.docs) == bool(args.collection):
         raise SettingsError("rag-eval qa needs exactly one of --docs PATH (fresh ingest) or --collection NAME")
     t0 = time.perf_counter()
     items = load_qa(args.file)
-    embedder = make_embedder(config)
+    # `auto` with --docs: ingest picks the embedder as rag-ingest does (by the corpus' language).
+    embedder = None if config.embedder == "auto" else make_embedder(config)
     with _uri(args.uri or (config.milvus_uri if args.collection else None)) as uri:
         store = MilvusStore(uri, args.collection or "rag_eval_qa", config.milvus_token)
         try:
@@ -163,9 +175,10 @@ def run_qa(args, config: RagConfig) -> dict[str, Any]:
                 report = ingest(args.docs, cfg, IngestConfig.load(analyzer=args.analyzer), recreate=True,
                                 embedder=embedder, store=store, progress=not args.quiet,
                                 warn=lambda msg: print(msg, file=sys.stderr))
+            embedder = embedder or make_embedder(config, resolve_name(config.embedder, store.recorded_embedder()))
             store.open_existing(embedder)
             results, ranks = eval_qa(items, store, embedder, args.modes, args.k, _retriever_opts(args, config),
-                                     progress=not args.quiet)
+                                     progress=not args.quiet, match=args.match)
             analyzer = (store.describe().get("properties") or {}).get("rag.analyzer")
         finally:
             store.close()

@@ -20,10 +20,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from evals.datasets import BeirData, QAItem, qa_ranking
+from evals.metrics import BEIR_METRICS, QA_METRICS, evaluate, max_per_key
 from ingest.chunker import Chunker
 from ingest.loader import Document
 from rag.embedder import Embedder
-from rag.eval import BEIR_METRICS, QA_METRICS, BeirData, QAItem, evaluate, max_per_key, qa_ranking
 from rag.retriever import Retriever
 from rag.store import MilvusStore
 from rag.types import Chunk
@@ -158,14 +159,18 @@ def eval_qa(
     k: int = 10,
     retriever_opts: dict[str, Any] | None = None,
     progress: bool = True,
+    match: str = "any",
 ) -> tuple[list[ModeResult], dict[str, dict[str, int | None]]]:
-    """hit@k and MRR of each mode; also the rank (1-based, None = missed) of the gold per item."""
+    """hit@k and MRR of each mode; also the rank (1-based, None = missed) of the first gold per item.
+
+    `match` is how a hit's span must meet a gold span: `any` overlap or `exact` (see `matches`).
+    """
     retriever = Retriever(store, embedder, **(retriever_opts or {}))
     by_id = {it.id: it for it in items}
     queries = {it.id: it.question for it in items}
     results, ranks = [], {}
     for mode in modes:
-        judged, used, secs = run_queries(queries, retriever, mode, k, lambda q, hits: qa_ranking(hits, by_id[q]),
+        judged, used, secs = run_queries(queries, retriever, mode, k, lambda q, hits: qa_ranking(hits, by_id[q], match),
                                          progress)
         run = {q: ranked for q, (ranked, _) in judged.items()}
         qrels = {q: rels for q, (_, rels) in judged.items()}

@@ -1,91 +1,15 @@
-"""Retrieval metrics and evaluation data: BEIR folders and QA files.
-
-The metrics follow BEIR / pytrec_eval so numbers compare with published baselines:
-- nDCG@k: graded gains, DCG = sum(rel_i / log2(i + 1)) over ranks i = 1..k, divided by the
-  ideal DCG of the query's judged documents (relevance > 0) sorted by relevance;
-- recall@k: judged-relevant documents in the top k over all judged-relevant documents;
-- MRR@k: 1 / rank of the first relevant document within the top k, else 0;
-- hit@k (QA files): 1 when any of the top k passages is a gold passage.
-Every number is the mean over queries that have at least one relevant document.
-"""
+"""Evaluation data: BEIR folders (corpus, queries, qrels) and QA files (questions with gold passages)."""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
 import json
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rag.types import Hit
-
-Qrels = Mapping[str, Mapping[str, int]]  # query id -> doc id -> graded relevance
-Run = Mapping[str, Sequence[str]]  # query id -> doc ids, best first
-
-
-# -- metrics ---------------------------------------------------------------------------------
-
-
-def dcg(gains: Iterable[float]) -> float:
-    return sum(g / math.log2(i + 2) for i, g in enumerate(gains))
-
-
-def ndcg_at_k(ranked: Sequence[str], rels: Mapping[str, int], k: int) -> float:
-    ideal = dcg(sorted((r for r in rels.values() if r > 0), reverse=True)[:k])
-    if ideal == 0:
-        return 0.0
-    return dcg(max(rels.get(d, 0), 0) for d in ranked[:k]) / ideal
-
-
-def recall_at_k(ranked: Sequence[str], rels: Mapping[str, int], k: int) -> float:
-    relevant = {d for d, r in rels.items() if r > 0}
-    if not relevant:
-        return 0.0
-    return len(relevant.intersection(ranked[:k])) / len(relevant)
-
-
-def mrr_at_k(ranked: Sequence[str], rels: Mapping[str, int], k: int) -> float:
-    for i, d in enumerate(ranked[:k]):
-        if rels.get(d, 0) > 0:
-            return 1.0 / (i + 1)
-    return 0.0
-
-
-def hit_at_k(ranked: Sequence[str], rels: Mapping[str, int], k: int) -> float:
-    return 1.0 if any(rels.get(d, 0) > 0 for d in ranked[:k]) else 0.0
-
-
-BEIR_METRICS = ("ndcg@10", "recall@1", "recall@5", "recall@10", "recall@100", "mrr@10")
-QA_METRICS = ("hit@1", "hit@3", "hit@5", "hit@10", "mrr@10")
-_FUNCS = {"ndcg": ndcg_at_k, "recall": recall_at_k, "mrr": mrr_at_k, "hit": hit_at_k}
-
-
-def evaluate(run: Run, qrels: Qrels, metrics: Sequence[str] = BEIR_METRICS) -> dict[str, float]:
-    """Mean of each `name@k` metric over the judged queries (a query missing from `run` scores 0)."""
-    qids = [q for q, rels in qrels.items() if any(r > 0 for r in rels.values())]
-    out: dict[str, float] = {}
-    for m in metrics:
-        name, k = m.split("@")
-        f = _FUNCS[name]
-        out[m] = sum(f(run.get(q, ()), qrels[q], int(k)) for q in qids) / len(qids) if qids else 0.0
-    return out
-
-
-def max_per_key(hits: Sequence[Hit], key) -> list[str]:
-    """Collapse chunk hits to a ranking of keys (doc ids), each at its best chunk's score.
-
-    A long document becomes several chunks; scoring it by its best chunk (max-P) is the usual
-    passage-level aggregation and keeps one document from filling the top k.
-    """
-    best: dict[str, float] = {}
-    for h in hits:
-        k = key(h)
-        if k not in best or h.score > best[k]:
-            best[k] = h.score
-    return sorted(best, key=lambda d: -best[d])
-
 
 # -- BEIR ------------------------------------------------------------------------------------
 
@@ -164,30 +88,65 @@ def subset(data: BeirData, limit_queries: int | None = None, limit_docs: int | N
 
 # -- QA files --------------------------------------------------------------------------------
 
+MATCHES = ("any", "exact")
+
 
 @dataclasses.dataclass(frozen=True)
-class QAItem:
-    """One question with its gold passage: a source file, and optionally a heading or a span."""
+class Gold:
+    """One gold passage: a source file, and optionally its section heading or its character span."""
 
-    question: str
     source: str  # path of the gold file, matched as a path suffix of the hit's source
     heading: str | None = None  # the gold section's heading (last element of the header path)
     span: tuple[int, int] | None = None  # character offsets of the gold text in that file
+
+
+@dataclasses.dataclass(frozen=True)
+class QAItem:
+    """One question and its gold passages (any of them answers it)."""
+
+    question: str
+    gold: tuple[Gold, ...]
     id: str = ""
 
 
+def _gold(d: dict[str, Any], where: str) -> Gold:
+    if not isinstance(d, dict) or not d.get("source"):
+        raise ValueError(f"{where}: each gold passage needs a 'source' (and optionally 'heading' or 'span')")
+    span = d.get("span")
+    if span is not None and not (isinstance(span, list | tuple) and len(span) == 2 and span[0] < span[1]):
+        raise ValueError(f"{where}: 'span' must be [start, end] character offsets with start < end (got {span!r})")
+    return Gold(d["source"], d.get("heading"), tuple(span) if span else None)
+
+
 def load_qa(path: str | Path) -> list[QAItem]:
-    """JSONL: {"question", "source", optional "heading", optional "span": [start, end], "id"}."""
+    """A QA file: JSON lines, or one JSON list, of questions with their gold passages.
+
+    Each question is {"question", "id"?, and either "source" with "heading"? / "span"?, or
+    "gold": [{"source", "heading"?, "span"?}, ...] for a question several passages answer}.
+    """
+    text = Path(path).read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            records = list(enumerate(json.loads(text), 1))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); fix the list or write one question per line") from None
+    else:
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); one JSON object per line") from None
     items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            d: dict[str, Any] = json.loads(line)
-            if "question" not in d or "source" not in d:
-                raise ValueError(f"{path}:{n}: each line needs 'question' and 'source'")
-            span = tuple(d["span"]) if d.get("span") else None
-            items.append(QAItem(d["question"], d["source"], d.get("heading"), span, str(d.get("id", n))))
+    for n, d in records:
+        where = f"{path}:{n}"
+        if not isinstance(d, dict) or "question" not in d or not ("source" in d or "gold" in d):
+            raise ValueError(f"{where}: each question needs 'question' and 'source' (or a 'gold' list)")
+        golds = d.get("gold", [d])
+        if not isinstance(golds, list) or not golds:
+            raise ValueError(f"{where}: 'gold' must be a non-empty list of passages")
+        items.append(QAItem(d["question"], tuple(_gold(g, where) for g in golds), str(d.get("id", n))))
     return items
 
 
@@ -197,20 +156,34 @@ def _same_file(hit_source: str, gold: str) -> bool:
     return hit_source == gold or hit_source.endswith("/" + gold)
 
 
-def is_gold(hit: Hit, item: QAItem) -> bool:
-    """A hit answers `item` when it is from the gold file and overlaps the gold span or section."""
-    if not _same_file(hit.source, item.source):
+def matches(hit: Hit, gold: Gold, match: str = "any") -> bool:
+    """Does `hit` hold `gold`? Same file, then by span, else by heading, else the file is enough.
+
+    Spans: `any` counts any character overlap; `exact` needs one to contain the other (the chunk
+    lies inside the gold section, or holds the whole gold passage), so a chunk that only
+    touches the gold text at a border does not count.
+    """
+    if not _same_file(hit.source, gold.source):
         return False
-    if item.span is not None:
+    if gold.span is not None:
         start, end = hit.metadata.get("start"), hit.metadata.get("end")
-        return start is not None and end is not None and start < item.span[1] and item.span[0] < end
-    if item.heading:
+        if start is None or end is None:
+            return False
+        if match == "exact":
+            return gold.span[0] <= start and end <= gold.span[1] or start <= gold.span[0] and gold.span[1] <= end
+        return start < gold.span[1] and gold.span[0] < end
+    if gold.heading:
         last = hit.header_path.split(" › ")[-1].strip() if hit.header_path else ""
-        return last == item.heading.strip()
+        return last == gold.heading.strip()
     return True
 
 
-def qa_ranking(hits: Sequence[Hit], item: QAItem) -> tuple[list[str], dict[str, int]]:
+def is_gold(hit: Hit, item: QAItem, match: str = "any") -> bool:
+    """A hit answers `item` when it holds any of its gold passages."""
+    return any(matches(hit, g, match) for g in item.gold)
+
+
+def qa_ranking(hits: Sequence[Hit], item: QAItem, match: str = "any") -> tuple[list[str], dict[str, int]]:
     """Turn a QA item's hits into (ranking, qrels) so `evaluate` scores it like BEIR."""
-    ranked = [f"{i}:{'gold' if is_gold(h, item) else 'miss'}" for i, h in enumerate(hits)]
+    ranked = [f"{i}:{'gold' if is_gold(h, item, match) else 'miss'}" for i, h in enumerate(hits)]
     return ranked, {r: 1 for r in ranked if r.endswith(":gold")} or {"none": 1}

@@ -1,0 +1,87 @@
+"""Tensor-parallel serving: rank 0 schedules and broadcasts each forward; the other ranks follow.
+
+Every rank holds its share of the weights (:mod:`model_host.parallel`) and a full replica of
+the paged latent cache with the same blocks, so a forward needs, per sequence, only what the
+runner reads from it: the tokens to feed, the length, how many are cached, and the block
+table.  Rank 0's :class:`DriverRunner` sends that :class:`StepPlan` over the gloo control
+group right before running the forward itself; :func:`follow` runs the same forward on a
+worker.  The collectives inside the forward then line up rank by rank, in the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from model_host.dist import DistContext
+from model_host.engine.paged_cache import PagedLatentCache
+from model_host.engine.runner import ModelRunner
+from model_host.engine.sequence import Sequence
+from model_host.model import DeepseekV3
+
+
+@dataclass
+class Row:
+    """The part of a :class:`Sequence` that a forward reads (and ``num_computed``, which it sets)."""
+
+    token_ids: list[int]
+    length: int
+    num_computed: int
+    block_table: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.length
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One forward: "prefill" (one row, its uncached tokens), "decode" (last tokens), or "stop"."""
+
+    kind: str
+    rows: tuple[Row, ...] = ()
+
+
+def _prefill_row(seq: Sequence) -> Row:
+    # Tokens before num_computed are cached: send the suffix, padded in front so indices agree.
+    tail = seq.token_ids[seq.num_computed :]
+    return Row([0] * seq.num_computed + tail, len(seq), seq.num_computed, list(seq.block_table))
+
+
+def _decode_row(seq: Sequence) -> Row:
+    return Row([seq.token_ids[-1]], len(seq), seq.num_computed, list(seq.block_table))
+
+
+class DriverRunner(ModelRunner):
+    """Rank 0's runner: broadcast the plan of each forward, then run it as on one GPU."""
+
+    def __init__(self, model: DeepseekV3, cache: PagedLatentCache, ctx: DistContext,
+                 cuda_graphs: bool | None = None) -> None:
+        super().__init__(model, cache, cuda_graphs)
+        self.ctx = ctx
+
+    def prefill(self, seq: Sequence) -> torch.Tensor:
+        self.ctx.broadcast(StepPlan("prefill", (_prefill_row(seq),)))
+        return super().prefill(seq)
+
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        self.ctx.broadcast(StepPlan("decode", tuple(_decode_row(s) for s in seqs)))
+        return super().decode(seqs)
+
+    def shutdown(self) -> None:
+        """Release the workers from :func:`follow`."""
+        self.ctx.broadcast(StepPlan("stop"))
+
+
+def follow(runner: ModelRunner, ctx: DistContext) -> int:
+    """A worker rank's loop: run rank 0's forwards until it says stop; returns the step count."""
+    steps = 0
+    while True:
+        plan: StepPlan = ctx.broadcast()
+        if plan.kind == "stop":
+            return steps
+        if plan.kind == "prefill":
+            runner.prefill(plan.rows[0])  # type: ignore[arg-type]  (Row has what prefill reads)
+        else:
+            runner.decode(list(plan.rows))  # type: ignore[arg-type]
+        steps += 1
