@@ -90,6 +90,13 @@ def test_paged_cache_after_rejections_equals_a_non_speculative_run(mtp_model):
     used = len(seq.block_table) + len(other.block_table)
     assert engine.blocks.num_free == engine.blocks.num_blocks - used  # rejected-draft blocks came back
 
+    _assert_cache_matches_plain_run(engine, model, seq, int(seq.draft_input.positions[0]))
+
+
+def _assert_cache_matches_plain_run(engine: Engine, model, seq, mtp_done: int) -> None:
+    """The latents of ``seq``'s computed positions (every main layer; the MTP layer up to
+    ``mtp_done``) equal one forward over its tokens without speculation or prefix sharing."""
+    n = seq.num_computed
     ids = torch.tensor([seq.token_ids[:n]])
     fresh = model.new_cache(1, n)
     hidden = model(ids, cache=fresh).hidden
@@ -97,12 +104,28 @@ def test_paged_cache_after_rejections_equals_a_non_speculative_run(mtp_model):
     bs = engine.blocks.block_size
     slots = torch.tensor([seq.block_table[p // bs] * bs + p % bs for p in range(n)])
     layers = model.cfg.num_hidden_layers
-    mtp_done = int(seq.draft_input.positions[0])  # the MTP layer has every position before this
     for layer in range(layers + 1):
         upto = n if layer < layers else mtp_done
         for got, want in ((engine.cache.c_kv, fresh.c_kv), (engine.cache.k_pe, fresh.k_pe)):
             err = (got[layer, slots[:upto]] - want[layer, 0, :upto]).abs().max() / want[layer, 0, :upto].abs().max()
             assert err < 1e-5, f"layer {layer}: rel err {err:.2e}"
+
+
+def test_prefix_hit_never_shares_an_mtp_latent_of_another_continuation(mtp_model):
+    """The MTP latent at a block's last position depends on the next token: a request whose
+    prompt equals a cached one up to a block boundary and differs right after it must not reuse
+    that block (its hash covers the next token), or its MTP cache would hold the other's latent."""
+    model, tok = mtp_model
+    engine = _engine(model, tok, 2)
+    bs = engine.blocks.block_size
+    first = [tok.bos_id] + [300 + i for i in range(3 * bs + 4)]
+    second = first[: 2 * bs] + [900 + i for i in range(bs + 5)]  # differs from position 2 * bs on
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    engine.generate([first], params)
+    seq = engine.add(second, params)
+    engine.step()  # prefill with prefix hits; the first token is sampled
+    _assert_cache_matches_plain_run(engine, model, seq, seq.num_computed - 1)
+    assert seq.prompt_cached_tokens == bs  # block 1 ends where the prompts diverge: not shared
 
 
 def test_prefix_cache_with_speculation_keeps_output(mtp_model):
