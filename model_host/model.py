@@ -24,7 +24,7 @@ from .cache import ContiguousLatentCache, LatentCache
 from .config import ModelConfig
 from .fp8 import Linear
 from .layers import Embedding, RMSNorm
-from .mla import MLA, AttentionBatch, build_attention_batch
+from .mla import MLA, AttentionBatch, Varlen, build_attention_batch
 from .moe import MLP, MoE
 from .ops import Ops, TorchOps
 from .rope import RotaryEmbedding
@@ -169,30 +169,38 @@ class DeepseekV3(nn.Module):
 
     def attention_batch(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                         cache: LatentCache | None = None, kv_len: int | None = None,
-                        mla_mode: str = "auto") -> AttentionBatch:
+                        mla_mode: str = "auto", varlen: Varlen | None = None) -> AttentionBatch:
         """Rotary tables + causal mask for one forward, shared by every layer."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         cos, sin = self.rotary(positions)
-        return build_attention_batch(positions, cos, sin, cache, kv_len, mla_mode)
+        return build_attention_batch(positions, cos, sin, cache, kv_len, mla_mode, varlen)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: LatentCache | None = None,
-                *, kv_len: int | None = None, last_only: bool = False, mla_mode: str = "auto") -> ModelOutput:
+                *, kv_len: int | None = None, last_only: bool = False, mla_mode: str = "auto",
+                varlen: Varlen | None = None, logits_at: torch.Tensor | None = None) -> ModelOutput:
         """Run ``input_ids`` [B, S] at absolute ``positions`` [B, S] (default 0..S-1).
 
         With a ``cache`` the new latents are written at ``positions`` and attention reads cache
         positions ``0..kv_len-1`` (default ``max(positions) + 1``), so the same call serves a
         prompt prefill, a chunked prefill and a batched decode step.  Without a cache the
         tokens attend only to each other.  ``last_only`` computes logits for the last column only.
+
+        ``varlen``: the one row holds several sequences packed (a serving step's prefill chunks,
+        see :class:`~model_host.mla.Varlen`); ``logits_at`` [m] picks the columns whose logits are
+        computed (each finished prompt's last token) -> logits [1, m, V].
         """
-        batch = self.attention_batch(input_ids, positions, cache, kv_len, mla_mode)
+        batch = self.attention_batch(input_ids, positions, cache, kv_len, mla_mode, varlen)
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             x, residual = layer.residual_forward(x, residual, batch, self.ops)
         hidden = (self.ops.rms_norm(x, self.norm) if residual is None
                   else self.ops.rms_norm(residual, self.norm, residual=x)).out
-        return ModelOutput(self.lm_head(hidden[:, -1:] if last_only else hidden, self.ops), hidden)
+        # Logits only where asked; the hidden states of every position stay (the MTP layer drafts
+        # from a whole prefill chunk's).
+        shown = hidden[:, -1:] if last_only else hidden if logits_at is None else hidden[:, logits_at]
+        return ModelOutput(self.lm_head(shown, self.ops), hidden)
 
     @torch.no_grad()
     def mtp_forward(

@@ -193,7 +193,14 @@ class TorchOps(Ops):
 
     def store_latents(self, kv_a: torch.Tensor, norm: RMSNorm, batch: AttentionBatch, layer: int) -> None:
         c_kv, k_pe = kv_a.split([norm.dim, kv_a.shape[-1] - norm.dim], dim=-1)
-        batch.cache.write(layer, batch.positions, self.rms_norm(c_kv, norm).out, apply_rope(k_pe, batch.cos, batch.sin))
+        c_kv, k_pe = self.rms_norm(c_kv, norm).out, apply_rope(k_pe, batch.cos, batch.sin)
+        if batch.varlen is None:
+            batch.cache.write(layer, batch.positions, c_kv, k_pe)
+            return
+        # Packed sequences have no per-row block table to write through: their flat slots.
+        c_all, pe_all = batch.cache.flat(layer)
+        c_all.index_copy_(0, batch.slots, c_kv.reshape(-1, c_all.shape[-1]).to(c_all.dtype))
+        pe_all.index_copy_(0, batch.slots, k_pe.reshape(-1, pe_all.shape[-1]).to(pe_all.dtype))
 
     def concat_heads(self, nope: torch.Tensor, pe: torch.Tensor,
                      rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

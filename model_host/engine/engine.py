@@ -18,9 +18,10 @@ from collections.abc import Callable
 import torch
 
 from model_host.engine.block_manager import BlockManager
+from model_host.engine.memory import plan_kv
 from model_host.engine.paged_cache import PagedLatentCache
-from model_host.engine.runner import ModelRunner
-from model_host.engine.scheduler import Scheduler
+from model_host.engine.runner import ModelRunner, capture_sizes
+from model_host.engine.scheduler import Batch, Scheduler
 from model_host.engine.sequence import Sequence
 from model_host.engine.speculative import SpeculativeDecoder
 from model_host.model import DeepseekV3
@@ -38,11 +39,12 @@ class RequestError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     max_batch: int = 16
-    kv_memory_gb: float = 1.0
+    kv_memory_gb: float | None = None  # default: measured on a GPU (engine/memory.py), 1 GiB on the CPU
     block_size: int = 16
-    max_prefill_tokens: int = 8192
+    max_prefill_tokens: int = 2048  # prompt tokens per step; running decodes wait for at most this many
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     cache_dtype: torch.dtype | None = None  # default: the model's dtype
+    graph_memory_gb: float = 1.0  # most GPU memory the decode CUDA graphs may take
     speculative_tokens: int = 0  # MTP drafts verified per decode step (0 = off; needs the MTP layer)
 
 
@@ -81,20 +83,25 @@ class Engine:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         dtype = config.cache_dtype or model.dtype
         layers = model.num_cache_layers
-        budget = int(config.kv_memory_gb * 2**30)
+        self.kv_plan = plan_kv(model, config.kv_memory_gb, config.max_prefill_tokens, config.graph_memory_gb)
         num_blocks = PagedLatentCache.blocks_for_budget(
-            budget, layers, config.block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)
+            self.kv_plan.kv_bytes, layers, config.block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)
         self.cache = PagedLatentCache(layers, num_blocks, config.block_size, cfg.kv_lora_rank,
                                       cfg.qk_rope_head_dim, dtype=dtype, device=model.device)
         k = config.speculative_tokens
         self.blocks = BlockManager(num_blocks, config.block_size, spec_tokens=k)
         self.scheduler = Scheduler(self.blocks, config.max_batch, config.max_prefill_tokens)
-        self.spec = SpeculativeDecoder(model, self.cache, self.blocks, k, drafter or mtp_draft) if k else None
-        self.runner = runner(model, self.cache, spec=self.spec) if self.spec else runner(model, self.cache)
         self.sampler = Sampler()
         self.capacity_tokens = num_blocks * config.block_size
         # A verify step writes k positions past the sequence: they must fit in the cache too.
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, self.capacity_tokens - k)
+        self.spec = SpeculativeDecoder(model, self.cache, self.blocks, k, drafter or mtp_draft) if k else None
+        self.runner = runner(model, self.cache, spec=self.spec) if self.spec else runner(model, self.cache)
+        # With speculation a step runs B * (k + 1) verify rows (and MTP rows as many), each with a
+        # block table up to k positions longer.
+        self.graph_report = self.runner.capture_graphs(capture_sizes(config.max_batch * (k + 1)),
+                                                       int(config.graph_memory_gb * 2**30),
+                                                       self.blocks.blocks_needed(self.max_model_len + 1 + k))
         self.by_id: dict[int, Sequence] = {}
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %d B/token/layer)",
                  num_blocks, config.block_size, self.capacity_tokens, self.cache.nbytes() / 2**30,
@@ -129,28 +136,38 @@ class Engine:
         return self.scheduler.has_work
 
     def step(self) -> list[StepOutput]:
-        seqs, is_prefill = self.scheduler.schedule()
-        if not seqs:
-            return []
-        if is_prefill:
-            logits = torch.stack([self.runner.prefill(s) for s in seqs])
-            for s in seqs:
-                self.blocks.register_full_blocks(s, self._filled(s))
-        elif self.spec is not None:
-            return self._speculative_step(seqs)
-        else:
-            logits = self.runner.decode(seqs)
-        sampled = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        return self.execute(self.scheduler.schedule())
+
+    def execute(self, batch: Batch) -> list[StepOutput]:
+        """Run one scheduled step: the prefill chunks (one runner call) and the decode rows (one
+        graph replay, or one speculative round); a token is sampled for every decode row and
+        every finished prompt."""
+        rows: list[Sequence] = []
+        logits: list[torch.Tensor] = []
+        if batch.prefill:
+            logits.append(self.runner.prefill(batch.prefill))
+            rows += [c.seq for c in batch.prefill if c.last]
+            for c in batch.prefill:
+                self.blocks.register_full_blocks(c.seq, self._filled(c.seq))
+        outs: list[StepOutput] = []
+        if batch.decode and self.spec is not None:
+            outs = self._speculative_step(batch.decode)
+        elif batch.decode:
+            logits.append(self.runner.decode(batch.decode))
+            rows += batch.decode
+        if not rows:
+            return outs
+        all_logits = torch.cat(logits)
+        sampled = self.sampler(all_logits, [s.params for s in rows], [s.generator for s in rows])
         tokens = sampled.tolist()
-        logprobs = self._logprobs(logits, sampled, tokens, seqs)
+        logprobs = self._logprobs(all_logits, sampled, tokens, rows)
         now = time.perf_counter()
-        outs = []
-        for s, tok, lp in zip(seqs, tokens, logprobs, strict=True):
-            out = self._emit(s, tok, now, lp)
-            outs.append(out)
-            if is_prefill and self.spec is not None and not s.finished:
-                self.spec.first_token(s, tok)
-            if not is_prefill and s.num_computed % self.blocks.block_size == 0 and not s.finished:
+        decoded = set(map(id, batch.decode))
+        for s, tok, lp in zip(rows, tokens, logprobs, strict=True):
+            outs.append(self._emit(s, tok, now, lp))
+            if id(s) not in decoded and self.spec is not None and not s.finished:
+                self.spec.first_token(s, tok)  # a finished prompt: its first pending MTP input
+            if id(s) in decoded and s.num_computed % self.blocks.block_size == 0 and not s.finished:
                 self.blocks.register_full_blocks(s)
         return outs
 

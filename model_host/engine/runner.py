@@ -1,23 +1,32 @@
-"""Turns scheduled sequences into model forwards over the paged latent cache.
+"""Turns scheduled work into model forwards over the paged latent cache.
 
 On CUDA with the model on the GPU kernels (``model.ops`` a ``TritonOps``), decode steps
-run through the paged MLA kernel and are replayed from CUDA graphs captured per batch-size
-bucket (:class:`model_host.kernels.graphs.DecodeGraphs`); everything else runs eagerly.
+run through the paged MLA kernel and are replayed from CUDA graphs captured at start-up for
+every batch size the scheduler can produce (:meth:`ModelRunner.capture_graphs`); a batch is
+padded up to the next captured size. All prefill chunks of a step run as one packed (varlen)
+forward, eagerly (:mod:`model_host.engine.packing`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import time
 
 import torch
 
+from model_host.engine.packing import pack_chunks
 from model_host.engine.paged_cache import PagedLatentCache
+from model_host.engine.scheduler import PrefillChunk
 from model_host.engine.sequence import Sequence
 from model_host.engine.speculative import SpeculativeDecoder
 from model_host.model import DeepseekV3
 
+log = logging.getLogger(__name__)
 
-def _graphs_supported(model: DeepseekV3) -> bool:
+
+def graphs_supported(model: DeepseekV3) -> bool:
     """CUDA + Triton + the sync-free kernel ops; MODEL_HOST_CUDA_GRAPHS=0 opts out."""
     if model.device.type != "cuda" or os.environ.get("MODEL_HOST_CUDA_GRAPHS", "1") == "0":
         return False
@@ -30,6 +39,25 @@ def _graphs_supported(model: DeepseekV3) -> bool:
     return isinstance(model.ops, TritonOps)
 
 
+def capture_sizes(max_batch: int) -> list[int]:
+    """Decode batch sizes to capture: powers of two below ``max_batch``, and ``max_batch`` itself,
+    so any batch the scheduler forms (1..max_batch rows) pads by less than 2x."""
+    if max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return sizes + [max_batch]
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphReport:
+    sizes: list[int]
+    seconds: float
+    nbytes: int
+
+
 class ModelRunner:
     def __init__(self, model: DeepseekV3, cache: PagedLatentCache, cuda_graphs: bool | None = None,
                  spec: SpeculativeDecoder | None = None):
@@ -38,15 +66,45 @@ class ModelRunner:
         self.device = model.device
         self.spec = spec  # MTP speculative decoding (--speculative-tokens), or None
         self.mtp_graphs = None
-        if cuda_graphs is None:
-            cuda_graphs = _graphs_supported(model)
+        use_graphs = graphs_supported(model) if cuda_graphs is None else cuda_graphs
         self.graphs = None
-        if cuda_graphs:
+        if use_graphs:
             from model_host.kernels.graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(model, cache, max_blocks_per_seq=cache.num_blocks)
+            # Captures a batch size on its first use unless capture_graphs() did it at start-up.
+            self.graphs = DecodeGraphs(model, cache, cache.num_blocks)
             if spec is not None:  # the MTP layer's single-token steps (drafts), captured the same way
-                self.mtp_graphs = DecodeGraphs(model, cache, max_blocks_per_seq=cache.num_blocks, mtp=True)
+                self.mtp_graphs = DecodeGraphs(model, cache, cache.num_blocks, mtp=True)
+
+    def capture_graphs(self, sizes: list[int], budget_bytes: int, max_blocks_per_seq: int) -> GraphReport | None:
+        """Capture the decode step (and, with speculation, the MTP layer's step) for each batch
+        size (largest first: the smaller graphs reuse its memory pool), for block tables up to ``max_blocks_per_seq`` wide. Raises if the
+        graphs take more than ``budget_bytes`` of GPU memory. Under tensor parallelism every rank
+        builds the same engine, so every rank captures the same sizes in the same order."""
+        if self.graphs is None:
+            return None
+        from model_host.kernels.graphs import DecodeGraphs
+
+        torch.cuda.synchronize()
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        t0 = time.perf_counter()
+        self.graphs = DecodeGraphs(self.model, self.cache, max_blocks_per_seq, buckets=sizes)
+        if self.spec is not None:
+            self.mtp_graphs = DecodeGraphs(self.model, self.cache, max_blocks_per_seq, buckets=sizes, mtp=True)
+        with torch.inference_mode():
+            for graphs in (self.graphs, self.mtp_graphs):
+                for b in sorted(sizes, reverse=True) if graphs is not None else ():
+                    graphs.capture(b)
+        torch.cuda.synchronize()
+        report = GraphReport(sorted(sizes), time.perf_counter() - t0,
+                             free_before - torch.cuda.mem_get_info(self.device)[0])
+        if report.nbytes > budget_bytes:
+            raise ValueError(
+                f"CUDA graphs for decode batch sizes {report.sizes} took {report.nbytes / 2**30:.2f} GiB, over "
+                f"--graph-memory-gb {budget_bytes / 2**30:.2f}; raise --graph-memory-gb or lower --max-batch")
+        log.info("captured decode CUDA graphs for batch sizes %s in %.1f s (%.2f GiB)",
+                 report.sizes, report.seconds, report.nbytes / 2**30)
+        return report
 
     def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(s.block_table) for s in seqs)
@@ -54,17 +112,17 @@ class ModelRunner:
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
-    def prefill(self, seq: Sequence) -> torch.Tensor:
-        """Compute the uncached suffix of `seq`; return the last position's logits [V]."""
-        start = seq.num_computed
-        ids = torch.tensor([seq.token_ids[start:]], dtype=torch.long, device=self.device)
-        positions = torch.arange(start, len(seq), device=self.device).unsqueeze(0)
-        self.cache.bind(self._tables([seq]))
-        out = self.model(ids, positions, self.cache, kv_len=len(seq), last_only=True)
-        seq.num_computed = len(seq)
-        if self.spec is not None:
-            self.spec.prefill_chunk(seq, start, len(seq), out.hidden[0])
-        return out.logits[0, -1]
+    def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
+        """Compute every chunk's tokens into the cache in ONE packed (varlen) forward; return the
+        last-position logits [m, V] of the chunks that end their sequence, in chunk order."""
+        packed = pack_chunks(chunks, self.cache.block_size, self.device)
+        out = self.model(packed.ids, packed.positions, self.cache, varlen=packed.varlen, logits_at=packed.last)
+        for i, c in enumerate(chunks):
+            c.seq.num_computed = c.end
+            if self.spec is not None:
+                q = packed.varlen.cu_seqlens_q
+                self.spec.prefill_chunk(c.seq, c.start, c.end, out.hidden[0, int(q[i]) : int(q[i + 1])])
+        return out.logits[0]
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -73,7 +131,7 @@ class ModelRunner:
         positions = torch.tensor([[len(s) - 1] for s in seqs], dtype=torch.long, device=self.device)
         tables = self._tables(seqs)
         logits = self.graphs.run(ids, positions, tables) if self.graphs is not None else None
-        if logits is None:  # no graphs, or no bucket large enough: eager step
+        if logits is None:  # no graphs (CPU, or MODEL_HOST_CUDA_GRAPHS=0): eager step
             self.cache.bind(tables)
             out = self.model(ids, positions, self.cache, kv_len=max(len(s) for s in seqs), last_only=True)
             logits = out.logits[:, -1]

@@ -17,6 +17,7 @@ import torch
 from model_host.dist import DistContext
 from model_host.engine.paged_cache import PagedLatentCache
 from model_host.engine.runner import ModelRunner
+from model_host.engine.scheduler import PrefillChunk
 from model_host.engine.sequence import Sequence
 from model_host.model import DeepseekV3
 
@@ -36,16 +37,20 @@ class Row:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """One forward: "prefill" (one row, its uncached tokens), "decode" (last tokens), or "stop"."""
+    """One forward: "prefill" (the step's chunks, packed), "decode" (last tokens), or "stop"."""
 
     kind: str
     rows: tuple[Row, ...] = ()
 
 
-def _prefill_row(seq: Sequence) -> Row:
-    # Tokens before num_computed are cached: send the suffix, padded in front so indices agree.
-    tail = seq.token_ids[seq.num_computed :]
-    return Row([0] * seq.num_computed + tail, len(seq), seq.num_computed, list(seq.block_table))
+def _prefill_row(c: PrefillChunk) -> Row:
+    # Tokens before the chunk are cached: send the chunk, padded in front so indices agree; the
+    # row's token_ids end where the chunk ends, its length is the sequence's.
+    return Row([0] * c.start + c.seq.token_ids[c.start : c.end], len(c.seq), c.start, list(c.seq.block_table))
+
+
+def _chunk(row: Row) -> PrefillChunk:
+    return PrefillChunk(row, row.num_computed, len(row.token_ids) - row.num_computed)  # type: ignore[arg-type]
 
 
 def _decode_row(seq: Sequence) -> Row:
@@ -60,9 +65,9 @@ class DriverRunner(ModelRunner):
         super().__init__(model, cache, cuda_graphs)
         self.ctx = ctx
 
-    def prefill(self, seq: Sequence) -> torch.Tensor:
-        self.ctx.broadcast(StepPlan("prefill", (_prefill_row(seq),)))
-        return super().prefill(seq)
+    def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
+        self.ctx.broadcast(StepPlan("prefill", tuple(_prefill_row(c) for c in chunks)))
+        return super().prefill(chunks)
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         self.ctx.broadcast(StepPlan("decode", tuple(_decode_row(s) for s in seqs)))
@@ -81,7 +86,7 @@ def follow(runner: ModelRunner, ctx: DistContext) -> int:
         if plan.kind == "stop":
             return steps
         if plan.kind == "prefill":
-            runner.prefill(plan.rows[0])  # type: ignore[arg-type]  (Row has what prefill reads)
+            runner.prefill([_chunk(r) for r in plan.rows])
         else:
             runner.decode(list(plan.rows))  # type: ignore[arg-type]
         steps += 1

@@ -41,7 +41,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="activation dtype (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--max-batch", type=int, default=16, help="most sequences decoded together")
-    p.add_argument("--kv-memory-gb", type=float, default=1.0, help="memory budget of the paged latent KV cache")
+    p.add_argument("--kv-memory-gb", type=float, default=None,
+                   help="memory of the paged latent KV cache per GPU (default: on one GPU 90%% of the memory free "
+                        "after the weights, one prefill step and the CUDA graphs; under --tp the memory plan's "
+                        "figure; 1 GiB on the CPU)")
+    p.add_argument("--max-prefill-tokens", type=int, default=2048,
+                   help="prompt tokens computed per step: long prompts are split, and running decodes wait for "
+                        "at most this many (default 2048)")
+    p.add_argument("--graph-memory-gb", type=float, default=1.0,
+                   help="most GPU memory the decode CUDA graphs (one per batch size up to --max-batch) may take")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (prefix-cache granularity)")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer <key> on /v1/*")
@@ -79,11 +87,18 @@ def _device_dtype(args: argparse.Namespace) -> tuple[str, torch.dtype]:
     return device, DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
 
 
-def _engine_config(args: argparse.Namespace):
+def _engine_config(args: argparse.Namespace, world: int = 1):
     from model_host.engine.engine import EngineConfig
 
-    return EngineConfig(max_batch=args.max_batch, kv_memory_gb=args.kv_memory_gb, block_size=args.block_size,
-                        max_model_len=args.max_model_len, speculative_tokens=args.speculative_tokens)
+    kv = args.kv_memory_gb
+    if kv is None and world > 1 and _device_dtype(args)[0].startswith("cuda"):
+        # Every rank must hold the same blocks, so not a per-rank measurement: the memory plan's
+        # figure, the same pure answer on every rank.
+        kv = _plan(args).kv_bytes / 2**30
+    return EngineConfig(max_batch=args.max_batch, kv_memory_gb=kv, block_size=args.block_size,
+                        max_model_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens,
+                        graph_memory_gb=args.graph_memory_gb,
+                        speculative_tokens=args.speculative_tokens)
 
 
 def _load(args: argparse.Namespace, ctx: dist.DistContext):
@@ -105,9 +120,10 @@ def _load(args: argparse.Namespace, ctx: dist.DistContext):
     return model, Tokenizer(args.checkpoint)
 
 
-def build(args: argparse.Namespace, ctx: dist.DistContext | None = None) -> Served:
+def build(args: argparse.Namespace, ctx: dist.DistContext | None = None, model=None, tokenizer=None) -> Served:
     """Load the checkpoint (rank 0's share under TP) and build the engine loop (not started) and
-    the app over it."""
+    the app over it.  ``model`` and ``tokenizer``: serve these instead of loading (bench/serve_bench.py
+    passes a model it built on the GPU, so the benchmark serves through exactly this code)."""
     from model_host.engine.engine import Engine
     from model_host.engine.runner import ModelRunner
     from model_host.engine.tp import DriverRunner
@@ -116,12 +132,13 @@ def build(args: argparse.Namespace, ctx: dist.DistContext | None = None) -> Serv
     ctx = ctx or dist.DistContext()
     device, dtype = _device_dtype(args)
     name = args.served_model_name or Path(args.checkpoint).resolve().name
-    log.info("loading %s on %s (%s), %d rank(s)", args.checkpoint, device, str(dtype).removeprefix("torch."),
-             ctx.world)
     t0 = time.perf_counter()
-    model, tokenizer = _load(args, ctx)
+    if model is None:
+        log.info("loading %s on %s (%s), %d rank(s)", args.checkpoint, device, str(dtype).removeprefix("torch."),
+                 ctx.world)
+        model, tokenizer = _load(args, ctx)
     runner = functools.partial(DriverRunner, ctx=ctx) if ctx.world > 1 else ModelRunner
-    engine = Engine(model, tokenizer, _engine_config(args), runner=runner)
+    engine = Engine(model, tokenizer, _engine_config(args, ctx.world), runner=runner)
     log.info("model %s loaded in %.1f s: %d layers, device %s; KV cache holds %d tokens (%d blocks of %d); "
              "max context %d tokens", name, time.perf_counter() - t0, model.cfg.num_hidden_layers, device,
              engine.capacity_tokens, engine.blocks.num_blocks, engine.blocks.block_size, engine.max_model_len)
@@ -129,20 +146,27 @@ def build(args: argparse.Namespace, ctx: dist.DistContext | None = None) -> Serv
     return Served(create_app(loop, tokenizer, name, args.api_key), loop, name, device, ctx)
 
 
-def _check_fits(args: argparse.Namespace) -> None:
-    """Exit with the planner's sentence when the model, or the asked-for KV cache, does not fit."""
+def _plan(args: argparse.Namespace):
+    """The memory plan for this checkpoint, --tp and GPU size (None on the CPU without --gpu-mem-gb)."""
     from model_host.plan import GiB, plan
 
     device, dtype = _device_dtype(args)
     mem = args.gpu_mem_gb
     if mem is None and device.startswith("cuda"):
         mem = torch.cuda.get_device_properties(0).total_memory / GiB
-    if mem is None:
+    return None if mem is None else plan(ModelConfig.from_json(args.checkpoint), args.tp, mem, dtype=dtype)
+
+
+def _check_fits(args: argparse.Namespace) -> None:
+    """Exit with the planner's sentence when the model, or the asked-for KV cache, does not fit."""
+    from model_host.plan import GiB
+
+    p = _plan(args)
+    if p is None:
         return
-    p = plan(ModelConfig.from_json(args.checkpoint), args.tp, mem, dtype=dtype)
     if not p.fits:
         raise SystemExit(f"model-host: {Path(args.checkpoint).name} {p.sentence()}")
-    if args.kv_memory_gb * GiB > p.kv_bytes:
+    if args.kv_memory_gb is not None and args.kv_memory_gb * GiB > p.kv_bytes:
         raise SystemExit(f"model-host: --kv-memory-gb {args.kv_memory_gb:g} is more than the "
                          f"{p.kv_bytes / GiB:.1f} GiB per GPU left for the KV cache; lower it ({p.sentence()})")
 
@@ -182,8 +206,6 @@ def run(args: argparse.Namespace) -> int:
 
 def serve_rank(rv: dist.Rendezvous, args: argparse.Namespace) -> int:
     """One rank: rank 0 serves HTTP; the others load their share and follow its step plans."""
-    import uvicorn
-
     from model_host.engine.engine import Engine
     from model_host.engine.tp import follow
 
@@ -193,11 +215,17 @@ def serve_rank(rv: dist.Rendezvous, args: argparse.Namespace) -> int:
     ctx = dist.init(rv, "cuda" if _device_dtype(args)[0].startswith("cuda") else "cpu")
     if not ctx.is_driver:  # the same engine (same cache and blocks), driven by rank 0's plans
         model, tokenizer = _load(args, ctx)
-        follow(Engine(model, tokenizer, _engine_config(args)).runner, ctx)
+        follow(Engine(model, tokenizer, _engine_config(args, ctx.world)).runner, ctx)
         ctx.close()
         return 0
-    served = build(args, ctx)
-    if ctx.world > 1:
+    return serve(build(args, ctx), args)
+
+
+def serve(served: Served, args: argparse.Namespace) -> int:
+    """Rank 0: the engine thread and uvicorn on ``--host``/``--port`` until SIGTERM/SIGINT."""
+    import uvicorn
+
+    if served.ctx.world > 1:
         # uvicorn re-raises SIGTERM after its shutdown; as an exception (not the default
         # action, which kills at once) it lets `close` release the other ranks first.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))

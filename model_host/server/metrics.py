@@ -19,6 +19,7 @@ class Metrics:
             lambda: len(sched.running))
         Gauge("model_host_requests_waiting", "Sequences queued for admission", registry=r).set_function(
             lambda: len(sched.waiting))
+        Gauge("model_host_kv_blocks_total", "Paged-KV blocks in the cache", registry=r).set(blocks.num_blocks)
         Gauge("model_host_kv_blocks_free", "Free paged-KV blocks", registry=r).set_function(lambda: blocks.num_free)
         Gauge("model_host_kv_blocks_used", "Paged-KV blocks in use", registry=r).set_function(
             lambda: blocks.num_blocks - blocks.num_free)

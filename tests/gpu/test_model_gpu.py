@@ -10,6 +10,7 @@ import torch
 from model_host.checkpoint import make_config, write_random_checkpoint
 from model_host.engine.paged_cache import PagedLatentCache
 from model_host.engine.runner import ModelRunner
+from model_host.engine.scheduler import PrefillChunk
 from model_host.loader import load_model
 from model_host.ops import TorchOps
 
@@ -100,7 +101,7 @@ def test_greedy_64_steps_match_cpu_within_the_module_error_bound(smooth_ckpt):
     runner = ModelRunner(gpu, cache)
     assert runner.graphs is not None  # decode replays CUDA graphs
     seq = Seq(prompt, list(range(6)))
-    logits = [runner.prefill(seq)]
+    logits = [runner.prefill([PrefillChunk(seq, 0, len(seq))])[0]]
     for _ in range(64):
         seq.token_ids.append(int(logits[-1].argmax()))
         logits.append(runner.decode([seq]))
@@ -137,7 +138,7 @@ def test_runner_graph_decode_matches_eager(ckpt):
         seqs = [Seq(torch.randint(0, 1024, (n,), generator=g).tolist(), [4 * i + j for j in range(4)])
                 for i, n in enumerate((5, 20, 33))]
         for s in seqs:
-            runner.prefill(s)
+            runner.prefill([PrefillChunk(s, 0, len(s))])
         steps = []
         for _ in range(4):  # 3 rows -> bucket 4: one padding row through the scratch block
             lg = runner.decode(seqs)
@@ -160,7 +161,8 @@ def test_runner_long_prefill_under_inference_mode(ckpt):
     ids = torch.randint(0, 1024, (300,)).tolist()
     cache = PagedLatentCache(model.num_cache_layers, 20, 16, model.cfg.kv_lora_rank, model.cfg.qk_rope_head_dim,
                              dtype=torch.bfloat16, device="cuda")
-    out = ModelRunner(model, cache, cuda_graphs=False).prefill(Seq(ids, list(range(19)))).float().reshape(-1)
+    seq = Seq(ids, list(range(19)))
+    out = ModelRunner(model, cache, cuda_graphs=False).prefill([PrefillChunk(seq, 0, 300)]).float().reshape(-1)
     with torch.no_grad():
         ref = model(torch.tensor([ids], device="cuda")).logits[0, -1].float()
     assert out.isfinite().all() and rel(out, ref) < 2e-2

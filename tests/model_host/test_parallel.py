@@ -122,8 +122,8 @@ def test_tp_matches_tp1(world, ckpt, tp1, tmp_path):
         assert err <= 2e-5 * ref.abs().max().item(), f"{key} logits differ by {err}"
     assert got["tokens"] == tp1["tokens"]
     assert all(len(t) == STEPS for t in got["tokens"])
-    # The followers ran every forward rank 0 ran: one prefill per prompt + the decode steps.
-    assert all(r["follower_steps"] >= len(PROMPTS) + STEPS - 1 for r in ranks[1:])
+    # The followers ran every forward rank 0 ran: the prompts' packed prefill + the decode steps.
+    assert all(r["follower_steps"] >= STEPS for r in ranks[1:])
     assert all(abs(r["params_mb"] - tp1["params_mb"] / world) < tp1["params_mb"] * 0.3 for r in ranks)
 
 

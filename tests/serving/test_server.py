@@ -27,8 +27,10 @@ def test_models_health_metrics_and_non_streamed_chat(serve):
         root = s.base_url.removesuffix("/v1")
         assert httpx.get(f"{root}/health").json()["status"] == "ok"
         text = httpx.get(f"{root}/metrics").text
+        assert f"model_host_kv_blocks_total {float(s.engine.blocks.num_blocks)}" in text
+        assert "model_host_kv_blocks_used 0.0" in text  # the finished request's blocks are free again
         for name in ("model_host_requests_running", "model_host_requests_waiting", "model_host_kv_blocks_free",
-                     "model_host_kv_blocks_used", "model_host_prefix_cache_hit_rate",
+                     "model_host_prefix_cache_hit_rate",
                      "model_host_generation_tokens_per_second", "model_host_time_to_first_token_seconds_bucket",
                      "model_host_inter_token_latency_seconds_bucket"):
             assert name in text, name

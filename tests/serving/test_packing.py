@@ -1,0 +1,104 @@
+"""Packed prefill: every prefill chunk of a step in one varlen forward."""
+
+from __future__ import annotations
+
+import torch
+
+from model_host.engine.block_manager import BlockManager
+from model_host.engine.engine import Engine, EngineConfig
+from model_host.engine.packing import pack_chunks
+from model_host.engine.paged_cache import PagedLatentCache
+from model_host.engine.runner import ModelRunner
+from model_host.engine.scheduler import PrefillChunk
+from model_host.engine.sequence import Sequence
+from model_host.generate import generate
+from model_host.sampler import SamplingParams
+
+
+def _seq(tokens: list[int], table: list[int]) -> Sequence:
+    seq = Sequence(tokens, SamplingParams(), decoder=None, generator=None)
+    seq.block_table = table
+    return seq
+
+
+def test_pack_chunks_layout():
+    """Sequence a: 6 tokens, a cached prefix of 4, its last 2 now (ends it); sequence b: 7
+    tokens, its first chunk of 5 (does not end it). Block size 4."""
+    a = _seq(list(range(100, 106)), [7, 2])
+    b = _seq(list(range(200, 207)), [5, 9])
+    p = pack_chunks([PrefillChunk(a, 4, 2), PrefillChunk(b, 0, 5)], block_size=4, device="cpu")
+    assert p.ids.tolist() == [[104, 105, 200, 201, 202, 203, 204]]
+    assert p.positions.tolist() == [[4, 5, 0, 1, 2, 3, 4]]
+    v = p.varlen
+    assert v.slots.tolist() == [8, 9, 20, 21, 22, 23, 36]  # block * 4 + offset
+    assert v.key_slots.tolist() == [28, 29, 30, 31, 8, 9, 20, 21, 22, 23, 36]
+    assert v.cu_seqlens_q.tolist() == [0, 2, 7] and v.cu_seqlens_k.tolist() == [0, 6, 11]
+    assert p.last.tolist() == [1]  # only a's chunk ends its sequence
+
+
+def _setup(model, num_blocks=40, block_size=8):
+    cfg = model.cfg
+    cache = PagedLatentCache(model.num_cache_layers, num_blocks, block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                             dtype=torch.float32)
+    return cache, BlockManager(num_blocks, block_size), ModelRunner(model, cache, cuda_graphs=False)
+
+
+def test_packed_prefill_equals_per_sequence_prefill(tiny_model):
+    """One step of mixed chunks (a prefix-cache hit, a whole short prompt, the first and the
+    second chunk of a long prompt) packed into one forward gives each sequence the logits and
+    the cached latents of its own forward."""
+    model, tok = tiny_model
+    prefix = [tok.bos_id] + [3000 + i for i in range(31)]
+    prompts = [prefix + [4000 + i for i in range(9)], prefix + [5000 + i for i in range(5)],
+               [tok.bos_id] + [6000 + i for i in range(12)], [tok.bos_id] + [7000 + i for i in range(40)]]
+    results = {}
+    for packed in (True, False):
+        cache, blocks, runner = _setup(model)
+        first = _seq(prompts[0], [])
+        blocks.allocate(first)
+        runner.prefill([PrefillChunk(first, 0, len(first))])  # fills and publishes the prefix
+        blocks.register_full_blocks(first)
+        hit, short, long = (_seq(p, []) for p in prompts[1:])
+        for s in (hit, short, long):
+            blocks.allocate(s)
+        assert hit.num_computed == 32 and short.num_computed == 0  # the prefix came from the cache
+        step1 = [PrefillChunk(hit, 32, 5), PrefillChunk(short, 0, 13), PrefillChunk(long, 0, 17)]
+        step2 = [PrefillChunk(long, 17, 24)]
+        calls = []
+        hook = model.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        try:
+            if packed:
+                logits = [runner.prefill(step1), runner.prefill(step2)]
+            else:
+                logits = [torch.cat([runner.prefill([c]) for c in step]) for step in (step1, step2)]
+        finally:
+            hook.remove()
+        assert len(calls) == (2 if packed else 4)  # one forward per step when packed
+        assert [lg.shape[0] for lg in logits] == [2, 1]  # hit and short end in step 1, long in step 2
+        slots = torch.tensor([b * 8 + i for s in (hit, short, long) for b in s.block_table for i in range(8)])
+        results[packed] = (torch.cat(logits), cache.c_kv[:, slots], cache.k_pe[:, slots])
+    for a, b in zip(results[True], results[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_prefill_gives_solo_greedy_tokens(tiny_model):
+    """Mixed-length prompts admitted together (one packed prefill per step), two of them hitting
+    the prefix cache: the greedy tokens of each equal its solo generate()."""
+    model, tok = tiny_model
+    engine = Engine(model, tok, EngineConfig(max_batch=8, kv_memory_gb=0.02, block_size=8, max_prefill_tokens=96))
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    shared = tok.encode("retrieved context about sealed segments and index building " * 4, add_bos=True)
+    engine.generate([shared + tok.encode(" warm the cache")], params)
+    prompts = [shared + tok.encode(" question one?"), tok.encode("hello", add_bos=True),
+               shared + tok.encode(" a longer second question about compaction and deletes?"),
+               tok.encode("vector " * 70, add_bos=True), tok.encode("short one", add_bos=True)]
+    steps = []
+    hook = model.register_forward_hook(lambda _m, args, _o: steps.append(args[0].shape[1]))
+    try:
+        seqs = engine.generate(prompts, params)
+    finally:
+        hook.remove()
+    assert max(steps) > 80  # several prompts' chunks went through one forward
+    assert seqs[0].prompt_cached_tokens > 0 and seqs[2].prompt_cached_tokens > 0
+    for p, s in zip(prompts, seqs, strict=True):
+        assert s.output_ids == generate(model, tok, p, params).token_ids

@@ -1,0 +1,32 @@
+"""bench/serve_bench.py --quick on the CPU: the whole benchmark (child server, step bound, client
+processes through the openai SDK, the three phases, JSON + markdown) on the tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_serve_bench_quick(tmp_path):
+    subprocess.run([sys.executable, "bench/serve_bench.py", "--quick", "--out", str(tmp_path)], cwd=REPO,
+                   check=True, timeout=600, capture_output=True)
+    res = json.loads((tmp_path / "serve_bench.json").read_text())
+    plan = res["plan"]
+    assert [r["concurrency"] for r in res["levels"]] == plan["levels"]
+    for r in res["levels"] + [res["unique"]]:
+        assert r["errors"] == 0, r["first_error"]
+        assert r["output_tokens"] == r["requests"] * plan["max_tokens"]  # ignore_eos: every token counted
+    assert all(r["prefix_hit_rate"] > 0.5 for r in res["levels"])  # 4 recurring context sets
+    assert res["unique"]["prefix_hit_rate"] == 0 and res["idle"]["prefix_hit_rate"] == 0  # nonce first lines
+    assert set(res["bound"]["decode_ms"]) == {str(c) for c in plan["levels"]}
+    assert res["bound"]["prefill_tokens"] == res["idle"]["prompt_tokens"]
+    assert res["server"]["model_host_kv_blocks_total"] > 0
+    table = (tmp_path / "serve_bench.md").read_text()
+    assert "| 1 |" in table and "every prompt unique" in table and "Idle TTFT" in table
