@@ -76,11 +76,11 @@ def copy_bandwidth() -> float:
 
 
 @torch.no_grad()
-def build_model(cfg, seed: int = 0) -> DeepseekV3:
+def build_model(cfg, seed: int = 0, with_mtp: bool = False) -> DeepseekV3:
     """Random V3-format weights made on the GPU: FP8 values spread over the e4m3 range with
     per-block scales giving std 1/sqrt(fan_in) after dequantization (the writer's init)."""
     g = torch.Generator(device=DEVICE).manual_seed(seed)
-    model = DeepseekV3(cfg, dtype=torch.bfloat16, device=DEVICE).eval()
+    model = DeepseekV3(cfg, with_mtp=with_mtp, dtype=torch.bfloat16, device=DEVICE).eval()
     for mod in model.modules():
         if isinstance(mod, Linear):
             w = mod.weight

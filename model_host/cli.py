@@ -100,11 +100,13 @@ def _register_generate(sub: argparse._SubParsersAction) -> None:
         choices=["keep", "dequantize"],
         help="FP8 weights: keep + dequantize per call, or once at load",
     )
+    p.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
+                   help="draft K tokens per step with the checkpoint's MTP layer and verify them (0 = off)")
     p.set_defaults(func=_run_generate)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from .generate import generate
+    from .generate import generate, generate_speculative
     from .loader import load_model
     from .sampler import SamplingParams
     from .tokenizer import Tokenizer
@@ -123,7 +125,11 @@ def _run_generate(args: argparse.Namespace) -> int:
         stop=tuple(args.stop),
     )
     t0 = time.perf_counter()
-    model = load_model(args.checkpoint, device=device, dtype=dtype, fp8=args.fp8)
+    from .speculative import require_mtp
+
+    spec = args.speculative_tokens
+    require_mtp(args.checkpoint, spec)
+    model = load_model(args.checkpoint, device=device, dtype=dtype, fp8=args.fp8, load_mtp=spec > 0)
     tok = Tokenizer(args.checkpoint)
     if args.raw:
         ids = tok.encode(args.prompt, add_bos=True)
@@ -138,7 +144,10 @@ def _run_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    res = generate(model, tok, ids, params, on_text=write)
+    if spec:
+        res = generate_speculative(model, tok, ids, params, spec, on_text=write)
+    else:
+        res = generate(model, tok, ids, params, on_text=write)
     sys.stdout.write("\n")
     print(
         f"[{res.finish_reason}] prompt {res.prompt_tokens} tok, generated {len(res.token_ids)} tok; "

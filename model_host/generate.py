@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .model import DeepseekV3
-from .sampler import Sampler, SamplingParams
+from .sampler import Sampler, SamplingParams, sample
 from .stop import StopMatcher
 from .tokenizer import Tokenizer
 
@@ -82,6 +82,83 @@ def generate(
         positions = torch.tensor([[pos]], dtype=torch.long, device=device)
         logits = model(nxt, positions, cache, kv_len=pos + 1).logits[:, -1]
         pos += 1
+    if not matcher.stopped:
+        emit(matcher.flush())
+    t2 = time.perf_counter()
+    return GenerationResult(out, matcher.text, finish, len(prompt_ids), t1 - t0, t2 - t1)
+
+
+@torch.no_grad()
+def generate_speculative(
+    model: DeepseekV3,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    k: int,
+    *,
+    on_text: Callable[[str], None] | None = None,
+    cache_dtype: torch.dtype | None = None,
+    drafter=None,
+) -> GenerationResult:
+    """:func:`generate` with MTP speculative decoding, k drafts per round (the model must be
+    loaded with its MTP layer).  Greedy output equals :func:`generate`'s token for token; sampled
+    output has the same distribution.  ``drafter`` replaces the MTP drafter (tests, benchmarks)."""
+    from .speculative import OneRowForwards, Pending, mtp_draft, speculative_round
+
+    if k < 1:
+        raise ValueError(f"speculative tokens k={k} must be >= 1 (use generate() for k = 0)")
+    if not len(model.mtp):
+        raise ValueError("speculative decoding needs the MTP layer: load the model with load_mtp=True")
+    if not prompt_ids:
+        raise ValueError("prompt is empty")
+    max_len = len(prompt_ids) + params.max_tokens
+    if max_len > model.cfg.max_position_embeddings:
+        raise ValueError(f"prompt + max_tokens = {max_len} exceeds max_position_embeddings")
+    device = model.device
+    # Verify writes up to k positions past the last emitted token before it is cut.
+    cache = model.new_cache(1, max_len + k, dtype=cache_dtype)
+    fw = OneRowForwards(model, cache)
+    gen = params.generator(device)
+    gens = None if gen is None else [gen]
+    temperature, top_k, top_p = (torch.tensor([v], device=device) for v in
+                                 (params.temperature, params.top_k, params.top_p))
+    decoder, matcher = tokenizer.stream_decoder(), StopMatcher(params.stop)
+    emit = on_text or (lambda _text: None)
+
+    t0 = time.perf_counter()
+    n = len(prompt_ids)
+    ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=device)
+    positions = torch.arange(n, device=device)
+    logits, hidden = fw.main(ids, positions, [n])
+    tok = sample(logits[-1:], temperature, top_k, top_p, gens)
+    if n > 1:  # the MTP layer's cache for the prompt: (t[i+1], h[i]) at i = 0 .. n-2
+        fw.mtp(ids[1:], hidden[:-1], positions[:-1], [n - 1])
+    pending = Pending(tok, hidden[-1:], positions[-1:], [1])
+    t1 = time.perf_counter()
+
+    out: list[int] = []
+    finish = "length"
+    new_tokens = tok.tolist()
+    while True:
+        for t in new_tokens:
+            if t == tokenizer.eos_id and not params.ignore_eos:
+                finish = "eos"
+                break
+            out.append(t)
+            emit(matcher.feed(decoder.push(t)))
+            if matcher.stopped:
+                finish = "stop"
+                break
+            if len(out) == params.max_tokens:
+                break
+        else:
+            # No drafts past max_tokens: the last round verifies only what can still be emitted.
+            step = speculative_round(fw, pending, k, temperature, top_k, top_p, gens,
+                                     [min(k, params.max_tokens - len(out) - 1)], drafter=drafter or mtp_draft)
+            pending = step.pending
+            new_tokens = step.verdict.tokens[0, : pending.counts[0]].tolist()
+            continue
+        break
     if not matcher.stopped:
         emit(matcher.flush())
     t2 = time.perf_counter()

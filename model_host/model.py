@@ -8,7 +8,7 @@ Forward contract (what a serving engine calls)::
 
     out = model(input_ids [B, S], positions [B, S], cache)      # prefill or decode alike
     out.logits  # [B, S, V] fp32 (or [B, 1, V] with last_only=True)
-    out.hidden  # [B, S, D] final-normed hidden states (input to lm_head and to MTP)
+    out.hidden  # [B, S, D] final-normed hidden states (input to lm_head and to MTP), all positions
 
 Positions are absolute per row; the cache holds row b's token at position p in slot p.
 """
@@ -32,7 +32,8 @@ from .rope import RotaryEmbedding
 
 @dataclass
 class ModelOutput:
-    """logits: [B, S', V] float32; hidden: [B, S', D] after the final norm (S' = 1 if last_only)."""
+    """logits: [B, S', V] float32 (S' = 1 if last_only); hidden: [B, S, D] after the final norm
+    (every position: the MTP layer drafts from a whole prefill chunk's hidden states)."""
 
     logits: torch.Tensor
     hidden: torch.Tensor
@@ -196,11 +197,10 @@ class DeepseekV3(nn.Module):
             x, residual = layer.residual_forward(x, residual, batch, self.ops)
         hidden = (self.ops.rms_norm(x, self.norm) if residual is None
                   else self.ops.rms_norm(residual, self.norm, residual=x)).out
-        if last_only:
-            hidden = hidden[:, -1:]
-        elif logits_at is not None:
-            hidden = hidden[:, logits_at]
-        return ModelOutput(self.lm_head(hidden, self.ops), hidden)
+        # Logits only where asked; the hidden states of every position stay (the MTP layer drafts
+        # from a whole prefill chunk's).
+        shown = hidden[:, -1:] if last_only else hidden if logits_at is None else hidden[:, logits_at]
+        return ModelOutput(self.lm_head(shown, self.ops), hidden)
 
     @torch.no_grad()
     def mtp_forward(

@@ -4,6 +4,13 @@ A full block is identified by a hash chained over its tokens and its whole prefi
 sequences that share a system prompt plus retrieved context map their common full blocks to the
 same physical blocks. Freed blocks keep their hash until reused, so a later request with the same
 prefix still hits them (the RAG case: one system prompt, recurring context passages).
+
+With MTP speculative decoding (``spec_tokens`` k > 0) two things change. A decoding sequence gets
+slots for k more positions than its length (the verify forward writes its drafts there), and
+:meth:`truncate` gives back the blocks that hold only rejected drafts. And the MTP layer's latent
+at a position depends on the *next* token too, so a block's hash also covers the first token of
+the block after it (``lookahead``): a shared block's MTP latents are then valid for every
+sequence that matches it.
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ def block_hash(prev: bytes, tokens: list[int]) -> bytes:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, spec_tokens: int = 0):
         if num_blocks < 2:
             raise ValueError(f"KV cache has {num_blocks} blocks; raise --kv-memory-gb")
         self.block_size = block_size
+        self.spec_tokens = spec_tokens
+        self.lookahead = 1 if spec_tokens else 0
         self.num_blocks = num_blocks
         self.ref = [0] * num_blocks
         self.hash_of: list[bytes | None] = [None] * num_blocks
@@ -64,11 +73,11 @@ class BlockManager:
         end before it are matched; the block it lands in is private to this sequence.
         """
         assert not seq.block_table
-        bs, prev, cached = self.block_size, b"", 0
+        bs, prev, cached, la = self.block_size, b"", 0, self.lookahead
         matching = True
         for i in range(self.blocks_needed(len(seq))):
-            tokens = seq.token_ids[i * bs : (i + 1) * bs]
-            full_before_last = (i + 1) * bs <= len(seq) - 1
+            tokens = seq.token_ids[i * bs : (i + 1) * bs + la]
+            full_before_last = (i + 1) * bs + la <= len(seq) - 1
             h = block_hash(prev, tokens) if full_before_last else None
             block = self.by_hash.get(h) if (h is not None and matching) else None
             if block is not None:
@@ -83,11 +92,13 @@ class BlockManager:
         self.queries += len(seq) - 1
         self.hits += cached
 
-    def register_full_blocks(self, seq: Sequence) -> None:
-        """After a forward, publish hashes of blocks that are now full and computed."""
-        bs, prev = self.block_size, b""
-        for i in range(seq.num_computed // bs):
-            h = block_hash(prev, seq.token_ids[i * bs : (i + 1) * bs])
+    def register_full_blocks(self, seq: Sequence, computed: int | None = None) -> None:
+        """After a forward, publish hashes of blocks that are now full and computed: in every
+        cache layer up to ``computed`` positions (default ``seq.num_computed``)."""
+        bs, prev, la = self.block_size, b"", self.lookahead
+        computed = seq.num_computed if computed is None else computed
+        for i in range(min(computed, len(seq) - la) // bs):
+            h = block_hash(prev, seq.token_ids[i * bs : (i + 1) * bs + la])
             block = seq.block_table[i]
             if self.hash_of[block] is None and h not in self.by_hash:
                 self.hash_of[block] = h
@@ -95,12 +106,23 @@ class BlockManager:
             prev = h
 
     def can_append(self, seq: Sequence) -> bool:
-        return len(seq.block_table) * self.block_size >= len(seq) or self.num_free > 0
+        return self.blocks_needed(len(seq) + self.spec_tokens) - len(seq.block_table) <= self.num_free
 
     def append_slot(self, seq: Sequence) -> None:
-        """Make room for the token about to be written at position len(seq) - 1."""
-        if len(seq.block_table) * self.block_size < len(seq):
+        """Make room for the token about to be written at position len(seq) - 1 (and for the
+        ``spec_tokens`` drafts verified after it)."""
+        while len(seq.block_table) * self.block_size < len(seq) + self.spec_tokens:
             seq.block_table.append(self._fresh())
+
+    def truncate(self, seq: Sequence) -> None:
+        """Roll back rejected drafts: free the tail blocks that hold no computed position (their
+        latents are past the sequence's length; nothing reads them)."""
+        keep = self.blocks_needed(seq.num_computed)
+        for block in reversed(seq.block_table[keep:]):
+            self.ref[block] -= 1
+            if self.ref[block] == 0:
+                self.free.append(block)
+        del seq.block_table[keep:]
 
     def release(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):  # tail blocks first: prefixes stay cached longest

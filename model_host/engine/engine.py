@@ -23,8 +23,10 @@ from model_host.engine.paged_cache import PagedLatentCache
 from model_host.engine.runner import ModelRunner, capture_sizes
 from model_host.engine.scheduler import Batch, Scheduler
 from model_host.engine.sequence import Sequence
+from model_host.engine.speculative import SpeculativeDecoder
 from model_host.model import DeepseekV3
 from model_host.sampler import Sampler, SamplingParams
+from model_host.speculative import mtp_draft
 from model_host.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     cache_dtype: torch.dtype | None = None  # default: the model's dtype
     graph_memory_gb: float = 1.0  # most GPU memory the decode CUDA graphs may take
+    speculative_tokens: int = 0  # MTP drafts verified per decode step (0 = off; needs the MTP layer)
 
 
 @dataclasses.dataclass
@@ -71,9 +74,11 @@ RunnerFactory = Callable[[DeepseekV3, PagedLatentCache], ModelRunner]
 
 class Engine:
     def __init__(self, model: DeepseekV3, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
-                 runner: RunnerFactory = ModelRunner):
+                 runner: RunnerFactory = ModelRunner, drafter=None):
         """``runner`` builds the model runner over the engine's cache (tensor-parallel rank 0
-        passes one that broadcasts each forward to the other ranks)."""
+        passes one that broadcasts each forward to the other ranks).  ``drafter`` replaces the
+        MTP drafter of speculative decoding: for tests and benchmarks only (an oracle that forces
+        acceptance); the server never passes one."""
         cfg = model.cfg
         self.model, self.tokenizer, self.config = model, tokenizer, config
         dtype = config.cache_dtype or model.dtype
@@ -83,15 +88,20 @@ class Engine:
             self.kv_plan.kv_bytes, layers, config.block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)
         self.cache = PagedLatentCache(layers, num_blocks, config.block_size, cfg.kv_lora_rank,
                                       cfg.qk_rope_head_dim, dtype=dtype, device=model.device)
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        k = config.speculative_tokens
+        self.blocks = BlockManager(num_blocks, config.block_size, spec_tokens=k)
         self.scheduler = Scheduler(self.blocks, config.max_batch, config.max_prefill_tokens)
         self.sampler = Sampler()
         self.capacity_tokens = num_blocks * config.block_size
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, self.capacity_tokens)
-        self.runner = runner(model, self.cache)
-        self.graph_report = self.runner.capture_graphs(capture_sizes(config.max_batch),
+        # A verify step writes k positions past the sequence: they must fit in the cache too.
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, self.capacity_tokens - k)
+        self.spec = SpeculativeDecoder(model, self.cache, self.blocks, k, drafter or mtp_draft) if k else None
+        self.runner = runner(model, self.cache, spec=self.spec) if self.spec else runner(model, self.cache)
+        # With speculation a step runs B * (k + 1) verify rows (and MTP rows as many), each with a
+        # block table up to k positions longer.
+        self.graph_report = self.runner.capture_graphs(capture_sizes(config.max_batch * (k + 1)),
                                                        int(config.graph_memory_gb * 2**30),
-                                                       self.blocks.blocks_needed(self.max_model_len + 1))
+                                                       self.blocks.blocks_needed(self.max_model_len + 1 + k))
         self.by_id: dict[int, Sequence] = {}
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %d B/token/layer)",
                  num_blocks, config.block_size, self.capacity_tokens, self.cache.nbytes() / 2**30,
@@ -130,43 +140,73 @@ class Engine:
 
     def execute(self, batch: Batch) -> list[StepOutput]:
         """Run one scheduled step: the prefill chunks (one runner call) and the decode rows (one
-        graph replay); a token is sampled for every decode row and every finished prompt."""
+        graph replay, or one speculative round); a token is sampled for every decode row and
+        every finished prompt."""
         rows: list[Sequence] = []
         logits: list[torch.Tensor] = []
         if batch.prefill:
             logits.append(self.runner.prefill(batch.prefill))
             rows += [c.seq for c in batch.prefill if c.last]
             for c in batch.prefill:
-                self.blocks.register_full_blocks(c.seq)
-        if batch.decode:
+                self.blocks.register_full_blocks(c.seq, self._filled(c.seq))
+        outs: list[StepOutput] = []
+        if batch.decode and self.spec is not None:
+            outs = self._speculative_step(batch.decode)
+        elif batch.decode:
             logits.append(self.runner.decode(batch.decode))
             rows += batch.decode
         if not rows:
-            return []
+            return outs
         all_logits = torch.cat(logits)
         sampled = self.sampler(all_logits, [s.params for s in rows], [s.generator for s in rows])
         tokens = sampled.tolist()
         logprobs = self._logprobs(all_logits, sampled, tokens, rows)
         now = time.perf_counter()
-        outs = []
         decoded = set(map(id, batch.decode))
         for s, tok, lp in zip(rows, tokens, logprobs, strict=True):
-            ttft = now - s.arrival if s.first_token_at is None else None
-            itl = None if ttft is not None else now - (s.last_token_at or now)
-            s.first_token_at = s.first_token_at or now
-            s.last_token_at = now
-            try:
-                out = self._append(s, tok)
-            except Exception:  # this request's decoding or stop matching: it fails alone
-                log.exception("request %d failed after token %d", s.id, tok)
-                outs.append(self._fail(s))
-                continue
-            out.ttft, out.itl = ttft, itl
-            out.logprob = lp if out.token is not None else None
-            outs.append(out)
+            outs.append(self._emit(s, tok, now, lp))
+            if id(s) not in decoded and self.spec is not None and not s.finished:
+                self.spec.first_token(s, tok)  # a finished prompt: its first pending MTP input
             if id(s) in decoded and s.num_computed % self.blocks.block_size == 0 and not s.finished:
                 self.blocks.register_full_blocks(s)
         return outs
+
+    def _speculative_step(self, seqs: list[Sequence]) -> list[StepOutput]:
+        """Draft, verify and accept for every decode row; a row emits 1 .. k+1 tokens (the ones
+        after a finish are dropped), then gives back the blocks of its rejected drafts."""
+        emitted, target = self.runner.speculate(seqs)
+        now = time.perf_counter()
+        outs = []
+        for i, (s, toks) in enumerate(zip(seqs, emitted, strict=True)):
+            # Logprobs of the emitted tokens under the verify forward's logits (what plain decoding sees).
+            lps = self._logprobs(target[i, : len(toks)], torch.tensor(toks, device=target.device), toks,
+                                 [s] * len(toks))
+            for tok, lp in zip(toks, lps, strict=True):
+                outs.append(self._emit(s, tok, now, lp))
+                if s.finished:
+                    break
+            if not s.finished:
+                self.spec.settle(s)
+        return outs
+
+    def _filled(self, s: Sequence) -> int:
+        """Positions whose latents are final in every cache layer (with speculation the MTP
+        layer trails the main model by the sequence's pending MTP inputs)."""
+        return s.num_computed if self.spec is None else self.spec.filled(s)
+
+    def _emit(self, s: Sequence, tok: int, now: float, lp: TokenLogprob | None) -> StepOutput:
+        ttft = now - s.arrival if s.first_token_at is None else None
+        itl = None if ttft is not None else now - (s.last_token_at or now)
+        s.first_token_at = s.first_token_at or now
+        s.last_token_at = now
+        try:
+            out = self._append(s, tok)
+        except Exception:  # this request's decoding or stop matching: it fails alone
+            log.exception("request %d failed after token %d", s.id, tok)
+            return self._fail(s)
+        out.ttft, out.itl = ttft, itl
+        out.logprob = lp if out.token is not None else None
+        return out
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, sampled: torch.Tensor, tokens: list[int],

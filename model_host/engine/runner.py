@@ -20,6 +20,7 @@ from model_host.engine.packing import pack_chunks
 from model_host.engine.paged_cache import PagedLatentCache
 from model_host.engine.scheduler import PrefillChunk
 from model_host.engine.sequence import Sequence
+from model_host.engine.speculative import SpeculativeDecoder
 from model_host.model import DeepseekV3
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,13 @@ class GraphReport:
 
 
 class ModelRunner:
-    def __init__(self, model: DeepseekV3, cache: PagedLatentCache, cuda_graphs: bool | None = None):
+    def __init__(self, model: DeepseekV3, cache: PagedLatentCache, cuda_graphs: bool | None = None,
+                 spec: SpeculativeDecoder | None = None):
         self.model = model
         self.cache = cache
         self.device = model.device
+        self.spec = spec  # MTP speculative decoding (--speculative-tokens), or None
+        self.mtp_graphs = None
         use_graphs = graphs_supported(model) if cuda_graphs is None else cuda_graphs
         self.graphs = None
         if use_graphs:
@@ -72,11 +76,13 @@ class ModelRunner:
             # a cache sized from free GPU memory holds millions of blocks (128 x that = GiBs).
             widest = min(cache.num_blocks, -(-model.cfg.max_position_embeddings // cache.block_size))
             self.graphs = DecodeGraphs(model, cache, widest)
+            if spec is not None:  # the MTP layer's single-token steps (drafts), captured the same way
+                self.mtp_graphs = DecodeGraphs(model, cache, widest, mtp=True)
 
     def capture_graphs(self, sizes: list[int], budget_bytes: int, max_blocks_per_seq: int) -> GraphReport | None:
-        """Capture the decode step for each batch size (largest first: the smaller graphs reuse
-        its memory pool), for block tables up to ``max_blocks_per_seq`` wide. Raises if the
-        graphs take more than ``budget_bytes`` of GPU memory. Under tensor parallelism every rank
+        """Capture the decode step (and, with speculation, the MTP layer's step) for each batch
+        size (largest first: the smaller graphs reuse its memory pool), for block tables up to
+        ``max_blocks_per_seq`` wide. Raises if the graphs take more than ``budget_bytes`` of GPU memory. Under tensor parallelism every rank
         builds the same engine, so every rank captures the same sizes in the same order."""
         if self.graphs is None:
             return None
@@ -86,9 +92,12 @@ class ModelRunner:
         free_before = torch.cuda.mem_get_info(self.device)[0]
         t0 = time.perf_counter()
         self.graphs = DecodeGraphs(self.model, self.cache, max_blocks_per_seq, buckets=sizes)
+        if self.spec is not None:
+            self.mtp_graphs = DecodeGraphs(self.model, self.cache, max_blocks_per_seq, buckets=sizes, mtp=True)
         with torch.inference_mode():
-            for b in sorted(sizes, reverse=True):
-                self.graphs.capture(b)
+            for graphs in (self.graphs, self.mtp_graphs):
+                for b in sorted(sizes, reverse=True) if graphs is not None else ():
+                    graphs.capture(b)
         torch.cuda.synchronize()
         report = GraphReport(sorted(sizes), time.perf_counter() - t0,
                              free_before - torch.cuda.mem_get_info(self.device)[0])
@@ -111,8 +120,11 @@ class ModelRunner:
         last-position logits [m, V] of the chunks that end their sequence, in chunk order."""
         packed = pack_chunks(chunks, self.cache.block_size, self.device)
         out = self.model(packed.ids, packed.positions, self.cache, varlen=packed.varlen, logits_at=packed.last)
-        for c in chunks:
+        for i, c in enumerate(chunks):
             c.seq.num_computed = c.end
+            if self.spec is not None:
+                q = packed.varlen.cu_seqlens_q
+                self.spec.prefill_chunk(c.seq, c.start, c.end, out.hidden[0, int(q[i]) : int(q[i + 1])])
         return out.logits[0]
 
     @torch.inference_mode()
@@ -129,3 +141,8 @@ class ModelRunner:
         for s in seqs:
             s.num_computed = len(s)
         return logits
+
+    def speculate(self, seqs: list[Sequence]) -> tuple[list[list[int]], torch.Tensor]:
+        """One speculative round for decode rows (each with slots for its drafts): the tokens
+        each sequence emits (1 .. k+1), and the verify logits [B, k+1, V]."""
+        return self.spec.step(seqs, self._tables(seqs), self.graphs, self.mtp_graphs)

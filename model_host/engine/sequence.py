@@ -43,6 +43,10 @@ class Sequence:
         self.last_token_at: float | None = None
         self.prompt_cached_tokens = 0  # reported in usage: cached tokens of the first admission
         self.admitted = False
+        # MTP speculative decoding (model_host.engine.speculative): the MTP inputs still owed to
+        # its cache, and the prompt's last hidden state until the first token is sampled.
+        self.draft_input = None
+        self.draft_hidden: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -58,6 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tensor/expert-parallel ranks, one per GPU (spawned here, or torchrun's WORLD_SIZE)")
     p.add_argument("--gpu-mem-gb", type=float, default=None,
                    help="GiB per GPU for the fit check (default: the GPU's own; on CPU only checked when given)")
+    p.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
+                   help="MTP speculative decoding: draft K tokens per decode step with the checkpoint's MTP "
+                        "layer and verify them in one forward (0 = off; see docs/benchmarks.md)")
     p.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default 5)")
     p.set_defaults(func=run)
@@ -94,7 +97,8 @@ def _engine_config(args: argparse.Namespace, world: int = 1):
         kv = _plan(args).kv_bytes / 2**30
     return EngineConfig(max_batch=args.max_batch, kv_memory_gb=kv, block_size=args.block_size,
                         max_model_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens,
-                        graph_memory_gb=args.graph_memory_gb)
+                        graph_memory_gb=args.graph_memory_gb,
+                        speculative_tokens=args.speculative_tokens)
 
 
 def _load(args: argparse.Namespace, ctx: dist.DistContext):
@@ -111,7 +115,9 @@ def _load(args: argparse.Namespace, ctx: dist.DistContext):
 
         ops = TritonOps()
     where = ctx.device if ctx.world > 1 else device
-    return load_model(args.checkpoint, device=where, dtype=dtype, ops=ops, parallel=ctx), Tokenizer(args.checkpoint)
+    model = load_model(args.checkpoint, device=where, dtype=dtype, ops=ops, parallel=ctx,
+                       load_mtp=args.speculative_tokens > 0)
+    return model, Tokenizer(args.checkpoint)
 
 
 def build(args: argparse.Namespace, ctx: dist.DistContext | None = None, model=None, tokenizer=None) -> Served:
@@ -165,6 +171,17 @@ def _check_fits(args: argparse.Namespace) -> None:
                          f"{p.kv_bytes / GiB:.1f} GiB per GPU left for the KV cache; lower it ({p.sentence()})")
 
 
+def _check_speculative(args: argparse.Namespace) -> None:
+    from model_host.speculative import require_mtp
+
+    try:
+        require_mtp(args.checkpoint, args.speculative_tokens)
+    except ValueError as e:
+        raise SystemExit(f"model-host: {e}") from None
+    if args.speculative_tokens and args.tp > 1:
+        raise SystemExit("model-host: --speculative-tokens runs on one GPU for now; drop it or use --tp 1")
+
+
 def run(args: argparse.Namespace) -> int:
     # Before any rank loads a byte; under torchrun every rank checks (the same pure answer), so
     # a refusal stops them all instead of leaving ranks waiting for rank 0.
@@ -172,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
     if rv is not None and rv.world != args.tp:
         raise SystemExit(f"model-host: --tp {args.tp} but torchrun started {rv.world} ranks; pass --tp {rv.world}")
     check_divisible(ModelConfig.from_json(args.checkpoint), args.tp)
+    _check_speculative(args)
     _check_fits(args)
     device, _ = _device_dtype(args)
     if device.startswith("cuda") and rv is None and torch.cuda.device_count() < args.tp:

@@ -30,6 +30,16 @@ class Metrics:
               registry=r).set_function(loop.tokens_per_second)
         Gauge("model_host_preemptions", "Sequences preempted for lack of KV blocks", registry=r).set_function(
             lambda: sched.preemptions)
+        if eng.spec is not None:  # MTP speculative decoding
+            st = eng.spec.stats
+            Gauge("model_host_spec_acceptance_rate", "Accepted / verified MTP draft tokens since start",
+                  registry=r).set_function(lambda: st.acceptance_rate)
+            Gauge("model_host_spec_mean_accepted_length", "Tokens emitted per sequence per speculative step",
+                  registry=r).set_function(lambda: st.mean_accepted_length)
+            Gauge("model_host_spec_draft_tokens", "MTP draft tokens verified since start", registry=r).set_function(
+                lambda: st.drafted)
+            Gauge("model_host_spec_accepted_tokens", "MTP draft tokens accepted since start",
+                  registry=r).set_function(lambda: st.accepted)
         self.prompt_tokens = Counter("model_host_prompt_tokens", "Prompt tokens received", registry=r)
         self.cached_tokens = Counter("model_host_prompt_cached_tokens", "Prompt tokens served by the prefix cache",
                                      registry=r)
