@@ -16,6 +16,11 @@ import torch
 log = logging.getLogger(__name__)
 
 CPU_KV_GB = 1.0
+# A packed prefill expands each chunk's whole context (cached prefix included) into per-head K/V,
+# 80 KiB a key at V3's widths. With prefix-cache hits, 2048 new tokens can attend 100k+ cached keys
+# (an 8.8 GiB allocation and an OOM at 128 concurrent RAG requests on an H100), so the runner packs
+# a step's chunks in groups of at most this many keys, and the plan sets their expansion aside.
+PREFILL_CONTEXT_KEYS = 16384
 GPU_KV_FRACTION = 0.9
 
 
@@ -54,13 +59,20 @@ def prefill_peak_bytes(model, tokens: int) -> int:
     return peak
 
 
+def expansion_bytes(cfg, keys: int, dtype: torch.dtype) -> int:
+    """Per-head K and V of ``keys`` attended positions, beyond what the measured step expanded."""
+    per_key = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+    return keys * per_key * torch.empty((), dtype=dtype).element_size()
+
+
 def plan_kv(model, kv_memory_gb: float | None, max_prefill_tokens: int, graph_memory_gb: float) -> KVPlan:
     """The KV budget: explicit, the CPU default, or measured on the GPU."""
     if kv_memory_gb is not None:
         return KVPlan(int(kv_memory_gb * 2**30))
     if model.device.type != "cuda":
         return KVPlan(int(CPU_KV_GB * 2**30))
-    activation = prefill_peak_bytes(model, max_prefill_tokens)
+    activation = prefill_peak_bytes(model, max_prefill_tokens) + expansion_bytes(
+        model.cfg, max(0, PREFILL_CONTEXT_KEYS - max_prefill_tokens), model.dtype)
     free = torch.cuda.mem_get_info(model.device)[0]
     graphs = int(graph_memory_gb * 2**30)
     plan = KVPlan(kv_budget(free, activation, graphs), free, activation, graphs)

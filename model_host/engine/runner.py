@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from model_host.engine.memory import PREFILL_CONTEXT_KEYS
 from model_host.engine.packing import pack_chunks
 from model_host.engine.paged_cache import PagedLatentCache
 from model_host.engine.scheduler import PrefillChunk
@@ -49,6 +50,21 @@ def capture_sizes(max_batch: int) -> list[int]:
         sizes.append(b)
         b *= 2
     return sizes + [max_batch]
+
+
+def context_groups(chunks: list[PrefillChunk], max_keys: int) -> list[list[PrefillChunk]]:
+    """Consecutive groups of chunks whose attended keys (each chunk's whole context, cached
+    prefix included: ``c.end``) sum to at most ``max_keys``; a longer chunk goes alone."""
+    groups: list[list[PrefillChunk]] = []
+    keys = 0
+    for c in chunks:
+        if groups and keys + c.end <= max_keys:
+            groups[-1].append(c)
+            keys += c.end
+        else:
+            groups.append([c])
+            keys = c.end
+    return groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,16 +132,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
-        """Compute every chunk's tokens into the cache in ONE packed (varlen) forward; return the
-        last-position logits [m, V] of the chunks that end their sequence, in chunk order."""
-        packed = pack_chunks(chunks, self.cache.block_size, self.device)
-        out = self.model(packed.ids, packed.positions, self.cache, varlen=packed.varlen, logits_at=packed.last)
-        for i, c in enumerate(chunks):
-            c.seq.num_computed = c.end
-            if self.spec is not None:
-                q = packed.varlen.cu_seqlens_q
-                self.spec.prefill_chunk(c.seq, c.start, c.end, out.hidden[0, int(q[i]) : int(q[i + 1])])
-        return out.logits[0]
+        """Compute every chunk's tokens into the cache in packed (varlen) forwards, one per group
+        of at most ``PREFILL_CONTEXT_KEYS`` attended keys (one forward in the common case); return
+        the last-position logits [m, V] of the chunks that end their sequence, in chunk order."""
+        logits = []
+        for group in context_groups(chunks, PREFILL_CONTEXT_KEYS):
+            packed = pack_chunks(group, self.cache.block_size, self.device)
+            out = self.model(packed.ids, packed.positions, self.cache, varlen=packed.varlen, logits_at=packed.last)
+            for i, c in enumerate(group):
+                c.seq.num_computed = c.end
+                if self.spec is not None:
+                    q = packed.varlen.cu_seqlens_q
+                    self.spec.prefill_chunk(c.seq, c.start, c.end, out.hidden[0, int(q[i]) : int(q[i + 1])])
+            logits.append(out.logits[0])
+        return torch.cat(logits)
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:

@@ -56,7 +56,12 @@ def _first_divergence(tok: Tokenizer, ref_ids: list[int], served: str) -> int:
 @pytest.fixture(scope="module")
 def tiny_fp8(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-fp8")
-    write_random_checkpoint(path, make_config("tiny", mtp=False, hidden_size=256), dtype="fp8", seed=11)
+    # Every expert selected (16 of 16, all groups), as test_model_gpu's smooth models: a random
+    # 4-of-16 router has near-tied experts, and the server's other batching and precision regime
+    # would pick another one, an order-1 jump (seen: gaps of 0.9 sd on an H100) that no kernel
+    # bound covers. Routing weights, grouped GEMMs and the combine still run as served.
+    cfg = make_config("tiny", mtp=False, hidden_size=256, num_experts_per_tok=16, topk_group=4)
+    write_random_checkpoint(path, cfg, dtype="fp8", seed=11)
     # The ops `model-host serve --device cuda` loads the model with.
     return load_model(path, device="cuda", dtype=torch.bfloat16, ops=TritonOps()), Tokenizer(path)
 

@@ -102,3 +102,20 @@ def test_packed_prefill_gives_solo_greedy_tokens(tiny_model):
     assert seqs[0].prompt_cached_tokens > 0 and seqs[2].prompt_cached_tokens > 0
     for p, s in zip(prompts, seqs, strict=True):
         assert s.output_ids == generate(model, tok, p, params).token_ids
+
+
+def test_prefill_groups_bound_the_attended_keys():
+    """Regression (H100 serve_bench, concurrency 128): one packed step of prefix-hit chunks
+    expanded 100k+ cached keys at once and ran out of memory. Chunks go in consecutive groups of
+    at most max_keys attended keys; a longer chunk goes alone; order is kept."""
+    from types import SimpleNamespace
+
+    from model_host.checkpoint import make_config
+    from model_host.engine.memory import expansion_bytes
+    from model_host.engine.runner import context_groups
+
+    chunks = [SimpleNamespace(end=e, name=i) for i, e in enumerate((2000, 1900, 30000, 100, 5000, 9000))]
+    groups = context_groups(chunks, 16384)
+    assert [[c.name for c in g] for g in groups] == [[0, 1], [2], [3, 4, 5]]
+    assert all(sum(c.end for c in g) <= 16384 for g in groups if len(g) > 1)
+    assert expansion_bytes(make_config("v3"), 1, torch.bfloat16) == 128 * (128 + 64 + 128) * 2  # 80 KiB a key
