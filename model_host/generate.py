@@ -66,18 +66,11 @@ def generate(
     out: list[int] = []
     finish = "length"
     pos = len(prompt_ids)
-    for step in range(params.max_tokens):
+    for _ in range(params.max_tokens):
         tok = int(sampler(logits, [params], [gen])[0])
-        if tok == tokenizer.eos_id and not params.ignore_eos:
-            finish = "eos"
+        if done := _take(tok, out, tokenizer, params, matcher, decoder, emit):
+            finish = done  # no forward for a token we will not sample from
             break
-        out.append(tok)
-        emit(matcher.feed(decoder.push(tok)))
-        if matcher.stopped:
-            finish = "stop"
-            break
-        if step == params.max_tokens - 1:
-            break  # no forward for a token we will not sample from
         nxt = torch.tensor([[tok]], dtype=torch.long, device=device)
         positions = torch.tensor([[pos]], dtype=torch.long, device=device)
         logits = model(nxt, positions, cache, kv_len=pos + 1).logits[:, -1]
@@ -140,26 +133,31 @@ def generate_speculative(
     finish = "length"
     new_tokens = tok.tolist()
     while True:
+        done = None
         for t in new_tokens:
-            if t == tokenizer.eos_id and not params.ignore_eos:
-                finish = "eos"
+            if done := _take(t, out, tokenizer, params, matcher, decoder, emit):
                 break
-            out.append(t)
-            emit(matcher.feed(decoder.push(t)))
-            if matcher.stopped:
-                finish = "stop"
-                break
-            if len(out) == params.max_tokens:
-                break
-        else:
-            # No drafts past max_tokens: the last round verifies only what can still be emitted.
-            step = speculative_round(fw, pending, k, temperature, top_k, top_p, gens,
-                                     [min(k, params.max_tokens - len(out) - 1)], drafter=drafter or mtp_draft)
-            pending = step.pending
-            new_tokens = step.verdict.tokens[0, : pending.counts[0]].tolist()
-            continue
-        break
+        if done:
+            finish = done
+            break
+        # No drafts past max_tokens: the last round verifies only what can still be emitted.
+        step = speculative_round(fw, pending, k, temperature, top_k, top_p, gens,
+                                 [min(k, params.max_tokens - len(out) - 1)], drafter=drafter or mtp_draft)
+        pending = step.pending
+        new_tokens = step.verdict.tokens[0, : pending.counts[0]].tolist()
     if not matcher.stopped:
         emit(matcher.flush())
     t2 = time.perf_counter()
     return GenerationResult(out, matcher.text, finish, len(prompt_ids), t1 - t0, t2 - t1)
+
+
+def _take(tok: int, out: list[int], tokenizer: Tokenizer, params: SamplingParams, matcher: StopMatcher,
+          decoder, emit: Callable[[str], None]) -> str | None:
+    """Emit one sampled token; the finish reason when generation ends with it, else None."""
+    if tok == tokenizer.eos_id and not params.ignore_eos:
+        return "eos"
+    out.append(tok)
+    emit(matcher.feed(decoder.push(tok)))
+    if matcher.stopped:
+        return "stop"
+    return "length" if len(out) == params.max_tokens else None
