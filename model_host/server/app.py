@@ -42,6 +42,7 @@ class _Request:
         self.queue: asyncio.Queue[StepOutput | Exception] = asyncio.Queue()
         self.abort: Any = None
         self.done = False
+        self.polled = time.monotonic()  # last check that a non-streaming client is still there
 
     def usage(self, out: StepOutput) -> dict[str, Any]:
         seq = out.seq
@@ -138,12 +139,20 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
         """The request's next output; None once `request`'s client has disconnected."""
         if request is None:  # streaming: Starlette cancels the response when the client leaves
             return await r.queue.get()
+        # Checked by the clock, not only when the queue runs dry: a fast engine keeps the queue
+        # full, and a client that left would then never be noticed (seen under CI load).
         while True:
             try:
-                return await asyncio.wait_for(r.queue.get(), DISCONNECT_POLL_S)
+                out = await asyncio.wait_for(r.queue.get(), DISCONNECT_POLL_S)
             except TimeoutError:
+                out = None
+            now = time.monotonic()
+            if now - r.polled >= DISCONNECT_POLL_S:
+                r.polled = now
                 if await request.is_disconnected():
                     return None
+            if out is not None:
+                return out
 
     async def outputs(r: _Request, request: Request | None = None) -> AsyncIterator[StepOutput]:
         """Step outputs until the request finishes. With `request`, a client that disconnects

@@ -57,8 +57,8 @@ def test_chat_survives_a_reload_with_its_settings_and_feedback_exports(app, driv
     qa = tmp_path / "feedback-qa.jsonl"  # downloaded over HTTP, as the browser would
     qa.write_bytes(httpx.get(link[0].get_attribute("href"), timeout=10).content)
     [item] = load_qa(qa)
-    assert item.question == QUESTION and item.source.endswith("storage.md")
-    assert item.heading == "Backing up the index" and item.span is not None  # [1], the first cited passage
+    assert item.question == QUESTION and len(item.gold) == 1 and item.gold[0].source.endswith("storage.md")
+    assert item.gold[0].heading == "Backing up the index" and item.gold[0].span is not None  # [1], the first cited passage
 
     driver.refresh()  # same browser, same localStorage: its chats come back
     browser.open_app(driver, app.url)

@@ -76,7 +76,7 @@ def test_liked_answers_export_as_a_qa_file_rag_eval_reads(tmp_path):
     path = tmp_path / "qa.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     [item] = load_qa(path)  # the disliked answer gives no item; the liked one cites [2]
-    assert (item.question, item.source, item.heading, item.span) == ("How do I back up?", "docs/b.md", "Backups", (40, 90))
+    assert (item.question, item.gold[0].source, item.gold[0].heading, item.gold[0].span) == ("How do I back up?", "docs/b.md", "Backups", (40, 90))
     db.feedback("u", cid, 0, None)  # withdrawn
     assert [r["turn"] for r in db.feedback_rows("u")] == [1]
 
