@@ -47,11 +47,7 @@ def generate(
     cache_dtype: torch.dtype | None = None,
 ) -> GenerationResult:
     """Generate a completion of ``prompt_ids`` with ``params`` (greedy when temperature is 0)."""
-    if not prompt_ids:
-        raise ValueError("prompt is empty")
-    max_len = len(prompt_ids) + params.max_tokens
-    if max_len > model.cfg.max_position_embeddings:
-        raise ValueError(f"prompt + max_tokens = {max_len} exceeds max_position_embeddings")
+    max_len = _max_len(model, prompt_ids, params)
     device = model.device
     cache = model.new_cache(1, max_len, dtype=cache_dtype)
     sampler, gen = Sampler(), params.generator(device)
@@ -102,11 +98,7 @@ def generate_speculative(
         raise ValueError(f"speculative tokens k={k} must be >= 1 (use generate() for k = 0)")
     if not len(model.mtp):
         raise ValueError("speculative decoding needs the MTP layer: load the model with load_mtp=True")
-    if not prompt_ids:
-        raise ValueError("prompt is empty")
-    max_len = len(prompt_ids) + params.max_tokens
-    if max_len > model.cfg.max_position_embeddings:
-        raise ValueError(f"prompt + max_tokens = {max_len} exceeds max_position_embeddings")
+    max_len = _max_len(model, prompt_ids, params)
     device = model.device
     # Verify writes up to k positions past the last emitted token before it is cut.
     cache = model.new_cache(1, max_len + k, dtype=cache_dtype)
@@ -161,3 +153,13 @@ def _take(tok: int, out: list[int], tokenizer: Tokenizer, params: SamplingParams
     if matcher.stopped:
         return "stop"
     return "length" if len(out) == params.max_tokens else None
+
+
+def _max_len(model: DeepseekV3, prompt_ids: Sequence[int], params: SamplingParams) -> int:
+    """Positions the generation needs; ValueError for an empty or too long request."""
+    if not prompt_ids:
+        raise ValueError("prompt is empty")
+    max_len = len(prompt_ids) + params.max_tokens
+    if max_len > model.cfg.max_position_embeddings:
+        raise ValueError(f"prompt + max_tokens = {max_len} exceeds max_position_embeddings")
+    return max_len

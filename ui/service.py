@@ -62,6 +62,7 @@ class KnowledgeBase:
         self._views: dict[str, MilvusStore] = {}
         self._embedders: dict[str, Embedder] = {self.embedder.model_id: self.embedder}
         self._opened: set[str] = set()
+        self._recorded: dict[str, str] = {}  # collection -> the embedder model id it records
         self._views_lock = threading.Lock()
         self.write_lock = threading.Lock()
         self._stats: dict[str, tuple[float, dict[str, Any] | None]] = {}
@@ -100,10 +101,13 @@ class KnowledgeBase:
 
     def embedder_of(self, collection: str) -> Embedder:
         """The embedder that built `collection` (its questions and uploads use it), else the UI's own."""
-        recorded = self.store(collection).recorded_embedder()
+        # Cached per collection once known: the UI never drops a collection, and reading it
+        # costs two Milvus calls that would otherwise come before every question.
+        recorded = self._recorded.get(collection) or self.store(collection).recorded_embedder()
         if recorded is None:
             return self.embedder
         with self._views_lock:
+            self._recorded[collection] = recorded
             if recorded not in self._embedders:
                 self._embedders[recorded] = make_embedder(self.rag_config, resolve_name("auto", recorded))
             return self._embedders[recorded]
