@@ -38,12 +38,27 @@ def weighted_rrf(lists: Sequence[tuple[float, Sequence[Hit]]], rrf_k: int, k: in
     return [dataclasses.replace(first[i], score=fused[i]) for i in best]
 
 
+COLLAPSE_OVERFETCH = 3  # candidates fetched per wanted hit when collapsing sections
+
+
+def collapse_sections(hits: Sequence[Hit]) -> list[Hit]:
+    """Keep each section's best-ranked hit, in order; a section is (source, heading path)."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for h in hits:
+        key = (h.source, h.header_path)
+        if key not in seen:
+            seen.add(key)
+            out.append(h)
+    return out
+
+
 class Retriever:
     """Runs one query against one collection. Stateless apart from its handles."""
 
     def __init__(
         self, store: MilvusStore, embedder: Embedder, mode: str = "dense", rrf_k: int = 10,
-        weights: tuple[float, float] | None = None, candidates: int | None = None,
+        weights: tuple[float, float] | None = None, candidates: int | None = None, collapse: bool = False,
     ):
         self.store = store
         self.embedder = embedder
@@ -52,6 +67,9 @@ class Retriever:
         # (dense, bm25) weights of the fusion; None takes the embedder's measured ones.
         self.weights = weights or embedder.rrf_weights
         self.candidates = candidates  # hits per route before fusion; None lets the store pick
+        # One hit per section (source + heading path): a long section's chunks would otherwise
+        # fill several of the k slots, crowding out other sections that may hold the answer.
+        self.collapse = collapse
         self._warned = False
 
     def _effective_mode(self, mode: str) -> str:
@@ -62,11 +80,11 @@ class Retriever:
             return "dense"
         return mode
 
-    def _hybrid(self, vec, question: str, k: int, filter: str) -> list[Hit]:
+    def _hybrid(self, vec, question: str, k: int, filter: str, depth: int) -> list[Hit]:
         dense_w, bm25_w = self.weights
         if dense_w == bm25_w:  # plain RRF: one request, fused inside Milvus
             return self.store.search_hybrid(vec, question, k, filter, rrf_k=self.rrf_k, candidates=self.candidates)
-        n = self.candidates or max(k * 4, 20)
+        n = self.candidates or depth
         return weighted_rrf([(dense_w, self.store.search_dense(vec, n, filter)),
                              (bm25_w, self.store.search_bm25(question, n, filter, query=vec))], self.rrf_k, k)
 
@@ -76,12 +94,16 @@ class Retriever:
         t0 = time.perf_counter()
         vec = self.embedder.embed_query(question) if mode != "bm25" else None
         t1 = time.perf_counter()
+        n = k * COLLAPSE_OVERFETCH if self.collapse else k
         if mode == "dense":
-            hits = self.store.search_dense(vec, k, filter)
+            hits = self.store.search_dense(vec, n, filter)
         elif mode == "bm25":
-            hits = self.store.search_bm25(question, k, filter)
+            hits = self.store.search_bm25(question, n, filter)
         else:
-            hits = self._hybrid(vec, question, k, filter)
+            # Route depth follows the k asked for, so collapsing changes no fused score.
+            hits = self._hybrid(vec, question, n, filter, depth=max(k * 4, 20))
+        if self.collapse:
+            hits = collapse_sections(hits)[:k]
         hits = [dataclasses.replace(h, rank=i, mode=mode) for i, h in enumerate(hits, 1)]
         t2 = time.perf_counter()
         return Retrieval(hits, mode, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
