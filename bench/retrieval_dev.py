@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", help="hybrid: DENSE,BM25 weights (score-normalised sum) instead of RRF")
     p.add_argument("--rrf-k", type=int)
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--collapse", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--collapse", action=argparse.BooleanOptionalAction, default=None,
                    help="one hit per section (source + heading path) in every mode")
     p.add_argument("--rrf-grid", action="store_true",
                    help="fetch the dense and BM25 top-50 once per question and score weighted RRF "
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     config = RagConfig.load(embedder=args.embedder)
     embedder = CachedEmbedder(make_embedder(config), Path(args.cache))
     weights = tuple(float(x) for x in args.weights.split(",")) if args.weights else None
-    opts = {"rrf_k": args.rrf_k or config.rrf_k, "weights": weights, "collapse": args.collapse}
+    opts = {"rrf_k": args.rrf_k or config.rrf_k, "weights": weights, "collapse": config.collapse if args.collapse is None else args.collapse}
     tmp = tempfile.mkdtemp(prefix="rag-dev-")
     try:
         uri = str(Path(tmp) / "milvus.db")

@@ -63,7 +63,7 @@ class RagPipeline:
         self.embedder = embedder or make_embedder(config, resolve_name(config.embedder, self.store.recorded_embedder()))
         if not (store_open and store is not None):
             self.store.open_existing(self.embedder)
-        self.retriever = Retriever(self.store, self.embedder, config.mode, config.rrf_k)
+        self.retriever = Retriever(self.store, self.embedder, config.mode, config.rrf_k, collapse=config.collapse)
         llm = config.llm
         self.llm = LLMClient(*llm, timeout=config.llm_timeout) if llm else None
 
