@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                     kind, *nums = f.split(":")
                     fopts = {"rrf_k": int(nums[0]), "weights": None} if kind == "rrf" else \
                         {"rrf_k": 10, "weights": tuple(float(x) for x in nums)}
-                    res, _ = eval_qa(items, store, embedder, ["hybrid"], args.k, fopts, progress=False)
+                    res, _ = eval_qa(items, store, embedder, ["hybrid"], args.k, {**fopts, "collapse": opts["collapse"]},
+                                     progress=False)
                     fusions.append((f, res[0]))
         finally:
             store.close()
