@@ -3,6 +3,7 @@
     python bench/retrieval_dev.py en --embedder minilm                 # dev split, all modes
     python bench/retrieval_dev.py zh --embedder e5 --split heldout     # only once tuning is done
     python bench/retrieval_dev.py en --embedder minilm --analyzer english --weights 0.7,0.3
+    DEEPSEEK_API_KEY=... python bench/retrieval_dev.py en --embedder minilm --modes hybrid --rerank llm [--hyde]
 
 en: the whole English Milvus docs tree (shared/data/milvus_docs_en), 50 questions written as a
 user would ask them, each the paraphrase of one FAQ entry (bench/en_paraphrases.jsonl; no
@@ -43,6 +44,8 @@ from ingest.config import IngestConfig  # noqa: E402
 from ingest.pipeline import ingest  # noqa: E402
 from rag.config import RagConfig  # noqa: E402
 from rag.embedder import make_embedder  # noqa: E402
+from rag.llm import LLMClient  # noqa: E402
+from rag.rerank import llm_stages  # noqa: E402
 from rag.store import MilvusStore  # noqa: E402
 
 SHARED = Path(os.environ.get("RAG_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -162,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", help="hybrid: DENSE,BM25 weights (score-normalised sum) instead of RRF")
     p.add_argument("--rrf-k", type=int)
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--rerank", choices=["off", "llm"], default="off",
+                   help="llm: listwise rerank by the LLM of LLM_BASE_URL / DEEPSEEK_API_KEY (RAG_RERANK)")
+    p.add_argument("--hyde", action="store_true", help="HyDE query passage by that LLM (RAG_HYDE)")
+    p.add_argument("--collapse", action=argparse.BooleanOptionalAction, default=None,
+                   help="one hit per section (source + heading path) in every mode")
     p.add_argument("--rrf-grid", action="store_true",
                    help="fetch the dense and BM25 top-50 once per question and score weighted RRF "
                    "w_dense/(k+rank) + w_bm25/(k+rank) over a grid of k and BM25 weights")
@@ -176,10 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     items = load_items(args.which, args.split)
-    config = RagConfig.load(embedder=args.embedder)
+    config = RagConfig.load(embedder=args.embedder, rerank=args.rerank, hyde=args.hyde or None)
+    if (args.rerank != "off" or args.hyde) and config.llm is None:
+        p.error("--rerank llm / --hyde need an LLM: set DEEPSEEK_API_KEY or LLM_BASE_URL (and LLM_MODEL)")
     embedder = CachedEmbedder(make_embedder(config), Path(args.cache))
     weights = tuple(float(x) for x in args.weights.split(",")) if args.weights else None
-    opts = {"rrf_k": args.rrf_k or config.rrf_k, "weights": weights}
+    opts = {"rrf_k": args.rrf_k or config.rrf_k, "weights": weights,
+            "collapse": config.collapse if args.collapse is None else args.collapse}
+    llm = LLMClient(*config.llm, timeout=config.llm_timeout) if config.llm else None
+    stages = llm_stages(config, llm)  # objects: kept out of the JSON record (`opts`)
     tmp = tempfile.mkdtemp(prefix="rag-dev-")
     try:
         uri = str(Path(tmp) / "milvus.db")
@@ -192,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             index_s = time.perf_counter() - t0
             store.open_existing(embedder)
             analyzer = (store.describe().get("properties") or {}).get("rag.analyzer")
-            results, ranks = eval_qa(items, store, embedder, args.modes.split(","), args.k, opts, progress=False)
+            results, ranks = eval_qa(items, store, embedder, args.modes.split(","), args.k, {**opts, **stages},
+                                     progress=False)
             fusions = []
             grid = rrf_grid(items, store, embedder) if args.rrf_grid else {}
             latency = latencies(items, store, embedder.inner, args.modes.split(",")) if args.latency else {}
@@ -201,14 +215,15 @@ def main(argv: list[str] | None = None) -> int:
                     kind, *nums = f.split(":")
                     fopts = {"rrf_k": int(nums[0]), "weights": None} if kind == "rrf" else \
                         {"rrf_k": 10, "weights": tuple(float(x) for x in nums)}
-                    res, _ = eval_qa(items, store, embedder, ["hybrid"], args.k, fopts, progress=False)
+                    res, _ = eval_qa(items, store, embedder, ["hybrid"], args.k, {**fopts, "collapse": opts["collapse"]},
+                                     progress=False)
                     fusions.append((f, res[0]))
         finally:
             store.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out = {"set": args.which, "split": args.split, "questions": len(items), "embedder": embedder.model_id,
-           "analyzer": analyzer, "retriever": {**opts},
+           "analyzer": analyzer, "retriever": {**opts, "rerank": args.rerank, "hyde": args.hyde},
            "rrf_grid": grid, "latency_ms": latency, "fusions": {name: {m: round(v, 3) for m, v in r.metrics.items()} for name, r in fusions}, "chunks": report.chunks_written,
            "index_seconds": round(index_s, 1), "embedded_now": embedder.computed,
            "results": [{"mode": r.mode, "used": r.used, **{m: round(v, 3) for m, v in r.metrics.items()},

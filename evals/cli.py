@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--rrf-k", type=int, help="k of reciprocal-rank fusion (RAG_RRF_K)")
     common.add_argument("--weights", type=_weights, help="hybrid: weighted RRF with these weights instead of the embedder's")
     common.add_argument("--candidates", type=int, help="hits per route before hybrid fusion (default: store's choice)")
+    common.add_argument("--collapse", action=argparse.BooleanOptionalAction, default=None,
+                        help="one hit per section (source + heading path) (RAG_COLLAPSE)")
     common.add_argument("--analyzer", choices=["auto", *ANALYZERS], default="auto",
                         help="BM25 analyzer of the new collection (auto: jieba for CJK, else the default)")
     common.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -102,7 +104,9 @@ def _uri(arg: str | None):
 
 
 def _retriever_opts(args, config: RagConfig) -> dict[str, Any]:
-    return {"rrf_k": args.rrf_k or config.rrf_k, "weights": args.weights, "candidates": args.candidates}
+    collapse = config.collapse if args.collapse is None else args.collapse
+    return {"rrf_k": args.rrf_k or config.rrf_k, "weights": args.weights, "candidates": args.candidates,
+            "collapse": collapse}
 
 
 def _table(rows: list[dict[str, Any]], metrics: list[str], published: dict[str, float] | None = None) -> str:

@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["dense", "bm25", "hybrid"], help="retrieval mode (RAG_MODE)")
     p.add_argument("--filter", default="", help='Milvus filter expression, e.g. \'source like "docs/%%"\'')
     p.add_argument("--score-floor", type=float, help="minimum dense similarity (RAG_SCORE_FLOOR)")
+    p.add_argument("--rerank", choices=["off", "llm"], help="listwise rerank by the configured LLM (RAG_RERANK)")
+    p.add_argument("--hyde", action=argparse.BooleanOptionalAction, default=None,
+                   help="search with an LLM-written answer passage too (RAG_HYDE)")
     p.add_argument("--retrieval-only", action="store_true", help="do not call the LLM even if one is configured")
     p.add_argument("--json", action="store_true", help="print one JSON object: answer, sources, timings")
     return p
@@ -43,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = RagConfig.load(
             top_k=args.k, collection=args.collection, milvus_uri=args.uri, embedder=args.embedder,
-            mode=args.mode, score_floor=args.score_floor,
+            mode=args.mode, score_floor=args.score_floor, rerank="off" if args.retrieval_only else args.rerank,
+            hyde=False if args.retrieval_only else args.hyde,
         )
         pipeline = RagPipeline(config)
     except (SettingsError, StoreError) as e:

@@ -30,6 +30,15 @@ class RagConfig:
     # hybrid and k=10: best on the SciFact train split, confirmed on test (docs/benchmarks.md).
     mode: str = env("RAG_MODE", "hybrid", "retrieval mode: dense, bm25 or hybrid (falls back to dense without BM25)")
     rrf_k: int = env("RAG_RRF_K", 10, "k constant of reciprocal-rank fusion in hybrid mode")
+    # Off: en paraphrase dev hybrid hit@5 0.735 -> 0.765 with it, but it drops the demo question's
+    # answer (a second chunk of the top section) from the top 3 (docs/benchmarks.md, round 3).
+    collapse: bool = env("RAG_COLLAPSE", False, "one hit per section (source + heading path), so the top k are k distinct sections")
+    # LLM stages (rag/rerank.py): off by default, and no effect without an LLM configured;
+    # unmeasured here (no LLM with real weights reachable), see docs/benchmarks.md.
+    rerank: str = env("RAG_RERANK", "off", "off, or llm: listwise rerank of the first-stage hits by the configured LLM (one request)")
+    rerank_candidates: int = env("RAG_RERANK_CANDIDATES", 20, "first-stage hits the reranker sees")
+    rerank_tokens: int = env("RAG_RERANK_TOKENS", 3000, "token budget of the passages sent to the LLM reranker")
+    hyde: bool = env("RAG_HYDE", False, "with an LLM: search with the mean of the question's and an LLM-written answer passage's embeddings")
     context_tokens: int = env("RAG_CONTEXT_TOKENS", 6000, "budget of DeepSeek tokens for the numbered context blocks")
     llm_base_url: str | None = env("LLM_BASE_URL", None, "OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 for our model host")
     llm_model: str | None = env("LLM_MODEL", None, "model name sent to the LLM endpoint")
@@ -44,6 +53,8 @@ class RagConfig:
             raise SettingsError(f"top-k must be >= 1 (got {self.top_k}); set RAG_TOP_K or --k to a positive number")
         if self.mode not in ("dense", "bm25", "hybrid"):
             raise SettingsError(f"RAG_MODE={self.mode!r} is not one of dense, bm25, hybrid")
+        if self.rerank not in ("off", "llm"):
+            raise SettingsError(f"RAG_RERANK={self.rerank!r} is not one of off, llm")
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> RagConfig:

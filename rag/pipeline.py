@@ -10,6 +10,7 @@ from rag.config import RagConfig
 from rag.embedder import Embedder, make_embedder, resolve_name
 from rag.llm import Delta, LLMClient, Usage
 from rag.prompt import NO_CONTEXT_ANSWER, build_prompt
+from rag.rerank import llm_stages
 from rag.retriever import Retriever
 from rag.store import MilvusStore
 from rag.types import Hit
@@ -63,9 +64,10 @@ class RagPipeline:
         self.embedder = embedder or make_embedder(config, resolve_name(config.embedder, self.store.recorded_embedder()))
         if not (store_open and store is not None):
             self.store.open_existing(self.embedder)
-        self.retriever = Retriever(self.store, self.embedder, config.mode, config.rrf_k)
         llm = config.llm
         self.llm = LLMClient(*llm, timeout=config.llm_timeout) if llm else None
+        self.retriever = Retriever(self.store, self.embedder, config.mode, config.rrf_k, collapse=config.collapse,
+                                   **llm_stages(config, self.llm))
 
     @property
     def score_floor(self) -> float:

@@ -7,7 +7,10 @@ import logging
 import time
 from collections.abc import Sequence
 
+import numpy as np
+
 from rag.embedder import Embedder
+from rag.rerank import HydeWriter, Reranker
 from rag.store import MilvusStore
 from rag.types import Hit
 
@@ -20,6 +23,7 @@ class Retrieval:
     mode: str  # the mode actually used (hybrid falls back to dense without BM25)
     embed_ms: float
     search_ms: float
+    rerank_ms: float = 0.0  # LLM rerank and HyDE time (0 when they are off)
 
 
 def weighted_rrf(lists: Sequence[tuple[float, Sequence[Hit]]], rrf_k: int, k: int) -> list[Hit]:
@@ -38,12 +42,28 @@ def weighted_rrf(lists: Sequence[tuple[float, Sequence[Hit]]], rrf_k: int, k: in
     return [dataclasses.replace(first[i], score=fused[i]) for i in best]
 
 
+COLLAPSE_OVERFETCH = 3  # candidates fetched per wanted hit when collapsing sections
+
+
+def collapse_sections(hits: Sequence[Hit]) -> list[Hit]:
+    """Keep each section's best-ranked hit, in order; a section is (source, heading path)."""
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for h in hits:
+        key = (h.source, h.header_path)
+        if key not in seen:
+            seen.add(key)
+            out.append(h)
+    return out
+
+
 class Retriever:
     """Runs one query against one collection. Stateless apart from its handles."""
 
     def __init__(
         self, store: MilvusStore, embedder: Embedder, mode: str = "dense", rrf_k: int = 10,
-        weights: tuple[float, float] | None = None, candidates: int | None = None,
+        weights: tuple[float, float] | None = None, candidates: int | None = None, collapse: bool = False,
+        reranker: Reranker | None = None, rerank_candidates: int = 20, hyde: HydeWriter | None = None,
     ):
         self.store = store
         self.embedder = embedder
@@ -52,6 +72,12 @@ class Retriever:
         # (dense, bm25) weights of the fusion; None takes the embedder's measured ones.
         self.weights = weights or embedder.rrf_weights
         self.candidates = candidates  # hits per route before fusion; None lets the store pick
+        # One hit per section (source + heading path): a long section's chunks would otherwise
+        # fill several of the k slots, crowding out other sections that may hold the answer.
+        self.collapse = collapse
+        self.reranker = reranker  # reorders the top `rerank_candidates` first-stage hits
+        self.rerank_candidates = rerank_candidates
+        self.hyde = hyde  # adds an LLM-written answer passage to the query vector
         self._warned = False
 
     def _effective_mode(self, mode: str) -> str:
@@ -62,11 +88,11 @@ class Retriever:
             return "dense"
         return mode
 
-    def _hybrid(self, vec, question: str, k: int, filter: str) -> list[Hit]:
+    def _hybrid(self, vec, question: str, k: int, filter: str, depth: int) -> list[Hit]:
         dense_w, bm25_w = self.weights
         if dense_w == bm25_w:  # plain RRF: one request, fused inside Milvus
             return self.store.search_hybrid(vec, question, k, filter, rrf_k=self.rrf_k, candidates=self.candidates)
-        n = self.candidates or max(k * 4, 20)
+        n = self.candidates or depth
         return weighted_rrf([(dense_w, self.store.search_dense(vec, n, filter)),
                              (bm25_w, self.store.search_bm25(question, n, filter, query=vec))], self.rrf_k, k)
 
@@ -75,13 +101,31 @@ class Retriever:
         mode = self._effective_mode(mode or self.mode)
         t0 = time.perf_counter()
         vec = self.embedder.embed_query(question) if mode != "bm25" else None
+        llm_ms = 0.0
+        if vec is not None and self.hyde is not None:
+            tl = time.perf_counter()
+            passage = self.hyde.passage(question)
+            llm_ms += (time.perf_counter() - tl) * 1e3
+            if passage:
+                both = vec + self.embedder.embed_documents([passage])[0]
+                vec = both / np.linalg.norm(both)
         t1 = time.perf_counter()
+        want = max(k, self.rerank_candidates) if self.reranker else k
+        n = want * COLLAPSE_OVERFETCH if self.collapse else want
         if mode == "dense":
-            hits = self.store.search_dense(vec, k, filter)
+            hits = self.store.search_dense(vec, n, filter)
         elif mode == "bm25":
-            hits = self.store.search_bm25(question, k, filter)
+            hits = self.store.search_bm25(question, n, filter)
         else:
-            hits = self._hybrid(vec, question, k, filter)
-        hits = [dataclasses.replace(h, rank=i, mode=mode) for i, h in enumerate(hits, 1)]
+            # Route depth follows the k asked for, so collapsing changes no fused score.
+            hits = self._hybrid(vec, question, n, filter, depth=max(want * 4, 20))
+        if self.collapse:
+            hits = collapse_sections(hits)
+        hits = hits[:want]
         t2 = time.perf_counter()
-        return Retrieval(hits, mode, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+        if self.reranker is not None:
+            hits = self.reranker.rerank(question, hits, k)
+            llm_ms += (time.perf_counter() - t2) * 1e3
+        hits = [dataclasses.replace(h, rank=i, mode=mode) for i, h in enumerate(hits[:k], 1)]
+        search_ms = (t2 - t1) * 1e3
+        return Retrieval(hits, mode, (t1 - t0) * 1e3 - (llm_ms if self.hyde else 0.0), search_ms, llm_ms)

@@ -31,3 +31,16 @@ def test_hits_carry_offsets_into_the_source(faq_store: MilvusStore, embedder):
         text = f.read()
     assert text[hit.metadata["start"] : hit.metadata["end"]] == hit.text
     assert hit.metadata["front_matter"]["title"] == "Product FAQ"
+
+
+def test_collapse_gives_one_hit_per_section_in_rank_order(faq_store: MilvusStore, embedder):
+    question = "How is data stored in milvus?"
+    plain = Retriever(faq_store, embedder).retrieve(question, k=20).hits
+    sections = [(h.source, h.header_path) for h in plain]
+    assert len(set(sections)) < len(sections), "the FAQ pages should give some section two chunks in the top 20"
+    collapsed = Retriever(faq_store, embedder, collapse=True).retrieve(question, k=5).hits
+    keys = [(h.source, h.header_path) for h in collapsed]
+    assert len(keys) == 5 and len(set(keys)) == 5
+    first_seen = list(dict.fromkeys(sections))
+    assert keys == first_seen[:5]  # each section's best chunk, in the plain ranking's order
+    assert [h.rank for h in collapsed] == [1, 2, 3, 4, 5]
