@@ -50,7 +50,7 @@ def test_rag_ingest_picks_by_language_then_keeps_the_collections_own(tmp_path: P
     assert ingest_main([str(zh), "--uri", uri, "--collection", "zh", "--quiet"]) == 0
     assert _recorded(uri, "zh") == E5Embedder.model_id  # a Chinese corpus, no --embedder: e5
     assert ingest_main([str(en), "--uri", uri, "--collection", "en", "--quiet"]) == 0
-    assert _recorded(uri, "en") == MiniLMEmbedder.model_id
+    assert _recorded(uri, "en") == MiniLMEmbedder.FP32_ID
     # English files added to the Chinese collection: its own embedder, not a MiniLM mismatch error.
     assert ingest_main([str(en), "--uri", uri, "--collection", "zh", "--no-prune", "--quiet"]) == 0
     assert _recorded(uri, "zh") == E5Embedder.model_id
@@ -73,12 +73,12 @@ def test_ui_uploads_follow_the_collections_embedder(tmp_path: Path):
     assert ingest_main([str(zh), "--uri", uri, "--collection", "zh", "--embedder", "e5", "--quiet"]) == 0
     kb = KnowledgeBase(RagConfig.load(environ={}, milvus_uri=uri, collection="docs"), IngestConfig.load(environ={}))
     try:
-        assert kb.embedder.model_id == MiniLMEmbedder.model_id  # no default collection yet
+        assert kb.embedder.model_id == MiniLMEmbedder.FP32_ID  # no default collection yet
         report = kb.ingest([_write(tmp_path / "up", EN) / "backup.md"], "zh")
         assert report.files_new == 1
         assert kb.embedder_of("zh").model_id == E5Embedder.model_id
         assert kb.stats("zh")["chunks"] == 3
         kb.ingest([tmp_path / "up" / "backup.md"], "fresh")  # a new collection: the UI's own embedder
-        assert kb.stats("fresh")["embedder"] == MiniLMEmbedder.model_id
+        assert kb.stats("fresh")["embedder"] == MiniLMEmbedder.FP32_ID
     finally:
         kb.close()

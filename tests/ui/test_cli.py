@@ -56,7 +56,7 @@ def test_auto_embedder_resolves_for_the_ui(tmp_path):
 
     store = MilvusStore(str(tmp_path / "milvus.db"), "docs")
     try:  # no collection yet: the English default
-        assert embedder_for(RagConfig.load({}, embedder="auto"), store).model_id == MiniLMEmbedder.model_id
+        assert embedder_for(RagConfig.load({}, embedder="auto"), store).model_id == MiniLMEmbedder.FP32_ID
     finally:
         store.close()
 
