@@ -242,20 +242,21 @@ def resolve_name(name: str, recorded: str | None = None, cjk: bool = False) -> s
     variant (fp32 or int8), so a collection built before int8 became the default stays fp32.
     Any other name is returned as given.
     """
-    own = embedder_name(recorded) if recorded else None
-    if name == "minilm" and own in ("minilm-fp32", "minilm-int8"):
-        return own
+    variant = {MiniLMEmbedder.FP32_ID: "minilm-fp32", MiniLMEmbedder.INT8_ID: "minilm-int8"}.get(recorded or "")
+    if name in ("auto", "minilm") and variant:
+        return variant
     if name != "auto":
         return name
+    own = embedder_name(recorded) if recorded else None
     return own or ("e5" if cjk else "minilm")
 
 
 def embedder_name(model_id: str) -> str | None:
-    """The `--embedder` name that rebuilds the embedder a collection records, if known."""
+    """The `--embedder` name that rebuilds the embedder a collection records, if known (`minilm`
+    for both MiniLM variants: `resolve_name` turns it into the recorded one)."""
     if model_id.startswith("openai:"):
         return model_id
-    return {MiniLMEmbedder.FP32_ID: "minilm-fp32", MiniLMEmbedder.INT8_ID: "minilm-int8",
-            E5Embedder.model_id: "e5"}.get(model_id)
+    return {MiniLMEmbedder.FP32_ID: "minilm", MiniLMEmbedder.INT8_ID: "minilm", E5Embedder.model_id: "e5"}.get(model_id)
 
 
 def make_embedder(config: RagConfig, name: str | None = None) -> Embedder:
