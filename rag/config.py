@@ -23,7 +23,7 @@ class RagConfig:
     embed_base_url: str | None = env("RAG_EMBED_BASE_URL", None, "base URL of the OpenAI-compatible embeddings endpoint (openai:<model>)")
     embed_api_key: str | None = env("RAG_EMBED_API_KEY", None, "API key for that endpoint")
     embed_dim: int | None = env("RAG_EMBED_DIM", None, "vector size of the openai:<model> embedder (probed when unset)")
-    embed_int8: bool = env("RAG_EMBED_INT8", False, "MiniLM on CPU: int8 dynamic quantization of the linear layers (faster; docs/benchmarks.md)")
+    embed_int8: bool = env("RAG_EMBED_INT8", True, "MiniLM on CPU, new collections: int8 dynamic quantization of the linear layers (1.9-2.5x the chunks/s, same SciFact nDCG@10; docs/benchmarks.md); 0 for fp32. A collection keeps the variant it was built with")
     device: str | None = env("RAG_DEVICE", None, "torch device for the local embedder (default: cuda if present, else cpu)")
     top_k: int = env("RAG_TOP_K", 5, "passages given to the LLM")
     score_floor: float | None = env("RAG_SCORE_FLOOR", None, "minimum dense similarity of a usable passage (default: per embedder)")

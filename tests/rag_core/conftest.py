@@ -27,6 +27,9 @@ def cli_env(**extra: str) -> dict[str, str]:
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["HF_HUB_OFFLINE"] = "1"
     env["PYTHONPATH"] = str(REPO)  # the editable install finds the package too; this keeps it explicit
+    # fp32 MiniLM, as the session `embedder` these tests read a CLI-built collection back with
+    # (new collections default to int8 on the CPU; tests/rag_core/test_embedder_variant.py covers that).
+    env["RAG_EMBED_INT8"] = "0"
     env.update(extra)
     return env
 

@@ -17,6 +17,9 @@ from rag.embedder import E5Embedder, MiniLMEmbedder
 from rag.pipeline import RagPipeline
 from rag.store import MilvusStore
 
+# A new collection's MiniLM variant on this machine: int8 on the CPU, fp32 on CUDA.
+NEW_MINILM = MiniLMEmbedder(int8=None).model_id
+
 ZH = {
     "store.md": "# 数据存储\n\nMilvus 用户插入的数据以增量日志的方式存储在持久化存储上，元数据存储在 etcd 中。\n",
     "index.md": "# 索引参数\n\n如何设置 IVF 索引的参数？nlist 的建议值为 4 × sqrt(n)，nprobe 需要在性能和准确率之间取舍。\n",
@@ -50,7 +53,7 @@ def test_rag_ingest_picks_by_language_then_keeps_the_collections_own(tmp_path: P
     assert ingest_main([str(zh), "--uri", uri, "--collection", "zh", "--quiet"]) == 0
     assert _recorded(uri, "zh") == E5Embedder.model_id  # a Chinese corpus, no --embedder: e5
     assert ingest_main([str(en), "--uri", uri, "--collection", "en", "--quiet"]) == 0
-    assert _recorded(uri, "en") == MiniLMEmbedder.model_id
+    assert _recorded(uri, "en") == NEW_MINILM
     # English files added to the Chinese collection: its own embedder, not a MiniLM mismatch error.
     assert ingest_main([str(en), "--uri", uri, "--collection", "zh", "--no-prune", "--quiet"]) == 0
     assert _recorded(uri, "zh") == E5Embedder.model_id
@@ -73,12 +76,12 @@ def test_ui_uploads_follow_the_collections_embedder(tmp_path: Path):
     assert ingest_main([str(zh), "--uri", uri, "--collection", "zh", "--embedder", "e5", "--quiet"]) == 0
     kb = KnowledgeBase(RagConfig.load(environ={}, milvus_uri=uri, collection="docs"), IngestConfig.load(environ={}))
     try:
-        assert kb.embedder.model_id == MiniLMEmbedder.model_id  # no default collection yet
+        assert kb.embedder.model_id == NEW_MINILM  # no default collection yet
         report = kb.ingest([_write(tmp_path / "up", EN) / "backup.md"], "zh")
         assert report.files_new == 1
         assert kb.embedder_of("zh").model_id == E5Embedder.model_id
         assert kb.stats("zh")["chunks"] == 3
         kb.ingest([tmp_path / "up" / "backup.md"], "fresh")  # a new collection: the UI's own embedder
-        assert kb.stats("fresh")["embedder"] == MiniLMEmbedder.model_id
+        assert kb.stats("fresh")["embedder"] == NEW_MINILM
     finally:
         kb.close()

@@ -56,7 +56,8 @@ def test_auto_embedder_resolves_for_the_ui(tmp_path):
 
     store = MilvusStore(str(tmp_path / "milvus.db"), "docs")
     try:  # no collection yet: the English default
-        assert embedder_for(RagConfig.load({}, embedder="auto"), store).model_id == MiniLMEmbedder.model_id
+        new = MiniLMEmbedder(int8=None).model_id  # int8 on the CPU, fp32 on CUDA
+        assert embedder_for(RagConfig.load({}, embedder="auto"), store).model_id == new
     finally:
         store.close()
 

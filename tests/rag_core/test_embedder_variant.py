@@ -1,0 +1,71 @@
+"""MiniLM's int8 variant records its own id: a collection is always embedded the way it was built."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ingest.config import IngestConfig
+from ingest.pipeline import ingest
+from rag.config import RagConfig
+from rag.embedder import MiniLMEmbedder, make_embedder, resolve_name
+from rag.store import MilvusStore
+from tests.rag_core.conftest import open_store, rows
+
+
+def _ingest_as_configured(paths: list[Path], uri: str, int8: str) -> None:
+    """rag-ingest's own route: the embedder is chosen from the settings and the collection's record."""
+    rag_config = RagConfig.load(environ={"RAG_EMBED_INT8": int8}, milvus_uri=uri, collection="docs", device="cpu")
+    ingest([str(p) for p in paths], rag_config, IngestConfig.load(environ={}), progress=False, warn=lambda _m: None)
+
+
+def _recorded(uri: str) -> str | None:
+    store = MilvusStore(uri, "docs")
+    try:
+        return store.recorded_embedder()
+    finally:
+        store.close()
+
+
+def test_fp32_collection_stays_fp32_when_int8_is_on(small_corpus: Path, milvus_uri: str, embedder):
+    _ingest_as_configured([small_corpus], milvus_uri, int8="0")
+    assert _recorded(milvus_uri) == MiniLMEmbedder.FP32_ID
+    # A copy of alpha.md added later, with int8 switched on: same chunk texts, so the new rows must
+    # carry exactly the fp32 vectors of the old ones (int8 ones differ: cosine about 0.98).
+    shutil.copy(small_corpus / "alpha.md", small_corpus / "alpha_copy.md")
+    _ingest_as_configured([small_corpus], milvus_uri, int8="1")
+    assert _recorded(milvus_uri) == MiniLMEmbedder.FP32_ID
+    store = open_store(milvus_uri, embedder)
+    try:
+        got = rows(store)
+    finally:
+        store.close()
+    old = {r["text"]: np.asarray(r["vector"]) for r in got.values() if r["source"].endswith("/alpha.md")}
+    new = {r["text"]: np.asarray(r["vector"]) for r in got.values() if r["source"].endswith("alpha_copy.md")}
+    assert old and new.keys() == old.keys()
+    for text, vec in new.items():
+        assert float(vec @ old[text]) > 0.99999, text
+
+    # Questions to it are embedded the fp32 way too, whatever RAG_EMBED_INT8 says.
+    config = RagConfig.load(environ={"RAG_EMBED_INT8": "1"}, device="cpu")
+    for name in ("auto", "minilm"):
+        q = make_embedder(config, resolve_name(name, MiniLMEmbedder.FP32_ID))
+        assert q.model_id == MiniLMEmbedder.FP32_ID and not q.int8
+        assert np.allclose(q.embed_query("how are indexes built?"), embedder.embed_query("how are indexes built?"),
+                           atol=1e-5)
+
+
+def test_new_collection_gets_int8_on_cpu_and_keeps_it(small_corpus: Path, milvus_uri: str):
+    _ingest_as_configured([small_corpus], milvus_uri, int8="1")
+    assert _recorded(milvus_uri) == MiniLMEmbedder.INT8_ID
+    # Later runs with int8 switched off still embed this collection as int8.
+    q = make_embedder(RagConfig.load(environ={"RAG_EMBED_INT8": "0"}, device="cpu"),
+                      resolve_name("minilm", MiniLMEmbedder.INT8_ID))
+    assert q.int8 and q.model_id == MiniLMEmbedder.INT8_ID
+    store = MilvusStore(milvus_uri, "docs")
+    try:
+        store.open_existing(q)  # raises when the ids differ
+    finally:
+        store.close()
