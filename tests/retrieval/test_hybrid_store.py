@@ -76,8 +76,10 @@ def test_cjk_corpus_gets_jieba_and_an_e5_suggestion(tmp_path: Path, milvus_uri: 
     store = MilvusStore(milvus_uri, "zh")
     try:
         assert store.describe()["properties"]["rag.analyzer"] == "jieba"
-        # `auto` keeps the collection's own embedder, and picks e5 only for a new CJK corpus.
-        assert resolve_name("auto", store.recorded_embedder(), cjk=True) == "minilm"
+        # `auto` keeps the collection's own embedder (its recorded MiniLM variant), and picks e5
+        # only for a new CJK corpus.
+        own = "minilm-int8" if embedder.int8 else "minilm-fp32"
+        assert resolve_name("auto", store.recorded_embedder(), cjk=True) == own
         assert resolve_name("auto", None, cjk=True) == "e5"
         assert resolve_name("auto", None, cjk=False) == "minilm"
         assert resolve_name("e5", store.recorded_embedder()) == "e5"
