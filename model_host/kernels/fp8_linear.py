@@ -237,7 +237,10 @@ def gemm_config(m: int, n: int, k: int, sms: int, tuning: Tuning) -> dict:
         split = -(-k // k_split)
         return dict(BLOCK_M=bm, BLOCK_N=bn, split=split, k_split=k_split, a_mode=2,
                     num_warps=t["num_warps"], num_stages=t["num_stages"])
-    return dict(BLOCK_M=128, BLOCK_N=128, split=1, k_split=k, a_mode=0, num_warps=8, num_stages=3)
+    # The kernel runs k_split // BLOCK_K steps: round up, so a partial last K block (K = 64 in
+    # tiny models) is computed (masked) instead of dropped.
+    return dict(BLOCK_M=128, BLOCK_N=128, split=1, k_split=-(-k // BLOCK) * BLOCK, a_mode=0, num_warps=8,
+                num_stages=3)
 
 
 def w8a16_reference(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=None) -> torch.Tensor:
@@ -309,8 +312,15 @@ def scaled_mm_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dt
                      a_quant: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Same function through ``torch._scaled_mm`` (1x128 activation, 128x128 weight scales).
 
-    Raises (RuntimeError / NotImplementedError) where the torch build, cuBLASLt or the shape
-    does not support blockwise scaling; the backend then keeps Triton for that shape.
+    Raises (RuntimeError / NotImplementedError / ValueError) where the torch build, cuBLASLt or
+    the shape does not support blockwise scaling; the backend then keeps Triton for that shape.
     """
+    k, n = x.shape[-1], w.shape[0]
+    if k % 512 or n % 512:
+        # cuBLASLt takes other shapes and returns garbage (H200 and H100, torch 2.11: 1e33 at
+        # K = 64 or 128, wrong columns past N = 2048 of N = 2112, a tiny model's 256 x 256 MLP).
+        # Measured correct: whole groups of four 128-blocks in K and N, which every large V3 GEMM
+        # has (q_b, kv_b, o, the MLPs); the fused q_a / kv_a (N = 2112) stays on Triton.
+        raise ValueError(f"blockwise _scaled_mm is used only for K and N multiples of 512; got K={k}, N={n}")
     q, s = a_quant if a_quant is not None else act_quant(x)
     return torch._scaled_mm(q, w.t(), scale_a=s, scale_b=w_s.t(), out_dtype=out_dtype or x.dtype)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from model_host.engine.paged_cache import PagedLatentCache
 from model_host.fp8 import block_dequantize, block_quantize
+from model_host.kernels.backend import TritonOps
 from model_host.kernels.fp8_linear import (
     act_dequant,
     act_quant,
@@ -131,11 +132,22 @@ def test_gemm_config_splits_k_for_small_decode_shapes():
     assert gemm_config(2048, 7168, 2048, 132, tuning)["split"] == 1
 
 
+@pytest.mark.parametrize("m", [1, 8, 200, 895, 2048])
+@pytest.mark.parametrize("k", [64, 320, 7168])
+def test_gemm_config_covers_every_k_block(m, k):
+    """The kernels run ``k_split // (128 * KB)`` K steps per split: a k_split that is not a whole
+    number of blocks dropped the last partial block (K = 64 at prefill sizes gave zeros)."""
+    cfg = gemm_config(m, 256, k, 132, load_tuning("NVIDIA H200"))
+    step = 128 * cfg.get("KB", 1)
+    assert cfg["k_split"] % step == 0 and cfg["split"] * cfg["k_split"] >= k
+
+
 # ---------------------------------------------------------------------------------- GPU kernels
 @gpu
 @requires_gpu
 @pytest.mark.parametrize("m,n,k", [(1, 576, 7168), (3, 200, 300), (17, 1536, 7168), (64, 7168, 2048),
-                                   (130, 384, 1024), (300, 576, 512), (1000, 2000, 1536)])
+                                   (130, 384, 1024), (300, 576, 512), (1000, 2000, 1536),
+                                   (895, 256, 64), (600, 256, 320)])
 def test_w8a8_linear_vs_float64(m, n, k):
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w, s = rand_fp8(n, k, device="cuda")
@@ -180,6 +192,28 @@ def test_scaled_mm_blockwise_vs_float64(m):
     except (RuntimeError, NotImplementedError, TypeError) as e:
         pytest.skip(f"blockwise _scaled_mm unsupported here: {e}")
     assert rel(out, w8a8_f64(x, w, s)) < 1e-3
+
+
+@pytest.mark.parametrize("n,k", [(256, 64), (256, 128), (256, 256), (2112, 7168), (1536, 320)])
+def test_scaled_mm_refuses_shapes_cublaslt_gets_wrong(n, k):
+    """cuBLASLt returned garbage for these shapes (tiny models' kv_b / o / MLP, V3's fused
+    q_a + kv_a): they are refused before it is called, so TritonOps keeps its own kernel."""
+    w, s = rand_fp8(n, k)
+    with pytest.raises(ValueError, match="multiples of 512"):
+        scaled_mm_linear(torch.randn(64, k, dtype=torch.bfloat16), w, s)
+
+
+@gpu
+@requires_gpu
+@pytest.mark.parametrize("m,n,k", [(895, 256, 64), (600, 256, 320), (220, 256, 128), (64, 256, 256),
+                                   (220, 2112, 256), (300, 2112, 7168), (300, 1536, 7168)])
+def test_fp8_mm_at_prefill_sizes_vs_float64(m, n, k):
+    """The backend's dense FP8 GEMM where prefill calls it (cuBLASLt where the shape allows,
+    else Triton): W8A8 from 32 rows through cuBLASLt or 257 through Triton, W8A16 between."""
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w, s = rand_fp8(n, k, device="cuda")
+    out = TritonOps().fp8_mm(x, w, s).float()
+    assert min(rel(out, w8a8_f64(x, w, s)), rel(out, w8a16_f64(x, w, s))) < 1e-2
 
 
 @gpu
