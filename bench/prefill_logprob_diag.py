@@ -55,7 +55,7 @@ def score(model, prompts, outs):
     for p, toks in zip(prompts, outs, strict=True):
         ids = p + [t for t, _ in toks]
         with torch.no_grad():
-            ref = model(torch.tensor([ids], device="cuda")).logits[0].float()
+            ref = model(torch.tensor([ids], device=model.device)).logits[0].float()
         e_max, g_max, e_first = 0.0, 0.0, None
         for j, (t, lp) in enumerate(toks):
             r = ref[len(p) - 1 + j]
