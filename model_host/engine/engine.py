@@ -267,7 +267,13 @@ Callback = Callable[[StepOutput | Exception], None]
 
 
 class EngineLoop:
-    """Drives an Engine on a background thread; callbacks run on that thread.
+    """Drives an Engine, on the calling thread (:meth:`run`) or a background one (:meth:`start`);
+    callbacks run on the engine's thread.
+
+    `model-host serve` runs it on the main thread, the one that loaded the model, and uvicorn on
+    a side thread: on the CPU, torch's OpenMP ops issued from a second thread, once the main
+    thread has used its own OpenMP team, ran 2.5-4x slower (libgomp keeps one worker pool per
+    master thread, and the pools contend; measured in docs/gpu_notes.md "CPU serving").
 
     A callback gets each StepOutput of its request, or one Exception when the request failed
     (the engine refused it, or the engine stopped).  A failure that belongs to one request
@@ -286,23 +292,33 @@ class EngineLoop:
         self._stop = threading.Event()
         self._closed = False  # no more submissions; guarded by _lock with the inbox's last drain
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread: threading.Thread | None = None  # the background thread of start(), if any
+        self._running = False
+        self.thread: threading.Thread | None = None  # the thread that drives the engine, once running
         self.recent_tokens: collections.deque[tuple[float, int]] = collections.deque(maxlen=512)
         self.error: BaseException | None = None
 
     @property
     def alive(self) -> bool:
         """Running and taking requests (False from the moment the loop starts failing its requests)."""
-        return self._thread.is_alive() and not self._closed
+        return self._running and not self._closed
 
     def start(self) -> None:
+        """Run on a background thread (tests, and callers whose main thread is busy)."""
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
+
+    def run(self) -> None:
+        """Run on the calling thread until :meth:`stop` (from any thread) or a failed step."""
+        self._running = True
+        self._run()
 
     def stop(self, timeout: float = 10) -> None:
         """Stop after the current step; requests still in flight get EngineStopped."""
         self._stop.set()
         self.inbox.put(None)
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=timeout)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, callback: Callback) -> threading.Event:
@@ -374,6 +390,7 @@ class EngineLoop:
 
     def _run(self) -> None:
         eng = self.engine
+        self.thread = threading.current_thread()
         try:
             while not self._stop.is_set():
                 self._drain(block=not eng.has_work)
@@ -392,6 +409,7 @@ class EngineLoop:
             self.error = e
         finally:
             self._close()
+            self._running = False
 
     def _close(self) -> None:
         """Fail every request still queued or running, and refuse new ones."""

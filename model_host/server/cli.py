@@ -1,8 +1,8 @@
 """`model-host serve`: load a checkpoint and serve it over the OpenAI protocol.
 
 `build` loads the model and constructs the engine and the app; `run` adds the process around
-them: the fit check, the ranks, start-up logging, the engine thread, uvicorn, and a prompt
-shutdown on SIGTERM/SIGINT.
+them: the fit check, the ranks, start-up logging, uvicorn (a side thread), the engine (the main
+thread), and a prompt shutdown on SIGTERM/SIGINT.
 
 With ``--tp N`` the model is split over N ranks (:mod:`model_host.parallel`): this process is
 rank 0 (scheduler + HTTP) and spawns ranks 1..N-1, or, under ``torchrun``, every process runs
@@ -16,7 +16,7 @@ import argparse
 import functools
 import logging
 import signal
-import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,21 +222,44 @@ def serve_rank(rv: dist.Rendezvous, args: argparse.Namespace) -> int:
 
 
 def serve(served: Served, args: argparse.Namespace) -> int:
-    """Rank 0: the engine thread and uvicorn on ``--host``/``--port`` until SIGTERM/SIGINT."""
+    """Rank 0: uvicorn on ``--host``/``--port`` on a side thread, the engine on this one (the thread
+    that loaded the model: see EngineLoop), until SIGTERM/SIGINT; then the process ends by that
+    signal, after the other ranks are released."""
     import uvicorn
 
-    if served.ctx.world > 1:
-        # uvicorn re-raises SIGTERM after its shutdown; as an exception (not the default
-        # action, which kills at once) it lets `close` release the other ranks first.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     # A short graceful timeout: uvicorn otherwise waits for every open request (a long
     # generation, a stalled stream) before exiting on SIGTERM.
     server = uvicorn.Server(uvicorn.Config(served.app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=args.shutdown_timeout))
-    served.loop.start()
+    signals: list[int] = []
+
+    def on_signal(sig: int, frame) -> None:
+        signals.append(sig)
+        server.handle_exit(sig, frame)  # graceful first; a second Ctrl-C forces
+
+    def http() -> None:
+        try:
+            server.run()  # off the main thread uvicorn installs no signal handlers: on_signal does
+        finally:
+            served.loop.stop()  # in-flight requests were answered (or timed out): the engine may go
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=http, name="http", daemon=True)
+    thread.start()
     log.info("serving %s on http://%s:%d/v1 (Ctrl-C or SIGTERM stops it)", served.model_name, args.host, args.port)
     try:
-        server.run()  # on SIGTERM uvicorn re-raises the signal after its shutdown: the process ends here
+        served.loop.run()
+        # A failed engine leaves uvicorn answering /health with 503 until the orchestrator stops us.
+        thread.join(timeout=None if served.loop.error is not None else args.shutdown_timeout + 5)
     finally:
         served.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        raise SystemExit(f"model-host: could not serve on {args.host}:{args.port} (see the error above); "
+                         f"pick a free --port")
+    if served.loop.error is not None:
+        return 1
+    for sig in signals[-1:]:
+        signal.raise_signal(sig)  # exit status says which signal stopped the server, as uvicorn's own
     return 0

@@ -27,6 +27,7 @@ def test_serve_bench_quick(tmp_path):
     assert res["unique"]["prefix_hit_rate"] == 0 and res["idle"]["prefix_hit_rate"] == 0  # nonce first lines
     assert set(res["bound"]["decode_ms"]) == {str(c) for c in plan["levels"]}
     assert res["bound"]["prefill_tokens"] == res["idle"]["prompt_tokens"]
+    assert 0 < res["idle"]["server_ttft_ms"] <= res["idle"]["ttft_ms"]  # the engine's share of the client's
     assert res["server"]["model_host_kv_blocks_total"] > 0
     table = (tmp_path / "serve_bench.md").read_text()
     assert "| 1 |" in table and "every prompt unique" in table and "Idle TTFT" in table

@@ -88,3 +88,39 @@ def test_serve_exits_promptly_on_sigterm_with_a_request_in_flight(tiny_checkpoin
         assert rc in (0, -signal.SIGTERM) and took < 10, (rc, took)
     finally:
         p.close()
+
+
+SERVE_AND_REPORT = """
+import os, signal, sys, threading, httpx
+from model_host.cli import build_parser
+from model_host.server.cli import build, serve
+args = build_parser().parse_args(sys.argv[1:])
+served = build(args)
+
+def probe():
+    url = f"http://127.0.0.1:{args.port}"
+    while True:
+        try:
+            r = httpx.post(url + "/v1/completions", json={"model": served.model_name, "prompt": "hi", "max_tokens": 2},
+                           timeout=30)
+            break
+        except httpx.HTTPError:
+            pass
+    print("status", r.status_code, "engine on main thread", served.loop.thread is threading.main_thread(), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=probe, daemon=True).start()
+sys.exit(serve(served, args))
+"""
+
+
+def test_serve_runs_the_engine_on_the_main_thread(tiny_checkpoint):
+    """The engine steps on the thread that loaded the model, uvicorn on a side thread: on the CPU,
+    torch ops from a second thread ran 2.5-4x slower (one libgomp pool per master thread)."""
+    port = free_port()
+    out = subprocess.run(
+        [sys.executable, "-c", SERVE_AND_REPORT, "serve", "--checkpoint", str(tiny_checkpoint), "--port", str(port),
+         "--kv-memory-gb", "0.02", "--max-model-len", "1024"],
+        capture_output=True, text=True, timeout=120)
+    assert "status 200 engine on main thread True" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == -signal.SIGTERM, out.stderr  # ended by the signal, after its cleanup

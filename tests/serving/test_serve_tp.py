@@ -103,7 +103,7 @@ def test_serve_tp2_over_http_matches_one_process(tiny_checkpoint, reference_text
         assert {k: env.get(k) for k in NO_MULTICAST_ENV} == NO_MULTICAST_ENV
     finally:
         _stop(proc)
-    assert proc.returncode == 128 + signal.SIGTERM, proc.stdout.read()
+    assert proc.returncode == -signal.SIGTERM, proc.stdout.read()  # ended by the signal, after its cleanup
     deadline = time.time() + 30  # rank 0 released its worker on the way out
     while any(Path(f"/proc/{pid}").exists() for pid in workers):
         assert time.time() < deadline, "the worker rank outlived the server"
