@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -416,11 +418,35 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@contextlib.contextmanager
+def py_spy(pid: int, out: Path | None, gil: bool = False):
+    """py-spy samples the server process while the block runs (threads on a CPU; with `gil`, only
+    the thread holding the GIL); collapsed stacks go to `out` (a line per stack: frames;... count)."""
+    if out is None:
+        yield
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--threads",
+                            *(["--gil"] if gil else []), "--nonblocking", "--output", str(out), "--duration", "3600"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
+        try:
+            spy.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, help="folder for serve_bench.json and serve_bench.md")
     ap.add_argument("--quick", action="store_true", help="CPU: tiny random checkpoint, small load")
     ap.add_argument("--health-timeout", type=float, default=900)
+    ap.add_argument("--py-spy", type=int, nargs="*", default=[], metavar="C",
+                    help="sample the server with py-spy at these concurrency levels (collapsed stacks in --out: "
+                         "every running thread, and only the GIL holder); bench/spy_summary.py reads them")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the server process
     for flag, kind in (("--port", int), ("--workdir", str), ("--ctx", int), ("--prefill-tokens", int),
                        ("--bound-out", str)):
@@ -449,7 +475,10 @@ def main() -> int:
                 res["idle"] = {"prompt_tokens": prompts["idle_prompt_tokens"], **idle_ttft(base, root, prompts["idle"])}
                 res["levels"] = []
                 for c in plan.levels:
-                    res["levels"].append(run_level(pool, base, prompts["recurring"][c], c, plan.max_tokens))
+                    spy = args.out if c in args.py_spy and args.out else None
+                    with py_spy(proc.pid, spy and spy / f"py_spy_c{c}.txt"), \
+                            py_spy(proc.pid, spy and spy / f"py_spy_gil_c{c}.txt", gil=True):
+                        res["levels"].append(run_level(pool, base, prompts["recurring"][c], c, plan.max_tokens))
                     print(json.dumps(res["levels"][-1]), flush=True)
                 res["unique"] = run_level(pool, base, prompts["unique"], plan.unique_level, plan.max_tokens)
             res["server"] = server_facts(root, log)
