@@ -21,7 +21,7 @@ from model_host.engine.block_manager import BlockManager
 from model_host.engine.memory import plan_kv
 from model_host.engine.paged_cache import PagedLatentCache
 from model_host.engine.runner import ModelRunner, capture_sizes
-from model_host.engine.scheduler import Batch, Scheduler
+from model_host.engine.scheduler import Batch, PrefillChunk, Scheduler
 from model_host.engine.sequence import Sequence
 from model_host.engine.speculative import SpeculativeDecoder
 from model_host.model import DeepseekV3
@@ -46,6 +46,10 @@ class EngineConfig:
     cache_dtype: torch.dtype | None = None  # default: the model's dtype
     graph_memory_gb: float = 1.0  # most GPU memory the decode CUDA graphs may take
     speculative_tokens: int = 0  # MTP drafts verified per decode step (0 = off; needs the MTP layer)
+    # Prompt chunks of at most this many tokens in all (per step) run as rows of the decode step,
+    # one row per token, instead of a separate eager prefill forward: a RAG prompt whose prefix
+    # is cached owes a few dozen tokens, and the decode step is a replayed CUDA graph (0 = off).
+    row_prefill_tokens: int = 64
 
 
 @dataclasses.dataclass
@@ -98,8 +102,12 @@ class Engine:
         self.spec = SpeculativeDecoder(model, self.cache, self.blocks, k, drafter or mtp_draft) if k else None
         self.runner = runner(model, self.cache, spec=self.spec) if self.spec else runner(model, self.cache)
         # With speculation a step runs B * (k + 1) verify rows (and MTP rows as many), each with a
-        # block table up to k positions longer.
-        self.graph_report = self.runner.capture_graphs(capture_sizes(config.max_batch * (k + 1)),
+        # block table up to k positions longer; without, B decode rows and the short prompt chunks.
+        # (Speculation keeps prompt chunks out of the decode step: its MTP layer needs their
+        # hidden states in a prefill of its own.)
+        self.row_tokens = 0 if k else config.row_prefill_tokens
+        self.max_rows = config.max_batch * (k + 1) + self.row_tokens
+        self.graph_report = self.runner.capture_graphs(capture_sizes(self.max_rows),
                                                        int(config.graph_memory_gb * 2**30),
                                                        self.blocks.blocks_needed(self.max_model_len + 1 + k))
         self.by_id: dict[int, Sequence] = {}
@@ -144,17 +152,20 @@ class Engine:
         every finished prompt."""
         rows: list[Sequence] = []
         logits: list[torch.Tensor] = []
-        if batch.prefill:
-            logits.append(self.runner.prefill(batch.prefill))
-            rows += [c.seq for c in batch.prefill if c.last]
-            for c in batch.prefill:
+        riding, packed = self._split(batch.prefill, len(batch.decode))
+        if packed:
+            logits.append(self.runner.prefill(packed))
+            rows += [c.seq for c in packed if c.last]
+            for c in packed:
                 self.blocks.register_full_blocks(c.seq, self._filled(c.seq))
         outs: list[StepOutput] = []
         if batch.decode and self.spec is not None:
             outs = self._speculative_step(batch.decode)
-        elif batch.decode:
-            logits.append(self.runner.decode(batch.decode))
-            rows += batch.decode
+        elif batch.decode or riding:
+            logits.append(self.runner.decode(batch.decode, riding))
+            rows += [c.seq for c in riding if c.last] + batch.decode
+            for c in riding:
+                self.blocks.register_full_blocks(c.seq, self._filled(c.seq))
         if not rows:
             return outs
         all_logits = torch.cat(logits)
@@ -170,6 +181,20 @@ class Engine:
             if id(s) in decoded and s.num_computed % self.blocks.block_size == 0 and not s.finished:
                 self.blocks.register_full_blocks(s)
         return outs
+
+    def _split(self, chunks: list[PrefillChunk], decode_rows: int) -> tuple[list[PrefillChunk], list[PrefillChunk]]:
+        """(chunks that ride in the decode step as rows, chunks for the packed prefill forward):
+        short chunks ride while they fit ``row_prefill_tokens`` and the largest decode batch."""
+        budget, rows = self.row_tokens, decode_rows
+        riding, packed = [], []
+        for c in chunks:
+            if c.length <= budget and rows + c.length <= self.max_rows:
+                riding.append(c)
+                budget -= c.length
+                rows += c.length
+            else:
+                packed.append(c)
+        return riding, packed
 
     def _speculative_step(self, seqs: list[Sequence]) -> list[StepOutput]:
         """Draft, verify and accept for every decode row; a row emits 1 .. k+1 tokens (the ones

@@ -148,18 +148,41 @@ class ModelRunner:
         return torch.cat(logits)
 
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One batched step: each row feeds its last token at its own position. Returns [B, V]."""
-        ids = torch.tensor([[s.token_ids[-1]] for s in seqs], dtype=torch.long, device=self.device)
-        positions = torch.tensor([[len(s) - 1] for s in seqs], dtype=torch.long, device=self.device)
-        tables = self._tables(seqs)
-        logits = self.graphs.run(ids, positions, tables) if self.graphs is not None else None
-        if logits is None:  # no graphs (CPU, or MODEL_HOST_CUDA_GRAPHS=0): eager step
+    def decode(self, seqs: list[Sequence], chunks: list[PrefillChunk] = ()) -> torch.Tensor:
+        """One batched step of single-token rows: each decode row feeds its last token at its own
+        position, and each of ``chunks`` rides along as one row per prompt token (rows of one
+        sequence see each other: every layer stores all rows' latents before attending, and the
+        paged kernel reads each row's keys up to its own position). Returns logits [m + B, V]:
+        the last row of each chunk that ends its sequence, then the decode rows."""
+        row_seqs: list[Sequence] = []
+        ids: list[int] = []
+        pos: list[int] = []
+        keep: list[int] = []
+        for c in chunks:
+            row_seqs += [c.seq] * c.length
+            ids += c.seq.token_ids[c.start : c.end]
+            pos += range(c.start, c.end)
+            if c.last:
+                keep.append(len(ids) - 1)
+        for s in seqs:
+            row_seqs.append(s)
+            ids.append(s.token_ids[-1])
+            pos.append(len(s) - 1)
+            keep.append(len(ids) - 1)
+        ids_t = torch.tensor(ids, dtype=torch.long, device=self.device).view(-1, 1)
+        pos_t = torch.tensor(pos, dtype=torch.long, device=self.device).view(-1, 1)
+        tables = self._tables(row_seqs)
+        logits = self.graphs.run(ids_t, pos_t, tables) if self.graphs is not None else None
+        if logits is None:  # no graphs (CPU, or MODEL_HOST_CUDA_GRAPHS=0), or no bucket fits: eager
             self.cache.bind(tables)
-            out = self.model(ids, positions, self.cache, kv_len=max(len(s) for s in seqs), last_only=True)
+            out = self.model(ids_t, pos_t, self.cache, kv_len=max(pos) + 1, last_only=True)
             logits = out.logits[:, -1]
+        for c in chunks:
+            c.seq.num_computed = c.end
         for s in seqs:
             s.num_computed = len(s)
+        if len(keep) < len(ids):
+            logits = logits[torch.tensor(keep, dtype=torch.long, device=self.device)]
         return logits
 
     def speculate(self, seqs: list[Sequence]) -> tuple[list[list[int]], torch.Tensor]:

@@ -37,10 +37,12 @@ class Row:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """One forward: "prefill" (the step's chunks, packed), "decode" (last tokens), or "stop"."""
+    """One forward: "prefill" (the step's chunks, packed), "decode" (last tokens, and the short
+    chunks that ride along as rows), or "stop"."""
 
     kind: str
     rows: tuple[Row, ...] = ()
+    chunks: tuple[Row, ...] = ()
 
 
 def _prefill_row(c: PrefillChunk) -> Row:
@@ -69,9 +71,9 @@ class DriverRunner(ModelRunner):
         self.ctx.broadcast(StepPlan("prefill", tuple(_prefill_row(c) for c in chunks)))
         return super().prefill(chunks)
 
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        self.ctx.broadcast(StepPlan("decode", tuple(_decode_row(s) for s in seqs)))
-        return super().decode(seqs)
+    def decode(self, seqs: list[Sequence], chunks: list[PrefillChunk] = ()) -> torch.Tensor:
+        self.ctx.broadcast(StepPlan("decode", tuple(_decode_row(s) for s in seqs), tuple(_prefill_row(c) for c in chunks)))
+        return super().decode(seqs, chunks)
 
     def shutdown(self) -> None:
         """Release the workers from :func:`follow`."""
@@ -88,5 +90,5 @@ def follow(runner: ModelRunner, ctx: DistContext) -> int:
         if plan.kind == "prefill":
             runner.prefill([_chunk(r) for r in plan.rows])
         else:
-            runner.decode(list(plan.rows))  # type: ignore[arg-type]
+            runner.decode(list(plan.rows), [_chunk(r) for r in plan.chunks])  # type: ignore[arg-type]
         steps += 1

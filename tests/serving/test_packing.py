@@ -85,7 +85,8 @@ def test_packed_prefill_gives_solo_greedy_tokens(tiny_model):
     """Mixed-length prompts admitted together (one packed prefill per step), two of them hitting
     the prefix cache: the greedy tokens of each equal its solo generate()."""
     model, tok = tiny_model
-    engine = Engine(model, tok, EngineConfig(max_batch=8, kv_memory_gb=0.02, block_size=8, max_prefill_tokens=96))
+    engine = Engine(model, tok, EngineConfig(max_batch=8, kv_memory_gb=0.02, block_size=8, max_prefill_tokens=96,
+                                             row_prefill_tokens=0))  # every chunk through the packed forward
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     shared = tok.encode("retrieved context about sealed segments and index building " * 4, add_bos=True)
     engine.generate([shared + tok.encode(" warm the cache")], params)
@@ -119,3 +120,66 @@ def test_prefill_groups_bound_the_attended_keys():
     assert [[c.name for c in g] for g in groups] == [[0, 1], [2], [3, 4, 5]]
     assert all(sum(c.end for c in g) <= 16384 for g in groups if len(g) > 1)
     assert expansion_bytes(make_config("v3"), 1, torch.bfloat16) == 128 * (128 + 64 + 128) * 2  # 80 KiB a key
+
+
+def test_short_chunks_riding_the_decode_step_equal_the_packed_prefill(tiny_model):
+    """Prompt chunks run as single-token rows of a decode step (a prefix hit's tail, a whole
+    short prompt, the first chunk of a longer one) next to a decode row: each chunk's last-row
+    logits and every cached latent equal the packed prefill's."""
+    model, tok = tiny_model
+    prefix = [tok.bos_id] + [3000 + i for i in range(31)]
+    prompts = [prefix + [4000 + i for i in range(9)], prefix + [5000 + i for i in range(5)],
+               [tok.bos_id] + [6000 + i for i in range(12)], [tok.bos_id] + [7000 + i for i in range(20)],
+               [tok.bos_id] + [8000 + i for i in range(6)]]
+    results = {}
+    for riding in (True, False):
+        cache, blocks, runner = _setup(model)
+        first = _seq(prompts[0], [])
+        blocks.allocate(first)
+        runner.prefill([PrefillChunk(first, 0, len(prompts[0]))])
+        blocks.register_full_blocks(first)
+        hit, short, long, dec = (_seq(p, []) for p in prompts[1:])
+        for s in (hit, short, long, dec):
+            blocks.allocate(s)
+        runner.prefill([PrefillChunk(dec, 0, len(dec) - 1)])  # dec owes its last token: a decode row
+        blocks.append_slot(dec)
+        chunks = [PrefillChunk(hit, 32, 5), PrefillChunk(short, 0, 13), PrefillChunk(long, 0, 9)]
+        if riding:
+            logits = runner.decode([dec], chunks)
+        else:
+            logits = torch.cat([runner.prefill(chunks), runner.decode([dec])])
+        assert logits.shape[0] == 3  # hit and short end their sequences, long does not; then dec
+        assert [s.num_computed for s in (hit, short, long, dec)] == [37, 13, 9, len(dec)]
+        slots = torch.tensor([b * 8 + i for s in (hit, short, long, dec) for b in s.block_table for i in range(8)])
+        results[riding] = (logits, cache.c_kv[:, slots], cache.k_pe[:, slots])
+    for a, b in zip(results[True], results[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_prefix_hits_ride_the_decode_step_and_keep_solo_greedy_tokens(tiny_model):
+    """With --row-prefill-tokens, requests whose prompt is mostly a cached prefix never run a
+    multi-token forward, and every request's greedy tokens equal its solo generate()."""
+    model, tok = tiny_model
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    shared = tok.encode("retrieved context about sealed segments and index building " * 4, add_bos=True)
+    prompts = [shared + tok.encode(" question one?"), shared + tok.encode(" what about compaction and deletes?"),
+               tok.encode("hello", add_bos=True), tok.encode("vector " * 70, add_bos=True)]
+    outputs = {}
+    for rows in (64, 0):
+        engine = Engine(model, tok, EngineConfig(max_batch=8, kv_memory_gb=0.02, block_size=8, max_prefill_tokens=96,
+                                                 row_prefill_tokens=rows))
+        engine.generate([shared + tok.encode(" warm the cache")], params)
+        widths = []
+        hook = model.register_forward_hook(lambda _m, args, _o, widths=widths: widths.append(args[0].shape[1]))
+        try:
+            seqs = engine.generate(prompts, params)
+        finally:
+            hook.remove()
+        assert seqs[0].prompt_cached_tokens > 0 and seqs[1].prompt_cached_tokens > 0
+        multi = [w for w in widths if w > 1]
+        if rows:  # the 72-token prompt is over the row budget and goes packed; the rest ride
+            assert multi == [len(prompts[3])], widths
+        else:  # one packed forward of all four prompts' uncached tokens
+            assert len(multi) == 1 and multi[0] > len(prompts[3]), widths
+        outputs[rows] = [s.output_ids for s in seqs]
+    assert outputs[64] == outputs[0] == [generate(model, tok, p, params).token_ids for p in prompts]
