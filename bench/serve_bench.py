@@ -160,6 +160,7 @@ def child(args) -> None:
         "serve", "--checkpoint", str(ckpt), "--port", str(args.port), "--served-model-name", "bench",
         "--max-batch", str(plan.max_batch), "--block-size", str(plan.block_size),
         "--max-prefill-tokens", str(plan.max_prefill_tokens), "--max-model-len", "8192",
+        *(["--row-prefill-tokens", str(args.row_prefill_tokens)] if args.row_prefill_tokens is not None else []),
         *(["--kv-memory-gb", "0.1"] if args.quick else [])])
     serve(build(serve_args, model=model, tokenizer=Tokenizer(ckpt if args.quick else None)), serve_args)
 
@@ -352,7 +353,8 @@ def start_child(args, plan: Plan, prompts: dict, workdir: Path) -> tuple[subproc
     ctx = round(prompts["mean_prompt_tokens"] + plan.max_tokens / 2)
     cmd = [sys.executable, __file__, "--child", "--port", str(port), "--workdir", str(workdir),
            "--ctx", str(ctx), "--prefill-tokens", str(prompts["idle_prompt_tokens"]),
-           "--bound-out", str(workdir / "bound.json"), *(["--quick"] if args.quick else [])]
+           "--bound-out", str(workdir / "bound.json"), *(["--quick"] if args.quick else []),
+           *(["--row-prefill-tokens", str(args.row_prefill_tokens)] if args.row_prefill_tokens is not None else [])]
     log = workdir / "server.log"
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -390,11 +392,18 @@ def server_facts(root: str, log: Path) -> dict:
     return facts
 
 
+def row_prefill_tokens(args) -> int:
+    from model_host.engine.engine import EngineConfig
+
+    return EngineConfig.row_prefill_tokens if args.row_prefill_tokens is None else args.row_prefill_tokens
+
+
 def markdown(res: dict) -> str:
     f = lambda x, s=".1f": "n/a" if x is None else format(x, s)  # noqa: E731
     b = res["bound"]
     lines = [f"Served context ~{b['ctx']} tokens, {res['max_tokens']} output tokens, mean prompt "
-             f"{res['mean_prompt_tokens']:.0f} tokens, --max-prefill-tokens {res['max_prefill_tokens']}.", "",
+             f"{res['mean_prompt_tokens']:.0f} tokens, --max-prefill-tokens {res['max_prefill_tokens']}, "
+             f"--row-prefill-tokens {res['row_prefill_tokens']}.", "",
              "| concurrency | output tok/s | step bound tok/s (B / step ms) | share of bound | goal | TTFT p50 / p99 ms "
              "| ITL p50 / p99 ms | prefix hits |", "|---|---|---|---|---|---|---|---|"]
     for r in res["levels"]:
@@ -447,6 +456,8 @@ def main() -> int:
     ap.add_argument("--py-spy", type=int, nargs="*", default=[], metavar="C",
                     help="sample the server with py-spy at these concurrency levels (collapsed stacks in --out: "
                          "every running thread, and only the GIL holder); bench/spy_summary.py reads them")
+    ap.add_argument("--row-prefill-tokens", type=int, default=None,
+                    help="serve's --row-prefill-tokens (default: serve's default; 0 = every prompt chunk packed)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the server process
     for flag, kind in (("--port", int), ("--workdir", str), ("--ctx", int), ("--prefill-tokens", int),
                        ("--bound-out", str)):
@@ -467,6 +478,7 @@ def main() -> int:
             bound = json.loads((workdir / "bound.json").read_text())
             res = {"plan": dataclasses.asdict(plan), "max_tokens": plan.max_tokens,
                    "max_prefill_tokens": plan.max_prefill_tokens, "mean_prompt_tokens": prompts["mean_prompt_tokens"],
+                   "row_prefill_tokens": row_prefill_tokens(args),
                    "bound": bound, "startup_s": startup_s}
             base = f"{root}/v1"
             with ProcessPoolExecutor(max_workers=8) as pool:
