@@ -393,9 +393,11 @@ def server_facts(root: str, log: Path) -> dict:
 
 
 def row_prefill_tokens(args) -> int:
-    from model_host.engine.engine import EngineConfig
+    from model_host.engine.engine import ROW_PREFILL_TOKENS
 
-    return EngineConfig.row_prefill_tokens if args.row_prefill_tokens is None else args.row_prefill_tokens
+    if args.row_prefill_tokens is not None:
+        return args.row_prefill_tokens
+    return 0 if args.quick else ROW_PREFILL_TOKENS  # serve's default: on where decode steps are graphs
 
 
 def markdown(res: dict) -> str:

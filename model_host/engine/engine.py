@@ -30,6 +30,7 @@ from model_host.speculative import mtp_draft
 from model_host.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+ROW_PREFILL_TOKENS = 64  # EngineConfig.row_prefill_tokens where decode steps are graph-captured
 
 
 class RequestError(ValueError):
@@ -48,8 +49,9 @@ class EngineConfig:
     speculative_tokens: int = 0  # MTP drafts verified per decode step (0 = off; needs the MTP layer)
     # Prompt chunks of at most this many tokens in all (per step) run as rows of the decode step,
     # one row per token, instead of a separate eager prefill forward: a RAG prompt whose prefix
-    # is cached owes a few dozen tokens, and the decode step is a replayed CUDA graph (0 = off).
-    row_prefill_tokens: int = 64
+    # is cached owes a few dozen tokens, and the decode step is a replayed CUDA graph. None: 64
+    # where decode steps are graph-captured, else 0 (eagerly, rows cost an LM-head row each).
+    row_prefill_tokens: int | None = None
 
 
 @dataclasses.dataclass
@@ -105,7 +107,8 @@ class Engine:
         # block table up to k positions longer; without, B decode rows and the short prompt chunks.
         # (Speculation keeps prompt chunks out of the decode step: its MTP layer needs their
         # hidden states in a prefill of its own.)
-        self.row_tokens = 0 if k else config.row_prefill_tokens
+        rows = config.row_prefill_tokens
+        self.row_tokens = 0 if k else (rows if rows is not None else ROW_PREFILL_TOKENS * self.runner.graphs_enabled)
         self.max_rows = config.max_batch * (k + 1) + self.row_tokens
         self.graph_report = self.runner.capture_graphs(capture_sizes(self.max_rows),
                                                        int(config.graph_memory_gb * 2**30),

@@ -95,6 +95,10 @@ class ModelRunner:
             if spec is not None:  # the MTP layer's single-token steps (drafts), captured the same way
                 self.mtp_graphs = DecodeGraphs(model, cache, widest, mtp=True)
 
+    @property
+    def graphs_enabled(self) -> bool:
+        return self.graphs is not None
+
     def capture_graphs(self, sizes: list[int], budget_bytes: int, max_blocks_per_seq: int) -> GraphReport | None:
         """Capture the decode step (and, with speculation, the MTP layer's step) for each batch
         size (largest first: the smaller graphs reuse its memory pool), for block tables up to
