@@ -458,6 +458,7 @@ def main() -> int:
     ap.add_argument("--py-spy", type=int, nargs="*", default=[], metavar="C",
                     help="sample the server with py-spy at these concurrency levels (collapsed stacks in --out: "
                          "every running thread, and only the GIL holder); bench/spy_summary.py reads them")
+    ap.add_argument("--levels", type=int, nargs="+", help="run only these concurrency levels (default: the plan's)")
     ap.add_argument("--row-prefill-tokens", type=int, default=None,
                     help="serve's --row-prefill-tokens (default: serve's default; 0 = every prompt chunk packed)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the server process
@@ -488,7 +489,7 @@ def main() -> int:
                 res["warmup_errors"] = warm["errors"]
                 res["idle"] = {"prompt_tokens": prompts["idle_prompt_tokens"], **idle_ttft(base, root, prompts["idle"])}
                 res["levels"] = []
-                for c in plan.levels:
+                for c in args.levels or plan.levels:
                     spy = args.out if c in args.py_spy and args.out else None
                     with py_spy(proc.pid, spy and spy / f"py_spy_c{c}.txt"), \
                             py_spy(proc.pid, spy and spy / f"py_spy_gil_c{c}.txt", gil=True):
