@@ -114,7 +114,9 @@ class Tokenizer:
 
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
         """Token ids of ``text``; special-token strings in ``text`` map to their ids."""
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        # encode_batch releases the GIL while it tokenizes (encode does not): the server tokenizes
+        # 2k-token RAG prompts off its event loop, and the engine thread must keep stepping.
+        ids = self._tok.encode_batch([text], add_special_tokens=False)[0].ids
         return [self.bos_id, *ids] if add_bos else ids
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:

@@ -13,6 +13,7 @@ import torch
 
 from model_host.checkpoint import make_config, write_random_checkpoint
 from model_host.engine.engine import Engine, EngineConfig
+from model_host.engine.runner import capture_sizes
 from model_host.generate import generate
 from model_host.kernels.backend import TritonOps
 from model_host.loader import load_model
@@ -76,7 +77,9 @@ def test_default_kv_budget_comes_from_free_gpu_memory(tiny_fp8):
         assert 0 < plan.free_bytes <= torch.cuda.get_device_properties(0).total_memory
         assert 0 < plan.kv_bytes < plan.free_bytes - plan.activation_bytes - plan.graph_bytes
         assert plan.kv_bytes - engine.cache.nbytes() < 2 * engine.cache.nbytes() / engine.blocks.num_blocks
-        assert engine.graph_report.sizes == [1, 2] and engine.graph_report.nbytes <= 2**29
+        # 2 decode rows + 64 rows of short prompt chunks (row prefill is on with graphs)
+        assert engine.graph_report.sizes == capture_sizes(engine.max_rows) == [1, 2, 4, 8, 16, 32, 64, 66]
+        assert engine.graph_report.nbytes <= 2**29
     finally:
         engine = None
         gc.collect()

@@ -85,3 +85,31 @@ def test_stream_decoder_never_emits_partial_characters(tok):
 def test_loads_from_checkpoint_dir(tiny_ckpt):
     t = Tokenizer(tiny_ckpt)
     assert t.path == tiny_ckpt and t.encode("hello") == Tokenizer().encode("hello")
+
+
+def test_encoding_lets_other_python_threads_run(tok):
+    """The server tokenizes on a worker thread while the engine thread steps: encoding a long
+    prompt must release the GIL (tokenizers' `encode` held it, handing it over only every few ms:
+    43% of the GIL on an H200 at 128 concurrent requests). A Python loop beside the encode keeps
+    most of its own pace: 28-37% of it with `encode`, 93-95% with `encode_batch` (2 cores)."""
+    import threading
+    import time
+
+    text = "Milvus stores vectors in segments; compaction merges them. " * 20000  # ~240k tokens
+
+    def spin(until) -> float:
+        """Loop iterations per second until `until()` is true."""
+        n, t0 = 0, time.perf_counter()
+        while not until():
+            n += 1
+        return n / (time.perf_counter() - t0)
+
+    timer = threading.Event()
+    threading.Timer(0.3, timer.set).start()
+    alone = spin(timer.is_set)
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (tok.encode(text), done.set()))
+    worker.start()
+    beside = spin(done.is_set)
+    worker.join()
+    assert beside > 0.6 * alone, f"a Python thread kept {beside / alone:.0%} of its pace during an encode"
