@@ -418,8 +418,10 @@ def markdown(res: dict) -> str:
     u = res["unique"]
     lines += ["", "| prefix reuse at concurrency {} | output tok/s | TTFT p50 / p99 ms | prefix hits |".format(
         u["concurrency"]), "|---|---|---|---|"]
-    rec = next(r for r in res["levels"] if r["concurrency"] == u["concurrency"])
-    for name, r in (("4 recurring context sets", rec), ("every prompt unique", u)):
+    rec = [r for r in res["levels"] if r["concurrency"] == u["concurrency"]]  # absent under --levels
+    for name, r in (("4 recurring context sets", rec[0] if rec else None), ("every prompt unique", u)):
+        if r is None:
+            continue
         lines.append(f"| {name} | {f(r['output_tok_s'])} | {f(r['ttft_p50_ms'])} / {f(r['ttft_p99_ms'])} "
                      f"| {r['prefix_hit_rate']:.0%} |")
     i = res["idle"]

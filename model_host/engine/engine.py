@@ -47,10 +47,12 @@ class EngineConfig:
     cache_dtype: torch.dtype | None = None  # default: the model's dtype
     graph_memory_gb: float = 1.0  # most GPU memory the decode CUDA graphs may take
     speculative_tokens: int = 0  # MTP drafts verified per decode step (0 = off; needs the MTP layer)
-    # Prompt chunks of at most this many tokens in all (per step) run as rows of the decode step,
-    # one row per token, instead of a separate eager prefill forward: a RAG prompt whose prefix
-    # is cached owes a few dozen tokens, and the decode step is a replayed CUDA graph. None: 64
-    # where decode steps are graph-captured, else 0 (eagerly, rows cost an LM-head row each).
+    # A step of at most this many rows in all (its decode rows plus one row per prompt token)
+    # runs its prompt chunks as rows of the decode step instead of a separate eager prefill
+    # forward: a RAG prompt whose prefix is cached owes a few dozen tokens, and the decode step
+    # is a replayed CUDA graph. Capped by rows, not prompt tokens: at 128 decode rows, 64 more
+    # rows made every step dearer than the prefill forward they saved (docs/benchmarks.md).
+    # None: 64 where decode steps are graph-captured, else 0 (eagerly a row costs an LM-head row).
     row_prefill_tokens: int | None = None
 
 
@@ -109,7 +111,7 @@ class Engine:
         # hidden states in a prefill of its own.)
         rows = config.row_prefill_tokens
         self.row_tokens = 0 if k else (rows if rows is not None else ROW_PREFILL_TOKENS * self.runner.graphs_enabled)
-        self.max_rows = config.max_batch * (k + 1) + self.row_tokens
+        self.max_rows = max(config.max_batch * (k + 1), self.row_tokens)
         self.graph_report = self.runner.capture_graphs(capture_sizes(self.max_rows),
                                                        int(config.graph_memory_gb * 2**30),
                                                        self.blocks.blocks_needed(self.max_model_len + 1 + k))
@@ -187,13 +189,12 @@ class Engine:
 
     def _split(self, chunks: list[PrefillChunk], decode_rows: int) -> tuple[list[PrefillChunk], list[PrefillChunk]]:
         """(chunks that ride in the decode step as rows, chunks for the packed prefill forward):
-        short chunks ride while they fit ``row_prefill_tokens`` and the largest decode batch."""
-        budget, rows = self.row_tokens, decode_rows
+        chunks ride while the step stays within ``row_prefill_tokens`` rows, decode rows included."""
+        rows = decode_rows
         riding, packed = [], []
         for c in chunks:
-            if c.length <= budget and rows + c.length <= self.max_rows:
+            if rows + c.length <= self.row_tokens:
                 riding.append(c)
-                budget -= c.length
                 rows += c.length
             else:
                 packed.append(c)

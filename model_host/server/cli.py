@@ -49,10 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prompt tokens computed per step: long prompts are split, and running decodes wait for "
                         "at most this many (default 2048)")
     p.add_argument("--row-prefill-tokens", type=int, default=None,
-                   help="prompt chunks of at most this many tokens in all per step run as rows of the graph-"
-                        "captured decode step instead of a separate prefill forward: prompts whose prefix is "
-                        "cached start at decode speed (default 64 with CUDA graphs, else 0; 0 = off; off with "
-                        "--speculative-tokens)")
+                   help="a step of at most this many rows (decode rows plus one per prompt token) runs its "
+                        "prompt chunks inside the graph-captured decode step instead of a separate prefill "
+                        "forward: at low load a prompt whose prefix is cached starts at decode speed (default 64 "
+                        "with CUDA graphs, else 0; 0 = off; off with --speculative-tokens)")
     p.add_argument("--graph-memory-gb", type=float, default=1.0,
                    help="most GPU memory the decode CUDA graphs (one per batch size up to --max-batch) may take")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (prefix-cache granularity)")
