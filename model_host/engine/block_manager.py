@@ -16,6 +16,7 @@ sequence that matches it.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import OrderedDict
 
 from model_host.engine.sequence import Sequence
@@ -23,7 +24,7 @@ from model_host.engine.sequence import Sequence
 
 def block_hash(prev: bytes, tokens: list[int]) -> bytes:
     h = hashlib.blake2b(prev, digest_size=16)
-    h.update(b"".join(t.to_bytes(4, "little") for t in tokens))
+    h.update(struct.pack(f"<{len(tokens)}I", *tokens))
     return h.digest()
 
 
@@ -78,6 +79,7 @@ class BlockManager:
         assert not seq.block_table
         bs, prev, cached, la = self.block_size, b"", 0, self.lookahead
         matching = True
+        seq.block_hashes, seq.blocks_registered = [], 0
         for i in range(self.blocks_needed(len(seq))):
             tokens = seq.token_ids[i * bs : (i + 1) * bs + la]
             full_before_last = (i + 1) * bs + la <= len(seq) - 1
@@ -90,23 +92,29 @@ class BlockManager:
                 matching = False
                 block = self._fresh()
             seq.block_table.append(block)
-            prev = h or prev
+            if h is not None:
+                seq.block_hashes.append(h)
+                prev = h
         seq.num_cached_tokens = seq.num_computed = cached
         self.queries += len(seq) - 1
         self.hits += cached
 
     def register_full_blocks(self, seq: Sequence, computed: int | None = None) -> None:
         """After a forward, publish hashes of blocks that are now full and computed: in every
-        cache layer up to ``computed`` positions (default ``seq.num_computed``)."""
-        bs, prev, la = self.block_size, b"", self.lookahead
+        cache layer up to ``computed`` positions (default ``seq.num_computed``). Each sequence
+        keeps its hash chain, so a call hashes and publishes only the blocks filled since the
+        last one (it is called after every prefill chunk and whenever a decode fills a block)."""
+        bs, la, chain = self.block_size, self.lookahead, seq.block_hashes
         computed = seq.num_computed if computed is None else computed
-        for i in range(min(computed, len(seq) - la) // bs):
-            h = block_hash(prev, seq.token_ids[i * bs : (i + 1) * bs + la])
-            block = seq.block_table[i]
+        full = min(computed, len(seq) - la) // bs
+        for i in range(len(chain), full):
+            chain.append(block_hash(chain[-1] if chain else b"", seq.token_ids[i * bs : (i + 1) * bs + la]))
+        for i in range(seq.blocks_registered, full):
+            h, block = chain[i], seq.block_table[i]
             if self.hash_of[block] is None and h not in self.by_hash:
                 self.hash_of[block] = h
                 self.by_hash[h] = block
-            prev = h
+        seq.blocks_registered = max(seq.blocks_registered, full)
 
     def can_append(self, seq: Sequence) -> bool:
         return self.blocks_needed(len(seq) + self.spec_tokens) - len(seq.block_table) <= self.num_free

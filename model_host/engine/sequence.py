@@ -34,6 +34,8 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache on the last admission
         self.num_computed = 0  # tokens whose latents are in the cache
+        self.block_hashes: list[bytes] = []  # prefix-cache hash chain of full blocks (BlockManager)
+        self.blocks_registered = 0  # leading blocks already offered to the prefix cache
         self.decoder = decoder
         self.matcher = StopMatcher(params.stop)
         self.generator = generator

@@ -34,3 +34,32 @@ def test_prefix_hits_in_a_gpu_sized_cache_take_their_blocks_in_constant_time():
         blocks.release(again)
     assert time.perf_counter() - t0 < 0.5
     assert blocks.num_free == 2_000_000 - 1000
+
+
+def test_incremental_registration_publishes_what_one_registration_does():
+    """The hash chain is kept per sequence and extended as blocks fill (chunked prefill, then
+    decode steps); the prefix cache it builds equals one registration of the finished sequence,
+    and a later request finds every full block of it."""
+    prompt = list(range(1000, 1000 + 5 * 16 + 3))
+    maps = []
+    for incremental in (True, False):
+        blocks = BlockManager(64, 16)
+        seq = _seq(prompt)
+        blocks.allocate(seq)
+        for end in (20, 50, len(prompt)):  # three prefill chunks
+            seq.num_computed = end
+            if incremental:
+                blocks.register_full_blocks(seq)
+        for t in range(40):  # decode: a block fills every 16 tokens
+            seq.token_ids.append(5000 + t)
+            blocks.append_slot(seq)
+            seq.num_computed = len(seq)
+            if incremental and len(seq) % 16 == 0:
+                blocks.register_full_blocks(seq)
+        if not incremental:
+            blocks.register_full_blocks(seq)
+        maps.append(dict(blocks.by_hash))
+        again = _seq(seq.token_ids + [1])
+        blocks.allocate(again)
+        assert again.num_cached_tokens == (len(seq) // 16) * 16
+    assert maps[0] == maps[1] and len(maps[0]) == len(seq) // 16
