@@ -265,6 +265,7 @@ def serve(served: Served, args: argparse.Namespace) -> int:
                          f"pick a free --port")
     if served.loop.error is not None:
         return 1
-    for sig in signals[-1:]:
-        signal.raise_signal(sig)  # exit status says which signal stopped the server, as uvicorn's own
+    for sig in signals[-1:]:  # the exit status says which signal stopped the server (no traceback)
+        signal.signal(sig, signal.SIG_DFL)
+        signal.raise_signal(sig)
     return 0

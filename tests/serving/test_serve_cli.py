@@ -124,3 +124,16 @@ def test_serve_runs_the_engine_on_the_main_thread(tiny_checkpoint):
         capture_output=True, text=True, timeout=120)
     assert "status 200 engine on main thread True" in out.stdout, out.stdout + out.stderr
     assert out.returncode == -signal.SIGTERM, out.stderr  # ended by the signal, after its cleanup
+
+
+def test_ctrl_c_stops_serve_without_a_traceback(tiny_checkpoint):
+    """Ctrl-C (SIGINT) ends the server quietly, with the signal as its exit status."""
+    p = ServeProcess(tiny_checkpoint)
+    try:
+        p.wait_healthy()
+        p.proc.send_signal(signal.SIGINT)
+        rc = p.proc.wait(timeout=20)
+        p.reader.join(timeout=5)
+        assert rc == -signal.SIGINT and "Traceback" not in "".join(p.lines), "".join(p.lines)
+    finally:
+        p.close()
