@@ -31,3 +31,16 @@ def test_serve_bench_quick(tmp_path):
     assert res["server"]["model_host_kv_blocks_total"] > 0
     table = (tmp_path / "serve_bench.md").read_text()
     assert "| 1 |" in table and "every prompt unique" in table and "Idle TTFT" in table
+
+
+@pytest.mark.slow
+def test_ttft_profile_quick(tmp_path):
+    """bench/ttft_profile.py --quick: forward, engine and HTTP TTFT of fresh prompts on the CPU."""
+    subprocess.run([sys.executable, "bench/ttft_profile.py", "--quick", "--max-prefill-tokens", "4096",
+                    "--out", str(tmp_path)], cwd=REPO, check=True, timeout=600, capture_output=True)
+    r = json.loads((tmp_path / "ttft_profile.json").read_text())["4096"]
+    assert r["forward_ms"] > 0 and r["engine_ttft_ms"] > 0
+    assert all(len(steps) == 1 for steps in r["engine_steps_ms"])  # one chunk: the whole prompt
+    http = r["http"]
+    assert len(http["raw_ms"]) == len(http["sdk_ms"]) == 4 and len(http["server_ms"]) == 8
+    assert all(0 < s <= c for s, c in zip(http["server_ms"][::2], http["raw_ms"], strict=True))
