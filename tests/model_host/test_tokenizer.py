@@ -89,27 +89,32 @@ def test_loads_from_checkpoint_dir(tiny_ckpt):
 
 def test_encoding_lets_other_python_threads_run(tok):
     """The server tokenizes on a worker thread while the engine thread steps: encoding a long
-    prompt must release the GIL (tokenizers' `encode` held it, handing it over only every few ms:
-    43% of the GIL on an H200 at 128 concurrent requests). A Python loop beside the encode keeps
-    most of its own pace: 28-37% of it with `encode`, 93-95% with `encode_batch` (2 cores)."""
+    prompt must release the GIL (tokenizers' `encode` holds it, handing it over only every few
+    ms: 43% of the GIL on an H200 at 128 concurrent requests). A Python loop beside
+    `Tokenizer.encode` runs 88-158x faster than beside the GIL-holding `encode` (2 cores; the
+    old `Tokenizer.encode` gave 1.5-3.5x). Compared in the same test, interleaved, so a loaded
+    machine slows both sides."""
+    import statistics
     import threading
-    import time
 
     text = "Milvus stores vectors in segments; compaction merges them. " * 20000  # ~240k tokens
 
-    def spin(until) -> float:
-        """Loop iterations per second until `until()` is true."""
+    def pace_beside(encode) -> float:
+        """Loop iterations per second while `encode(text)` runs on another thread."""
+        import time
+
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (encode(text), done.set()))
         n, t0 = 0, time.perf_counter()
-        while not until():
+        worker.start()
+        while not done.is_set():
             n += 1
+        worker.join()
         return n / (time.perf_counter() - t0)
 
-    timer = threading.Event()
-    threading.Timer(0.3, timer.set).start()
-    alone = spin(timer.is_set)
-    done = threading.Event()
-    worker = threading.Thread(target=lambda: (tok.encode(text), done.set()))
-    worker.start()
-    beside = spin(done.is_set)
-    worker.join()
-    assert beside > 0.6 * alone, f"a Python thread kept {beside / alone:.0%} of its pace during an encode"
+    ours, holding = [], []
+    for _ in range(3):
+        ours.append(pace_beside(tok.encode))
+        holding.append(pace_beside(lambda t: tok._tok.encode(t, add_special_tokens=False)))
+    ratio = statistics.median(ours) / statistics.median(holding)
+    assert ratio > 20, f"a Python loop ran only {ratio:.2f}x faster beside Tokenizer.encode than beside a GIL-holding encode"
