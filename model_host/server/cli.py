@@ -26,7 +26,7 @@ from fastapi import FastAPI
 
 from model_host import dist
 from model_host.config import ModelConfig
-from model_host.engine.engine import EngineLoop
+from model_host.engine.loop import EngineLoop
 from model_host.sharding import check_divisible
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

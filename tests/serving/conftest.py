@@ -11,7 +11,8 @@ import torch
 import uvicorn
 
 from model_host.checkpoint import make_config, write_random_checkpoint
-from model_host.engine.engine import Engine, EngineConfig, EngineLoop
+from model_host.engine.engine import Engine, EngineConfig
+from model_host.engine.loop import EngineLoop
 from model_host.loader import load_model
 from model_host.server.app import create_app
 from model_host.tokenizer import Tokenizer

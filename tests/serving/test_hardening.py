@@ -12,7 +12,8 @@ import openai
 import pytest
 import torch
 
-from model_host.engine.engine import EngineConfig, EngineStopped
+from model_host.engine.engine import EngineConfig
+from model_host.engine.loop import EngineStopped
 from model_host.model import DeepseekV3
 from model_host.sampler import SamplingParams
 from tests.serving.conftest import MODEL, Served
@@ -55,7 +56,8 @@ def test_seed_beyond_2_64_is_a_400_and_the_engine_keeps_serving(serve):
 
 def test_engine_loop_survives_a_request_the_engine_refuses(tiny_model):
     """The loop's backstop: a request that fails inside the engine thread fails alone."""
-    from model_host.engine.engine import Engine, EngineLoop
+    from model_host.engine.engine import Engine
+    from model_host.engine.loop import EngineLoop
 
     model, tok = tiny_model
     loop = EngineLoop(Engine(model, tok, EngineConfig(kv_memory_gb=0.02, max_model_len=256)))
