@@ -1,5 +1,6 @@
-"""Summarize py-spy collapsed stacks (serve_bench --py-spy): samples per thread, and per thread the
-functions with the most inclusive samples under a chosen root (default: every frame).
+"""py-spy for the server: `record` samples a process while a block runs (serve_bench --py-spy),
+and the script summarizes the collapsed stacks: samples per thread, and per thread the functions
+with the most inclusive samples (optionally only frames matching --match).
 
     python bench/spy_summary.py OUT/py_spy_c128.txt [--top 25] [--match model_host/]
 """
@@ -8,9 +9,33 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import re
+import signal
+import subprocess
 import sys
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def record(pid: int, out: Path | None, gil: bool = False):
+    """py-spy samples the server process while the block runs (threads on a CPU; with `gil`, only
+    the thread holding the GIL); collapsed stacks go to `out` (a line per stack: frames;... count)."""
+    if out is None:
+        yield
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--threads",
+                            *(["--gil"] if gil else []), "--nonblocking", "--output", str(out), "--duration", "3600"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
+        try:
+            spy.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            spy.kill()
 
 
 def main() -> int:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import statistics
 import sys
 import tempfile
@@ -120,6 +119,7 @@ def http_phase(served, msgs: list[list[dict]]) -> dict:
     import httpx
     import openai
     import uvicorn
+    from serve_clients import server_ttft
 
     from tests.support.openai_stub import free_port
 
@@ -127,11 +127,6 @@ def http_phase(served, msgs: list[list[dict]]) -> dict:
     server = uvicorn.Server(uvicorn.Config(served.app, host="127.0.0.1", port=port, log_level="warning"))
     root = f"http://127.0.0.1:{port}"
     out: dict = {"raw_ms": [], "sdk_ms": [], "server_ms": []}
-
-    def server_ttft() -> tuple[float, float]:
-        text = httpx.get(f"{root}/metrics").text
-        get = lambda k: float(re.search(rf"^model_host_time_to_first_token_seconds_{k} (\S+)$", text, re.M).group(1))  # noqa: E731
-        return get("sum"), get("count")
 
     body = lambda m: {"model": "probe", "messages": m, "max_tokens": 2, "temperature": 0, "stream": True,  # noqa: E731
                       "ignore_eos": True}
@@ -141,7 +136,7 @@ def http_phase(served, msgs: list[list[dict]]) -> dict:
                 base_url=root + "/v1", api_key="x", max_retries=0) as oc:
             await h.get(f"{root}/health")
             for i, m in enumerate(msgs):
-                s0, c0 = server_ttft()
+                s0, c0 = server_ttft(root)
                 t0 = time.perf_counter()
                 if i % 2 == 0:  # raw HTTP: the first SSE line with text
                     async with h.stream("POST", f"{root}/v1/chat/completions", json=body(m)) as r:
@@ -159,7 +154,7 @@ def http_phase(served, msgs: list[list[dict]]) -> dict:
                     key = "sdk_ms"
                 out[key].append(1e3 * (time.perf_counter() - t0))
                 await asyncio.sleep(0.3)  # the request finishes; the metrics count it
-                s1, c1 = server_ttft()
+                s1, c1 = server_ttft(root)
                 out["server_ms"].append(1e3 * (s1 - s0) / max(1, c1 - c0))
 
     def client() -> None:

@@ -1,0 +1,133 @@
+"""The client side of bench/serve_bench.py: streaming requests through the `openai` SDK, load
+levels spread over client processes, their summary, and idle TTFT against the server's own.
+
+Imported by bench/serve_bench.py and bench/ttft_profile.py (bench/ is on sys.path when they run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+
+def client_worker(base_url: str, prompts: list, concurrency: int, max_tokens: int) -> list[dict]:
+    """One client process: `concurrency` streaming clients working through `prompts`."""
+    return asyncio.run(_clients(base_url, prompts, concurrency, max_tokens))
+
+
+async def request(client, msgs: list, max_tokens: int) -> dict:
+    """One streaming chat completion: its TTFT (first non-empty content), gaps, token counts."""
+    import openai
+
+    rec = {"start": time.monotonic(), "ttft": None, "itl": [], "tokens": 0, "cached": 0, "prompt": 0, "error": None}
+    last = None
+    try:
+        stream = await client.chat.completions.create(
+            model="bench", messages=msgs, max_tokens=max_tokens, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            now = time.monotonic()
+            if chunk.usage:
+                rec["tokens"] = chunk.usage.completion_tokens
+                rec["prompt"] = chunk.usage.prompt_tokens
+                details = chunk.usage.prompt_tokens_details
+                rec["cached"] = (details.cached_tokens or 0) if details else 0
+            if any(c.delta.content for c in chunk.choices):
+                if last is None:
+                    rec["ttft"] = now - rec["start"]
+                else:
+                    rec["itl"].append(now - last)
+                last = now
+    except openai.OpenAIError as e:
+        rec["error"] = f"{type(e).__name__}: {e}"
+    rec["end"] = time.monotonic()
+    return rec
+
+
+async def _clients(base_url: str, prompts: list, concurrency: int, max_tokens: int) -> list[dict]:
+    import openai
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for p in prompts:
+        queue.put_nowait(p)
+    records: list[dict] = []
+
+    async def one(client) -> None:
+        while not queue.empty():
+            records.append(await request(client, queue.get_nowait(), max_tokens))
+
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=900) as client:
+        await asyncio.gather(*(one(client) for _ in range(concurrency)))
+    return records
+
+
+def server_ttft(root: str) -> tuple[float, float]:
+    """(sum, count) of the server's own TTFT histogram: arrival at the engine to the first token."""
+    import httpx
+
+    text = httpx.get(f"{root}/metrics", timeout=10).text
+    get = lambda k: float(re.search(rf"^model_host_time_to_first_token_seconds_{k} (\S+)$", text, re.M).group(1))  # noqa: E731
+    return get("sum"), get("count")
+
+
+def idle_ttft(base_url: str, root: str, prompts: list) -> dict:
+    """TTFT of prompts that share nothing with the cache, one at a time, from one warm client
+    (the first request opens the connection and is not counted), beside the server's own figure:
+    the difference is HTTP, chat templating and tokenizing, and the client."""
+    import openai
+
+    async def run() -> tuple[list[float], list[float], list[dict]]:
+        client_ms, server_ms, recs = [], [], []
+        async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=900) as client:
+            for i, msgs in enumerate(prompts):
+                s0, c0 = server_ttft(root)
+                rec = await request(client, msgs, 1)
+                if rec["error"]:
+                    raise SystemExit(f"serve_bench: idle TTFT request failed: {rec['error']}")
+                s1, c1 = server_ttft(root)
+                if i:
+                    client_ms.append(1e3 * rec["ttft"])
+                    server_ms.append(1e3 * (s1 - s0) / max(1.0, c1 - c0))
+                    recs.append(rec)
+        return client_ms, server_ms, recs
+
+    client_ms, server_ms, recs = asyncio.run(run())
+    return {"ttft_ms": statistics.median(client_ms), "server_ttft_ms": statistics.median(server_ms),
+            "n": len(client_ms), "prefix_hit_rate": sum(r["cached"] for r in recs) / sum(r["prompt"] for r in recs)}
+
+
+def run_level(pool: ProcessPoolExecutor, base_url: str, prompts: list, concurrency: int, max_tokens: int) -> dict:
+    """Spread `concurrency` clients over up to 8 processes (16 clients each at most)."""
+    procs = max(1, min(8, math.ceil(concurrency / 16)))
+    shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
+    jobs, start = [], 0
+    for share in shares:  # each process gets prompts in proportion to its clients
+        n = round(len(prompts) * share / concurrency)
+        jobs.append(pool.submit(client_worker, base_url, prompts[start:start + n], share, max_tokens))
+        start += n
+    recs = [r for j in jobs for r in j.result()]
+    return summarize(recs, concurrency)
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))] if xs else None
+
+
+def summarize(recs: list[dict], concurrency: int) -> dict:
+    ok = [r for r in recs if r["error"] is None]
+    wall = max(r["end"] for r in recs) - min(r["start"] for r in recs)
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    itl = [x for r in ok for x in r["itl"]]
+    tokens = sum(r["tokens"] for r in ok)
+    ms = lambda x: None if x is None else 1e3 * x  # noqa: E731
+    return {"concurrency": concurrency, "requests": len(recs), "errors": len(recs) - len(ok),
+            "first_error": next((r["error"] for r in recs if r["error"]), None), "wall_s": wall,
+            "output_tokens": tokens, "output_tok_s": tokens / wall,
+            "ttft_p50_ms": ms(pct(ttft, 50)), "ttft_p99_ms": ms(pct(ttft, 99)),
+            "itl_p50_ms": ms(pct(itl, 50)), "itl_p99_ms": ms(pct(itl, 99)),
+            "prefix_hit_rate": sum(r["cached"] for r in ok) / max(1, sum(r["prompt"] for r in ok))}
