@@ -160,8 +160,7 @@ def child(args) -> None:
         "serve", "--checkpoint", str(ckpt), "--port", str(args.port), "--served-model-name", "bench",
         "--max-batch", str(plan.max_batch), "--block-size", str(plan.block_size),
         "--max-prefill-tokens", str(plan.max_prefill_tokens), "--max-model-len", "8192",
-        *(["--row-prefill-tokens", str(args.row_prefill_tokens)] if args.row_prefill_tokens is not None else []),
-        *(["--kv-memory-gb", "0.1"] if args.quick else [])])
+        *passthrough(args), *(["--kv-memory-gb", "0.1"] if args.quick else [])])
     serve(build(serve_args, model=model, tokenizer=Tokenizer(ckpt if args.quick else None)), serve_args)
 
 
@@ -233,8 +232,7 @@ def start_child(args, plan: Plan, prompts: dict, workdir: Path) -> tuple[subproc
     ctx = round(prompts["mean_prompt_tokens"] + plan.max_tokens / 2)
     cmd = [sys.executable, __file__, "--child", "--port", str(port), "--workdir", str(workdir),
            "--ctx", str(ctx), "--prefill-tokens", str(prompts["idle_prompt_tokens"]),
-           "--bound-out", str(workdir / "bound.json"), *(["--quick"] if args.quick else []),
-           *(["--row-prefill-tokens", str(args.row_prefill_tokens)] if args.row_prefill_tokens is not None else [])]
+           "--bound-out", str(workdir / "bound.json"), *(["--quick"] if args.quick else []), *passthrough(args)]
     log = workdir / "server.log"
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -272,6 +270,12 @@ def server_facts(root: str, log: Path) -> dict:
     return facts
 
 
+def passthrough(args) -> list[str]:
+    """serve's flags given to the benchmark, for the server (and the child that starts it)."""
+    return [*(["--row-prefill-tokens", str(args.row_prefill_tokens)] if args.row_prefill_tokens is not None else []),
+            "--overlap", args.overlap]
+
+
 def row_prefill_tokens(args) -> int:
     from model_host.engine.engine import ROW_PREFILL_TOKENS
 
@@ -285,7 +289,7 @@ def markdown(res: dict) -> str:
     b = res["bound"]
     lines = [f"Served context ~{b['ctx']} tokens, {res['max_tokens']} output tokens, mean prompt "
              f"{res['mean_prompt_tokens']:.0f} tokens, --max-prefill-tokens {res['max_prefill_tokens']}, "
-             f"--row-prefill-tokens {res['row_prefill_tokens']}.", "",
+             f"--row-prefill-tokens {res['row_prefill_tokens']}, --overlap {res.get('overlap', 'auto')}.", "",
              "| concurrency | output tok/s | step bound tok/s (B / step ms) | share of bound | goal | TTFT p50 / p99 ms "
              "| ITL p50 / p99 ms | prefix hits |", "|---|---|---|---|---|---|---|---|"]
     for r in res["levels"]:
@@ -322,6 +326,7 @@ def main() -> int:
     ap.add_argument("--levels", type=int, nargs="+", help="run only these concurrency levels (default: the plan's)")
     ap.add_argument("--row-prefill-tokens", type=int, default=None,
                     help="serve's --row-prefill-tokens (default: serve's default; 0 = every prompt chunk packed)")
+    ap.add_argument("--overlap", choices=("auto", "on", "off"), default="auto", help="serve's --overlap")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the server process
     for flag, kind in (("--port", int), ("--workdir", str), ("--ctx", int), ("--prefill-tokens", int),
                        ("--bound-out", str)):
@@ -342,7 +347,7 @@ def main() -> int:
             bound = json.loads((workdir / "bound.json").read_text())
             res = {"plan": dataclasses.asdict(plan), "max_tokens": plan.max_tokens,
                    "max_prefill_tokens": plan.max_prefill_tokens, "mean_prompt_tokens": prompts["mean_prompt_tokens"],
-                   "row_prefill_tokens": row_prefill_tokens(args),
+                   "row_prefill_tokens": row_prefill_tokens(args), "overlap": args.overlap,
                    "bound": bound, "startup_s": startup_s}
             base = f"{root}/v1"
             with ProcessPoolExecutor(max_workers=8) as pool:

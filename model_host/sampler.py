@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .transfer import upload
+
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 
 
@@ -76,11 +78,16 @@ def sample(
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     generators: Sequence[torch.Generator | None] | None = None,
+    all_greedy: bool | None = None,
 ) -> torch.Tensor:
-    """Pick one token per row of ``logits`` [B, V].  Rows with temperature 0 are greedy."""
+    """Pick one token per row of ``logits`` [B, V].  Rows with temperature 0 are greedy.
+
+    ``all_greedy``: whether every row is greedy, when the caller knows it on the host; None reads
+    it from ``temperature``, which waits for the GPU's queue (the engine's overlapped step must not).
+    """
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
-    if bool((temperature == 0).all()):
+    if all_greedy if all_greedy is not None else bool((temperature == 0).all()):
         return greedy
     t = temperature.clamp(min=1e-5).unsqueeze(1)
     probs = apply_top_k_top_p(logits / t, top_k, top_p).softmax(dim=-1)
@@ -104,7 +111,9 @@ class Sampler:
         generators: Sequence[torch.Generator | None] | None = None,
     ) -> torch.Tensor:
         dev = logits.device
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
-        top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=dev)
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
-        return sample(logits, temperature, top_k, top_p, generators)
+        if all(p.temperature == 0 for p in params):
+            return logits.float().argmax(dim=-1)  # no per-row parameters to upload
+        temperature = upload([p.temperature for p in params], torch.float32, dev)
+        top_k = upload([p.top_k for p in params], torch.long, dev)
+        top_p = upload([p.top_p for p in params], torch.float32, dev)
+        return sample(logits, temperature, top_k, top_p, generators, all_greedy=False)

@@ -18,12 +18,13 @@ from model_host.engine.memory import plan_kv
 from model_host.engine.paged_cache import PagedLatentCache
 from model_host.engine.runner import ModelRunner, capture_sizes
 from model_host.engine.scheduler import Batch, PrefillChunk, Scheduler
-from model_host.engine.sequence import Sequence
+from model_host.engine.sequence import PENDING, Sequence
 from model_host.engine.speculative import SpeculativeDecoder
 from model_host.model import DeepseekV3
 from model_host.sampler import Sampler, SamplingParams
 from model_host.speculative import mtp_draft
 from model_host.tokenizer import Tokenizer
+from model_host.transfer import download, upload
 
 log = logging.getLogger(__name__)
 ROW_PREFILL_TOKENS = 64  # EngineConfig.row_prefill_tokens where decode steps are graph-captured
@@ -50,6 +51,12 @@ class EngineConfig:
     # rows made every step dearer than the prefill forward they saved (docs/benchmarks.md).
     # None: 64 where decode steps are graph-captured, else 0 (eagerly a row costs an LM-head row).
     row_prefill_tokens: int | None = None
+    # Overlapped steps: step n+1 is scheduled and queued on the GPU (its decode rows read step
+    # n's tokens there) before the host reads step n's tokens, detokenizes and streams them, so
+    # that host work hides behind the GPU's. The price: a request that stops on a token (EOS, a
+    # stop string) has one more row computed and dropped. None: on where decode steps are
+    # graph-captured (on the CPU nothing runs asynchronously) and speculation is off.
+    overlap: bool | None = None
 
 
 @dataclasses.dataclass
@@ -73,6 +80,56 @@ class StepOutput:
     logprob: TokenLogprob | None = None  # only for requests that asked (and not for EOS)
 
 
+@dataclasses.dataclass
+class _LogprobRows:
+    """Logprobs of the rows that asked for them, computed on the device with the step and copied
+    to the host with its tokens (`read` after the step's event)."""
+
+    rows: list[int]
+    n: list[int]
+    chosen: torch.Tensor  # [r] host
+    top_v: torch.Tensor  # [r, max n] host
+    top_i: torch.Tensor
+
+    def read(self, tokens: list[int]) -> list[TokenLogprob | None]:
+        out: list[TokenLogprob | None] = [None] * len(tokens)
+        for i, n, c, v, idx in zip(self.rows, self.n, self.chosen.tolist(), self.top_v.tolist(),
+                                   self.top_i.tolist(), strict=True):
+            out[i] = TokenLogprob(tokens[i], c, list(zip(idx[:n], v[:n], strict=True)))
+        return out
+
+
+def _logprob_rows(logits: torch.Tensor, sampled: torch.Tensor, seqs: list[Sequence]) -> _LogprobRows | None:
+    """log_softmax of the rows that asked for logprobs; nothing is computed for the others."""
+    rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    if not rows:
+        return None
+    n = [seqs[i].params.logprobs for i in rows]
+    idx = upload(rows, torch.long, logits.device)
+    lp = logits[idx].float().log_softmax(dim=-1)
+    chosen = lp.gather(1, sampled[idx].unsqueeze(1)).squeeze(1)
+    # A stable sort, not topk: among tied logits the lowest index comes first, the sampler's rule.
+    top_v, top_i = (t[:, : max(n)] for t in lp.sort(dim=-1, descending=True, stable=True))
+    return _LogprobRows(rows, n, download(chosen), download(top_v), download(top_i))
+
+
+@dataclasses.dataclass
+class _Launched:
+    """A step whose sampled tokens are queued on the device and not yet read."""
+
+    rows: list[Sequence]  # sampled rows: prompts that ended (the first ``first``), then decode rows
+    slots: list[int]  # each row's PENDING slot in its token_ids
+    first: int
+    tokens: torch.Tensor  # [m] on the device: the next step's decode rows read them there
+    host: torch.Tensor  # [m] the same, copied to the host
+    logprobs: _LogprobRows | None
+    done: torch.cuda.Event | None = None  # recorded after the copies (CUDA)
+
+    @property
+    def row_of(self) -> dict[int, int]:
+        return {s.id: i for i, s in enumerate(self.rows)}
+
+
 RunnerFactory = Callable[[DeepseekV3, PagedLatentCache], ModelRunner]
 
 
@@ -93,12 +150,15 @@ class Engine:
         self.cache = PagedLatentCache(layers, num_blocks, config.block_size, cfg.kv_lora_rank,
                                       cfg.qk_rope_head_dim, dtype=dtype, device=model.device)
         k = config.speculative_tokens
+        if config.overlap and k:
+            raise ValueError("overlapped steps and speculative decoding do not combine: a speculative "
+                             "round reads its tokens before the next; drop one of them")
         self.blocks = BlockManager(num_blocks, config.block_size, spec_tokens=k)
-        self.scheduler = Scheduler(self.blocks, config.max_batch, config.max_prefill_tokens)
         self.sampler = Sampler()
         self.capacity_tokens = num_blocks * config.block_size
         # A verify step writes k positions past the sequence: they must fit in the cache too.
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, self.capacity_tokens - k)
+        self.scheduler = Scheduler(self.blocks, config.max_batch, config.max_prefill_tokens, self.max_model_len)
         self.spec = SpeculativeDecoder(model, self.cache, self.blocks, k, drafter or mtp_draft) if k else None
         self.runner = runner(model, self.cache, spec=self.spec) if self.spec else runner(model, self.cache)
         # With speculation a step runs B * (k + 1) verify rows (and MTP rows as many), each with a
@@ -112,6 +172,8 @@ class Engine:
                                                        int(config.graph_memory_gb * 2**30),
                                                        self.blocks.blocks_needed(self.max_model_len + 1 + k))
         self.by_id: dict[int, Sequence] = {}
+        self.overlap = config.overlap if config.overlap is not None else (self.runner.graphs_enabled and not k)
+        self._inflight: _Launched | None = None  # the overlapped step whose tokens are not read yet
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %d B/token/layer)",
                  num_blocks, config.block_size, self.capacity_tokens, self.cache.nbytes() / 2**30,
                  self.cache.bytes_per_token_per_layer())
@@ -136,21 +198,37 @@ class Engine:
     def abort(self, seq: Sequence) -> None:
         """Stop a request now and free its blocks (client gone, or an explicit abort)."""
         if not seq.finished:
+            while seq.awaiting_token:  # tokens of steps still in flight: never read, never counted
+                seq.token_ids.pop()
             seq.finish_reason = seq.finish_reason or "abort"
             self.scheduler.finish(seq)
         self.by_id.pop(seq.id, None)
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._inflight is not None
 
     def step(self) -> list[StepOutput]:
-        return self.execute(self.scheduler.schedule())
+        """One scheduler step. Overlapped: launch step n+1, then read step n's tokens while the
+        GPU runs n+1 (so the outputs returned are the previous step's)."""
+        if not self.overlap:
+            return self.execute(self.scheduler.schedule())
+        batch = self.scheduler.schedule()
+        outs, launched = self._launch(batch) if batch else ([], None)
+        previous, self._inflight = self._inflight, launched
+        return outs + (self._resolve(previous) if previous else [])
 
     def execute(self, batch: Batch) -> list[StepOutput]:
-        """Run one scheduled step: the prefill chunks (one runner call) and the decode rows (one
-        graph replay, or one speculative round); a token is sampled for every decode row and
-        every finished prompt."""
+        """Run one scheduled step to its outputs: the prefill chunks (one runner call) and the
+        decode rows (one graph replay, or one speculative round); a token is sampled for every
+        decode row and every finished prompt."""
+        outs, launched = self._launch(batch)
+        return outs + (self._resolve(launched) if launched else [])
+
+    def _launch(self, batch: Batch) -> tuple[list[StepOutput], _Launched | None]:
+        """Queue the step's forwards and sampling; each sampled row gets a PENDING token slot.
+        Returns a speculative round's outputs (speculation reads its tokens at once) and the
+        sampled rows still to read."""
         rows: list[Sequence] = []
         logits: list[torch.Tensor] = []
         riding, packed = self._split(batch.prefill, len(batch.decode))
@@ -160,27 +238,56 @@ class Engine:
             for c in packed:
                 self.blocks.register_full_blocks(c.seq, self._filled(c.seq))
         outs: list[StepOutput] = []
+        first = len(rows) + sum(c.last for c in riding)  # rows before this are prompts' first tokens
         if batch.decode and self.spec is not None:
             outs = self._speculative_step(batch.decode)
         elif batch.decode or riding:
-            logits.append(self.runner.decode(batch.decode, riding))
+            logits.append(self.runner.decode(batch.decode, riding, self._fill(batch.decode)))
             rows += [c.seq for c in riding if c.last] + batch.decode
             for c in riding:
                 self.blocks.register_full_blocks(c.seq, self._filled(c.seq))
         if not rows:
-            return outs
+            return outs, None
         all_logits = torch.cat(logits)
         sampled = self.sampler(all_logits, [s.params for s in rows], [s.generator for s in rows])
-        tokens = sampled.tolist()
-        logprobs = self._logprobs(all_logits, sampled, tokens, rows)
+        for s in rows:
+            s.token_ids.append(PENDING)
+        launched = _Launched(rows, [len(s) - 1 for s in rows], first, sampled, download(sampled),
+                             _logprob_rows(all_logits, sampled, rows))
+        if sampled.is_cuda:
+            launched.done = torch.cuda.Event()
+            launched.done.record()
+        return outs, launched
+
+    def _fill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Decode rows whose last token is the in-flight step's, still on the device."""
+        if self._inflight is None:
+            return None
+        row_of = self._inflight.row_of
+        pending = [(i, row_of[s.id]) for i, s in enumerate(seqs) if s.awaiting_token]
+        if not pending:
+            return None
+        idx = upload(pending, torch.long, self.model.device)
+        return idx[:, 0], self._inflight.tokens[idx[:, 1]]
+
+    def _resolve(self, launched: _Launched) -> list[StepOutput]:
+        """Read a launched step's tokens (waiting for its sampling only) and emit them."""
+        if launched.done is not None:
+            launched.done.synchronize()
+        tokens = launched.host.tolist()
+        logprobs = launched.logprobs.read(tokens) if launched.logprobs else [None] * len(tokens)
         now = time.perf_counter()
-        decoded = set(map(id, batch.decode))
-        for s, tok, lp in zip(rows, tokens, logprobs, strict=True):
-            outs.append(self._emit(s, tok, now, lp))
-            if id(s) not in decoded and self.spec is not None and not s.finished:
+        outs = []
+        for i, (s, slot, tok, lp) in enumerate(zip(launched.rows, launched.slots, tokens, logprobs, strict=True)):
+            if s.finished:
+                continue  # aborted, or stopped on its previous token while this step ran
+            outs.append(self._emit(s, tok, now, lp, slot))
+            if s.finished:
+                continue
+            if i < launched.first and self.spec is not None:
                 self.spec.first_token(s, tok)  # a finished prompt: its first pending MTP input
-            if id(s) in decoded and s.num_computed % self.blocks.block_size == 0 and not s.finished:
-                self.blocks.register_full_blocks(s)
+            elif i >= launched.first and self.spec is None and s.num_computed // self.blocks.block_size > s.blocks_registered:
+                self.blocks.register_full_blocks(s)  # a decode filled a block (its tokens all read now)
         return outs
 
     def _split(self, chunks: list[PrefillChunk], decode_rows: int) -> tuple[list[PrefillChunk], list[PrefillChunk]]:
@@ -204,8 +311,8 @@ class Engine:
         outs = []
         for i, (s, toks) in enumerate(zip(seqs, emitted, strict=True)):
             # Logprobs of the emitted tokens under the verify forward's logits (what plain decoding sees).
-            lps = self._logprobs(target[i, : len(toks)], torch.tensor(toks, device=target.device), toks,
-                                 [s] * len(toks))
+            rows = _logprob_rows(target[i, : len(toks)], upload(toks, torch.long, target.device), [s] * len(toks))
+            lps = rows.read(toks) if rows else [None] * len(toks)
             for tok, lp in zip(toks, lps, strict=True):
                 outs.append(self._emit(s, tok, now, lp))
                 if s.finished:
@@ -219,62 +326,44 @@ class Engine:
         layer trails the main model by the sequence's pending MTP inputs)."""
         return s.num_computed if self.spec is None else self.spec.filled(s)
 
-    def _emit(self, s: Sequence, tok: int, now: float, lp: TokenLogprob | None) -> StepOutput:
+    def _emit(self, s: Sequence, tok: int, now: float, lp: TokenLogprob | None, slot: int | None = None) -> StepOutput:
+        """Take token ``tok`` into its slot of ``s.token_ids`` (appended when ``slot`` is None)."""
         ttft = now - s.arrival if s.first_token_at is None else None
         itl = None if ttft is not None else now - (s.last_token_at or now)
         s.first_token_at = s.first_token_at or now
         s.last_token_at = now
+        if slot is None:
+            s.token_ids.append(PENDING)
+            slot = len(s) - 1
         try:
-            out = self._append(s, tok)
+            out = self._append(s, tok, slot)
         except Exception:  # this request's decoding or stop matching: it fails alone
             log.exception("request %d failed after token %d", s.id, tok)
-            return self._fail(s)
+            return self._finish(s, "error", None, end=slot)
         out.ttft, out.itl = ttft, itl
         out.logprob = lp if out.token is not None else None
         return out
 
-    @staticmethod
-    def _logprobs(logits: torch.Tensor, sampled: torch.Tensor, tokens: list[int],
-                  seqs: list[Sequence]) -> list[TokenLogprob | None]:
-        """log_softmax of the rows that asked for logprobs; nothing is computed for the others."""
-        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        out: list[TokenLogprob | None] = [None] * len(seqs)
-        if not rows:
-            return out
-        lp = logits[rows].float().log_softmax(dim=-1)
-        chosen = lp.gather(1, sampled[rows].unsqueeze(1)).squeeze(1).tolist()
-        k = max(seqs[i].params.logprobs for i in rows)
-        # A stable sort, not topk: among tied logits the lowest index comes first, the sampler's rule.
-        top_v, top_i = (t[:, :k] for t in lp.sort(dim=-1, descending=True, stable=True))
-        for j, (i, v, idx) in enumerate(zip(rows, top_v.tolist(), top_i.tolist(), strict=True)):
-            n = seqs[i].params.logprobs
-            out[i] = TokenLogprob(tokens[i], chosen[j], list(zip(idx[:n], v[:n], strict=True)))
-        return out
-
-    def _append(self, s: Sequence, tok: int) -> StepOutput:
+    def _append(self, s: Sequence, tok: int, slot: int) -> StepOutput:
         if tok == self.tokenizer.eos_id and not s.params.ignore_eos:
-            return self._finish(s, "stop", None)
-        s.token_ids.append(tok)
+            return self._finish(s, "stop", None, end=slot)
+        s.token_ids[slot] = tok
         text = s.matcher.feed(s.decoder.push(tok))
         if s.matcher.stopped:
-            return self._finish(s, "stop", tok, text)
-        if s.num_output >= s.params.max_tokens or len(s) >= self.max_model_len:
-            return self._finish(s, "length", tok, text + s.matcher.flush())
+            return self._finish(s, "stop", tok, text, end=slot + 1)
+        if slot + 1 - s.prompt_len >= s.params.max_tokens or slot + 1 >= self.max_model_len:
+            return self._finish(s, "length", tok, text + s.matcher.flush(), end=slot + 1)
         return StepOutput(s, text, tok, False)
 
-    def _finish(self, s: Sequence, reason: str, tok: int | None, text: str = "") -> StepOutput:
+    def _finish(self, s: Sequence, reason: str, tok: int | None, text: str = "", *, end: int) -> StepOutput:
+        """End ``s`` with its tokens before ``end`` (later slots, still on the device, are dropped)."""
+        del s.token_ids[end:]
         s.finish_reason = reason
-        if not s.matcher.stopped:
+        if reason != "error" and not s.matcher.stopped:
             text += s.matcher.flush()
         self.scheduler.finish(s)
         self.by_id.pop(s.id, None)
         return StepOutput(s, text, tok, True)
-
-    def _fail(self, s: Sequence) -> StepOutput:
-        s.finish_reason = "error"
-        self.scheduler.finish(s)
-        self.by_id.pop(s.id, None)
-        return StepOutput(s, "", None, True)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
         """Run prompts to completion synchronously (tests, benchmarks, offline use)."""

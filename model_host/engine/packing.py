@@ -14,6 +14,7 @@ import torch
 
 from model_host.engine.scheduler import PrefillChunk
 from model_host.mla import Varlen
+from model_host.transfer import to_device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,7 @@ def pack_chunks(chunks: list[PrefillChunk], block_size: int, device: torch.devic
             last.append(cu_q[-1] - 1)
 
     def dev(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device, non_blocking=True)
+        return to_device(t, device)
 
     return PackedChunks(
         ids=dev(torch.tensor([ids], dtype=torch.long)), positions=dev(torch.cat(pos).unsqueeze(0)),

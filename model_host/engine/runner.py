@@ -23,6 +23,7 @@ from model_host.engine.scheduler import PrefillChunk
 from model_host.engine.sequence import Sequence
 from model_host.engine.speculative import SpeculativeDecoder
 from model_host.model import DeepseekV3
+from model_host.transfer import upload
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class ModelRunner:
     def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(s.block_table) for s in seqs)
         rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]  # pads are masked
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
+        return upload(rows, torch.long, self.device)
 
     @torch.inference_mode()
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
@@ -152,12 +153,17 @@ class ModelRunner:
         return torch.cat(logits)
 
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence], chunks: list[PrefillChunk] = ()) -> torch.Tensor:
+    def decode(self, seqs: list[Sequence], chunks: list[PrefillChunk] = (),
+               fill: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """One batched step of single-token rows: each decode row feeds its last token at its own
         position, and each of ``chunks`` rides along as one row per prompt token (rows of one
         sequence see each other: every layer stores all rows' latents before attending, and the
         paged kernel reads each row's keys up to its own position). Returns logits [m + B, V]:
-        the last row of each chunk that ends its sequence, then the decode rows."""
+        the last row of each chunk that ends its sequence, then the decode rows.
+
+        ``fill`` = (indices into ``seqs``, tokens on the device): those decode rows' last tokens
+        were sampled by the previous step and are still on the device (the engine's overlapped
+        step); they are copied in on the device, in stream order."""
         row_seqs: list[Sequence] = []
         ids: list[int] = []
         pos: list[int] = []
@@ -173,8 +179,10 @@ class ModelRunner:
             ids.append(s.token_ids[-1])
             pos.append(len(s) - 1)
             keep.append(len(ids) - 1)
-        ids_t = torch.tensor(ids, dtype=torch.long, device=self.device).view(-1, 1)
-        pos_t = torch.tensor(pos, dtype=torch.long, device=self.device).view(-1, 1)
+        ids_t = upload(ids, torch.long, self.device).view(-1, 1)
+        pos_t = upload(pos, torch.long, self.device).view(-1, 1)
+        if fill is not None:
+            ids_t.view(-1).index_copy_(0, fill[0] + (len(ids) - len(seqs)), fill[1])
         tables = self._tables(row_seqs)
         logits = self.graphs.run(ids_t, pos_t, tables) if self.graphs is not None else None
         if logits is None:  # no graphs (CPU, or MODEL_HOST_CUDA_GRAPHS=0), or no bucket fits: eager
@@ -186,7 +194,7 @@ class ModelRunner:
         for s in seqs:
             s.num_computed = len(s)
         if len(keep) < len(ids):
-            logits = logits[torch.tensor(keep, dtype=torch.long, device=self.device)]
+            logits = logits[upload(keep, torch.long, self.device)]
         return logits
 
     def speculate(self, seqs: list[Sequence]) -> tuple[list[list[int]], torch.Tensor]:

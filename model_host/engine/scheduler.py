@@ -53,12 +53,13 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_batch: int, max_prefill_tokens: int):
+    def __init__(self, blocks: BlockManager, max_batch: int, max_prefill_tokens: int, max_model_len: int | None = None):
         if max_prefill_tokens < 1:
             raise ValueError(f"--max-prefill-tokens must be >= 1, got {max_prefill_tokens}")
         self.blocks = blocks
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -82,7 +83,7 @@ class Scheduler:
                 budget -= prefill[-1].length
         while self.waiting and budget > 0 and len(self.running) < self.max_batch:
             seq = self.waiting[0]
-            if not self.blocks.can_allocate(seq):
+            if seq.awaiting_token or not self.blocks.can_allocate(seq):  # (a victim preempted this step)
                 break
             self.blocks.allocate(seq)
             self.waiting.popleft()
@@ -101,6 +102,8 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or len(seq) - seq.num_computed != 1:
                 continue  # preempted earlier in this loop, or still prefilling
+            if self._complete(seq):
+                continue  # its last token is still on the device (overlapped step): it ends when read
             while not self.blocks.can_append(seq):
                 victim = self.running[-1]
                 self._preempt(victim)  # the newest: never one already in this batch
@@ -110,6 +113,10 @@ class Scheduler:
                 self.blocks.append_slot(seq)
                 batch.append(seq)
         return batch
+
+    def _complete(self, seq: Sequence) -> bool:
+        return seq.num_output >= seq.params.max_tokens or (
+            self.max_model_len is not None and len(seq) >= self.max_model_len)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -13,6 +13,11 @@ from model_host.stop import StopMatcher
 from model_host.tokenizer import StreamDecoder
 
 _ids = itertools.count()
+# The slot in ``token_ids`` of a token sampled on the device and not yet read back: the engine's
+# overlapped step schedules and launches step n+1 (which reads the token on the device) before it
+# reads step n's tokens (engine/engine.py). Tokens are read in order, so if any is pending the
+# last one is.
+PENDING = -1
 
 
 class Status(enum.Enum):
@@ -60,6 +65,11 @@ class Sequence:
     @property
     def num_output(self) -> int:
         return len(self.token_ids) - self.prompt_len
+
+    @property
+    def awaiting_token(self) -> bool:
+        """A sampled token is still on the device: the host cannot feed this sequence yet."""
+        return bool(self.token_ids) and self.token_ids[-1] == PENDING
 
     @property
     def finished(self) -> bool:

@@ -71,7 +71,11 @@ class DriverRunner(ModelRunner):
         self.ctx.broadcast(StepPlan("prefill", tuple(_prefill_row(c) for c in chunks)))
         return super().prefill(chunks)
 
-    def decode(self, seqs: list[Sequence], chunks: list[PrefillChunk] = ()) -> torch.Tensor:
+    def decode(self, seqs: list[Sequence], chunks: list[PrefillChunk] = (),
+               fill: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if fill is not None:  # the plan carries host tokens: the other ranks cannot read rank 0's device
+            raise ValueError("tensor-parallel decode needs every token on the host: build the engine "
+                             "with EngineConfig(overlap=False)")
         self.ctx.broadcast(StepPlan("decode", tuple(_decode_row(s) for s in seqs), tuple(_prefill_row(c) for c in chunks)))
         return super().decode(seqs, chunks)
 

@@ -53,6 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "prompt chunks inside the graph-captured decode step instead of a separate prefill "
                         "forward: at low load a prompt whose prefix is cached starts at decode speed (default 64 "
                         "with CUDA graphs, else 0; 0 = off; off with --speculative-tokens)")
+    p.add_argument("--overlap", choices=("auto", "on", "off"), default="auto",
+                   help="queue step n+1 on the GPU before reading step n's tokens, so detokenizing and "
+                        "streaming hide behind the GPU (auto: on with CUDA graphs, off on the CPU, with "
+                        "--speculative-tokens and under --tp)")
     p.add_argument("--graph-memory-gb", type=float, default=1.0,
                    help="most GPU memory the decode CUDA graphs (one per batch size up to --max-batch) may take")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (prefix-cache granularity)")
@@ -103,7 +107,9 @@ def _engine_config(args: argparse.Namespace, world: int = 1):
     return EngineConfig(max_batch=args.max_batch, kv_memory_gb=kv, block_size=args.block_size,
                         max_model_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens,
                         graph_memory_gb=args.graph_memory_gb, row_prefill_tokens=args.row_prefill_tokens,
-                        speculative_tokens=args.speculative_tokens)
+                        speculative_tokens=args.speculative_tokens,
+                        # Under TP the other ranks take their tokens from rank 0's plan, on the host.
+                        overlap=False if world > 1 else {"auto": None, "on": True, "off": False}[args.overlap])
 
 
 def _load(args: argparse.Namespace, ctx: dist.DistContext):

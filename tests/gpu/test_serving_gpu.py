@@ -127,3 +127,34 @@ def test_served_greedy_equals_generate_for_8_concurrent_requests(tiny_fp8):
     # The H100 gave 3/8 exact with every other text diverging at a near-tie (2 of them in the
     # prefill regime above): the count of exact texts is printed, not bounded.
     assert not unexplained, f"divergences beyond a near-tie (position, gap in sd): {unexplained}"
+
+
+def test_overlapped_decode_steps_never_wait_for_the_gpu(tiny_fp8):
+    """Steady decode steps queue step n+1 before reading step n's tokens: inside `step()` no
+    PyTorch call may synchronize (a hidden sync, e.g. a pageable copy or `.tolist()` of a device
+    tensor, serializes host and GPU again); only the explicit wait on step n's event remains.
+    The greedy tokens equal the synchronous engine's."""
+    model, tok = tiny_fp8
+    prompts = [tok.encode_chat(c) for c in _chats()]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    outputs = {}
+    for overlap in (False, True):
+        engine = Engine(model, tok, EngineConfig(max_batch=8, kv_memory_gb=0.05, max_model_len=4096, overlap=overlap))
+        assert engine.overlap is overlap
+        seqs = [engine.add(p, params) for p in prompts]
+        while any(s.num_computed < s.prompt_len for s in seqs):
+            engine.step()
+        engine.step()  # the first step with every row decoding
+        if overlap:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for _ in range(8):
+                    assert engine.step()  # each returns the previous step's tokens
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        while engine.has_work:
+            engine.step()
+        outputs[overlap] = [s.output_ids for s in seqs]
+        del engine
+        gc.collect()
+    assert outputs[True] == outputs[False]
