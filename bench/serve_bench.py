@@ -62,7 +62,7 @@ class Plan:
     unique_level: int  # concurrency of the no-prefix-reuse run
 
 
-GPU = Plan((1, 8, 32, 128), {1: 8, 8: 32, 32: 96, 128: 256}, 128, 1600, 1660, 128, 64, 2048, 32)
+GPU = Plan((1, 8, 32, 128), {1: 16, 8: 96, 32: 256, 128: 512}, 128, 1600, 1660, 128, 64, 2048, 32)
 QUICK = Plan((1, 4), {1: 2, 4: 8}, 4, 120, 160, 4, 16, 64, 4)
 
 
@@ -234,8 +234,10 @@ def start_child(args, plan: Plan, prompts: dict, workdir: Path) -> tuple[subproc
            "--ctx", str(ctx), "--prefill-tokens", str(prompts["idle_prompt_tokens"]),
            "--bound-out", str(workdir / "bound.json"), *(["--quick"] if args.quick else []), *passthrough(args)]
     log = workdir / "server.log"
+    # A fresh Triton cache per server: kernels compiled by an earlier run cannot flatter this one,
+    # and the entries that appear during a level are the compiles a request waited for.
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "TRITON_CACHE_DIR": str(workdir / "triton")})
     return proc, f"http://127.0.0.1:{port}", log
 
 
@@ -270,6 +272,12 @@ def server_facts(root: str, log: Path) -> dict:
     return facts
 
 
+def compiled(workdir: Path) -> int:
+    """Kernels the server has compiled so far (entries of its own Triton cache)."""
+    cache = workdir / "triton"
+    return sum(1 for _ in cache.iterdir()) if cache.exists() else 0
+
+
 def passthrough(args) -> list[str]:
     """serve's flags given to the benchmark, for the server (and the child that starts it)."""
     return [*(["--row-prefill-tokens", str(args.row_prefill_tokens)] if args.row_prefill_tokens is not None else []),
@@ -291,14 +299,15 @@ def markdown(res: dict) -> str:
              f"{res['mean_prompt_tokens']:.0f} tokens, --max-prefill-tokens {res['max_prefill_tokens']}, "
              f"--row-prefill-tokens {res['row_prefill_tokens']}, --overlap {res.get('overlap', 'auto')}.", "",
              "| concurrency | output tok/s | step bound tok/s (B / step ms) | share of bound | goal | TTFT p50 / p99 ms "
-             "| ITL p50 / p99 ms | prefix hits |", "|---|---|---|---|---|---|---|---|"]
+             "| ITL p50 / p99 ms | prefix hits | Triton compiles |", "|---|---|---|---|---|---|---|---|---|"]
     for r in res["levels"]:
         c = r["concurrency"]
         step = b["decode_ms"][str(c)]
         bound = 1e3 * c / step
         lines.append(f"| {c} | {f(r['output_tok_s'])} | {bound:.1f} ({step:.2f} ms) | {r['output_tok_s'] / bound:.0%} "
                      f"| {'>= 90%' if c == 1 else '>= 85%'} | {f(r['ttft_p50_ms'])} / {f(r['ttft_p99_ms'])} "
-                     f"| {f(r['itl_p50_ms'], '.2f')} / {f(r['itl_p99_ms'], '.2f')} | {r['prefix_hit_rate']:.0%} |")
+                     f"| {f(r['itl_p50_ms'], '.2f')} / {f(r['itl_p99_ms'], '.2f')} | {r['prefix_hit_rate']:.0%} "
+                     f"| {r.get('triton_compiles', 'n/a')} |")
     u = res["unique"]
     lines += ["", "| prefix reuse at concurrency {} | output tok/s | TTFT p50 / p99 ms | prefix hits |".format(
         u["concurrency"]), "|---|---|---|---|"]
@@ -309,6 +318,8 @@ def markdown(res: dict) -> str:
         lines.append(f"| {name} | {f(r['output_tok_s'])} | {f(r['ttft_p50_ms'])} / {f(r['ttft_p99_ms'])} "
                      f"| {r['prefix_hit_rate']:.0%} |")
     i = res["idle"]
+    lines += ["", f"Server start-up (model build, step bound, graphs, prefill warm-up): {res['startup_s']:.0f} s, "
+              f"{res.get('triton_compiles_at_startup', 'n/a')} Triton kernels compiled."]
     lines += ["", f"Idle TTFT, {i['prompt_tokens']}-token prompt sharing nothing with the cache: "
               f"{f(i['ttft_ms'])} ms at a warm client, {f(i['server_ttft_ms'])} ms in the engine (median of {i['n']}) "
               f"vs its prefill {b['prefill_ms']:.1f} ms = {i['ttft_ms'] / b['prefill_ms']:.2f}x (goal <= 2x)."]
@@ -344,11 +355,12 @@ def main() -> int:
         try:
             wait_healthy(proc, root, log, args.health_timeout)
             startup_s = time.perf_counter() - t0
+            res_compiled = compiled(workdir)
             bound = json.loads((workdir / "bound.json").read_text())
             res = {"plan": dataclasses.asdict(plan), "max_tokens": plan.max_tokens,
                    "max_prefill_tokens": plan.max_prefill_tokens, "mean_prompt_tokens": prompts["mean_prompt_tokens"],
                    "row_prefill_tokens": row_prefill_tokens(args), "overlap": args.overlap,
-                   "bound": bound, "startup_s": startup_s}
+                   "bound": bound, "startup_s": startup_s, "triton_compiles_at_startup": res_compiled}
             base = f"{root}/v1"
             with ProcessPoolExecutor(max_workers=8) as pool:
                 warm = run_level(pool, base, prompts["recurring"][plan.levels[-1]][:16], 8, 8)  # compile, connect
@@ -359,7 +371,9 @@ def main() -> int:
                     spy = args.out if c in args.py_spy and args.out else None
                     with record(proc.pid, spy and spy / f"py_spy_c{c}.txt"), \
                             record(proc.pid, spy and spy / f"py_spy_gil_c{c}.txt", gil=True):
+                        before = compiled(workdir)
                         res["levels"].append(run_level(pool, base, prompts["recurring"][c], c, plan.max_tokens))
+                        res["levels"][-1]["triton_compiles"] = compiled(workdir) - before
                     print(json.dumps(res["levels"][-1]), flush=True)
                 res["unique"] = run_level(pool, base, prompts["unique"], plan.unique_level, plan.max_tokens)
             res["server"] = server_facts(root, log)

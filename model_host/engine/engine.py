@@ -171,12 +171,34 @@ class Engine:
         self.graph_report = self.runner.capture_graphs(capture_sizes(self.max_rows),
                                                        int(config.graph_memory_gb * 2**30),
                                                        self.blocks.blocks_needed(self.max_model_len + 1 + k))
+        self.warmup_seconds = self._warm_up_prefill() if self.runner.graphs_enabled else 0.0
         self.by_id: dict[int, Sequence] = {}
         self.overlap = config.overlap if config.overlap is not None else (self.runner.graphs_enabled and not k)
         self._inflight: _Launched | None = None  # the overlapped step whose tokens are not read yet
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %d B/token/layer)",
                  num_blocks, config.block_size, self.capacity_tokens, self.cache.nbytes() / 2**30,
                  self.cache.bytes_per_token_per_layer())
+
+    def _warm_up_prefill(self) -> float:
+        """Run one packed prefill of each length whose Triton kernels compile separately, so that
+        no request waits for a compile (a second or more each) mid-run: every length up to 256
+        rows (the decode-shaped tiles and split-K choices change with the row count there), and
+        beyond that one length of each divisibility class Triton specializes integer arguments
+        on. The blocks are written before any request exists and nothing is published."""
+        t0 = time.perf_counter()
+        top = self.config.max_prefill_tokens
+        lengths = sorted({n for n in [*range(1, 257), *(2**i + d for i in range(8, 16) for d in (0, 1, 2, 8, 16))]
+                          if n <= top} | {top})
+        for n in lengths:
+            if self.blocks.blocks_needed(n) > self.blocks.num_blocks:
+                break
+            seq = Sequence([0] * n, SamplingParams(max_tokens=1), self.tokenizer.stream_decoder(), None)
+            seq.block_table = list(range(self.blocks.blocks_needed(n)))  # no request holds a block yet
+            self.runner.prefill([PrefillChunk(seq, 0, n)])
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        log.info("warmed up packed prefill at %d lengths (1..%d tokens) in %.1f s", len(lengths), top, seconds)
+        return seconds
 
     def check(self, prompt_len: int, max_tokens: int) -> None:
         """Raise RequestError for a request that can never fit."""
