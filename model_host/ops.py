@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from .fp8 import Linear, StackedLinear, block_dequantize, grouped_mm
 from .rope import apply_rope
@@ -232,8 +233,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     queries being the last ``lq`` of the ``lk`` positions.  ``is_causal`` (flash kernels) when
     there is no cached prefix, else a bottom-right aligned mask."""
     lq, lk = q.shape[0], k.shape[0]
-    mask = None
-    if lq != lk:
-        mask = torch.arange(lk, device=q.device) <= torch.arange(lk - lq, lk, device=q.device).unsqueeze(1)
+    # A lower-right causal bias, not a materialized [lq, lk] bool mask: with a mask SDPA falls
+    # back to kernels that build the full score matrix (the prefix-hit tail of a RAG prompt:
+    # 40 queries over 2,000 keys, every step at high load).
+    mask = causal_lower_right(lq, lk) if lq != lk else None
     q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # 4-D: flash kernels want it
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)[0].transpose(0, 1)
