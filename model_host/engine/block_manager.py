@@ -96,6 +96,7 @@ class BlockManager:
                 seq.block_hashes.append(h)
                 prev = h
         seq.num_cached_tokens = seq.num_computed = cached
+        seq.table_version += 1
         self.queries += len(seq) - 1
         self.hits += cached
 
@@ -124,11 +125,14 @@ class BlockManager:
         ``spec_tokens`` drafts verified after it)."""
         while len(seq.block_table) * self.block_size < len(seq) + self.spec_tokens:
             seq.block_table.append(self._fresh())
+            seq.table_version += 1
 
     def truncate(self, seq: Sequence) -> None:
         """Roll back rejected drafts: free the tail blocks that hold no computed position (their
         latents are past the sequence's length; nothing reads them)."""
         keep = self.blocks_needed(seq.num_computed)
+        if keep < len(seq.block_table):
+            seq.table_version += 1
         for block in reversed(seq.block_table[keep:]):
             self.ref[block] -= 1
             if self.ref[block] == 0:
@@ -141,6 +145,7 @@ class BlockManager:
             if self.ref[block] == 0:
                 self.free[block] = None
         seq.block_table = []
+        seq.table_version += 1
         seq.num_computed = 0
 
     @property

@@ -224,6 +224,7 @@ class Engine:
                 seq.token_ids.pop()
             seq.finish_reason = seq.finish_reason or "abort"
             self.scheduler.finish(seq)
+            self.runner.release(seq)
         self.by_id.pop(seq.id, None)
 
     @property
@@ -384,6 +385,7 @@ class Engine:
         if reason != "error" and not s.matcher.stopped:
             text += s.matcher.flush()
         self.scheduler.finish(s)
+        self.runner.release(s)
         self.by_id.pop(s.id, None)
         return StepOutput(s, text, tok, True)
 

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from model_host.engine.block_tables import DeviceBlockTables
 from model_host.engine.memory import PREFILL_CONTEXT_KEYS
 from model_host.engine.packing import pack_chunks
 from model_host.engine.paged_cache import PagedLatentCache
@@ -85,13 +86,15 @@ class ModelRunner:
         self.mtp_graphs = None
         use_graphs = graphs_supported(model) if cuda_graphs is None else cuda_graphs
         self.graphs = None
+        # Block tables as wide as the longest sequence the model allows, not the whole cache:
+        # a cache sized from free GPU memory holds millions of blocks (128 x that = GiBs).
+        # capture_graphs() narrows both to the engine's limit.
+        widest = min(cache.num_blocks, -(-model.cfg.max_position_embeddings // cache.block_size))
+        self.block_tables = DeviceBlockTables(widest, self.device)
         if use_graphs:
             from model_host.kernels.graphs import DecodeGraphs
 
             # Captures a batch size on its first use unless capture_graphs() did it at start-up.
-            # Block tables as wide as the longest sequence the model allows, not the whole cache:
-            # a cache sized from free GPU memory holds millions of blocks (128 x that = GiBs).
-            widest = min(cache.num_blocks, -(-model.cfg.max_position_embeddings // cache.block_size))
             self.graphs = DecodeGraphs(model, cache, widest)
             if spec is not None:  # the MTP layer's single-token steps (drafts), captured the same way
                 self.mtp_graphs = DecodeGraphs(model, cache, widest, mtp=True)
@@ -113,6 +116,7 @@ class ModelRunner:
         free_before = torch.cuda.mem_get_info(self.device)[0]
         t0 = time.perf_counter()
         self.graphs = DecodeGraphs(self.model, self.cache, max_blocks_per_seq, buckets=sizes)
+        self.block_tables = DeviceBlockTables(max_blocks_per_seq, self.device)  # the graphs' width
         if self.spec is not None:
             self.mtp_graphs = DecodeGraphs(self.model, self.cache, max_blocks_per_seq, buckets=sizes, mtp=True)
         with torch.inference_mode():
@@ -131,9 +135,11 @@ class ModelRunner:
         return report
 
     def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(s.block_table) for s in seqs)
-        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]  # pads are masked
-        return upload(rows, torch.long, self.device)
+        return self.block_tables.gather(seqs)
+
+    def release(self, seq: Sequence) -> None:
+        """``seq`` has ended: forget its device-side block table."""
+        self.block_tables.forget(seq.id)
 
     @torch.inference_mode()
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:

@@ -37,6 +37,7 @@ class Sequence:
         self.params = params
         self.status = Status.WAITING
         self.block_table: list[int] = []
+        self.table_version = 0  # bumped by BlockManager on every change of block_table (runner.BlockTables)
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache on the last admission
         self.num_computed = 0  # tokens whose latents are in the cache
         self.block_hashes: list[bytes] = []  # prefix-cache hash chain of full blocks (BlockManager)

@@ -30,6 +30,8 @@ class Row:
     length: int
     num_computed: int
     block_table: list[int] = field(default_factory=list)
+    id: int = -1  # the sequence's: each rank keeps its block table on the device by it
+    table_version: int = 0
 
     def __len__(self) -> int:
         return self.length
@@ -48,7 +50,8 @@ class StepPlan:
 def _prefill_row(c: PrefillChunk) -> Row:
     # Tokens before the chunk are cached: send the chunk, padded in front so indices agree; the
     # row's token_ids end where the chunk ends, its length is the sequence's.
-    return Row([0] * c.start + c.seq.token_ids[c.start : c.end], len(c.seq), c.start, list(c.seq.block_table))
+    return Row([0] * c.start + c.seq.token_ids[c.start : c.end], len(c.seq), c.start, list(c.seq.block_table),
+               c.seq.id, c.seq.table_version)
 
 
 def _chunk(row: Row) -> PrefillChunk:
@@ -56,7 +59,7 @@ def _chunk(row: Row) -> PrefillChunk:
 
 
 def _decode_row(seq: Sequence) -> Row:
-    return Row([seq.token_ids[-1]], len(seq), seq.num_computed, list(seq.block_table))
+    return Row([seq.token_ids[-1]], len(seq), seq.num_computed, list(seq.block_table), seq.id, seq.table_version)
 
 
 class DriverRunner(ModelRunner):
