@@ -113,7 +113,7 @@ class Sampler:
         dev = logits.device
         if all(p.temperature == 0 for p in params):
             return logits.float().argmax(dim=-1)  # no per-row parameters to upload
-        temperature = upload([p.temperature for p in params], torch.float32, dev)
-        top_k = upload([p.top_k for p in params], torch.long, dev)
-        top_p = upload([p.top_p for p in params], torch.float32, dev)
-        return sample(logits, temperature, top_k, top_p, generators, all_greedy=False)
+        # One copy for the three (top_k is exact in fp32: vocabularies are far below 2**24).
+        flat = upload([[p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params]],
+                      torch.float32, dev)
+        return sample(logits, flat[0], flat[1].long(), flat[2], generators, all_greedy=False)

@@ -282,16 +282,17 @@ class Engine:
             launched.done.record()
         return outs, launched
 
-    def _fill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Decode rows whose last token is the in-flight step's, still on the device."""
+    def _fill(self, seqs: list[Sequence]) -> tuple[list[int], list[int], torch.Tensor] | None:
+        """Decode rows whose last token is the in-flight step's, still on the device: (their
+        indices in ``seqs``, their rows in that step's tokens, the tokens)."""
         if self._inflight is None:
             return None
         row_of = self._inflight.row_of
         pending = [(i, row_of[s.id]) for i, s in enumerate(seqs) if s.awaiting_token]
         if not pending:
             return None
-        idx = upload(pending, torch.long, self.model.device)
-        return idx[:, 0], self._inflight.tokens[idx[:, 1]]
+        into, src = zip(*pending, strict=True)
+        return list(into), list(src), self._inflight.tokens
 
     def _resolve(self, launched: _Launched) -> list[StepOutput]:
         """Read a launched step's tokens (waiting for its sampling only) and emit them."""

@@ -160,16 +160,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], chunks: list[PrefillChunk] = (),
-               fill: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               fill: tuple[list[int], list[int], torch.Tensor] | None = None) -> torch.Tensor:
         """One batched step of single-token rows: each decode row feeds its last token at its own
         position, and each of ``chunks`` rides along as one row per prompt token (rows of one
         sequence see each other: every layer stores all rows' latents before attending, and the
         paged kernel reads each row's keys up to its own position). Returns logits [m + B, V]:
         the last row of each chunk that ends its sequence, then the decode rows.
 
-        ``fill`` = (indices into ``seqs``, tokens on the device): those decode rows' last tokens
-        were sampled by the previous step and are still on the device (the engine's overlapped
-        step); they are copied in on the device, in stream order."""
+        ``fill`` = (indices into ``seqs``, indices into ``tokens``, ``tokens`` on the device): those
+        decode rows' last tokens were sampled by the previous step and are still on the device
+        (the engine's overlapped step); they are copied in on the device, in stream order."""
         row_seqs: list[Sequence] = []
         ids: list[int] = []
         pos: list[int] = []
@@ -185,10 +185,15 @@ class ModelRunner:
             ids.append(s.token_ids[-1])
             pos.append(len(s) - 1)
             keep.append(len(ids) - 1)
-        ids_t = upload(ids, torch.long, self.device).view(-1, 1)
-        pos_t = upload(pos, torch.long, self.device).view(-1, 1)
+        n, first = len(ids), len(ids) - len(seqs)
+        into, src = fill[:2] if fill is not None else ([], [])
+        picked = keep if len(keep) < n else []
+        # One host-to-device copy for the step's small inputs (each copy costs host time).
+        flat = upload(ids + pos + [first + i for i in into] + src + picked, torch.long, self.device)
+        ids_t, pos_t = flat[:n].view(-1, 1), flat[n : 2 * n].view(-1, 1)
+        f = 2 * n + len(into)
         if fill is not None:
-            ids_t.view(-1).index_copy_(0, fill[0] + (len(ids) - len(seqs)), fill[1])
+            ids_t.view(-1).index_copy_(0, flat[2 * n : f], fill[2][flat[f : f + len(src)]])
         tables = self._tables(row_seqs)
         logits = self.graphs.run(ids_t, pos_t, tables) if self.graphs is not None else None
         if logits is None:  # no graphs (CPU, or MODEL_HOST_CUDA_GRAPHS=0), or no bucket fits: eager
@@ -199,8 +204,8 @@ class ModelRunner:
             c.seq.num_computed = c.end
         for s in seqs:
             s.num_computed = len(s)
-        if len(keep) < len(ids):
-            logits = logits[upload(keep, torch.long, self.device)]
+        if picked:
+            logits = logits[flat[f + len(src) :]]
         return logits
 
     def speculate(self, seqs: list[Sequence]) -> tuple[list[list[int]], torch.Tensor]:

@@ -75,7 +75,7 @@ class DriverRunner(ModelRunner):
         return super().prefill(chunks)
 
     def decode(self, seqs: list[Sequence], chunks: list[PrefillChunk] = (),
-               fill: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               fill: tuple[list[int], list[int], torch.Tensor] | None = None) -> torch.Tensor:
         if fill is not None:  # the plan carries host tokens: the other ranks cannot read rank 0's device
             raise ValueError("tensor-parallel decode needs every token on the host: build the engine "
                              "with EngineConfig(overlap=False)")
