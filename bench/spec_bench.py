@@ -26,6 +26,7 @@ measures, with every single-token step replayed from CUDA graphs (the serving pa
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model_host.engine.paged_cache import PagedLatentCache  # noqa: E402
 from model_host.engine.speculative import PagedForwards  # noqa: E402
 from model_host.speculative import Drafts, Pending, mtp_draft, speculative_round  # noqa: E402
+from model_host.transfer import upload  # noqa: E402
 
 CTX, PAGE = 512, 64
 ALPHAS = (0.85, 0.90)
@@ -50,9 +52,9 @@ def oracle_drafter(miss_every: int = 0):
     drafter still runs first (its cache work and cost stay real).  With ``miss_every`` m, a draft
     landing at a position p with p % m == 0 is corrupted, so rounds also reject at every depth."""
 
-    def draft(fw, pending: Pending, k, temperature, top_k, top_p, generators) -> Drafts:
-        real = mtp_draft(fw, pending, k, temperature, top_k, top_p, generators)
-        last = torch.tensor(pending.counts, device=pending.positions.device).cumsum(0) - 1
+    def draft(fw, pending: Pending, k, temperature, top_k, top_p, generators, all_greedy=None) -> Drafts:
+        real = mtp_draft(fw, pending, k, temperature, top_k, top_p, generators, all_greedy=all_greedy)
+        last = upload([n - 1 for n in itertools.accumulate(pending.counts)], torch.long, pending.positions.device)
         tok, pos = pending.next_ids[last], pending.positions[last] + 1
         ones, toks = [1] * len(pending.counts), []
         for _ in range(k):
@@ -71,9 +73,9 @@ def continuation_drafter(known: torch.Tensor, start: int):
     """BENCHMARK ONLY: drafts read from ``known`` [B, n] (row b's token at position start + j in
     column j, from a plain greedy run) after the real MTP draft has run for its cost."""
 
-    def draft(fw, pending: Pending, k, temperature, top_k, top_p, generators) -> Drafts:
-        real = mtp_draft(fw, pending, k, temperature, top_k, top_p, generators)
-        last = torch.tensor(pending.counts, device=known.device).cumsum(0) - 1
+    def draft(fw, pending: Pending, k, temperature, top_k, top_p, generators, all_greedy=None) -> Drafts:
+        real = mtp_draft(fw, pending, k, temperature, top_k, top_p, generators, all_greedy=all_greedy)
+        last = upload([n - 1 for n in itertools.accumulate(pending.counts)], torch.long, known.device)
         first = pending.positions[last] + 2 - start  # column of each row's first draft
         cols = (first.unsqueeze(1) + torch.arange(k, device=known.device)).clamp(max=known.shape[1] - 1)
         return Drafts(known.gather(1, cols), real.logits)
@@ -115,7 +117,7 @@ def spec_run(fw, first: Pending, k: int, greedy, tokens: int, drafter) -> tuple[
     pending, rounds = first, 0
     done = torch.zeros(len(first.counts), dtype=torch.long)
     while int(done.min()) < tokens:
-        pending = speculative_round(fw, pending, k, *greedy, drafter=drafter).pending
+        pending = speculative_round(fw, pending, k, *greedy, drafter=drafter, all_greedy=True).pending
         done += torch.tensor(pending.counts)
         rounds += 1
     return int(done.sum()), rounds

@@ -110,10 +110,14 @@ class Sampler:
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None] | None = None,
     ) -> torch.Tensor:
-        dev = logits.device
         if all(p.temperature == 0 for p in params):
             return logits.float().argmax(dim=-1)  # no per-row parameters to upload
-        # One copy for the three (top_k is exact in fp32: vocabularies are far below 2**24).
-        flat = upload([[p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params]],
-                      torch.float32, dev)
-        return sample(logits, flat[0], flat[1].long(), flat[2], generators, all_greedy=False)
+        return sample(logits, *sampling_tensors(params, logits.device), generators, all_greedy=False)
+
+
+def sampling_tensors(params: Sequence[SamplingParams], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(temperature, top_k, top_p) per row on ``device``, in one copy that does not wait for the
+    GPU (top_k is exact in fp32: vocabularies are far below 2**24)."""
+    flat = upload([[p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params]],
+                  torch.float32, device)
+    return flat[0], flat[1].long(), flat[2]

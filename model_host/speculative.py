@@ -29,6 +29,7 @@ the paged cache, ``generate`` to one chunk of its contiguous cache.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -38,6 +39,7 @@ import torch
 from .cache import LatentCache
 from .model import DeepseekV3
 from .sampler import apply_top_k_top_p, sample
+from .transfer import upload
 
 
 def require_mtp(ckpt_dir, k: int) -> None:
@@ -142,13 +144,14 @@ def sampled_verify(drafts: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
 def verify(drafts: torch.Tensor, draft_logits: torch.Tensor, target_logits: torch.Tensor,
            temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            generators: Sequence[torch.Generator | None] | None = None,
-           num_drafts: torch.Tensor | None = None) -> Verdict:
+           num_drafts: torch.Tensor | None = None, all_greedy: bool | None = None) -> Verdict:
     """Per-row rule: greedy rows (temperature 0) by argmax, the others by speculative sampling
     with q and p from ``draft_logits`` [B, k, V] / ``target_logits`` [B, k+1, V] under the
-    row's temperature, top-k and top-p (the drafts must have been drawn from that q)."""
+    row's temperature, top-k and top-p (the drafts must have been drawn from that q).
+    ``all_greedy``: known on the host (None reads it from the device, a sync)."""
     greedy = greedy_verify(drafts, target_logits, num_drafts)
     sampled_rows = temperature > 0
-    if not bool(sampled_rows.any()):
+    if all_greedy if all_greedy is not None else not bool(sampled_rows.any()):
         return greedy
     q = probs_from_logits(draft_logits, temperature, top_k, top_p)
     p = probs_from_logits(target_logits, temperature, top_k, top_p)
@@ -216,12 +219,19 @@ class Round:
 
 
 def _last_index(counts: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(counts, device=device).cumsum(0) - 1
+    return upload([n - 1 for n in itertools.accumulate(counts)], torch.long, device)
+
+
+def _flat_rows(lengths: list[int], width: int, device: torch.device) -> torch.Tensor:
+    """Indices into a flattened [B, width] of each row's first ``lengths[b]`` columns: built on
+    the host, as a boolean mask index would wait for the GPU to count its True entries."""
+    return upload([b * width + j for b, n in enumerate(lengths) for j in range(n)], torch.long, device)
 
 
 @torch.no_grad()
 def mtp_draft(fw: Forwards, pending: Pending, k: int, temperature: torch.Tensor, top_k: torch.Tensor,
-              top_p: torch.Tensor, generators: Sequence[torch.Generator | None] | None = None) -> Drafts:
+              top_p: torch.Tensor, generators: Sequence[torch.Generator | None] | None = None,
+              all_greedy: bool | None = None) -> Drafts:
     """Draft k tokens per sequence with the MTP layer.
 
     The first forward runs the pending entries (filling the MTP cache where a non-speculative
@@ -235,7 +245,7 @@ def mtp_draft(fw: Forwards, pending: Pending, k: int, temperature: torch.Tensor,
     ones = [1] * len(pending.counts)
     tokens, all_logits = [], []
     for step in range(k):
-        tok = sample(logits, temperature, top_k, top_p, generators)
+        tok = sample(logits, temperature, top_k, top_p, generators, all_greedy=all_greedy)
         tokens.append(tok)
         all_logits.append(logits)
         if step < k - 1:
@@ -248,7 +258,7 @@ def mtp_draft(fw: Forwards, pending: Pending, k: int, temperature: torch.Tensor,
 def speculative_round(fw: Forwards, pending: Pending, k: int, temperature: torch.Tensor,
                       top_k: torch.Tensor, top_p: torch.Tensor,
                       generators: Sequence[torch.Generator | None] | None = None,
-                      num_drafts: list[int] | None = None, drafter=mtp_draft) -> Round:
+                      num_drafts: list[int] | None = None, drafter=mtp_draft, all_greedy: bool | None = None) -> Round:
     """Draft, verify in one packed forward of the main model, accept.
 
     Sequence b verifies its last sampled token and its first ``num_drafts[b]`` (default k) drafts
@@ -256,27 +266,29 @@ def speculative_round(fw: Forwards, pending: Pending, k: int, temperature: torch
     those cache slots must exist.  Returns the verdict and the next pending input: the verified
     entries up to and including the first non-accepted one, and the verify logits.
     ``drafter`` is :func:`mtp_draft`
-    (benchmarks substitute an oracle to force acceptance).
+    (benchmarks substitute an oracle to force acceptance). ``all_greedy``: whether every row is
+    greedy, known on the host. The round's one wait for the GPU is reading the accepted counts.
     """
     b = len(pending.counts)
     dev = pending.next_ids.device
-    drafts = drafter(fw, pending, k, temperature, top_k, top_p, generators)
+    drafts = drafter(fw, pending, k, temperature, top_k, top_p, generators, all_greedy=all_greedy)
     last = _last_index(pending.counts, dev)
     n_ver = [k + 1] * b if num_drafts is None else [n + 1 for n in num_drafts]
     ids = torch.cat((pending.next_ids[last].unsqueeze(1), drafts.tokens), dim=1)  # [B, k+1]
     positions = (pending.positions[last] + 1).unsqueeze(1) + torch.arange(k + 1, device=dev)
-    live = torch.arange(k + 1, device=dev) < torch.tensor(n_ver, device=dev).unsqueeze(1)  # [B, k+1]
-    logits, hidden = fw.main(ids[live], positions[live], n_ver)
-    target = logits.new_zeros(b, k + 1, logits.shape[-1])
+    live = _flat_rows(n_ver, k + 1, dev)  # each sequence's verified columns, flattened
+    logits, hidden = fw.main(ids.view(-1)[live], positions.view(-1)[live], n_ver)
+    target = logits.new_zeros(b * (k + 1), logits.shape[-1])
     target[live] = logits  # columns past a sequence's drafts stay padding; verify never reads them
-    nd = None if num_drafts is None else torch.tensor(num_drafts, device=dev)
-    verdict = verify(drafts.tokens, drafts.logits, target, temperature, top_k, top_p, generators, nd)
+    target = target.view(b, k + 1, -1)
+    nd = None if num_drafts is None else upload(num_drafts, torch.long, dev)
+    verdict = verify(drafts.tokens, drafts.logits, target, temperature, top_k, top_p, generators, nd, all_greedy)
     accepted = verdict.accepted.tolist()
-    keep = torch.arange(k + 1, device=dev) <= verdict.accepted.unsqueeze(1)  # within `live`
-    full_hidden = hidden.new_zeros(b, k + 1, hidden.shape[-1])
+    keep = _flat_rows([n + 1 for n in accepted], k + 1, dev)  # within `live`
+    full_hidden = hidden.new_zeros(b * (k + 1), hidden.shape[-1])
     full_hidden[live] = hidden
-    return Round(verdict, Pending(verdict.tokens[keep], full_hidden[keep], positions[keep], [n + 1 for n in accepted]),
-                 target)
+    return Round(verdict, Pending(verdict.tokens.reshape(-1)[keep], full_hidden[keep], positions.reshape(-1)[keep],
+                                  [n + 1 for n in accepted]), target)
 
 
 class OneRowForwards:

@@ -26,7 +26,9 @@ from model_host.engine.block_manager import BlockManager
 from model_host.engine.paged_cache import PagedLatentCache
 from model_host.engine.sequence import Sequence
 from model_host.model import DeepseekV3
+from model_host.sampler import sampling_tensors
 from model_host.speculative import Pending, mtp_draft, speculative_round
+from model_host.transfer import upload
 
 
 @dataclasses.dataclass
@@ -58,7 +60,8 @@ class PagedForwards:
         self.graphs, self.mtp_graphs = graphs, mtp_graphs
 
     def _rows(self, counts: list[int]) -> torch.Tensor:
-        return self.tables.repeat_interleave(torch.tensor(counts, device=self.tables.device), dim=0)
+        idx = [b for b, n in enumerate(counts) for _ in range(n)]  # on the host: no wait for the GPU
+        return self.tables[upload(idx, torch.long, self.tables.device)]
 
     def main(self, ids, positions, counts):
         tables = self._rows(counts)
@@ -99,8 +102,8 @@ class SpeculativeDecoder:
         n = end - start - (1 if last else 0)
         if n > 0:
             dev = hidden.device
-            ids = torch.tensor(seq.token_ids[start + 1 : start + 1 + n], dtype=torch.long, device=dev)
-            table = torch.tensor([seq.block_table], dtype=torch.long, device=dev)
+            ids = upload(seq.token_ids[start + 1 : start + 1 + n], torch.long, dev)
+            table = upload([seq.block_table], torch.long, dev)
             self.cache.bind(table)
             self.model.mtp_forward(ids.unsqueeze(0), hidden[:n].unsqueeze(0),
                                    torch.arange(start, start + n, device=dev).unsqueeze(0), self.cache, kv_len=start + n)
@@ -112,8 +115,8 @@ class SpeculativeDecoder:
         h = seq.draft_hidden
         seq.draft_hidden = None
         dev = h.device
-        seq.draft_input = Pending(torch.tensor([token], device=dev), h,
-                                  torch.tensor([len(seq) - 2], device=dev), [1])
+        t = upload([token, len(seq) - 2], torch.long, dev)
+        seq.draft_input = Pending(t[:1], h, t[1:], [1])
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence], tables: torch.Tensor, graphs=None,
@@ -122,14 +125,14 @@ class SpeculativeDecoder:
         and the verify logits [B, k+1, V] they were judged by (for logprobs)."""
         dev = tables.device
         pending = Pending.cat([s.draft_input for s in seqs])
-        temperature = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32, device=dev)
-        top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.long, device=dev)
-        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32, device=dev)
+        temperature, top_k, top_p = sampling_tensors([s.params for s in seqs], dev)
         # No drafts past max_tokens: a sequence one token from its end verifies just that token.
         num_drafts = [max(0, min(self.k, s.params.max_tokens - s.num_output - 1)) for s in seqs]
         gens = [s.generator for s in seqs]
         fw = PagedForwards(self.model, self.cache, tables, graphs, mtp_graphs)
-        step = speculative_round(fw, pending, self.k, temperature, top_k, top_p, gens, num_drafts, self.drafter)
+        step = speculative_round(fw, pending, self.k, temperature, top_k, top_p, gens, num_drafts, self.drafter,
+                                 all_greedy=all(s.params.temperature == 0 for s in seqs))
+        tokens = step.verdict.tokens.tolist()
         out = []
         for s, p, nd in zip(seqs, step.pending.split(), num_drafts, strict=True):
             n = p.counts[0] - 1
@@ -138,7 +141,7 @@ class SpeculativeDecoder:
             self.stats.rounds += 1
             self.stats.drafted += nd
             self.stats.accepted += n
-            out.append(step.verdict.tokens[len(out), : n + 1].tolist())
+            out.append(tokens[len(out)][: n + 1])
         return out, step.target
 
     def settle(self, seq: Sequence) -> None:

@@ -122,8 +122,8 @@ def _reference_drafter(reference: list[int], prompt_len: int, miss_every: int = 
     at output offset o is wrong when (o + j) % m == 0: every accept length 0..k occurs.
     ``extended`` collects the last position each call filled in the MTP cache for real."""
 
-    def draft(fw, pending, k, temperature, top_k, top_p, generators):
-        real = mtp_draft(fw, pending, k, temperature, top_k, top_p, generators)
+    def draft(fw, pending, k, temperature, top_k, top_p, generators, all_greedy=None):
+        real = mtp_draft(fw, pending, k, temperature, top_k, top_p, generators, all_greedy=all_greedy)
         if extended is not None:
             extended.append(int(pending.positions[-1]))
         start = int(pending.positions[-1]) + 2 - prompt_len  # output index of the first draft
