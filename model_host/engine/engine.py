@@ -15,6 +15,7 @@ import torch
 
 from model_host.engine.block_manager import BlockManager
 from model_host.engine.memory import plan_kv
+from model_host.engine.outputs import Launched, StepOutput, TokenLogprob, logprob_rows
 from model_host.engine.paged_cache import PagedLatentCache
 from model_host.engine.runner import ModelRunner, capture_sizes
 from model_host.engine.scheduler import Batch, PrefillChunk, Scheduler
@@ -57,77 +58,6 @@ class EngineConfig:
     # stop string) has one more row computed and dropped. None: on where decode steps are
     # graph-captured (on the CPU nothing runs asynchronously) and speculation is off.
     overlap: bool | None = None
-
-
-@dataclasses.dataclass
-class TokenLogprob:
-    """Log-probability of a chosen token under the model (raw logits, before temperature and
-    top-k/top-p) and the `n` most likely alternatives, as asked by `SamplingParams.logprobs`."""
-
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]
-
-
-@dataclasses.dataclass
-class StepOutput:
-    seq: Sequence
-    text: str  # newly releasable text (may be empty)
-    token: int | None
-    finished: bool
-    ttft: float | None = None  # seconds from arrival, on a request's first token
-    itl: float | None = None  # seconds since the previous token, on later tokens
-    logprob: TokenLogprob | None = None  # only for requests that asked (and not for EOS)
-
-
-@dataclasses.dataclass
-class _LogprobRows:
-    """Logprobs of the rows that asked for them, computed on the device with the step and copied
-    to the host with its tokens (`read` after the step's event)."""
-
-    rows: list[int]
-    n: list[int]
-    chosen: torch.Tensor  # [r] host
-    top_v: torch.Tensor  # [r, max n] host
-    top_i: torch.Tensor
-
-    def read(self, tokens: list[int]) -> list[TokenLogprob | None]:
-        out: list[TokenLogprob | None] = [None] * len(tokens)
-        for i, n, c, v, idx in zip(self.rows, self.n, self.chosen.tolist(), self.top_v.tolist(),
-                                   self.top_i.tolist(), strict=True):
-            out[i] = TokenLogprob(tokens[i], c, list(zip(idx[:n], v[:n], strict=True)))
-        return out
-
-
-def _logprob_rows(logits: torch.Tensor, sampled: torch.Tensor, seqs: list[Sequence]) -> _LogprobRows | None:
-    """log_softmax of the rows that asked for logprobs; nothing is computed for the others."""
-    rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-    if not rows:
-        return None
-    n = [seqs[i].params.logprobs for i in rows]
-    idx = upload(rows, torch.long, logits.device)
-    lp = logits[idx].float().log_softmax(dim=-1)
-    chosen = lp.gather(1, sampled[idx].unsqueeze(1)).squeeze(1)
-    # A stable sort, not topk: among tied logits the lowest index comes first, the sampler's rule.
-    top_v, top_i = (t[:, : max(n)] for t in lp.sort(dim=-1, descending=True, stable=True))
-    return _LogprobRows(rows, n, download(chosen), download(top_v), download(top_i))
-
-
-@dataclasses.dataclass
-class _Launched:
-    """A step whose sampled tokens are queued on the device and not yet read."""
-
-    rows: list[Sequence]  # sampled rows: prompts that ended (the first ``first``), then decode rows
-    slots: list[int]  # each row's PENDING slot in its token_ids
-    first: int
-    tokens: torch.Tensor  # [m] on the device: the next step's decode rows read them there
-    host: torch.Tensor  # [m] the same, copied to the host
-    logprobs: _LogprobRows | None
-    done: torch.cuda.Event | None = None  # recorded after the copies (CUDA)
-
-    @property
-    def row_of(self) -> dict[int, int]:
-        return {s.id: i for i, s in enumerate(self.rows)}
 
 
 RunnerFactory = Callable[[DeepseekV3, PagedLatentCache], ModelRunner]
@@ -174,7 +104,7 @@ class Engine:
         self.warmup_seconds = self._warm_up_prefill() if self.runner.graphs_enabled else 0.0
         self.by_id: dict[int, Sequence] = {}
         self.overlap = config.overlap if config.overlap is not None else (self.runner.graphs_enabled and not k)
-        self._inflight: _Launched | None = None  # the overlapped step whose tokens are not read yet
+        self._inflight: Launched | None = None  # the overlapped step whose tokens are not read yet
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %d B/token/layer)",
                  num_blocks, config.block_size, self.capacity_tokens, self.cache.nbytes() / 2**30,
                  self.cache.bytes_per_token_per_layer())
@@ -248,7 +178,7 @@ class Engine:
         outs, launched = self._launch(batch)
         return outs + (self._resolve(launched) if launched else [])
 
-    def _launch(self, batch: Batch) -> tuple[list[StepOutput], _Launched | None]:
+    def _launch(self, batch: Batch) -> tuple[list[StepOutput], Launched | None]:
         """Queue the step's forwards and sampling; each sampled row gets a PENDING token slot.
         Returns a speculative round's outputs (speculation reads its tokens at once) and the
         sampled rows still to read."""
@@ -275,8 +205,8 @@ class Engine:
         sampled = self.sampler(all_logits, [s.params for s in rows], [s.generator for s in rows])
         for s in rows:
             s.token_ids.append(PENDING)
-        launched = _Launched(rows, [len(s) - 1 for s in rows], first, sampled, download(sampled),
-                             _logprob_rows(all_logits, sampled, rows))
+        launched = Launched(rows, [len(s) - 1 for s in rows], first, sampled, download(sampled),
+                             logprob_rows(all_logits, sampled, rows))
         if sampled.is_cuda:
             launched.done = torch.cuda.Event()
             launched.done.record()
@@ -294,7 +224,7 @@ class Engine:
         into, src = zip(*pending, strict=True)
         return list(into), list(src), self._inflight.tokens
 
-    def _resolve(self, launched: _Launched) -> list[StepOutput]:
+    def _resolve(self, launched: Launched) -> list[StepOutput]:
         """Read a launched step's tokens (waiting for its sampling only) and emit them."""
         if launched.done is not None:
             launched.done.synchronize()
@@ -335,7 +265,7 @@ class Engine:
         outs = []
         for i, (s, toks) in enumerate(zip(seqs, emitted, strict=True)):
             # Logprobs of the emitted tokens under the verify forward's logits (what plain decoding sees).
-            rows = _logprob_rows(target[i, : len(toks)], upload(toks, torch.long, target.device), [s] * len(toks))
+            rows = logprob_rows(target[i, : len(toks)], upload(toks, torch.long, target.device), [s] * len(toks))
             lps = rows.read(toks) if rows else [None] * len(toks)
             for tok, lp in zip(toks, lps, strict=True):
                 outs.append(self._emit(s, tok, now, lp))

@@ -13,7 +13,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from model_host.engine.engine import Engine, StepOutput
+from model_host.engine.engine import Engine
+from model_host.engine.outputs import StepOutput
 from model_host.sampler import SamplingParams
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from model_host.engine.engine import RequestError, StepOutput, TokenLogprob
+from model_host.engine.engine import RequestError
 from model_host.engine.loop import EngineLoop, EngineStopped
+from model_host.engine.outputs import StepOutput, TokenLogprob
 from model_host.server.metrics import Metrics
 from model_host.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from model_host.tokenizer import Tokenizer
