@@ -44,12 +44,17 @@ class EngineLoop:
     the orchestrator restarts the process instead of the server hanging or serving garbage.
     """
 
-    def __init__(self, engine: Engine, on_step: Callable[[list[StepOutput]], None] | None = None):
+    def __init__(self, engine: Engine, on_step: Callable[[list[StepOutput]], None] | None = None,
+                 on_delivered: Callable[[], None] | None = None):
         self.engine = engine
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.callbacks: dict[int, Callback] = {}
         self.aborts: dict[int, threading.Event] = {}  # sequence id -> its request's abort switch
         self.on_step = on_step
+        # Called on the engine's thread after each turn of the loop has run its callbacks (and
+        # after the last ones at shutdown): a consumer that batches callbacks hands them over
+        # here, once per step (the server's mailboxes: one event-loop wake-up per step).
+        self.on_delivered = on_delivered
         self._stop = threading.Event()
         self._closed = False  # no more submissions; guarded by _lock with the inbox's last drain
         self._lock = threading.Lock()
@@ -157,6 +162,7 @@ class EngineLoop:
                 self._drain(block=not eng.has_work)
                 self._apply_aborts()
                 if not eng.has_work:
+                    self._delivered()  # refusals and abort notices
                     continue
                 try:
                     outs = eng.step()
@@ -165,12 +171,21 @@ class EngineLoop:
                     self.error = e
                     return
                 self._deliver(outs)
+                self._delivered()
         except BaseException as e:  # a bug in the loop itself: never die silently
             log.exception("engine loop failed")
             self.error = e
         finally:
             self._close()
+            self._delivered()
             self._running = False
+
+    def _delivered(self) -> None:
+        if self.on_delivered is not None:
+            try:
+                self.on_delivered()
+            except Exception:  # e.g. the server's event loop is closed: its requests are lost
+                log.exception("the on_delivered hook failed")
 
     def _close(self) -> None:
         """Fail every request still queued or running, and refuse new ones."""

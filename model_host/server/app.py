@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from model_host.engine.engine import RequestError
 from model_host.engine.loop import EngineLoop, EngineStopped
 from model_host.engine.outputs import StepOutput, TokenLogprob
+from model_host.server.mailbox import Mailbox
 from model_host.server.metrics import Metrics
 from model_host.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from model_host.tokenizer import Tokenizer
@@ -61,6 +62,8 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
     metrics = Metrics(loop)
     loop.on_step = metrics.on_step
     inflight: dict[str, _Request] = {}
+    mailboxes: dict[asyncio.AbstractEventLoop, Mailbox] = {}  # one per event loop serving the app
+    loop.on_delivered = lambda: [box.flush() for box in list(mailboxes.values())]
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
@@ -129,8 +132,9 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
             raise unavailable()
         r = _Request(f"{prefix}-{uuid.uuid4().hex[:24]}", len(prompt_ids))
         aio = asyncio.get_running_loop()
+        box = mailboxes.get(aio) or mailboxes.setdefault(aio, Mailbox(aio))
         try:
-            r.abort = loop.submit(prompt_ids, params, lambda out: aio.call_soon_threadsafe(r.queue.put_nowait, out))
+            r.abort = loop.submit(prompt_ids, params, lambda out: box.post(r.queue, out))
         except EngineStopped:
             raise unavailable() from None
         inflight[r.id] = r
@@ -156,29 +160,42 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
             if out is not None:
                 return out
 
-    async def outputs(r: _Request, request: Request | None = None) -> AsyncIterator[StepOutput]:
-        """Step outputs until the request finishes. With `request`, a client that disconnects
-        (non-streaming) ends it; a streaming one ends it by closing this generator."""
+    async def outputs(r: _Request, request: Request | None = None) -> AsyncIterator[list[StepOutput]]:
+        """Step outputs until the request finishes, in batches: everything queued when the reader
+        asks (one output while the reader keeps up, several once it falls behind the engine, so
+        a stream then sends one event for several tokens). With `request`, a client that
+        disconnects (non-streaming) ends it; a streaming one ends it by closing this generator."""
         reason = "abort"
         try:
             while True:
                 out = await next_output(r, request)
                 if out is None:
                     return
-                if isinstance(out, Exception):
-                    r.done, reason = True, "error"
-                    if isinstance(out, EngineStopped):
-                        raise APIError(503, f"{out}; see the server log", type="server_error", code="engine_stopped")
-                    raise APIError(500, f"the engine failed on this request ({out}); see the server log",
-                                   type="server_error")
-                if out.finished:
-                    r.done, reason = True, out.seq.finish_reason or "stop"
-                    metrics.cached_tokens.inc(out.seq.prompt_cached_tokens)
-                    if reason == "error":
-                        raise APIError(500, "the engine failed on this request; see the server log",
-                                       type="server_error")
-                yield out
-                if out.finished:
+                batch = [out]
+                while not (isinstance(batch[-1], Exception) or batch[-1].finished) and not r.queue.empty():
+                    batch.append(r.queue.get_nowait())
+                good: list[StepOutput] = []  # what the client gets before an error ends the request
+                for out in batch:
+                    error = None
+                    if isinstance(out, Exception):
+                        r.done, reason = True, "error"
+                        error = (APIError(503, f"{out}; see the server log", type="server_error", code="engine_stopped")
+                                 if isinstance(out, EngineStopped) else
+                                 APIError(500, f"the engine failed on this request ({out}); see the server log",
+                                          type="server_error"))
+                    elif out.finished:
+                        r.done, reason = True, out.seq.finish_reason or "stop"
+                        metrics.cached_tokens.inc(out.seq.prompt_cached_tokens)
+                        if reason == "error":
+                            error = APIError(500, "the engine failed on this request; see the server log",
+                                             type="server_error")
+                    if error is not None:
+                        if good:
+                            yield good
+                        raise error
+                    good.append(out)
+                yield good
+                if good[-1].finished:
                     return
         finally:
             inflight.pop(r.id, None)
@@ -225,10 +242,11 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
 
         if not stream:
             text, lps, last = [], [], None
-            async for out in outputs(r, request):
-                text.append(out.text)
-                lps += [out.logprob] if out.logprob else []
-                last = out
+            async for batch in outputs(r, request):
+                for out in batch:
+                    text.append(out.text)
+                    lps += [out.logprob] if out.logprob else []
+                    last = out
             if last is None:  # the client disconnected: nobody to answer
                 return Response(status_code=499)
             return JSONResponse({"id": r.id, "object": obj, "created": created, "model": model_name,
@@ -245,9 +263,10 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
                                                 "finish_reason": None}]})
             gen = outputs(r)
             try:
-                async for out in gen:
-                    if out.text or out.logprob:
-                        yield sse({**base, "choices": [choice(out.text, None, [out.logprob] if out.logprob else [])]})
+                async for batch in gen:
+                    text, lps, out = "".join(o.text for o in batch), [o.logprob for o in batch if o.logprob], batch[-1]
+                    if text or lps:
+                        yield sse({**base, "choices": [choice(text, None, lps)]})
                     if out.finished:
                         yield sse({**base, "choices": [choice("", out.seq.finish_reason, [])]})
                         if include_usage:

@@ -37,8 +37,8 @@ class Served:
     """A running server: base_url, the engine loop, and a stop() for teardown."""
 
     def __init__(self, model, tokenizer, engine_config: EngineConfig, api_key: str | None = None,
-                 max_body_bytes: int | None = None):
-        self.engine = Engine(model, tokenizer, engine_config)
+                 max_body_bytes: int | None = None, drafter=None):
+        self.engine = Engine(model, tokenizer, engine_config, drafter=drafter)
         self.loop = EngineLoop(self.engine)
         kw = {"max_body_bytes": max_body_bytes} if max_body_bytes else {}
         app = create_app(self.loop, tokenizer, MODEL, api_key, **kw)

@@ -200,3 +200,23 @@ def test_logprobs_with_speculation_equal_plain_decoding(mtp_model):
     spec = logprobs(2, oracle_drafter(miss_every=4))
     assert [(t, top) for t, _, top in spec] == [(t, top) for t, _, top in plain] and len(plain) == 6
     assert [lp for _, lp, _ in spec] == pytest.approx([lp for _, lp, _ in plain], abs=1e-4)
+
+
+def test_tokens_of_one_round_stream_as_one_event(mtp_model):
+    """A round emits up to k+1 tokens of a request at once; the server hands a step's outputs to
+    the event loop together (server/mailbox.py) and a stream sends what is queued as one event.
+    With forced acceptance at k = 3 (4 tokens a round) the stream needs far fewer events than
+    tokens, and its text and logprobs equal the non-streamed answer's."""
+    model, tok = mtp_model
+    cfg = EngineConfig(max_batch=4, kv_memory_gb=0.02, max_model_len=4096, speculative_tokens=3)
+    with Served(model, tok, cfg, drafter=oracle_drafter()) as s:
+        client = openai.OpenAI(base_url=s.base_url, api_key="x")
+        kw = dict(model=MODEL, prompt="where is the index stored", max_tokens=16, temperature=0, logprobs=1,
+                  extra_body={"ignore_eos": True})
+        whole = client.completions.create(**kw).choices[0]
+        events = [c.choices[0] for c in client.completions.create(stream=True, **kw)
+                  if c.choices and (c.choices[0].text or c.choices[0].logprobs)]
+    assert "".join(e.text for e in events) == whole.text
+    assert sum(len(e.logprobs.tokens) for e in events) == len(whole.logprobs.tokens) == 16
+    sizes = [len(e.logprobs.tokens) for e in events]
+    assert len(events) <= 8, f"events of {sizes} tokens: a round's tokens were not streamed together"
