@@ -128,3 +128,38 @@ def test_tensor_parallel_serving_keeps_tokens_on_the_host():
     args = build_parser().parse_args(["serve", "--checkpoint", "x", "--overlap", "on", "--kv-memory-gb", "1"])
     assert _engine_config(args, world=1).overlap is True
     assert _engine_config(args, world=2).overlap is False
+
+
+def test_served_answers_are_the_same_with_overlapped_steps(serve, tiny_model):
+    """Over HTTP, streamed and not, with logprobs and stop strings, 6 requests at once: the text,
+    finish reasons and usage of an overlapped server equal the synchronous server's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    from tests.serving.conftest import MODEL
+
+    _, tok = tiny_model
+    prompts = [" ".join(["vector index segment"] * n) for n in (1, 5, 9, 2, 14, 3)]
+
+    def answers(overlap: bool) -> list:
+        with serve(max_batch=4, overlap=overlap) as s:
+            client = openai.OpenAI(base_url=s.base_url, api_key="x", max_retries=0)
+
+            def one(i: int):
+                kw = dict(model=MODEL, prompt=prompts[i], max_tokens=5 + i, temperature=0,
+                          logprobs=1 if i % 2 else None, stop=["\n"] if i % 3 == 0 else None)
+                if i % 2:
+                    c = client.completions.create(**kw).choices[0]
+                    return c.text, c.finish_reason, c.logprobs.tokens
+                text, reason = "", None
+                for chunk in client.completions.create(stream=True, **kw):
+                    if chunk.choices:
+                        text += chunk.choices[0].text
+                        reason = chunk.choices[0].finish_reason or reason
+                return text, reason
+
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                return list(pool.map(one, range(len(prompts))))
+
+    assert answers(True) == answers(False)
