@@ -103,7 +103,11 @@ class Engine:
                                                        self.blocks.blocks_needed(self.max_model_len + 1 + k))
         self.warmup_seconds = self._warm_up_prefill() if self.runner.graphs_enabled else 0.0
         self.by_id: dict[int, Sequence] = {}
-        self.overlap = config.overlap if config.overlap is not None else (self.runner.graphs_enabled and not k)
+        if config.overlap and not self.runner.device_tokens:
+            raise ValueError("overlapped steps need a runner that takes tokens on the device; "
+                             "a tensor-parallel driver does not: EngineConfig(overlap=False)")
+        self.overlap = (config.overlap if config.overlap is not None
+                        else self.runner.graphs_enabled and not k and self.runner.device_tokens)
         self._inflight: Launched | None = None  # the overlapped step whose tokens are not read yet
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %d B/token/layer)",
                  num_blocks, config.block_size, self.capacity_tokens, self.cache.nbytes() / 2**30,
@@ -119,13 +123,8 @@ class Engine:
         top = self.config.max_prefill_tokens
         lengths = sorted({n for n in [*range(1, 257), *(2**i + d for i in range(8, 16) for d in (0, 1, 2, 8, 16))]
                           if n <= top} | {top})
-        for n in lengths:
-            if self.blocks.blocks_needed(n) > self.blocks.num_blocks:
-                break
-            seq = Sequence([0] * n, SamplingParams(max_tokens=1), self.tokenizer.stream_decoder(), None)
-            seq.block_table = list(range(self.blocks.blocks_needed(n)))  # no request holds a block yet
-            self.runner.prefill([PrefillChunk(seq, 0, n)])
-        torch.cuda.synchronize()
+        lengths = [n for n in lengths if self.blocks.blocks_needed(n) <= self.blocks.num_blocks]
+        self.runner.warm_up(lengths)
         seconds = time.perf_counter() - t0
         log.info("warmed up packed prefill at %d lengths (1..%d tokens) in %.1f s", len(lengths), top, seconds)
         return seconds

@@ -24,9 +24,11 @@ from model_host.engine.scheduler import PrefillChunk
 from model_host.engine.sequence import Sequence
 from model_host.engine.speculative import SpeculativeDecoder
 from model_host.model import DeepseekV3
+from model_host.sampler import SamplingParams
 from model_host.transfer import upload
 
 log = logging.getLogger(__name__)
+_WARM_UP = SamplingParams(max_tokens=1)
 
 
 def graphs_supported(model: DeepseekV3) -> bool:
@@ -141,11 +143,30 @@ class ModelRunner:
         """``seq`` has ended: forget its device-side block table."""
         self.block_tables.forget(seq.id)
 
-    @torch.inference_mode()
+    # Whether decode() can take tokens still on the device (``fill``): the engine overlaps its
+    # steps only then (a tensor-parallel driver sends its followers host tokens).
+    device_tokens = True
+
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
         """Compute every chunk's tokens into the cache in packed (varlen) forwards, one per group
         of at most ``PREFILL_CONTEXT_KEYS`` attended keys (one forward in the common case); return
         the last-position logits [m, V] of the chunks that end their sequence, in chunk order."""
+        return self._prefill(chunks)
+
+    def warm_up(self, lengths: list[int]) -> None:
+        """Run one packed prefill of each length in ``lengths`` over blocks 0.. (before any
+        request holds one), so that Triton compiles its kernels for those shapes now. It runs
+        on this rank alone: under tensor parallelism every rank calls it at start-up with the
+        same lengths, so the collectives inside line up (as graph capture does)."""
+        for n in lengths:
+            seq = Sequence([0] * n, _WARM_UP, decoder=None, generator=None)
+            seq.block_table = list(range(-(-n // self.cache.block_size)))
+            self._prefill([PrefillChunk(seq, 0, n)])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    @torch.inference_mode()
+    def _prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
         logits = []
         for group in context_groups(chunks, PREFILL_CONTEXT_KEYS):
             packed = pack_chunks(group, self.cache.block_size, self.device)

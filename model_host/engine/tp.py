@@ -65,6 +65,8 @@ def _decode_row(seq: Sequence) -> Row:
 class DriverRunner(ModelRunner):
     """Rank 0's runner: broadcast the plan of each forward, then run it as on one GPU."""
 
+    device_tokens = False  # the plan carries each row's tokens from the host
+
     def __init__(self, model: DeepseekV3, cache: PagedLatentCache, ctx: DistContext,
                  cuda_graphs: bool | None = None) -> None:
         super().__init__(model, cache, cuda_graphs)

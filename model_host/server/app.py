@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from model_host.engine.engine import RequestError
 from model_host.engine.loop import EngineLoop, EngineStopped
 from model_host.engine.outputs import StepOutput, TokenLogprob
-from model_host.server.mailbox import Mailbox
+from model_host.server.mailbox import Mailboxes
 from model_host.server.metrics import Metrics
 from model_host.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from model_host.tokenizer import Tokenizer
@@ -62,8 +62,8 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
     metrics = Metrics(loop)
     loop.on_step = metrics.on_step
     inflight: dict[str, _Request] = {}
-    mailboxes: dict[asyncio.AbstractEventLoop, Mailbox] = {}  # one per event loop serving the app
-    loop.on_delivered = lambda: [box.flush() for box in list(mailboxes.values())]
+    mailboxes = Mailboxes()
+    loop.on_delivered = mailboxes.flush
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
@@ -132,7 +132,7 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
             raise unavailable()
         r = _Request(f"{prefix}-{uuid.uuid4().hex[:24]}", len(prompt_ids))
         aio = asyncio.get_running_loop()
-        box = mailboxes.get(aio) or mailboxes.setdefault(aio, Mailbox(aio))
+        box = mailboxes.for_loop(aio)
         try:
             r.abort = loop.submit(prompt_ids, params, lambda out: box.post(r.queue, out))
         except EngineStopped:

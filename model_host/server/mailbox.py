@@ -43,3 +43,27 @@ class Mailbox:
 def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
     for queue, item in items:
         queue.put_nowait(item)
+
+
+class Mailboxes:
+    """One mailbox per event loop serving an app (uvicorn runs one; tests and embedders may run
+    several). :meth:`flush` is the EngineLoop's ``on_delivered`` hook."""
+
+    def __init__(self) -> None:
+        self._boxes: dict[asyncio.AbstractEventLoop, Mailbox] = {}
+
+    def for_loop(self, loop: asyncio.AbstractEventLoop) -> Mailbox:
+        """The running loop's mailbox (called on that loop's thread)."""
+        return self._boxes.get(loop) or self._boxes.setdefault(loop, Mailbox(loop))
+
+    def flush(self) -> None:
+        """Each box on its own: a closed loop's box is dropped (nobody is left to read it), and
+        the other loops' outputs are still delivered."""
+        for loop, box in list(self._boxes.items()):
+            try:
+                if loop.is_closed():
+                    raise RuntimeError("the event loop is closed")
+                box.flush()
+            except RuntimeError:
+                self._boxes.pop(loop, None)
+

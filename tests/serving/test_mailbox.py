@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from model_host.server.mailbox import Mailbox
+from model_host.server.mailbox import Mailbox, Mailboxes
 
 
 class _CountingLoop(asyncio.SelectorEventLoop):
@@ -57,3 +57,21 @@ def test_posting_to_a_closed_loop_raises():
     loop.close()
     with pytest.raises(RuntimeError, match="closed"):
         box.post(asyncio.Queue(), 1)
+
+
+def test_a_closed_loop_does_not_hold_back_the_other_loops_outputs():
+    """Two event loops serve one app; one closes. Its mailbox is dropped at the next flush and
+    the other loop still gets its outputs (the engine's last flush carries the EngineStopped
+    notices: a request left parked would wait forever)."""
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        boxes = Mailboxes()
+        q1, q2 = asyncio.Queue(), asyncio.Queue()
+        boxes.for_loop(first).post(q1, "lost")
+        boxes.for_loop(second).post(q2, "kept")
+        first.close()
+        boxes.flush()
+        second.run_until_complete(asyncio.sleep(0))
+        assert q2.get_nowait() == "kept"
+    finally:
+        second.close()

@@ -127,3 +127,28 @@ def _spawned_children(pid: int) -> list[int]:
     """Child processes of ``pid`` started by multiprocessing's spawn (the worker ranks)."""
     kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     return [int(k) for k in kids if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+class _NoPlans:
+    """A control group that fails the test if rank 0 sends its followers a plan."""
+
+    world = 2
+
+    def broadcast(self, *args):
+        raise AssertionError("rank 0 broadcast a plan its followers are not yet listening for")
+
+
+def test_start_up_warm_up_runs_on_each_rank_alone(tiny_model):
+    """Every rank warms its prefill kernels up inside Engine() (on GPUs), before the followers
+    enter follow(): rank 0 must not send those forwards as plans (a hang at start-up under
+    --tp), and an engine over the driver never overlaps its steps (its plans carry host tokens)."""
+    from model_host.engine.tp import DriverRunner
+
+    model, tok = tiny_model
+    engine = Engine(model, tok, EngineConfig(kv_memory_gb=0.02, block_size=8),
+                    runner=lambda m, c: DriverRunner(m, c, _NoPlans()))
+    engine.runner.warm_up([1, 7, 30])  # what Engine() runs with CUDA graphs, on every rank
+    assert engine.overlap is False and engine.runner.device_tokens is False
+    with pytest.raises(ValueError, match="tokens on the device"):
+        Engine(model, tok, EngineConfig(kv_memory_gb=0.02, overlap=True),
+               runner=lambda m, c: DriverRunner(m, c, _NoPlans()))
