@@ -26,7 +26,6 @@ measures, with every single-token step replayed from CUDA graphs (the serving pa
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import sys
@@ -40,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model_host.engine.paged_cache import PagedLatentCache  # noqa: E402
 from model_host.engine.speculative import PagedForwards  # noqa: E402
 from model_host.speculative import Drafts, Pending, mtp_draft, speculative_round  # noqa: E402
-from model_host.transfer import upload  # noqa: E402
 
 CTX, PAGE = 512, 64
 ALPHAS = (0.85, 0.90)
@@ -54,7 +52,7 @@ def oracle_drafter(miss_every: int = 0):
 
     def draft(fw, pending: Pending, k, temperature, top_k, top_p, generators, all_greedy=None) -> Drafts:
         real = mtp_draft(fw, pending, k, temperature, top_k, top_p, generators, all_greedy=all_greedy)
-        last = upload([n - 1 for n in itertools.accumulate(pending.counts)], torch.long, pending.positions.device)
+        last = pending.last_index()
         tok, pos = pending.next_ids[last], pending.positions[last] + 1
         ones, toks = [1] * len(pending.counts), []
         for _ in range(k):
@@ -75,7 +73,7 @@ def continuation_drafter(known: torch.Tensor, start: int):
 
     def draft(fw, pending: Pending, k, temperature, top_k, top_p, generators, all_greedy=None) -> Drafts:
         real = mtp_draft(fw, pending, k, temperature, top_k, top_p, generators, all_greedy=all_greedy)
-        last = upload([n - 1 for n in itertools.accumulate(pending.counts)], torch.long, known.device)
+        last = pending.last_index()
         first = pending.positions[last] + 2 - start  # column of each row's first draft
         cols = (first.unsqueeze(1) + torch.arange(k, device=known.device)).clamp(max=known.shape[1] - 1)
         return Drafts(known.gather(1, cols), real.logits)

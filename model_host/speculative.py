@@ -190,6 +190,10 @@ class Pending:
         return Pending(torch.cat([p.next_ids for p in parts]), torch.cat([p.hidden for p in parts]),
                        torch.cat([p.positions for p in parts]), [c for p in parts for c in p.counts])
 
+    def last_index(self) -> torch.Tensor:
+        """Index of each sequence's last entry, built on the host (no wait for the GPU)."""
+        return upload([n - 1 for n in itertools.accumulate(self.counts)], torch.long, self.next_ids.device)
+
     def split(self) -> list[Pending]:
         """One Pending per sequence."""
         out, start = [], 0
@@ -218,10 +222,6 @@ class Round:
     target: torch.Tensor
 
 
-def _last_index(counts: list[int], device: torch.device) -> torch.Tensor:
-    return upload([n - 1 for n in itertools.accumulate(counts)], torch.long, device)
-
-
 def _flat_rows(lengths: list[int], width: int, device: torch.device) -> torch.Tensor:
     """Indices into a flattened [B, width] of each row's first ``lengths[b]`` columns: built on
     the host, as a boolean mask index would wait for the GPU to count its True entries."""
@@ -239,7 +239,7 @@ def mtp_draft(fw: Forwards, pending: Pending, k: int, temperature: torch.Tensor,
     MTP layer one position on, on its own output hidden state and previous draft.  Drafts are
     drawn with the sequence's own sampling parameters (argmax at temperature 0).
     """
-    last = _last_index(pending.counts, pending.next_ids.device)
+    last = pending.last_index()
     logits, hidden = fw.mtp(pending.next_ids, pending.hidden, pending.positions, pending.counts)
     logits, hidden, pos = logits[last], hidden[last], pending.positions[last]
     ones = [1] * len(pending.counts)
@@ -272,7 +272,7 @@ def speculative_round(fw: Forwards, pending: Pending, k: int, temperature: torch
     b = len(pending.counts)
     dev = pending.next_ids.device
     drafts = drafter(fw, pending, k, temperature, top_k, top_p, generators, all_greedy=all_greedy)
-    last = _last_index(pending.counts, dev)
+    last = pending.last_index()
     n_ver = [k + 1] * b if num_drafts is None else [n + 1 for n in num_drafts]
     ids = torch.cat((pending.next_ids[last].unsqueeze(1), drafts.tokens), dim=1)  # [B, k+1]
     positions = (pending.positions[last] + 1).unsqueeze(1) + torch.arange(k + 1, device=dev)

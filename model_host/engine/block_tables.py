@@ -28,7 +28,7 @@ class DeviceBlockTables:
         entries past a sequence's blocks are stale or 0, which attention masks by position."""
         longest = max(len(s.block_table) for s in seqs)
         if longest > self.width:
-            self._resize(len(self.free) + len(self.slot_of), longest)
+            self._resize(self.store.shape[0], longest)
         idx, dirty, rows = [], [], []
         for s in seqs:
             slot, version = self.slot_of.get(s.id, (None, None))
