@@ -32,6 +32,8 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--http", default="auto", help="uvicorn's HTTP protocol: auto, h11 or httptools")
+    ap.add_argument("--loop", default="auto", help="uvicorn's event loop: auto, asyncio or uvloop")
     args = ap.parse_args()
     sys.path[:0] = [args.repo, str(Path(__file__).resolve().parent)]
     import torch
@@ -55,7 +57,7 @@ def main() -> int:
     loop = EngineLoop(engine)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(loop, tok, "bench"), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+                                           log_level="warning", http=args.http, loop=args.loop))
     http = threading.Thread(target=server.run, name="http", daemon=True)
     loop.start()
     http.start()
@@ -76,7 +78,7 @@ def main() -> int:
         http.join(timeout=10)
         loop.stop()
     n = level["output_tokens"]
-    out = {"repo": args.repo, "tokens": n, "errors": level["errors"], "output_tok_s": round(level["output_tok_s"], 1),
+    out = {"repo": args.repo, "http": args.http, "loop": args.loop, "tokens": n, "errors": level["errors"], "output_tok_s": round(level["output_tok_s"], 1),
            **{f"{k}_cpu_us_per_token": round(1e6 * (after[k] - before[k]) / max(1, n), 1) for k in threads}}
     print(json.dumps(out))
     return 0

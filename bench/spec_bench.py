@@ -9,8 +9,8 @@ measures, with every single-token step replayed from CUDA graphs (the serving pa
    MTP draft (its extend over k + 1 accepted entries plus k - 1 chained steps), k = 1, 2, at
    batches 1 and 32;
 2. forced acceptance: greedy decoding of ``--tokens`` tokens per sequence, plain against
-   speculative rounds whose drafts are the main model's own greedy continuation (recorded by the
-   plain run; the MTP layer still runs, so its cost is paid).  Random weights make the MTP
+   speculative rounds whose drafts are the main model's own greedy continuation (recorded by
+   greedy steps in the verify's shape; the MTP layer still runs, so its cost is paid).  Random weights make the MTP
    layer's real acceptance meaningless; this switch exists only here and in tests - the server
    and ``generate`` always draft with the MTP layer;
 3. the projection at DeepSeek's published acceptance alpha = 0.85 and 0.90 of a draft token:
@@ -100,12 +100,20 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
-def plain_run(fw, ids, pos, steps: int, known: torch.Tensor | None = None) -> None:
-    """``steps`` greedy decode steps of every row from ``ids`` at ``pos``; records the tokens."""
-    tok, ones = ids, [1] * ids.shape[0]
+def plain_run(fw, ids, pos, steps: int, known: torch.Tensor | None = None, rows: int = 1) -> None:
+    """``steps`` greedy decode steps of every row from ``ids`` at ``pos``; records the tokens.
+
+    With ``rows`` = k + 1, each step runs in the verify's shape: the sequence's token at
+    positions p .. p + k (the extra rows' outputs are dropped and their cache entries rewritten
+    by the next step before anything reads them), so the GEMMs take the verify's kernel
+    configuration and the recorded continuation is the one the verify computes. Recorded with
+    one row per sequence (the one-row GEMV path), random weights' near-ties flip a token within
+    a few steps on some GPUs, and every later forced draft of that sequence is rejected."""
+    tok, b = ids, ids.shape[0]
+    offsets = torch.arange(rows, device=ids.device)
     for t in range(steps):
-        logits, _ = fw.main(tok, pos + t, ones)
-        tok = logits.argmax(-1)
+        logits, _ = fw.main(tok.repeat_interleave(rows), ((pos + t).unsqueeze(1) + offsets).reshape(-1), [rows] * b)
+        tok = logits[::rows].argmax(-1)
         if known is not None:
             known[:, t + 1] = tok
 
@@ -155,14 +163,13 @@ def run_batch(model, cache: PagedLatentCache, b: int, ks, tokens: int, ctx: int,
     # Forced acceptance: a plain greedy run records the continuation, then speculation replays it.
     known = torch.empty(b, tokens + max(ks) + 1, dtype=torch.long, device=dev)
     known[:, 0] = ids
-    plain_run(fw, ids, pos, known.shape[1] - 1, known)
-    sync()
     t0 = time.perf_counter()
     plain_run(fw, ids, pos, tokens)
     sync()
     plain = res[f"plain{b}_ms_per_token"] = (time.perf_counter() - t0) * 1e3 / tokens
     first = Pending(ids, torch.randn(b, cfg.hidden_size, device=dev, dtype=model.dtype), pos - 1, [1] * b)
     for k in ks:
+        plain_run(fw, ids, pos, known.shape[1] - 1, known, rows=k + 1)
         drafter = continuation_drafter(known, ctx)
         spec_run(fw, first, k, greedy, tokens, drafter)  # warm-up (and MTP graph capture)
         sync()
@@ -171,7 +178,8 @@ def run_batch(model, cache: PagedLatentCache, b: int, ks, tokens: int, ctx: int,
         sync()
         wall = (time.perf_counter() - t0) * 1e3
         round_ms = res[f"round{b}_k{k}"] = wall / rounds
-        # A flip at a near-tie (the batch shapes differ: B rows vs B(k+1)) ends a row's forced run.
+        # Below k + 1 the recorded continuation and the verify parted (a row's first flip ends
+        # its forced run): GEMM rows that depend on their batch-mates, or a defect.
         per_round = res[f"tokens_per_round{b}_k{k}"] = emitted / b / rounds
         forced = res[f"forced{b}_k{k}"] = plain * emitted / b / wall
         line = (f"B={b} k={k}: forced acceptance {forced:.2f}x ({per_round:.2f} tokens per round of "

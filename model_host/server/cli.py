@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import logging
 import signal
 import threading
@@ -232,6 +233,16 @@ def serve_rank(rv: dist.Rendezvous, args: argparse.Namespace) -> int:
     return serve(build(args, ctx), args)
 
 
+def http_stack() -> tuple[str, str]:
+    """uvicorn's HTTP protocol and event loop: the C parser (httptools) and libuv loop (uvloop)
+    where installed, as `uvicorn[standard]` has them; else the pure-Python h11 and asyncio. The
+    HTTP thread shares the GIL with the engine, and its per-event CPU is what bounds served
+    throughput at high concurrency (docs/benchmarks.md, "HTTP stack")."""
+    http_impl = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    loop_impl = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    return http_impl, loop_impl
+
+
 def serve(served: Served, args: argparse.Namespace) -> int:
     """Rank 0: uvicorn on ``--host``/``--port`` on a side thread, the engine on this one (the thread
     that loaded the model: see EngineLoop), until SIGTERM/SIGINT; then the process ends by that
@@ -240,8 +251,10 @@ def serve(served: Served, args: argparse.Namespace) -> int:
 
     # A short graceful timeout: uvicorn otherwise waits for every open request (a long
     # generation, a stalled stream) before exiting on SIGTERM.
+    http_impl, loop_impl = http_stack()
     server = uvicorn.Server(uvicorn.Config(served.app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=args.shutdown_timeout))
+                                           timeout_graceful_shutdown=args.shutdown_timeout,
+                                           http=http_impl, loop=loop_impl))
     signals: list[int] = []
 
     def on_signal(sig: int, frame) -> None:
@@ -257,7 +270,8 @@ def serve(served: Served, args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     thread = threading.Thread(target=http, name="http", daemon=True)
     thread.start()
-    log.info("serving %s on http://%s:%d/v1 (Ctrl-C or SIGTERM stops it)", served.model_name, args.host, args.port)
+    log.info("serving %s on http://%s:%d/v1 (HTTP: %s on %s; Ctrl-C or SIGTERM stops it)", served.model_name,
+             args.host, args.port, http_impl, loop_impl)
     try:
         served.loop.run()
         # A failed engine leaves uvicorn answering /health with 503 until the orchestrator stops us.

@@ -4,6 +4,8 @@ and CUDA-graph replay in the engine's runner."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -20,10 +22,14 @@ pytestmark = [pytest.mark.gpu, requires_gpu]
 
 
 class Seq:
-    """The slice of engine.Sequence that ModelRunner reads."""
+    """The slice of engine.Sequence that ModelRunner reads (its block tables never change here,
+    so ``table_version`` stays 0)."""
+
+    _ids = itertools.count()
 
     def __init__(self, ids: list[int], table: list[int]) -> None:
         self.token_ids, self.block_table, self.num_computed = list(ids), table, 0
+        self.id, self.table_version = next(Seq._ids), 0
 
     def __len__(self) -> int:
         return len(self.token_ids)

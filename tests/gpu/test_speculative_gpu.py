@@ -21,6 +21,7 @@ from model_host.sampler import SamplingParams
 from model_host.tokenizer import Tokenizer
 
 from .conftest import requires_gpu
+from .test_model_gpu import NEAR_TIE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.spec_bench import oracle_drafter  # noqa: E402
@@ -50,12 +51,27 @@ def test_forced_drafts_are_accepted_and_output_equals_generate(mtp_fp8, k):
     seqs = [engine.add(p, params) for p in prompts]
     while engine.has_work:
         engine.step()
-    same = sum(s.output_ids == ref for s, ref in zip(seqs, solo, strict=True))
     stats = engine.spec.stats
-    print(f"k={k}: {same}/4 outputs equal generate(); mean accepted length {stats.mean_accepted_length:.2f} "
-          f"(forced: {k + 1}); accepted {stats.accepted}/{stats.drafted}")
-    # Forced drafts differ from the verify argmax only at near-ties of this random model (the
-    # verify runs B x (k+1) rows, generate one row: other GEMM tiles); a broken verify rejects
-    # nearly every draft (0.14 per round in the first H100 bench run).
+    exact, unexplained = 0, []
+    for p, s, ref in zip(prompts, seqs, solo, strict=True):
+        out = s.output_ids
+        i = next((j for j, (a, b) in enumerate(zip(out, ref, strict=True)) if a != b), len(ref))
+        if i == len(ref):
+            exact += 1
+            continue
+        # The verify runs B x (k+1) rows, generate() one: other GEMM tiles round differently, so
+        # the two may part where the reference's top two logits nearly tie. A broken verify
+        # (stale graph input, wrong cache rows after a rollback) moves them by order 1 sd.
+        with torch.no_grad():
+            logits = model(torch.tensor([p + ref[:i]], device="cuda")).logits[0, -1].float()
+        gap = ((logits[ref[i]] - logits[out[i]]) / logits.std()).item()
+        if gap >= NEAR_TIE:
+            unexplained.append((i, round(gap, 4)))
+    print(f"k={k}: {exact}/4 outputs equal generate(), divergences at near-ties only: {not unexplained}; "
+          f"mean accepted length {stats.mean_accepted_length:.2f} (forced: {k + 1}); "
+          f"accepted {stats.accepted}/{stats.drafted}")
+    # Forced drafts are generate()'s own continuation, so a rejection marks the same near-tie
+    # parting as above; a broken verify rejects nearly every draft (0.14 per round in the first
+    # H100 bench run).
     assert stats.accepted >= 0.8 * stats.drafted
-    assert same >= 2
+    assert not unexplained, f"divergences beyond a near-tie (position, gap in sd): {unexplained}"
