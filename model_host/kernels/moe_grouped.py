@@ -48,10 +48,15 @@ if HAS_TRITON:
                         stride_bsn, stride_cm,
                         MODE: tl.constexpr, A_MODE: tl.constexpr, HAS_ROWS: tl.constexpr,
                         HAS_SCAT: tl.constexpr, HAS_WT: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-                        SINGLE: tl.constexpr,
+                        SINGLE: tl.constexpr, TILE_MAJOR: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        tile = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        if TILE_MAJOR:  # 1-D grid, a tile's N blocks consecutive: see grouped_w8a8
+            n_blocks = tl.cdiv(N, BLOCK_N)
+            tile = tl.program_id(0) // n_blocks
+            pid_n = tl.program_id(0) % n_blocks
+        else:
+            tile = tl.program_id(0)
+            pid_n = tl.program_id(1)
         if SINGLE:  # one expert (dense MLP / shared expert): rows 0..single_rows, no schedule
             if tile >= tl.cdiv(single_rows, BLOCK_M):
                 return
@@ -227,7 +232,16 @@ def grouped_w8a8(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, counts: to
     aa, a_s, a2, a2_s = terms if cfg["a_mode"] == 3 else (*terms, *terms)
     sam, sak = a_s.stride(0), a_s.stride(1)
     b2, b2s = (w2, w2_s) if w2 is not None else (w, w_s)
-    grid = (max_tiles(num_rows, e_count, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    # Launch order: programs start in grid order, first dimension fastest. Expert-tile-major
+    # (every N block of a row tile, then the next tile) keeps a tile's activations in L2 while
+    # its N blocks read them, and the tiles of one expert, which read the same weights, run
+    # together; the 2-D grid sweeps all tiles per N block and reads the activations once per N
+    # block from memory (at prefill 2,048 tokens x 8 experts: 117 MB per N block for gate/up).
+    # One expert (dense MLP, shared expert): every tile reads the whole weight, which L2 cannot
+    # hold, so there the N-block-major order (all tiles of one weight slice together) stays.
+    tile_major = cfg.get("tile_major", False) and not single
+    tiles, n_blocks = max_tiles(num_rows, e_count, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"])
+    grid = (tiles * n_blocks,) if tile_major else (tiles, n_blocks)
     if single:
         offsets = tile_end = w_s  # unused by the SINGLE kernel; any valid device pointer
     dummy = tile_end
@@ -238,7 +252,7 @@ def grouped_w8a8(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, counts: to
         aa.stride(0), sam, sak, w.stride(0), w.stride(1), w_s.stride(0), w_s.stride(1), c.stride(0),
         MODE=mode_id, A_MODE=cfg["a_mode"], HAS_ROWS=rows is not None,
         HAS_SCAT=scatter is not None, HAS_WT=weight is not None,
-        SEARCH_STEPS=max(1, math.ceil(math.log2(max(e_count, 2)))), SINGLE=single,
+        SEARCH_STEPS=max(1, math.ceil(math.log2(max(e_count, 2)))), SINGLE=single, TILE_MAJOR=tile_major,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BLOCK,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return c
