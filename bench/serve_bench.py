@@ -132,7 +132,7 @@ def child(args) -> None:
     from model_host.tokenizer import Tokenizer
 
     logging.basicConfig(level=logging.INFO, format="model-host: %(message)s", stream=sys.stderr)
-    plan = QUICK if args.quick else GPU
+    plan = plan_of(args)
     t0 = time.perf_counter()
     if args.quick:
         from model_host.checkpoint import make_config, write_random_checkpoint
@@ -281,7 +281,16 @@ def compiled(workdir: Path) -> int:
 def passthrough(args) -> list[str]:
     """serve's flags given to the benchmark, for the server (and the child that starts it)."""
     return [*(["--row-prefill-tokens", str(args.row_prefill_tokens)] if args.row_prefill_tokens is not None else []),
+            *(["--max-prefill-tokens", str(args.max_prefill_tokens)] if args.max_prefill_tokens is not None else []),
             "--overlap", args.overlap]
+
+
+def plan_of(args) -> Plan:
+    """The load plan, with the chunked-prefill budget given on the command line."""
+    plan = QUICK if args.quick else GPU
+    if args.max_prefill_tokens is not None:
+        plan = dataclasses.replace(plan, max_prefill_tokens=args.max_prefill_tokens)
+    return plan
 
 
 def row_prefill_tokens(args) -> int:
@@ -338,6 +347,8 @@ def main() -> int:
     ap.add_argument("--row-prefill-tokens", type=int, default=None,
                     help="serve's --row-prefill-tokens (default: serve's default; 0 = every prompt chunk packed)")
     ap.add_argument("--overlap", choices=("auto", "on", "off"), default="auto", help="serve's --overlap")
+    ap.add_argument("--max-prefill-tokens", type=int, default=None,
+                    help="serve's --max-prefill-tokens, the chunked-prefill budget per step (default: the plan's)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the server process
     for flag, kind in (("--port", int), ("--workdir", str), ("--ctx", int), ("--prefill-tokens", int),
                        ("--bound-out", str)):
@@ -346,7 +357,7 @@ def main() -> int:
     if args.child:
         child(args)
         return 0
-    plan = QUICK if args.quick else GPU
+    plan = plan_of(args)
     t0 = time.perf_counter()
     prompts = build_prompts(plan)
     with tempfile.TemporaryDirectory(prefix="serve_bench_") as tmp:
