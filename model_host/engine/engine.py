@@ -40,7 +40,7 @@ class EngineConfig:
     max_batch: int = 16
     kv_memory_gb: float | None = None  # default: measured on a GPU (engine/memory.py), 1 GiB on the CPU
     block_size: int = 16
-    max_prefill_tokens: int = 2048  # prompt tokens per step; running decodes wait for at most this many
+    max_prefill_tokens: int = 4096  # prompt tokens per step; running decodes wait for at most this many
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     cache_dtype: torch.dtype | None = None  # default: the model's dtype
     graph_memory_gb: float = 1.0  # most GPU memory the decode CUDA graphs may take

@@ -46,9 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="memory of the paged latent KV cache per GPU (default: on one GPU 90%% of the memory free "
                         "after the weights, one prefill step and the CUDA graphs; under --tp the memory plan's "
                         "figure; 1 GiB on the CPU)")
-    p.add_argument("--max-prefill-tokens", type=int, default=2048,
+    p.add_argument("--max-prefill-tokens", type=int, default=4096,
                    help="prompt tokens computed per step: long prompts are split, and running decodes wait for "
-                        "at most this many (default 2048)")
+                        "at most this many (default 4096: against 2048, 24%% more output and 30%% lower TTFT p99 "
+                        "with 32 clients sending unique RAG prompts, ITL p99 no worse; docs/benchmarks.md)")
     p.add_argument("--row-prefill-tokens", type=int, default=None,
                    help="a step of at most this many rows (decode rows plus one per prompt token) runs its "
                         "prompt chunks inside the graph-captured decode step instead of a separate prefill "
