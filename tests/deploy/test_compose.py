@@ -251,6 +251,8 @@ def test_model_host_image_has_its_imports():
         if IMPORT_TO_DIST.get(i, i).replace("_", "-") not in deps and PROVIDED_BY.get(i) not in deps
     )
     assert not missing, f"model_host imports {missing}; add them to MODEL_HOST_DEPS (and pyproject.toml)"
+    # Not imported by name: `serve` picks them where installed (server/cli.py http_stack).
+    assert {"httptools", "uvloop"} <= set(deps), "the image serves on h11/asyncio: add httptools uvloop"
 
 
 def test_dockerignore():
