@@ -33,8 +33,9 @@ BLOCK = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])
 PREFIX = {True: "query: ", False: "passage: "}
 _SPACES = re.compile(" {2,}")
 # Texts whose activations pick each int8 layer's outlier input channels (rag/e5_int8.py): the
-# channels are a property of the weights (the same top ones on any 20 of 159 en/zh chunks), so
-# three short fixed texts suffice, and a port always picks the same ones.
+# channels that matter (10-55x the median |value|) are a property of the weights (the FFN
+# input's largest the same on two disjoint sets of en/zh chunks), so three short fixed texts
+# suffice, and a port always picks the same ones.
 CALIBRATION = (
     "Milvus stores inserted data as incremental logs in object storage; indexes are built per segment.",
     "数据存储在哪里？Milvus 用户插入的数据以增量日志的方式存储在对象存储中。",
