@@ -84,19 +84,20 @@ def _vectors_by_text(uri: str, embedder: MiniLMEmbedder, suffix: str) -> dict[st
 
 
 def test_torch_int8_collection_stays_torch_int8_when_onnx_is_the_default(small_corpus: Path, milvus_uri: str):
-    _ingest_as_configured([small_corpus], milvus_uri, int8="1", onnx="0")
+    _ingest_as_configured([small_corpus / "alpha.md"], milvus_uri, int8="1", onnx="0")
     assert _recorded(milvus_uri) == MiniLMEmbedder.INT8_ID
-    # A file added with the defaults (ONNX on): its rows must be torch int8 vectors, like the old
-    # ones (ORT int8 ones differ from them: cosine about 0.98).
+    # A copy added with the defaults (ONNX on): its rows must be torch int8 vectors, like the old
+    # ones (ORT int8 ones differ from them: cosine about 0.97). One file per run, so both runs embed
+    # the same batch: int8 activations scale per batch, and only the same batch gives the same vectors.
     shutil.copy(small_corpus / "alpha.md", small_corpus / "alpha_copy.md")
-    _ingest_as_configured([small_corpus], milvus_uri, int8="1")
+    _ingest_as_configured([small_corpus / "alpha_copy.md"], milvus_uri, int8="1")
     assert _recorded(milvus_uri) == MiniLMEmbedder.INT8_ID
     torch_int8 = MiniLMEmbedder(device="cpu", int8=True)
     old = _vectors_by_text(milvus_uri, torch_int8, "/alpha.md")
     new = _vectors_by_text(milvus_uri, torch_int8, "alpha_copy.md")
     assert old and new.keys() == old.keys()
     for text, vec in new.items():
-        assert float(vec @ old[text]) > 0.9999, text  # int8 activations scale per batch: not bit-equal
+        assert float(vec @ old[text]) > 0.9999, text
 
 
 def test_new_collection_gets_onnx_int8_by_default_and_keeps_it(small_corpus: Path, milvus_uri: str):

@@ -51,7 +51,10 @@ def test_onnx_int8_is_the_cpu_default_built_once_into_the_cache(embedder, tmp_pa
     assert q.model_id == MiniLMEmbedder.ONNX_INT8_ID  # its own id: never mixed with torch's int8 or fp32
     # Measured 0.993 mean / 0.987 min on 256 SciFact chunks (docs/benchmarks.md); torch's int8 0.98.
     _close_to(q.embed_documents([*TEXTS, LONG]), embedder.embed_documents([*TEXTS, LONG]), 0.98)
-    assert np.allclose(q.embed_query(TEXTS[3]), q.embed_documents(TEXTS)[3], atol=1e-5)
+    # Activations scale per call (the whole batch, padding included), so a question embedded alone
+    # moves a little from the same text in a batch (cosine 0.989 here); it stays close to fp32's.
+    for text in TEXTS:
+        assert float(q.embed_query(text) @ embedder.embed_query(text)) > 0.98, text
     # One file in the cache, named by the package weights' hash (an upgrade rebuilds); no temp left.
     built = sorted(p.name for p in (tmp_path / "rag").iterdir())
     assert built == [onnx_path(q._dir).name] and weights_hash(q._dir) in built[0]
