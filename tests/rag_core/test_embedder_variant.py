@@ -1,4 +1,5 @@
-"""MiniLM's int8 variant records its own id: a collection is always embedded the way it was built."""
+"""MiniLM's variants (fp32, torch int8, ONNX Runtime int8) each record their own id: a collection is
+always embedded the way it was built, whatever the defaults for new collections say."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from rag.store import MilvusStore
 from tests.rag_core.conftest import open_store, rows
 
 
-def _ingest_as_configured(paths: list[Path], uri: str, int8: str) -> None:
-    """rag-ingest's own route: the embedder is chosen from the settings and the collection's record."""
-    rag_config = RagConfig.load(environ={"RAG_EMBED_INT8": int8}, milvus_uri=uri, collection="docs", device="cpu")
+def _ingest_as_configured(paths: list[Path], uri: str, int8: str, onnx: str | None = None) -> None:
+    """rag-ingest's own route: the embedder is chosen from the settings and the collection's record.
+    `onnx` None leaves RAG_EMBED_ONNX unset (its default)."""
+    environ = {"RAG_EMBED_INT8": int8} | ({"RAG_EMBED_ONNX": onnx} if onnx is not None else {})
+    rag_config = RagConfig.load(environ=environ, milvus_uri=uri, collection="docs", device="cpu")
     ingest([str(p) for p in paths], rag_config, IngestConfig.load(environ={}), progress=False, warn=lambda _m: None)
 
 
@@ -57,13 +60,54 @@ def test_fp32_collection_stays_fp32_when_int8_is_on(small_corpus: Path, milvus_u
                            atol=1e-5)
 
 
-def test_new_collection_gets_int8_on_cpu_and_keeps_it(small_corpus: Path, milvus_uri: str):
-    _ingest_as_configured([small_corpus], milvus_uri, int8="1")
+def test_new_collection_gets_torch_int8_with_onnx_off_and_keeps_it(small_corpus: Path, milvus_uri: str):
+    _ingest_as_configured([small_corpus], milvus_uri, int8="1", onnx="0")
     assert _recorded(milvus_uri) == MiniLMEmbedder.INT8_ID
     # Later runs with int8 switched off still embed this collection as int8.
     q = make_embedder(RagConfig.load(environ={"RAG_EMBED_INT8": "0"}, device="cpu"),
                       resolve_name("minilm", MiniLMEmbedder.INT8_ID))
     assert q.int8 and q.model_id == MiniLMEmbedder.INT8_ID
+    store = MilvusStore(milvus_uri, "docs")
+    try:
+        store.open_existing(q)  # raises when the ids differ
+    finally:
+        store.close()
+
+
+def _vectors_by_text(uri: str, embedder: MiniLMEmbedder, suffix: str) -> dict[str, np.ndarray]:
+    store = open_store(uri, embedder)
+    try:
+        got = rows(store)
+    finally:
+        store.close()
+    return {r["text"]: np.asarray(r["vector"]) for r in got.values() if r["source"].endswith(suffix)}
+
+
+def test_torch_int8_collection_stays_torch_int8_when_onnx_is_the_default(small_corpus: Path, milvus_uri: str):
+    _ingest_as_configured([small_corpus / "alpha.md"], milvus_uri, int8="1", onnx="0")
+    assert _recorded(milvus_uri) == MiniLMEmbedder.INT8_ID
+    # A copy added with the defaults (ONNX on): its rows must be torch int8 vectors, like the old
+    # ones (ORT int8 ones differ from them: cosine about 0.97). One file per run, so both runs embed
+    # the same batch: int8 activations scale per batch, and only the same batch gives the same vectors.
+    shutil.copy(small_corpus / "alpha.md", small_corpus / "alpha_copy.md")
+    _ingest_as_configured([small_corpus / "alpha_copy.md"], milvus_uri, int8="1")
+    assert _recorded(milvus_uri) == MiniLMEmbedder.INT8_ID
+    torch_int8 = MiniLMEmbedder(device="cpu", int8=True)
+    old = _vectors_by_text(milvus_uri, torch_int8, "/alpha.md")
+    new = _vectors_by_text(milvus_uri, torch_int8, "alpha_copy.md")
+    assert old and new.keys() == old.keys()
+    for text, vec in new.items():
+        assert float(vec @ old[text]) > 0.9999, text
+
+
+def test_new_collection_gets_onnx_int8_by_default_and_keeps_it(small_corpus: Path, milvus_uri: str):
+    _ingest_as_configured([small_corpus], milvus_uri, int8="1")
+    assert _recorded(milvus_uri) == MiniLMEmbedder.ONNX_INT8_ID  # torch's INT8_ID before ONNX became the default
+    # Later runs with ONNX (or int8) switched off still embed this collection through ORT int8.
+    for environ in ({"RAG_EMBED_ONNX": "0"}, {"RAG_EMBED_INT8": "0"}):
+        q = make_embedder(RagConfig.load(environ=environ, device="cpu"),
+                          resolve_name("minilm", MiniLMEmbedder.ONNX_INT8_ID))
+        assert q.onnx and q.model_id == MiniLMEmbedder.ONNX_INT8_ID
     store = MilvusStore(milvus_uri, "docs")
     try:
         store.open_existing(q)  # raises when the ids differ
