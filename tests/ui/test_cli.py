@@ -56,7 +56,7 @@ def test_auto_embedder_resolves_for_the_ui(tmp_path):
 
     store = MilvusStore(str(tmp_path / "milvus.db"), "docs")
     try:  # no collection yet: the English default
-        new = MiniLMEmbedder(int8=None).model_id  # int8 on the CPU, fp32 on CUDA
+        new = MiniLMEmbedder(int8=None, onnx=RagConfig.load({}).embed_onnx).model_id  # int8 (ORT) on the CPU, fp32 on CUDA
         assert embedder_for(RagConfig.load({}, embedder="auto"), store).model_id == new
     finally:
         store.close()
