@@ -67,9 +67,14 @@ def test_new_collection_gets_torch_int8_with_onnx_off_and_keeps_it(small_corpus:
     q = make_embedder(RagConfig.load(environ={"RAG_EMBED_INT8": "0"}, device="cpu"),
                       resolve_name("minilm", MiniLMEmbedder.INT8_ID))
     assert q.int8 and q.model_id == MiniLMEmbedder.INT8_ID
-    store = MilvusStore(milvus_uri, "docs")
+    _open_existing(milvus_uri, q)
+
+
+def _open_existing(uri: str, embedder) -> None:
+    """Open the collection with ``embedder``: MilvusStore raises when the recorded ids differ."""
+    store = MilvusStore(uri, "docs")
     try:
-        store.open_existing(q)  # raises when the ids differ
+        store.open_existing(embedder)
     finally:
         store.close()
 
@@ -108,8 +113,4 @@ def test_new_collection_gets_onnx_int8_by_default_and_keeps_it(small_corpus: Pat
         q = make_embedder(RagConfig.load(environ=environ, device="cpu"),
                           resolve_name("minilm", MiniLMEmbedder.ONNX_INT8_ID))
         assert q.onnx and q.model_id == MiniLMEmbedder.ONNX_INT8_ID
-    store = MilvusStore(milvus_uri, "docs")
-    try:
-        store.open_existing(q)  # raises when the ids differ
-    finally:
-        store.close()
+    _open_existing(milvus_uri, q)
