@@ -383,7 +383,7 @@ def main() -> int:
                     with record(proc.pid, spy and spy / f"py_spy_c{c}.txt"), \
                             record(proc.pid, spy and spy / f"py_spy_gil_c{c}.txt", gil=True):
                         before = compiled(workdir)
-                        res["levels"].append(run_level(pool, base, prompts["recurring"][c], c, plan.max_tokens))
+                        res["levels"].append(run_level(pool, base, prompts["recurring"][c], c, plan.max_tokens, root))
                         res["levels"][-1]["triton_compiles"] = compiled(workdir) - before
                     print(json.dumps(res["levels"][-1]), flush=True)
                 res["unique"] = run_level(pool, base, prompts["unique"], plan.unique_level, plan.max_tokens)

@@ -100,8 +100,12 @@ def idle_ttft(base_url: str, root: str, prompts: list) -> dict:
             "n": len(client_ms), "prefix_hit_rate": sum(r["cached"] for r in recs) / sum(r["prompt"] for r in recs)}
 
 
-def run_level(pool: ProcessPoolExecutor, base_url: str, prompts: list, concurrency: int, max_tokens: int) -> dict:
-    """Spread `concurrency` clients over up to 8 processes (16 clients each at most)."""
+def run_level(pool: ProcessPoolExecutor, base_url: str, prompts: list, concurrency: int, max_tokens: int,
+              root: str | None = None) -> dict:
+    """Spread `concurrency` clients over up to 8 processes (16 clients each at most). With the
+    server's ``root`` URL, the level's mean TTFT in the engine (arrival at the engine to the first
+    token) goes beside the clients' mean: the difference is HTTP, templating and tokenizing."""
+    s0, c0 = server_ttft(root) if root else (0.0, 0.0)
     procs = max(1, min(8, math.ceil(concurrency / 16)))
     shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
     jobs, start = [], 0
@@ -110,7 +114,11 @@ def run_level(pool: ProcessPoolExecutor, base_url: str, prompts: list, concurren
         jobs.append(pool.submit(client_worker, base_url, prompts[start:start + n], share, max_tokens))
         start += n
     recs = [r for j in jobs for r in j.result()]
-    return summarize(recs, concurrency)
+    res = summarize(recs, concurrency)
+    if root:
+        s1, c1 = server_ttft(root)
+        res["server_ttft_mean_ms"] = 1e3 * (s1 - s0) / max(1.0, c1 - c0)
+    return res
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -129,5 +137,6 @@ def summarize(recs: list[dict], concurrency: int) -> dict:
             "first_error": next((r["error"] for r in recs if r["error"]), None), "wall_s": wall,
             "output_tokens": tokens, "output_tok_s": tokens / wall,
             "ttft_p50_ms": ms(pct(ttft, 50)), "ttft_p99_ms": ms(pct(ttft, 99)),
+            "ttft_mean_ms": ms(statistics.fmean(ttft)) if ttft else None,
             "itl_p50_ms": ms(pct(itl, 50)), "itl_p99_ms": ms(pct(itl, 99)),
             "prefix_hit_rate": sum(r["cached"] for r in ok) / max(1, sum(r["prompt"] for r in ok))}

@@ -128,12 +128,25 @@ def build_attention_batch(positions: torch.Tensor, cos: torch.Tensor, sin: torch
     return AttentionBatch(positions, cos, sin, cache, kv_len, mask.unsqueeze(1), mode, slots, causal)
 
 
+
+def absorb_is_cheaper(cfg: ModelConfig, s: int, t: int) -> bool:
+    """Whether ``s`` query tokens attending to ``t`` keys cost fewer FLOPs absorbed (in latent
+    space, as decode rows) than expanded (K/V projected out of the latents first). Per head the
+    expansion costs ``r * (dn + dv)`` per key, the latent attention ``2r + dr`` per (query, key)
+    pair instead of ``dn + dr + dv``: a few new tokens after a long cached prefix (a RAG prompt
+    that hits the prefix cache) are far cheaper absorbed, a fresh prompt expanded."""
+    r, dr, dn, dv = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
+    expand = t * (dn + dv) * r + s * t * (dn + dr + dv)  # per head: expand K/V, then attend
+    absorb = s * (dn + dv) * r + s * t * (2 * r + dr)  # per head: project q/out, attend in latent
+    return absorb <= expand
+
 class MLA(nn.Module):
     """MLA block; submodule names match the checkpoint's ``self_attn.*`` tensors."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, *, dtype=None, device=None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.cfg = cfg
         self.n_heads = cfg.num_attention_heads
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
@@ -158,10 +171,7 @@ class MLA(nn.Module):
             return mode == "absorb"
         if s == 1:  # decode: cheaper from t = 2 on, and the paged kernel ignores kv_len (graphs pass 1)
             return True
-        h, r, dr, dn, dv = self.n_heads, self.kv_lora_rank, self.rope, self.nope, self.v_dim
-        expand = t * h * (dn + dv) * r + s * h * t * (dn + dr + dv)  # expand K/V, then attend
-        absorb = s * h * (dn + dv) * r + s * h * t * (2 * r + dr)  # project q/out, attend in latent
-        return absorb <= expand
+        return absorb_is_cheaper(self.cfg, s, t)
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, batch: AttentionBatch, ops: Ops) -> torch.Tensor:
         """Attention in latent space: W_UK folded into the query, W_UV into the output."""

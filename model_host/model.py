@@ -188,8 +188,9 @@ class DeepseekV3(nn.Module):
         tokens attend only to each other.  ``last_only`` computes logits for the last column only.
 
         ``varlen``: the one row holds several sequences packed (a serving step's prefill chunks,
-        see :class:`~model_host.mla.Varlen`); ``logits_at`` [m] picks the columns whose logits are
-        computed (each finished prompt's last token) -> logits [1, m, V].
+        see :class:`~model_host.mla.Varlen`); ``logits_at`` [m] picks the positions whose logits are
+        computed, as indices into the flattened [B * S] (a packed row's columns, or a decode step's
+        rows: each finished prompt's last token) -> logits [1, m, V].
         """
         batch = self.attention_batch(input_ids, positions, cache, kv_len, mla_mode, varlen)
         x, residual = self.embed_tokens(input_ids), None
@@ -199,7 +200,8 @@ class DeepseekV3(nn.Module):
                   else self.ops.rms_norm(residual, self.norm, residual=x)).out
         # Logits only where asked; the hidden states of every position stay (the MTP layer drafts
         # from a whole prefill chunk's).
-        shown = hidden[:, -1:] if last_only else hidden if logits_at is None else hidden[:, logits_at]
+        shown = (hidden[:, -1:] if last_only else hidden if logits_at is None
+                 else hidden.flatten(0, 1)[logits_at].unsqueeze(0))
         return ModelOutput(self.lm_head(shown, self.ops), hidden)
 
     @torch.no_grad()

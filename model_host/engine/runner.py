@@ -216,17 +216,18 @@ class ModelRunner:
         if fill is not None:
             ids_t.view(-1).index_copy_(0, flat[2 * n : f], fill[2][flat[f : f + len(src)]])
         tables = self._tables(row_seqs)
+        at = flat[f + len(src) :] if picked else None
         logits = self.graphs.run(ids_t, pos_t, tables) if self.graphs is not None else None
-        if logits is None:  # no graphs (CPU, or MODEL_HOST_CUDA_GRAPHS=0), or no bucket fits: eager
+        if logits is not None:
+            logits = logits[at] if picked else logits
+        else:  # no graphs (CPU, or MODEL_HOST_CUDA_GRAPHS=0), or no bucket fits: eager, logits of kept rows only
             self.cache.bind(tables)
-            out = self.model(ids_t, pos_t, self.cache, kv_len=max(pos) + 1, last_only=True)
-            logits = out.logits[:, -1]
+            out = self.model(ids_t, pos_t, self.cache, kv_len=max(pos) + 1, last_only=not picked, logits_at=at)
+            logits = out.logits[0] if picked else out.logits[:, -1]
         for c in chunks:
             c.seq.num_computed = c.end
         for s in seqs:
             s.num_computed = len(s)
-        if picked:
-            logits = logits[flat[f + len(src) :]]
         return logits
 
     def speculate(self, seqs: list[Sequence]) -> tuple[list[list[int]], torch.Tensor]:

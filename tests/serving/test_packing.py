@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from model_host.checkpoint import make_config
 from model_host.engine.block_manager import BlockManager
 from model_host.engine.engine import Engine, EngineConfig
 from model_host.engine.packing import pack_chunks
@@ -12,6 +13,7 @@ from model_host.engine.runner import ModelRunner
 from model_host.engine.scheduler import PrefillChunk
 from model_host.engine.sequence import Sequence
 from model_host.generate import generate
+from model_host.mla import absorb_is_cheaper
 from model_host.sampler import SamplingParams
 
 
@@ -183,3 +185,35 @@ def test_prefix_hits_ride_the_decode_step_and_keep_solo_greedy_tokens(tiny_model
             assert len(multi) == 1 and multi[0] > len(prompts[3]), widths
         outputs[rows] = [s.output_ids for s in seqs]
     assert outputs[64] == outputs[0] == [generate(model, tok, p, params).token_ids for p in prompts]
+
+
+def test_absorb_cost_model_sends_cache_hits_to_rows_and_fresh_prompts_to_the_packed_forward():
+    """At V3's widths: a RAG request owing 30 tokens after a 2,000-token cache hit is cheaper as
+    latent-space rows; a fresh 2,000-token prompt, or a 4,096-token chunk of a long one, expanded."""
+    cfg = make_config("v3")
+    assert absorb_is_cheaper(cfg, 30, 2030) and absorb_is_cheaper(cfg, 150, 2150)
+    assert not absorb_is_cheaper(cfg, 2000, 2000) and not absorb_is_cheaper(cfg, 4096, 8192)
+
+
+def test_cache_hits_ride_past_the_row_budget_with_solo_greedy_tokens(tiny_model):
+    """Regression: at a 1-row budget (as at concurrency 128, where the decode rows fill the
+    budget), prefix hits went to the packed forward, which expands every chunk's whole cached
+    context. Now a chunk cheaper absorbed rides whatever the budget; a fresh prompt still goes
+    packed, and every request's greedy tokens equal its solo generate()."""
+    model, tok = tiny_model
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    shared = tok.encode("retrieved context about sealed segments and index building " * 4, add_bos=True)
+    prompts = [shared + tok.encode(" question one?"), shared + tok.encode(" and compaction?"),
+               tok.encode("vector " * 70, add_bos=True)]
+    engine = Engine(model, tok, EngineConfig(max_batch=8, kv_memory_gb=0.02, block_size=8, max_prefill_tokens=96,
+                                             row_prefill_tokens=1))
+    engine.generate([shared + tok.encode(" warm the cache")], params)
+    widths = []
+    hook = model.register_forward_hook(lambda _m, args, _o: widths.append(args[0].shape[1]))
+    try:
+        seqs = engine.generate(prompts, params)
+    finally:
+        hook.remove()
+    assert seqs[0].prompt_cached_tokens > 0 and seqs[1].prompt_cached_tokens > 0
+    assert [w for w in widths if w > 1] == [len(prompts[2])], widths  # only the fresh prompt went packed
+    assert [s.output_ids for s in seqs] == [generate(model, tok, p, params).token_ids for p in prompts]
