@@ -86,15 +86,20 @@ def test_default_kv_budget_comes_from_free_gpu_memory(tiny_fp8):
         torch.cuda.empty_cache()
 
 
-def test_served_greedy_equals_generate_for_8_concurrent_requests(tiny_fp8):
+# rows=1: the decode rows fill the row budget (as at concurrency 128), so the prefix hits ride
+# only because they are cheaper absorbed, in eager steps larger than the 8 captured rows.
+@pytest.mark.parametrize("rows", [None, 1])
+def test_served_greedy_equals_generate_for_8_concurrent_requests(tiny_fp8, rows):
     model, tok = tiny_fp8
     params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
     prompts = [tok.encode_chat(c) for c in _chats()]
     refs = [generate(model, tok, p, params).token_ids for p in prompts]
-    cfg = EngineConfig(max_batch=8, kv_memory_gb=0.05, max_prefill_tokens=64, max_model_len=4096)
+    cfg = EngineConfig(max_batch=8, kv_memory_gb=0.05, max_prefill_tokens=64, max_model_len=4096,
+                       row_prefill_tokens=rows)
     with Served(model, tok, cfg) as s:
         report = s.engine.graph_report
-        assert report is not None and report.sizes == capture_sizes(64)  # at start-up: 8 rows, or 64 with prompt rows
+        # at start-up: 8 rows, or 64 with prompt rows
+        assert report is not None and report.sizes == capture_sizes(8 if rows else 64)
 
         async def one(client, chat):
             r = await client.chat.completions.create(model=MODEL, messages=chat, max_tokens=MAX_TOKENS,
