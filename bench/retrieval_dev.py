@@ -113,11 +113,12 @@ def load_items(which: str, split: str) -> list[QAItem]:
     return items
 
 
-def latencies(items: list[QAItem], store: MilvusStore, embedder, modes: list[str]) -> dict[str, dict[str, float]]:
+def latencies(items: list[QAItem], store: MilvusStore, embedder, modes: list[str],
+              heading_weight: float | None = None) -> dict[str, dict[str, float]]:
     """Per-question wall time of Retriever.retrieve (k=5) with the real embedder, per mode."""
     from rag.retriever import Retriever
 
-    retriever = Retriever(store, embedder)
+    retriever = Retriever(store, embedder, heading_weight=heading_weight)
     retriever.retrieve("warm up", 5, mode="hybrid")  # load the model outside the timings
     out = {}
     for mode in modes:
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                                      progress=False)
             fusions = []
             grid = rrf_grid(items, store, embedder) if args.rrf_grid else {}
-            latency = latencies(items, store, embedder.inner, args.modes.split(",")) if args.latency else {}
+            latency = latencies(items, store, embedder.inner, args.modes.split(","), args.heading_weight) if args.latency else {}
             for f in (args.fusions or "").split(","):
                 if f:
                     kind, *nums = f.split(":")
