@@ -63,6 +63,7 @@ class CachedEmbedder:
         self.inner = inner
         self.model_id, self.dim, self.max_tokens = inner.model_id, inner.dim, inner.max_tokens
         self.score_floor, self.rrf_weights = inner.score_floor, inner.rrf_weights
+        self.heading_weight = getattr(inner, "heading_weight", 0.0)
         self.path = folder / (hashlib.sha1(inner.model_id.encode()).hexdigest()[:12] + ".pkl")
         self.memo: dict[str, np.ndarray] = pickle.loads(self.path.read_bytes()) if self.path.exists() else {}
         self.embed_seconds = 0.0
@@ -112,11 +113,12 @@ def load_items(which: str, split: str) -> list[QAItem]:
     return items
 
 
-def latencies(items: list[QAItem], store: MilvusStore, embedder, modes: list[str]) -> dict[str, dict[str, float]]:
+def latencies(items: list[QAItem], store: MilvusStore, embedder, modes: list[str],
+              heading_weight: float | None = None) -> dict[str, dict[str, float]]:
     """Per-question wall time of Retriever.retrieve (k=5) with the real embedder, per mode."""
     from rag.retriever import Retriever
 
-    retriever = Retriever(store, embedder)
+    retriever = Retriever(store, embedder, heading_weight=heading_weight)
     retriever.retrieve("warm up", 5, mode="hybrid")  # load the model outside the timings
     out = {}
     for mode in modes:
@@ -164,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--analyzer", default="auto", help="BM25 analyzer of the collection")
     p.add_argument("--weights", help="hybrid: DENSE,BM25 weights (score-normalised sum) instead of RRF")
     p.add_argument("--rrf-k", type=int)
+    p.add_argument("--heading-weight", type=float,
+                   help="hybrid: the heading route's RRF weight (0: off; default: the embedder's)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--rerank", choices=["off", "llm"], default="off",
                    help="llm: listwise rerank by the LLM of LLM_BASE_URL / DEEPSEEK_API_KEY (RAG_RERANK)")
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--rerank llm / --hyde need an LLM: set DEEPSEEK_API_KEY or LLM_BASE_URL (and LLM_MODEL)")
     embedder = CachedEmbedder(make_embedder(config), Path(args.cache))
     weights = tuple(float(x) for x in args.weights.split(",")) if args.weights else None
-    opts = {"rrf_k": args.rrf_k or config.rrf_k, "weights": weights,
+    opts = {"rrf_k": args.rrf_k or config.rrf_k, "weights": weights, "heading_weight": args.heading_weight,
             "collapse": config.collapse if args.collapse is None else args.collapse}
     llm = LLMClient(*config.llm, timeout=config.llm_timeout) if config.llm else None
     stages = llm_stages(config, llm)  # objects: kept out of the JSON record (`opts`)
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                                      progress=False)
             fusions = []
             grid = rrf_grid(items, store, embedder) if args.rrf_grid else {}
-            latency = latencies(items, store, embedder.inner, args.modes.split(",")) if args.latency else {}
+            latency = latencies(items, store, embedder.inner, args.modes.split(","), args.heading_weight) if args.latency else {}
             for f in (args.fusions or "").split(","):
                 if f:
                     kind, *nums = f.split(":")

@@ -29,6 +29,7 @@ class Embedder(Protocol):
     max_tokens: int  # longest input (special tokens included) embedded without truncation
     score_floor: float  # dense similarity under which a passage is unrelated, for this model
     rrf_weights: tuple[float, float]  # (dense, bm25) weights of hybrid fusion, measured per model
+    # Optional `heading_weight: float`: the heading route's weight in that fusion (absent: 0, off).
 
     @property
     def loaded(self) -> bool:
@@ -67,6 +68,10 @@ class MiniLMEmbedder:
     # Weighted RRF (dense, bm25): BM25 at 0.3 lifted the paraphrased en dev set's hit@10 from
     # 0.765 to 0.882 and MRR from 0.46 to 0.58 (docs/benchmarks.md, "Retrieval round 2").
     rrf_weights = (1.0, 0.3)
+    # The heading route's weight in that fusion (collections with a heading vector): 0.3 lifted
+    # en dev MRR@10 0.570 -> 0.686 and held-out 0.428 -> 0.500, hit@5 unchanged
+    # (docs/benchmarks.md, "Round 4").
+    heading_weight = 0.3
 
     def __init__(self, device: str | None = None, batch_size: int = 64, int8: bool | None = False,
                  onnx: bool = False):
@@ -202,6 +207,8 @@ class E5Embedder:
     score_floor = 0.82
     # BM25 at 0.5: the zh dev set's best MRR (0.919 against 0.904 for equal weights).
     rrf_weights = (1.0, 0.5)
+    # The heading route at 0.3: zh dev MRR 0.920 -> 0.927, no hit@k lost ("Round 4").
+    heading_weight = 0.3
     max_tokens = 512
 
     def __init__(self, num_threads: int | None = None, torch: bool = False, numerics: str = "int8-token"):
@@ -264,6 +271,7 @@ class OpenAIEmbedder:
 
     score_floor = 0.25
     rrf_weights = (1.0, 1.0)  # unmeasured: plain RRF
+    heading_weight = 0.0  # unmeasured: no heading route
     max_tokens = 512
 
     def __init__(self, model: str, base_url: str | None, api_key: str | None, dim: int | None = None):

@@ -64,6 +64,7 @@ class Retriever:
         self, store: MilvusStore, embedder: Embedder, mode: str = "dense", rrf_k: int = 10,
         weights: tuple[float, float] | None = None, candidates: int | None = None, collapse: bool = False,
         reranker: Reranker | None = None, rerank_candidates: int = 20, hyde: HydeWriter | None = None,
+        heading_weight: float | None = None,
     ):
         self.store = store
         self.embedder = embedder
@@ -71,6 +72,10 @@ class Retriever:
         self.rrf_k = rrf_k
         # (dense, bm25) weights of the fusion; None takes the embedder's measured ones.
         self.weights = weights or embedder.rrf_weights
+        # Weight of the heading route (question vs each chunk's own heading) in hybrid fusion;
+        # None takes the embedder's measured one (0: off). Only collections with the heading
+        # vector have the route (`store.heading`); others fuse dense and BM25 as before.
+        self.heading_weight = getattr(embedder, "heading_weight", 0.0) if heading_weight is None else heading_weight
         self.candidates = candidates  # hits per route before fusion; None lets the store pick
         # One hit per section (source + heading path): a long section's chunks would otherwise
         # fill several of the k slots, crowding out other sections that may hold the answer.
@@ -90,11 +95,15 @@ class Retriever:
 
     def _hybrid(self, vec, question: str, k: int, filter: str, depth: int) -> list[Hit]:
         dense_w, bm25_w = self.weights
-        if dense_w == bm25_w:  # plain RRF: one request, fused inside Milvus
+        heading_w = self.heading_weight if self.store.heading else 0.0
+        if dense_w == bm25_w and not heading_w:  # plain RRF: one request, fused inside Milvus
             return self.store.search_hybrid(vec, question, k, filter, rrf_k=self.rrf_k, candidates=self.candidates)
         n = self.candidates or depth
-        return weighted_rrf([(dense_w, self.store.search_dense(vec, n, filter)),
-                             (bm25_w, self.store.search_bm25(question, n, filter, query=vec))], self.rrf_k, k)
+        lists = [(dense_w, self.store.search_dense(vec, n, filter)),
+                 (bm25_w, self.store.search_bm25(question, n, filter, query=vec))]
+        if heading_w:
+            lists.append((heading_w, self.store.search_heading(vec, n, filter)))
+        return weighted_rrf(lists, self.rrf_k, k)
 
     def retrieve(self, question: str, k: int, filter: str = "", mode: str | None = None) -> Retrieval:
         """Top-k hits for `question`; `filter` is a Milvus boolean expression, e.g. `source like "docs/%"`."""

@@ -7,7 +7,7 @@ from typing import Any
 
 from pymilvus import CollectionSchema, DataType, Function, FunctionType, MilvusClient
 
-from rag.bm25 import ANALYZER_PARAMS
+from rag.bm25 import ANALYZER_PARAMS, title_of
 from rag.types import Chunk
 
 # 2: BM25 reads its own field, `bm25_text` (title + heading path + text, see rag/bm25.py);
@@ -16,11 +16,16 @@ SCHEMA_VERSION = "2"
 TEXT_MAX_BYTES = 65535  # Milvus VARCHAR limits count UTF-8 bytes, not characters
 SOURCE_MAX_BYTES = 1024
 HEADER_MAX_BYTES = 2048
+# The embedding of each chunk's own (last) heading, where Milvus holds a second vector field
+# (2.4+): hybrid search's third route. Optional: collections made before it, or on a server
+# without it, have no such field and search as before.
+HEADING_FIELD = "heading_vector"
 RAG_FIELDS = ["id", "vector", "text", "source", "header_path", "chunk_index", "chunk_count", "file_hash",
               "embedder", "metadata"]
 
-def build_schema(dim: int, analyzer: str, with_bm25: bool) -> CollectionSchema:
-    """The fields rag-ingest writes; `sparse` and its BM25 function only where Milvus has them."""
+def build_schema(dim: int, analyzer: str, with_bm25: bool, with_heading: bool = False) -> CollectionSchema:
+    """The fields rag-ingest writes; `sparse` and its BM25 function, and the heading vector,
+    only where Milvus has them."""
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
@@ -32,6 +37,8 @@ def build_schema(dim: int, analyzer: str, with_bm25: bool) -> CollectionSchema:
     schema.add_field("file_hash", DataType.VARCHAR, max_length=64)
     schema.add_field("embedder", DataType.VARCHAR, max_length=256)
     schema.add_field("metadata", DataType.JSON)
+    if with_heading:
+        schema.add_field(HEADING_FIELD, DataType.FLOAT_VECTOR, dim=dim)
     if with_bm25:
         # BM25 reads its own text (title + heading path + chunk, stemmed for `english`), so the
         # stored `text` stays what the prompt quotes.
@@ -43,6 +50,13 @@ def build_schema(dim: int, analyzer: str, with_bm25: bool) -> CollectionSchema:
             input_field_names=["bm25_text"], output_field_names=["sparse"],
         ))
     return schema
+
+
+def heading_text(chunk: Chunk) -> str:
+    """What the heading vector embeds: the chunk's own (last) heading; for a chunk with no
+    heading, its document's title (front matter `title`, else the file name as words)."""
+    heads = [h.strip() for h in chunk.header_path if h.strip()]
+    return heads[-1] if heads else title_of(chunk)
 
 
 def row_problem(chunk: Chunk, lexical: str = "") -> str | None:

@@ -24,7 +24,7 @@ from pymilvus import AnnSearchRequest, MilvusClient, MilvusException, RRFRanker
 
 from rag import bm25
 from rag.embedder import Embedder, embedder_name
-from rag.schema import SCHEMA_VERSION, build_schema, foreign_shape, row_problem
+from rag.schema import HEADING_FIELD, SCHEMA_VERSION, build_schema, foreign_shape, heading_text, row_problem
 from rag.types import Chunk, Hit
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,8 @@ class MilvusStore:
         self.client = connect(uri, token)
         self.bm25 = False
         self.analyzer = "standard"  # of the BM25 field; read from the collection when it is opened
+        self.heading = False  # whether the collection has the heading vector (hybrid's third route)
+        self.embedder: Embedder | None = None  # set by ensure / open_existing; embeds headings on upsert
         # query_iterator asks Milvus Lite for an optional timestamp RPC it lacks; the in-process
         # server logs a traceback and the client a warning, then both carry on correctly.
         logging.getLogger("pymilvus").setLevel(logging.ERROR)
@@ -218,6 +220,8 @@ class MilvusStore:
         desc = self.describe()
         self.bm25 = bool(desc.get("functions"))
         self.analyzer = (desc.get("properties") or {}).get("rag.analyzer", "standard")
+        self.heading = any(f["name"] == HEADING_FIELD for f in desc["fields"])
+        self.embedder = embedder
         # A reopened collection is not searchable until loaded (Lite and server alike).
         self.client.load_collection(self.collection)
 
@@ -225,12 +229,21 @@ class MilvusStore:
         # Attempts, best first: BM25 with the chosen analyzer; BM25 with the standard analyzer
         # (Milvus Lite builds jieba only when the `jieba` package is installed); no BM25 at all
         # (a server older than 2.5), i.e. dense only. Each fallback logs one warning line.
+        # The heading vector (a second vector field, Milvus 2.4+) serves hybrid search only, so
+        # it goes with BM25: a server that refuses it is retried without it, and one warning
+        # says so only if BM25 then works (else the BM25 warning is the only one).
+        self.embedder = embedder
         attempt: str | None = analyzer
+        with_heading = True
+        heading_refused: str | None = None
         while True:
             with_bm25 = attempt is not None
-            schema = build_schema(embedder.dim, attempt or "standard", with_bm25)
+            with_heading = with_heading and with_bm25
+            schema = build_schema(embedder.dim, attempt or "standard", with_bm25, with_heading)
             index = self.client.prepare_index_params()
             index.add_index("vector", index_type="AUTOINDEX", metric_type="IP")
+            if with_heading:
+                index.add_index(HEADING_FIELD, index_type="AUTOINDEX", metric_type="IP")
             if with_bm25:
                 index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
             props = {
@@ -255,6 +268,10 @@ class MilvusStore:
                 if self.exists():
                     self.client.drop_collection(self.collection)
                 reason = str(getattr(e, "message", e))
+                if with_heading:
+                    heading_refused = reason
+                    with_heading = False
+                    continue
                 if attempt != "standard" and any(w in reason.lower() for w in (attempt, "tokenizer", "analyzer")):
                     log.warning("Milvus at %s cannot build the %s analyzer (%s); BM25 uses the standard analyzer",
                                 self.uri, attempt, reason)
@@ -267,7 +284,9 @@ class MilvusStore:
             finally:
                 pymilvus_log.setLevel(level)
             # Servers older than 2.5 accept the schema but silently drop functions.
-            self.bm25 = bool(self.describe().get("functions"))
+            desc = self.describe()
+            self.bm25 = bool(desc.get("functions"))
+            self.heading = any(f["name"] == HEADING_FIELD for f in desc["fields"])
             self.analyzer = attempt or "standard"
             if with_bm25 and not self.bm25:
                 # Its `sparse` field would then be an ordinary field that every upsert must fill;
@@ -276,6 +295,9 @@ class MilvusStore:
                 self.client.drop_collection(self.collection)
                 attempt = None
                 continue
+            if heading_refused is not None and self.bm25:
+                log.warning("Milvus at %s cannot hold a second vector field (%s); hybrid search runs without "
+                            "its heading route", self.uri, heading_refused)
             return
 
     def close(self) -> None:
@@ -284,9 +306,21 @@ class MilvusStore:
     # -- writes ----------------------------------------------------------------------------
 
     def upsert(self, chunks: Sequence[Chunk], vectors: np.ndarray, embedder_id: str) -> None:
-        """Write chunks; ids are deterministic, so writing the same chunk twice is a no-op."""
+        """Write chunks; ids are deterministic, so writing the same chunk twice is a no-op.
+
+        Where the collection has the heading vector, each distinct heading text of the batch
+        is embedded once (with the embedder the store was opened with) and written in the
+        same row, so a chunk is never stored without it."""
+        heads: list[np.ndarray | None] = [None] * len(chunks)
+        if self.heading and chunks:
+            if self.embedder is None:
+                raise StoreError(f"collection {self.collection!r} was not opened with an embedder (ensure it first)")
+            texts = [heading_text(c) for c in chunks]
+            distinct = list(dict.fromkeys(texts))
+            by_text = dict(zip(distinct, self.embedder.embed_documents(distinct), strict=True))
+            heads = [by_text[t] for t in texts]
         rows = []
-        for chunk, vec in zip(chunks, vectors, strict=True):
+        for chunk, vec, head in zip(chunks, vectors, heads, strict=True):
             lexical = bm25.document_text(chunk, self.analyzer) if self.bm25 else ""
             if problem := row_problem(chunk, lexical):
                 raise StoreError(f"{chunk.source}: {problem}; shorten it (or lower --chunk-size)")
@@ -296,6 +330,7 @@ class MilvusStore:
                 "chunk_count": chunk.chunk_count, "file_hash": chunk.file_hash, "embedder": embedder_id,
                 "metadata": {"start": chunk.start, "end": chunk.end, **chunk.metadata},
                 **({"bm25_text": lexical} if self.bm25 else {}),
+                **({HEADING_FIELD: np.asarray(head, dtype=np.float32).tolist()} if head is not None else {}),
             })
         if rows:
             self.client.upsert(self.collection, rows)
@@ -397,6 +432,22 @@ class MilvusStore:
             output_fields=OUTPUT_FIELDS, search_params={"metric_type": "IP"}, consistency_level=STRONG,
         )
         return self._hits(res[0], dense=True)
+
+    @reloading
+    def search_heading(self, vector: np.ndarray, k: int, filter: str = "") -> list[Hit]:
+        """Top-k by the question's similarity to each chunk's heading (the heading route).
+
+        Chunks of one section share a heading, hence its score: ties go to the chunk whose own
+        vector is closer, so twice k are fetched and re-sorted. Each hit's `similarity` is the
+        chunk's own (for fusion and the score floor); its score is the heading's."""
+        res = self.client.search(
+            self.collection, data=[vector.tolist()], anns_field=HEADING_FIELD, limit=2 * k, filter=filter,
+            output_fields=[*OUTPUT_FIELDS, "vector"], search_params={"metric_type": "IP"},
+            consistency_level=STRONG,
+        )
+        hits = self._hits(res[0], query=vector)
+        hits.sort(key=lambda h: (-round(h.score, 5), -(h.similarity or 0.0)))
+        return hits[:k]
 
     @reloading
     def search_bm25(self, text: str, k: int, filter: str = "", query: np.ndarray | None = None) -> list[Hit]:

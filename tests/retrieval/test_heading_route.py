@@ -1,0 +1,138 @@
+"""The heading route of hybrid search: each chunk's own heading embedded alone, a third RRF list
+(docs/benchmarks.md, "Round 4"). Real MiniLM, real Milvus Lite."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+from pymilvus import DataType, MilvusException
+
+from ingest.config import IngestConfig
+from ingest.pipeline import ingest
+from rag.config import RagConfig
+from rag.retriever import Retriever
+from rag.schema import HEADING_FIELD, SCHEMA_VERSION, build_schema, heading_text
+from rag.store import STRONG, MilvusStore
+from rag.types import Chunk
+from tests.conftest import shared_data
+
+# A paraphrase (en dev set, enp29) of the FAQ entry "What is the maximum length of self-defined
+# entity primary keys?" that shares none of its words: the heading route lifts it from 2 to 1.
+QUESTION = "How long may my own ID values be?"
+GOLD = "What is the maximum length of self-defined entity primary keys?"
+
+
+def _ingest(docs: Path, uri: str, embedder, store: MilvusStore) -> None:
+    cfg = RagConfig.load(environ={}, milvus_uri=uri, collection=store.collection)
+    report = ingest([str(docs)], cfg, IngestConfig.load(environ={}), embedder=embedder, store=store, progress=False)
+    assert report.chunks_written > 0
+
+
+def _vector_fields(store: MilvusStore) -> list[str]:
+    return [f["name"] for f in store.describe()["fields"] if f["type"] == DataType.FLOAT_VECTOR]
+
+
+def test_heading_text_is_the_last_heading_else_the_title():
+    def chunk(path: tuple[str, ...], **md) -> Chunk:
+        return Chunk(source="docs/faq/product_faq.md", chunk_index=0, text="t", header_path=path, start=0, end=1,
+                     metadata=md)
+
+    assert heading_text(chunk(("Product FAQ", "Can it run on ARM?"))) == "Can it run on ARM?"
+    assert heading_text(chunk(())) == "product faq"  # the file name as words
+    assert heading_text(chunk((), front_matter={"title": "Milvus FAQ"})) == "Milvus FAQ"
+
+
+def test_new_collection_has_the_heading_route_and_it_ranks_a_paraphrased_faq_first(tmp_path: Path, milvus_uri: str,
+                                                                                  embedder):
+    docs = tmp_path / "faq"
+    shutil.copytree(shared_data("milvus_docs_en") / "faq", docs)
+    store = MilvusStore(milvus_uri, "faq")
+    try:
+        _ingest(docs, milvus_uri, embedder, store)
+        assert store.bm25 and store.heading and _vector_fields(store) == ["vector", HEADING_FIELD]
+
+        # Every row holds the embedding of its own heading (embedded once per distinct text).
+        rows = store.client.query("faq", filter="", output_fields=["header_path", "source", "metadata",
+                                                                   HEADING_FIELD], limit=1000,
+                                  consistency_level=STRONG)
+        for r in rows[:20]:
+            path = tuple(h for h in r["header_path"].split(" › ") if h)
+            md = r["metadata"] or {}
+            c = Chunk(source=r["source"], chunk_index=0, text="", header_path=path, start=0, end=0,
+                      metadata={"front_matter": md["front_matter"]} if "front_matter" in md else {})
+            want = embedder.embed_documents([heading_text(c)])[0]
+            assert float(np.dot(np.asarray(r[HEADING_FIELD], dtype=np.float32), want)) > 0.999
+
+        with_route = Retriever(store, embedder, mode="hybrid").retrieve(QUESTION, 5)
+        without = Retriever(store, embedder, mode="hybrid", heading_weight=0.0).retrieve(QUESTION, 5)
+        assert with_route.mode == without.mode == "hybrid"
+        assert with_route.hits[0].header_path.endswith(GOLD), [h.header_path for h in with_route.hits]
+        assert not without.hits[0].header_path.endswith(GOLD)
+        assert any(h.header_path.endswith(GOLD) for h in without.hits)  # it was there, lower
+        assert all(h.similarity is not None for h in with_route.hits)  # the score floor still applies
+
+        # Re-ingesting the unchanged folder writes nothing (the field changes no chunk id).
+        cfg = RagConfig.load(environ={}, milvus_uri=milvus_uri, collection="faq")
+        again = ingest([str(docs)], cfg, IngestConfig.load(environ={}), embedder=embedder, store=store,
+                       progress=False)
+        assert again.chunks_written == 0
+    finally:
+        store.close()
+
+
+def test_collection_without_the_heading_field_answers_as_before(small_corpus: Path, milvus_uri: str, embedder,
+                                                                 caplog):
+    """A collection made before the heading route (schema 2, one vector field) opens, takes an
+    incremental ingest and answers in hybrid mode, with no warning and no error."""
+    store = MilvusStore(milvus_uri, "old")
+    index = store.client.prepare_index_params()
+    index.add_index("vector", index_type="AUTOINDEX", metric_type="IP")
+    index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+    store.client.create_collection(
+        "old", schema=build_schema(embedder.dim, "english", True), index_params=index, consistency_level=STRONG,
+        properties={"rag.embedder": embedder.model_id, "rag.schema": SCHEMA_VERSION, "rag.analyzer": "english"},
+    )
+    try:
+        with caplog.at_level(logging.WARNING):
+            _ingest(small_corpus, milvus_uri, embedder, store)
+            assert store.bm25 and not store.heading and _vector_fields(store) == ["vector"]
+            retriever = Retriever(store, embedder, mode="hybrid")
+            assert retriever.heading_weight > 0  # the embedder has a route; the collection does not
+            got = retriever.retrieve("how are indexes built?", 3)
+            reopened = MilvusStore(milvus_uri, "old")
+            reopened.open_existing(embedder)
+            again = Retriever(reopened, embedder, mode="hybrid").retrieve("how are indexes built?", 3)
+            reopened.close()
+        assert got.mode == "hybrid" and got.hits[0].source.endswith("index.md")
+        assert [h.id for h in again.hits] == [h.id for h in got.hits]
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("rag")]
+    finally:
+        store.close()
+
+
+def test_server_without_a_second_vector_field_keeps_bm25_with_one_warning(small_corpus: Path, milvus_uri: str,
+                                                                          embedder, caplog):
+    """Milvus before 2.4 holds one vector field per collection: the collection is made as
+    before (BM25, no heading vector), with one warning, and hybrid search fuses two routes."""
+    store = MilvusStore(milvus_uri, "one_vector")
+    real_create = store.client.create_collection
+
+    def create_one_vector_field(name, schema=None, **kw):
+        if schema is not None and sum(f.dtype == DataType.FLOAT_VECTOR for f in schema.fields) > 1:
+            raise MilvusException(code=1, message="maximum vector field's number should be limited to 1")
+        return real_create(name, schema=schema, **kw)
+
+    store.client.create_collection = create_one_vector_field
+    try:
+        with caplog.at_level(logging.WARNING):
+            _ingest(small_corpus, milvus_uri, embedder, store)
+            got = Retriever(store, embedder, mode="hybrid").retrieve("partition keys", 3)
+        assert store.bm25 and not store.heading and _vector_fields(store) == ["vector"]
+        assert got.mode == "hybrid" and got.hits[0].source.endswith("partitions.md")
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("rag")]
+        assert len(warnings) == 1 and "second vector field" in warnings[0].getMessage(), warnings
+    finally:
+        store.close()
