@@ -63,7 +63,7 @@ class CachedEmbedder:
         self.inner = inner
         self.model_id, self.dim, self.max_tokens = inner.model_id, inner.dim, inner.max_tokens
         self.score_floor, self.rrf_weights = inner.score_floor, inner.rrf_weights
-        self.heading_weight = getattr(inner, "heading_weight", 0.0)
+        self.heading_weight = inner.heading_weight
         self.path = folder / (hashlib.sha1(inner.model_id.encode()).hexdigest()[:12] + ".pkl")
         self.memo: dict[str, np.ndarray] = pickle.loads(self.path.read_bytes()) if self.path.exists() else {}
         self.embed_seconds = 0.0

@@ -29,7 +29,7 @@ class Embedder(Protocol):
     max_tokens: int  # longest input (special tokens included) embedded without truncation
     score_floor: float  # dense similarity under which a passage is unrelated, for this model
     rrf_weights: tuple[float, float]  # (dense, bm25) weights of hybrid fusion, measured per model
-    # Optional `heading_weight: float`: the heading route's weight in that fusion (absent: 0, off).
+    heading_weight: float  # the heading route's weight in that fusion, measured per model (0: off)
 
     @property
     def loaded(self) -> bool:

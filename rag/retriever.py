@@ -75,7 +75,7 @@ class Retriever:
         # Weight of the heading route (question vs each chunk's own heading) in hybrid fusion;
         # None takes the embedder's measured one (0: off). Only collections with the heading
         # vector have the route (`store.heading`); others fuse dense and BM25 as before.
-        self.heading_weight = getattr(embedder, "heading_weight", 0.0) if heading_weight is None else heading_weight
+        self.heading_weight = embedder.heading_weight if heading_weight is None else heading_weight
         self.candidates = candidates  # hits per route before fusion; None lets the store pick
         # One hit per section (source + heading path): a long section's chunks would otherwise
         # fill several of the k slots, crowding out other sections that may hold the answer.

@@ -15,6 +15,7 @@ import numpy as np
 class HashEmbedder:
     score_floor = 0.0
     rrf_weights = (1.0, 1.0)
+    heading_weight = 0.0  # no heading route: these tests fuse dense and BM25 only
     max_tokens = 256
     loaded = True  # nothing to load
 
