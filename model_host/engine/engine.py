@@ -75,7 +75,8 @@ class Engine:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         dtype = config.cache_dtype or model.dtype
         layers = model.num_cache_layers
-        self.kv_plan = plan_kv(model, config.kv_memory_gb, config.max_prefill_tokens, config.graph_memory_gb)
+        self.kv_plan = plan_kv(model, config.kv_memory_gb, config.max_prefill_tokens, config.graph_memory_gb,
+                               config.max_batch)
         num_blocks = PagedLatentCache.blocks_for_budget(
             self.kv_plan.kv_bytes, layers, config.block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)
         self.cache = PagedLatentCache(layers, num_blocks, config.block_size, cfg.kv_lora_rank,

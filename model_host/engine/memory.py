@@ -65,14 +65,29 @@ def expansion_bytes(cfg, keys: int, dtype: torch.dtype) -> int:
     return keys * per_key * torch.empty((), dtype=dtype).element_size()
 
 
-def plan_kv(model, kv_memory_gb: float | None, max_prefill_tokens: int, graph_memory_gb: float) -> KVPlan:
-    """The KV budget: explicit, the CPU default, or measured on the GPU."""
+def absorbed_bytes(cfg, rows: int) -> int:
+    """The paged decode attention's buffers for one layer of ``rows`` rows beyond what a prefill
+    of as many tokens holds: per head, the fp32 partial output and log-sum-exp of one KV split
+    (a step this wide fills the machine with one split per row), the latent query and the
+    latent output. A decode step carries up to max_batch + max_prefill_tokens rows when prompt
+    chunks that hit the prefix cache ride it (Engine._split)."""
+    h, r, dr = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    return rows * h * (4 * (r + 1) + 2 * (r + dr) + 2 * r)
+
+
+def plan_kv(model, kv_memory_gb: float | None, max_prefill_tokens: int, graph_memory_gb: float,
+            max_batch: int = 0) -> KVPlan:
+    """The KV budget: explicit, the CPU default, or measured on the GPU. On top of the measured
+    prefill step: the larger of the packed forward's key expansion beyond that step and the
+    widest decode step's attention buffers."""
     if kv_memory_gb is not None:
         return KVPlan(int(kv_memory_gb * 2**30))
     if model.device.type != "cuda":
         return KVPlan(int(CPU_KV_GB * 2**30))
-    activation = prefill_peak_bytes(model, max_prefill_tokens) + expansion_bytes(
-        model.cfg, max(0, PREFILL_CONTEXT_KEYS - max_prefill_tokens), model.dtype)
+    cfg = model.cfg
+    activation = prefill_peak_bytes(model, max_prefill_tokens) + max(
+        expansion_bytes(cfg, max(0, PREFILL_CONTEXT_KEYS - max_prefill_tokens), model.dtype),
+        absorbed_bytes(cfg, max_batch + max_prefill_tokens))
     free = torch.cuda.mem_get_info(model.device)[0]
     graphs = int(graph_memory_gb * 2**30)
     plan = KVPlan(kv_budget(free, activation, graphs), free, activation, graphs)

@@ -7,6 +7,7 @@ import torch
 from model_host.checkpoint import make_config
 from model_host.engine.block_manager import BlockManager
 from model_host.engine.engine import Engine, EngineConfig
+from model_host.engine.memory import absorbed_bytes, expansion_bytes
 from model_host.engine.packing import pack_chunks
 from model_host.engine.paged_cache import PagedLatentCache
 from model_host.engine.runner import ModelRunner
@@ -114,7 +115,6 @@ def test_prefill_groups_bound_the_attended_keys():
     from types import SimpleNamespace
 
     from model_host.checkpoint import make_config
-    from model_host.engine.memory import expansion_bytes
     from model_host.engine.runner import context_groups
 
     chunks = [SimpleNamespace(end=e, name=i) for i, e in enumerate((2000, 1900, 30000, 100, 5000, 9000))]
@@ -193,6 +193,11 @@ def test_absorb_cost_model_sends_cache_hits_to_rows_and_fresh_prompts_to_the_pac
     cfg = make_config("v3")
     assert absorb_is_cheaper(cfg, 30, 2030) and absorb_is_cheaper(cfg, 150, 2150)
     assert not absorb_is_cheaper(cfg, 2000, 2000) and not absorb_is_cheaper(cfg, 4096, 8192)
+    # The widest such step (128 decode rows + a 4,096-token budget of riding rows) needs more
+    # attention memory than the packed forward's extra key expansion: the KV plan reserves it.
+    rows = absorbed_bytes(cfg, 128 + 4096)
+    assert rows == 4224 * 128 * (4 * 513 + 2 * 576 + 2 * 512)  # ~2.1 GiB
+    assert rows > expansion_bytes(cfg, 16384 - 4096, torch.bfloat16)
 
 
 def test_cache_hits_ride_past_the_row_budget_with_solo_greedy_tokens(tiny_model):
