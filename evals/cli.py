@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--uri", help="Milvus Lite path or server URI (default: a temporary Lite folder)")
     common.add_argument("--rrf-k", type=int, help="k of reciprocal-rank fusion (RAG_RRF_K)")
     common.add_argument("--weights", type=_weights, help="hybrid: weighted RRF with these weights instead of the embedder's")
+    common.add_argument("--heading-weight", type=float,
+                        help="hybrid: weight of the heading route (0: off; default: the embedder's)")
     common.add_argument("--candidates", type=int, help="hits per route before hybrid fusion (default: store's choice)")
     common.add_argument("--collapse", action=argparse.BooleanOptionalAction, default=None,
                         help="one hit per section (source + heading path) (RAG_COLLAPSE)")
@@ -108,7 +110,7 @@ def _uri(arg: str | None):
 def _retriever_opts(args, config: RagConfig) -> dict[str, Any]:
     collapse = config.collapse if args.collapse is None else args.collapse
     return {"rrf_k": args.rrf_k or config.rrf_k, "weights": args.weights, "candidates": args.candidates,
-            "collapse": collapse}
+            "collapse": collapse, "heading_weight": args.heading_weight}
 
 
 def _table(rows: list[dict[str, Any]], metrics: list[str], published: dict[str, float] | None = None) -> str:
