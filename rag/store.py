@@ -13,16 +13,16 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import numpy as np
-from pymilvus import AnnSearchRequest, MilvusClient, MilvusException, RRFRanker
+from pymilvus import AnnSearchRequest, MilvusException, RRFRanker
 
 from rag import bm25
+from rag.connection import StoreError, connect, is_local_uri, is_released
 from rag.embedder import Embedder, embedder_name
 from rag.schema import HEADING_FIELD, SCHEMA_VERSION, build_schema, foreign_shape, heading_text, row_problem
 from rag.types import Chunk, Hit
@@ -33,17 +33,7 @@ OUTPUT_FIELDS = ["text", "source", "header_path", "chunk_index", "metadata"]
 STRONG = "Strong"  # ingest state must see its own writes, on a server too
 
 
-class StoreError(RuntimeError):
-    """A store problem the user can fix; the message is one line that names the fix."""
-
-
 R = TypeVar("R")
-
-
-def is_released(e: MilvusException) -> bool:
-    """Milvus' answer to a search or query on a collection that is not loaded (any more)."""
-    msg = str(getattr(e, "message", e)).lower()
-    return "released" in msg or "not loaded" in msg
 
 
 def reloading(method: Callable[..., R]) -> Callable[..., R]:
@@ -85,42 +75,6 @@ class FileState:
             list(self.ids_by_hash) == [file_hash]
             and len(set(self.ids_by_hash[file_hash])) == self.expected.get(file_hash, -1)
         )
-
-
-def is_local_uri(uri: str) -> bool:
-    return "://" not in uri
-
-
-def connect(uri: str, token: str | None = None) -> MilvusClient:
-    """Open Milvus Lite or a server, turning the usual failures into one clear line."""
-    kwargs: dict[str, Any] = {"uri": uri}
-    if token:
-        kwargs["token"] = token
-    if is_local_uri(uri):
-        parent = os.path.dirname(os.path.abspath(uri))
-        os.makedirs(parent, exist_ok=True)
-        # Milvus Lite logs a traceback for a locked db before raising; our one line says it all.
-        logging.getLogger("milvus_lite").setLevel(logging.CRITICAL)
-    else:
-        kwargs["timeout"] = 10
-    try:
-        return MilvusClient(**kwargs)
-    except MilvusException as e:
-        if is_local_uri(uri) and not uri.endswith(".db"):
-            # pymilvus only treats paths ending in .db as Milvus Lite; anything else is not a lock problem.
-            raise StoreError(f"Milvus Lite path {uri!r} must end in .db (e.g. ./data/milvus.db); fix MILVUS_URI / --uri") from e
-        if is_local_uri(uri) and "Open local milvus failed" not in str(getattr(e, "message", "")):
-            # The embedded server started but did not answer (e.g. a heavily loaded machine).
-            raise StoreError(f"cannot connect to Milvus Lite db {uri!r}: {getattr(e, 'message', e)}; retry") from e
-        if is_local_uri(uri):
-            raise StoreError(
-                f"cannot open Milvus Lite db {uri!r}: another process (a running rag-ui, rag-ingest or notebook?) "
-                f"holds its lock; stop it, or point MILVUS_URI at another path"
-            ) from e
-        raise StoreError(
-            f"cannot reach Milvus at {uri}: {e.message if hasattr(e, 'message') else e}; "
-            f"start the server or fix MILVUS_URI / MILVUS_TOKEN"
-        ) from e
 
 
 class MilvusStore:
