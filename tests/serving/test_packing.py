@@ -24,6 +24,16 @@ def _seq(tokens: list[int], table: list[int]) -> Sequence:
     return seq
 
 
+def _generate_recording_widths(model, engine: Engine, prompts: list[list[int]], params: SamplingParams):
+    """engine.generate(prompts), and the width (tokens per row) of every model forward it ran."""
+    widths: list[int] = []
+    hook = model.register_forward_hook(lambda _m, args, _o: widths.append(args[0].shape[1]))
+    try:
+        return engine.generate(prompts, params), widths
+    finally:
+        hook.remove()
+
+
 def test_pack_chunks_layout():
     """Sequence a: 6 tokens, a cached prefix of 4, its last 2 now (ends it); sequence b: 7
     tokens, its first chunk of 5 (does not end it). Block size 4."""
@@ -96,12 +106,7 @@ def test_packed_prefill_gives_solo_greedy_tokens(tiny_model):
     prompts = [shared + tok.encode(" question one?"), tok.encode("hello", add_bos=True),
                shared + tok.encode(" a longer second question about compaction and deletes?"),
                tok.encode("vector " * 70, add_bos=True), tok.encode("short one", add_bos=True)]
-    steps = []
-    hook = model.register_forward_hook(lambda _m, args, _o: steps.append(args[0].shape[1]))
-    try:
-        seqs = engine.generate(prompts, params)
-    finally:
-        hook.remove()
+    seqs, steps = _generate_recording_widths(model, engine, prompts, params)
     assert max(steps) > 80  # several prompts' chunks went through one forward
     assert seqs[0].prompt_cached_tokens > 0 and seqs[2].prompt_cached_tokens > 0
     for p, s in zip(prompts, seqs, strict=True):
@@ -171,12 +176,7 @@ def test_prefix_hits_ride_the_decode_step_and_keep_solo_greedy_tokens(tiny_model
         engine = Engine(model, tok, EngineConfig(max_batch=8, kv_memory_gb=0.02, block_size=8, max_prefill_tokens=96,
                                                  row_prefill_tokens=rows))
         engine.generate([shared + tok.encode(" warm the cache")], params)
-        widths = []
-        hook = model.register_forward_hook(lambda _m, args, _o, widths=widths: widths.append(args[0].shape[1]))
-        try:
-            seqs = engine.generate(prompts, params)
-        finally:
-            hook.remove()
+        seqs, widths = _generate_recording_widths(model, engine, prompts, params)
         assert seqs[0].prompt_cached_tokens > 0 and seqs[1].prompt_cached_tokens > 0
         multi = [w for w in widths if w > 1]
         if rows:  # the 72-token prompt is over the row budget and goes packed; the rest ride
@@ -213,12 +213,7 @@ def test_cache_hits_ride_past_the_row_budget_with_solo_greedy_tokens(tiny_model)
     engine = Engine(model, tok, EngineConfig(max_batch=8, kv_memory_gb=0.02, block_size=8, max_prefill_tokens=96,
                                              row_prefill_tokens=1))
     engine.generate([shared + tok.encode(" warm the cache")], params)
-    widths = []
-    hook = model.register_forward_hook(lambda _m, args, _o: widths.append(args[0].shape[1]))
-    try:
-        seqs = engine.generate(prompts, params)
-    finally:
-        hook.remove()
+    seqs, widths = _generate_recording_widths(model, engine, prompts, params)
     assert seqs[0].prompt_cached_tokens > 0 and seqs[1].prompt_cached_tokens > 0
     assert [w for w in widths if w > 1] == [len(prompts[2])], widths  # only the fresh prompt went packed
     assert [s.output_ids for s in seqs] == [generate(model, tok, p, params).token_ids for p in prompts]
