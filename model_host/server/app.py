@@ -28,6 +28,7 @@ from model_host.tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 4 * 2**20
 DISCONNECT_POLL_S = 0.1  # how often a non-streaming request checks that its client is still there
+TEXT_SLOT = "\ue000"  # a private-use character: where a streamed event's text goes in its template
 log = logging.getLogger(__name__)
 
 
@@ -236,8 +237,10 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
                 return {"index": 0, "delta" if stream else "message":
                         ({"content": text} if stream else {"role": "assistant", "content": text}),
                         "logprobs": lp, "finish_reason": finish}
-            lp = completion_logprobs(lps, sent_chars) if logprobs else None
-            sent_chars += len(text)
+            lp = None
+            if logprobs:
+                lp = completion_logprobs(lps, sent_chars)
+                sent_chars += len(text)
             return {"index": 0, "text": text, "finish_reason": finish, "logprobs": lp}
 
         if not stream:
@@ -261,12 +264,20 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
             if chat:
                 yield sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                 "finish_reason": None}]})
+            # A text event without logprobs (nearly every event of a stream) is one template with
+            # the text spliced in, serialized once per request instead of once per event (json of
+            # the whole chunk was ~12% of the HTTP thread's GIL time at concurrency 128).
+            if not logprobs:
+                head, _, tail = sse({**base, "choices": [choice(TEXT_SLOT, None, [])]}).rpartition(
+                    json.dumps(TEXT_SLOT, ensure_ascii=False))
             gen = outputs(r)
             try:
                 async for batch in gen:
                     text, lps, out = "".join(o.text for o in batch), [o.logprob for o in batch if o.logprob], batch[-1]
-                    if text or lps:
+                    if logprobs and (text or lps):
                         yield sse({**base, "choices": [choice(text, None, lps)]})
+                    elif text:
+                        yield head + json.dumps(text, ensure_ascii=False) + tail
                     if out.finished:
                         yield sse({**base, "choices": [choice("", out.seq.finish_reason, [])]})
                         if include_usage:

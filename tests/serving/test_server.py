@@ -168,3 +168,25 @@ def test_api_key_and_completions_endpoint(serve):
         r = client.completions.create(model=MODEL, prompt="The vector database", max_tokens=3,
                                       extra_body={"ignore_eos": True})
         assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("route", ["chat/completions", "completions"])
+def test_streamed_events_are_canonical_json_with_the_full_text(serve, route):
+    """Text events are spliced into a per-request template (not serialized whole each time):
+    every event must still be the JSON that serializing its payload gives, and the texts must add
+    up to the non-streamed answer (random tokens of the tiny model: arbitrary Unicode, quotes)."""
+    body = {"model": MODEL, "max_tokens": 24, "temperature": 1.0, "seed": 7, "ignore_eos": True,
+            **({"messages": CHAT} if route == "chat/completions" else {"prompt": "Where is data stored?"})}
+    with serve() as s, httpx.Client(timeout=60) as http:
+        whole = http.post(f"{s.base_url}/{route}", json=body).json()["choices"][0]
+        with http.stream("POST", f"{s.base_url}/{route}", json={**body, "stream": True}) as resp:
+            events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    payloads = [json.loads(e) for e in events[:-1]]
+    assert [json.dumps(p, ensure_ascii=False) for p in payloads] == events[:-1]
+    if route == "chat/completions":
+        text = "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads)
+        assert text == whole["message"]["content"]
+    else:
+        assert "".join(p["choices"][0]["text"] for p in payloads) == whole["text"]
+    assert len(payloads) > 10 and all(p["choices"][0].get("logprobs") is None for p in payloads)
