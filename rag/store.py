@@ -183,16 +183,14 @@ class MilvusStore:
         # Attempts, best first: BM25 with the chosen analyzer; BM25 with the standard analyzer
         # (Milvus Lite builds jieba only when the `jieba` package is installed); no BM25 at all
         # (a server older than 2.5), i.e. dense only. Each fallback logs one warning line.
-        # The heading vector (a second vector field, Milvus 2.4+) serves hybrid search only, so
-        # it goes with BM25: a server that refuses it is retried without it, and one warning
-        # says so only if BM25 then works (else the BM25 warning is the only one).
+        # The heading vector serves hybrid search only, so it goes with BM25, and only for an
+        # embedder with a heading route (no vectors paid for and never searched). It needs a
+        # second vector field (Milvus 2.4+), which every server with BM25 (2.5+) has.
         self.embedder = embedder
         attempt: str | None = analyzer
-        with_heading = True
-        heading_refused: str | None = None
         while True:
             with_bm25 = attempt is not None
-            with_heading = with_heading and with_bm25
+            with_heading = with_bm25 and embedder.heading_weight > 0
             schema = build_schema(embedder.dim, attempt or "standard", with_bm25, with_heading)
             index = self.client.prepare_index_params()
             index.add_index("vector", index_type="AUTOINDEX", metric_type="IP")
@@ -222,10 +220,6 @@ class MilvusStore:
                 if self.exists():
                     self.client.drop_collection(self.collection)
                 reason = str(getattr(e, "message", e))
-                if with_heading:
-                    heading_refused = reason
-                    with_heading = False
-                    continue
                 if attempt != "standard" and any(w in reason.lower() for w in (attempt, "tokenizer", "analyzer")):
                     log.warning("Milvus at %s cannot build the %s analyzer (%s); BM25 uses the standard analyzer",
                                 self.uri, attempt, reason)
@@ -249,9 +243,6 @@ class MilvusStore:
                 self.client.drop_collection(self.collection)
                 attempt = None
                 continue
-            if heading_refused is not None and self.bm25:
-                log.warning("Milvus at %s cannot hold a second vector field (%s); hybrid search runs without "
-                            "its heading route", self.uri, heading_refused)
             return
 
     def close(self) -> None:

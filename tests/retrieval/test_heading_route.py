@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from pymilvus import DataType, MilvusException
+from pymilvus import DataType
 
 from ingest.config import IngestConfig
 from ingest.pipeline import ingest
@@ -113,26 +113,25 @@ def test_collection_without_the_heading_field_answers_as_before(small_corpus: Pa
         store.close()
 
 
-def test_server_without_a_second_vector_field_keeps_bm25_with_one_warning(small_corpus: Path, milvus_uri: str,
-                                                                          embedder, caplog):
-    """Milvus before 2.4 holds one vector field per collection: the collection is made as
-    before (BM25, no heading vector), with one warning, and hybrid search fuses two routes."""
-    store = MilvusStore(milvus_uri, "one_vector")
-    real_create = store.client.create_collection
 
-    def create_one_vector_field(name, schema=None, **kw):
-        if schema is not None and sum(f.dtype == DataType.FLOAT_VECTOR for f in schema.fields) > 1:
-            raise MilvusException(code=1, message="maximum vector field's number should be limited to 1")
-        return real_create(name, schema=schema, **kw)
+def test_an_embedder_without_a_heading_route_gets_no_heading_vectors(small_corpus: Path, milvus_uri: str):
+    """No vectors are paid for (an OpenAI embedder bills each one) or stored that no search
+    reads: an embedder whose heading weight is 0 (e5, OpenAI; here the test double) gets BM25
+    and one vector field, and nothing embeds its headings."""
+    from tests.support.hash_embedder import HashEmbedder
 
-    store.client.create_collection = create_one_vector_field
+    class Counting(HashEmbedder):
+        texts = 0
+
+        def embed_documents(self, texts):
+            Counting.texts += len(texts)
+            return super().embed_documents(texts)
+
+    embedder = Counting(dim=16)
+    store = MilvusStore(milvus_uri, "no_route")
     try:
-        with caplog.at_level(logging.WARNING):
-            _ingest(small_corpus, milvus_uri, embedder, store)
-            got = Retriever(store, embedder, mode="hybrid").retrieve("partition keys", 3)
+        _ingest(small_corpus, milvus_uri, embedder, store)
         assert store.bm25 and not store.heading and _vector_fields(store) == ["vector"]
-        assert got.mode == "hybrid" and got.hits[0].source.endswith("partitions.md")
-        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("rag")]
-        assert len(warnings) == 1 and "second vector field" in warnings[0].getMessage(), warnings
+        assert Counting.texts == store.stats()["chunks"]  # the chunks' own vectors, no heading ones
     finally:
         store.close()
