@@ -16,9 +16,9 @@ SCHEMA_VERSION = "2"
 TEXT_MAX_BYTES = 65535  # Milvus VARCHAR limits count UTF-8 bytes, not characters
 SOURCE_MAX_BYTES = 1024
 HEADER_MAX_BYTES = 2048
-# The embedding of each chunk's own (last) heading, where Milvus holds a second vector field
-# (2.4+): hybrid search's third route. Optional: collections made before it, or on a server
-# without it, have no such field and search as before.
+# The embedding of each chunk's own (last) heading: hybrid search's third route, in collections
+# with BM25 whose embedder has a route (MilvusStore._create). Optional: collections made before
+# it, or without it, have no such field and search as before.
 HEADING_FIELD = "heading_vector"
 RAG_FIELDS = ["id", "vector", "text", "source", "header_path", "chunk_index", "chunk_count", "file_hash",
               "embedder", "metadata"]
