@@ -9,7 +9,6 @@ error, so vectors of two models never mix.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -25,7 +24,7 @@ from rag import bm25
 from rag.connection import StoreError, connect, is_local_uri, is_released
 from rag.embedder import Embedder, embedder_name
 from rag.schema import HEADING_FIELD, SCHEMA_VERSION, build_schema, foreign_shape, heading_text, row_problem
-from rag.types import Chunk, Hit
+from rag.types import Chunk, FileState, Hit
 
 log = logging.getLogger(__name__)
 
@@ -52,29 +51,6 @@ def reloading(method: Callable[..., R]) -> Callable[..., R]:
             return method(self, *args, **kwargs)
 
     return run
-
-
-@dataclasses.dataclass
-class FileState:
-    """What the collection holds for one source file: ids per content hash, and expected counts."""
-
-    ids_by_hash: dict[str, list[str]] = dataclasses.field(default_factory=lambda: defaultdict(list))
-    expected: dict[str, int] = dataclasses.field(default_factory=dict)
-
-    @property
-    def ids(self) -> list[str]:
-        return [i for ids in self.ids_by_hash.values() for i in ids]
-
-    def is_complete(self, file_hash: str) -> bool:
-        """True when exactly one version, `file_hash`, is stored with all its chunks.
-
-        A run killed mid-file leaves fewer chunks than `chunk_count`, or two versions side by
-        side; both read as incomplete, so the next run redoes that file and converges.
-        """
-        return (
-            list(self.ids_by_hash) == [file_hash]
-            and len(set(self.ids_by_hash[file_hash])) == self.expected.get(file_hash, -1)
-        )
 
 
 class MilvusStore:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections import defaultdict
 from typing import Any
 
 
@@ -64,3 +65,26 @@ class Hit:
     def citation(self, n: int) -> str:
         heading = f" › {self.header_path}" if self.header_path else ""
         return f"[{n}] {self.source}{heading} ({self.score_label()})"
+
+
+@dataclasses.dataclass
+class FileState:
+    """What the collection holds for one source file: ids per content hash, and expected counts."""
+
+    ids_by_hash: dict[str, list[str]] = dataclasses.field(default_factory=lambda: defaultdict(list))
+    expected: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def ids(self) -> list[str]:
+        return [i for ids in self.ids_by_hash.values() for i in ids]
+
+    def is_complete(self, file_hash: str) -> bool:
+        """True when exactly one version, `file_hash`, is stored with all its chunks.
+
+        A run killed mid-file leaves fewer chunks than `chunk_count`, or two versions side by
+        side; both read as incomplete, so the next run redoes that file and converges.
+        """
+        return (
+            list(self.ids_by_hash) == [file_hash]
+            and len(set(self.ids_by_hash[file_hash])) == self.expected.get(file_hash, -1)
+        )
