@@ -148,6 +148,10 @@ def ingest(
             analyzer = resolve_analyzer(config.analyzer, share > CJK_MAJORITY)
             store.ensure(embedder, recreate=recreate, analyzer=analyzer)
             states = {} if recreate else store.file_states()
+        if store.bm25 and not store.heading and embedder.heading_weight > 0:
+            # Made before the heading route: it keeps working as it was, but only a rebuild adds it.
+            warn("this collection predates hybrid search's heading route (questions matched against each "
+                 "section's own heading); rag-ingest --recreate rebuilds it with the route")
 
         todo = [d for d in docs if d.source not in states or not states[d.source].is_complete(d.file_hash)]
         report.files_unchanged = len(docs) - len(todo)

@@ -25,10 +25,14 @@ QUESTION = "How long may my own ID values be?"
 GOLD = "What is the maximum length of self-defined entity primary keys?"
 
 
-def _ingest(docs: Path, uri: str, embedder, store: MilvusStore) -> None:
+def _ingest(docs: Path, uri: str, embedder, store: MilvusStore) -> list[str]:
+    """Ingest ``docs``; returns the warnings it gave."""
     cfg = RagConfig.load(environ={}, milvus_uri=uri, collection=store.collection)
-    report = ingest([str(docs)], cfg, IngestConfig.load(environ={}), embedder=embedder, store=store, progress=False)
+    warnings: list[str] = []
+    report = ingest([str(docs)], cfg, IngestConfig.load(environ={}), embedder=embedder, store=store, progress=False,
+                    warn=warnings.append)
     assert report.chunks_written > 0
+    return warnings
 
 
 def _vector_fields(store: MilvusStore) -> list[str]:
@@ -51,7 +55,7 @@ def test_new_collection_has_the_heading_route_and_it_ranks_a_paraphrased_faq_fir
     shutil.copytree(shared_data("milvus_docs_en") / "faq", docs)
     store = MilvusStore(milvus_uri, "faq")
     try:
-        _ingest(docs, milvus_uri, embedder, store)
+        assert not [w for w in _ingest(docs, milvus_uri, embedder, store) if "predates" in w]
         assert store.bm25 and store.heading and _vector_fields(store) == ["vector", HEADING_FIELD]
 
         # Every row holds the embedding of its own heading (embedded once per distinct text).
@@ -97,8 +101,10 @@ def test_collection_without_the_heading_field_answers_as_before(small_corpus: Pa
     )
     try:
         with caplog.at_level(logging.WARNING):
-            _ingest(small_corpus, milvus_uri, embedder, store)
+            hints = _ingest(small_corpus, milvus_uri, embedder, store)
             assert store.bm25 and not store.heading and _vector_fields(store) == ["vector"]
+            # one line that says how to get the route
+            assert len(hints) == 1 and "predates" in hints[0] and "--recreate" in hints[0], hints
             retriever = Retriever(store, embedder, mode="hybrid")
             assert retriever.heading_weight > 0  # the embedder has a route; the collection does not
             got = retriever.retrieve("how are indexes built?", 3)
@@ -130,7 +136,7 @@ def test_an_embedder_without_a_heading_route_gets_no_heading_vectors(small_corpu
     embedder = Counting(dim=16)
     store = MilvusStore(milvus_uri, "no_route")
     try:
-        _ingest(small_corpus, milvus_uri, embedder, store)
+        assert not [w for w in _ingest(small_corpus, milvus_uri, embedder, store) if "predates" in w]
         assert store.bm25 and not store.heading and _vector_fields(store) == ["vector"]
         assert Counting.texts == store.stats()["chunks"]  # the chunks' own vectors, no heading ones
     finally:
