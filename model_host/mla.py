@@ -128,7 +128,6 @@ def build_attention_batch(positions: torch.Tensor, cos: torch.Tensor, sin: torch
     return AttentionBatch(positions, cos, sin, cache, kv_len, mask.unsqueeze(1), mode, slots, causal)
 
 
-
 def absorb_is_cheaper(cfg: ModelConfig, s: int, t: int) -> bool:
     """Whether ``s`` query tokens attending to ``t`` keys cost fewer FLOPs absorbed (in latent
     space, as decode rows) than expanded (K/V projected out of the latents first). Per head the
@@ -139,6 +138,7 @@ def absorb_is_cheaper(cfg: ModelConfig, s: int, t: int) -> bool:
     expand = t * (dn + dv) * r + s * t * (dn + dr + dv)  # per head: expand K/V, then attend
     absorb = s * (dn + dv) * r + s * t * (2 * r + dr)  # per head: project q/out, attend in latent
     return absorb <= expand
+
 
 class MLA(nn.Module):
     """MLA block; submodule names match the checkpoint's ``self_attn.*`` tensors."""

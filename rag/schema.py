@@ -73,6 +73,11 @@ def row_problem(chunk: Chunk, lexical: str = "") -> str | None:
     return None
 
 
+def routes(desc: dict[str, Any]) -> tuple[bool, bool]:
+    """(BM25, heading vector): the search routes a described collection has beyond dense."""
+    return bool(desc.get("functions")), any(f["name"] == HEADING_FIELD for f in desc["fields"])
+
+
 def foreign_shape(desc: dict[str, Any]) -> str | None:
     """None for a collection rag-ingest made (its fields and `rag.embedder` property), else its
     fields, types and vector dimensions, e.g. "pk INT64, embedding FLOAT_VECTOR(dim 128)"."""

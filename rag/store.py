@@ -23,7 +23,15 @@ from pymilvus import AnnSearchRequest, MilvusException, RRFRanker
 from rag import bm25
 from rag.connection import StoreError, connect, is_local_uri, is_released
 from rag.embedder import Embedder, embedder_name
-from rag.schema import HEADING_FIELD, SCHEMA_VERSION, build_schema, foreign_shape, heading_text, row_problem
+from rag.schema import (
+    HEADING_FIELD,
+    SCHEMA_VERSION,
+    build_schema,
+    foreign_shape,
+    heading_text,
+    routes,
+    row_problem,
+)
 from rag.types import Chunk, FileState, Hit
 
 log = logging.getLogger(__name__)
@@ -148,9 +156,8 @@ class MilvusStore:
     def _load(self, embedder: Embedder, answering: bool) -> None:
         self.check_compatible(embedder, answering)
         desc = self.describe()
-        self.bm25 = bool(desc.get("functions"))
+        self.bm25, self.heading = routes(desc)
         self.analyzer = (desc.get("properties") or {}).get("rag.analyzer", "standard")
-        self.heading = any(f["name"] == HEADING_FIELD for f in desc["fields"])
         self.embedder = embedder
         # A reopened collection is not searchable until loaded (Lite and server alike).
         self.client.load_collection(self.collection)
@@ -208,9 +215,7 @@ class MilvusStore:
             finally:
                 pymilvus_log.setLevel(level)
             # Servers older than 2.5 accept the schema but silently drop functions.
-            desc = self.describe()
-            self.bm25 = bool(desc.get("functions"))
-            self.heading = any(f["name"] == HEADING_FIELD for f in desc["fields"])
+            self.bm25, self.heading = routes(self.describe())
             self.analyzer = attempt or "standard"
             if with_bm25 and not self.bm25:
                 # Its `sparse` field would then be an ordinary field that every upsert must fill;
@@ -303,7 +308,7 @@ class MilvusStore:
             "chunks": sum(per_source.values()),
             "embedder": props.get("rag.embedder"),
             "dim": dim,
-            "bm25": bool(desc.get("functions")),
+            "bm25": routes(desc)[0],
             "metric": "IP",  # _create indexes the vectors by inner product (cosine on unit vectors)
             "analyzer": props.get("rag.analyzer"),
             "last_ingest": props.get("rag.last_ingest"),
