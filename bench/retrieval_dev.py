@@ -114,11 +114,11 @@ def load_items(which: str, split: str) -> list[QAItem]:
 
 
 def latencies(items: list[QAItem], store: MilvusStore, embedder, modes: list[str],
-              heading_weight: float | None = None) -> dict[str, dict[str, float]]:
+              heading_weight: float | None = None, query_adapter: bool = True) -> dict[str, dict[str, float]]:
     """Per-question wall time of Retriever.retrieve (k=5) with the real embedder, per mode."""
     from rag.retriever import Retriever
 
-    retriever = Retriever(store, embedder, heading_weight=heading_weight)
+    retriever = Retriever(store, embedder, heading_weight=heading_weight, query_adapter=query_adapter)
     retriever.retrieve("warm up", 5, mode="hybrid")  # load the model outside the timings
     out = {}
     for mode in modes:
@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rrf-k", type=int)
     p.add_argument("--heading-weight", type=float,
                    help="hybrid: the heading route's RRF weight (0: off; default: the embedder's)")
+    p.add_argument("--query-adapter", action=argparse.BooleanOptionalAction, default=None,
+                   help="hybrid: search with the collection's fitted query adapter (default: RAG_QUERY_ADAPTER, on)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--rerank", choices=["off", "llm"], default="off",
                    help="llm: listwise rerank by the LLM of LLM_BASE_URL / DEEPSEEK_API_KEY (RAG_RERANK)")
@@ -194,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     embedder = CachedEmbedder(make_embedder(config), Path(args.cache))
     weights = tuple(float(x) for x in args.weights.split(",")) if args.weights else None
     opts = {"rrf_k": args.rrf_k or config.rrf_k, "weights": weights, "heading_weight": args.heading_weight,
-            "collapse": config.collapse if args.collapse is None else args.collapse}
+            "collapse": config.collapse if args.collapse is None else args.collapse,
+            "query_adapter": config.query_adapter if args.query_adapter is None else args.query_adapter}
     llm = LLMClient(*config.llm, timeout=config.llm_timeout) if config.llm else None
     stages = llm_stages(config, llm)  # objects: kept out of the JSON record (`opts`)
     tmp = tempfile.mkdtemp(prefix="rag-dev-")
@@ -213,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                                      progress=False)
             fusions = []
             grid = rrf_grid(items, store, embedder) if args.rrf_grid else {}
-            latency = latencies(items, store, embedder.inner, args.modes.split(","), args.heading_weight) if args.latency else {}
+            latency = latencies(items, store, embedder.inner, args.modes.split(","), args.heading_weight,
+                                opts["query_adapter"]) if args.latency else {}
             for f in (args.fusions or "").split(","):
                 if f:
                     kind, *nums = f.split(":")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from evals.datasets import MATCHES
+from rag import adapter
 from rag.bm25 import ANALYZERS, resolve_analyzer
 from rag.config import RagConfig
 from rag.settings import SettingsError
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--weights", type=_weights, help="hybrid: weighted RRF with these weights instead of the embedder's")
     common.add_argument("--heading-weight", type=float,
                         help="hybrid: weight of the heading route (0: off; default: the embedder's)")
+    common.add_argument("--query-adapter", action=argparse.BooleanOptionalAction, default=None,
+                        help="hybrid: search with the collection's fitted query adapter (RAG_QUERY_ADAPTER)")
     common.add_argument("--candidates", type=int, help="hits per route before hybrid fusion (default: store's choice)")
     common.add_argument("--collapse", action=argparse.BooleanOptionalAction, default=None,
                         help="one hit per section (source + heading path) (RAG_COLLAPSE)")
@@ -110,7 +113,8 @@ def _uri(arg: str | None):
 def _retriever_opts(args, config: RagConfig) -> dict[str, Any]:
     collapse = config.collapse if args.collapse is None else args.collapse
     return {"rrf_k": args.rrf_k or config.rrf_k, "weights": args.weights, "candidates": args.candidates,
-            "collapse": collapse, "heading_weight": args.heading_weight}
+            "collapse": collapse, "heading_weight": args.heading_weight,
+            "query_adapter": config.query_adapter if args.query_adapter is None else args.query_adapter}
 
 
 def _table(rows: list[dict[str, Any]], metrics: list[str], published: dict[str, float] | None = None) -> str:
@@ -143,10 +147,14 @@ def run_beir(args, config: RagConfig) -> dict[str, Any]:
             embedder = make_embedder(config, resolve_name(config.embedder, store.recorded_embedder() if reuse else None))
             store.ensure(embedder, recreate=not reuse, analyzer=resolve_analyzer(args.analyzer, cjk=False))
             stats = None if reuse else index_beir(data.corpus, store, embedder, args.chunk_size, progress=not args.quiet)
+            if not adapter.fitted(store):  # a kept collection from before the query adapter
+                adapter.fit_and_save(store)
             results = eval_beir(data, store, embedder, args.modes, retriever_opts=_retriever_opts(args, config),
                                 progress=not args.quiet)
             if not args.keep:
                 store.client.drop_collection(store.collection)
+                if store.client.has_collection(adapter.side_collection(store)):
+                    store.client.drop_collection(adapter.side_collection(store))
         finally:
             store.close()
     return {

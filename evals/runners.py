@@ -24,6 +24,7 @@ from evals.datasets import BeirData, QAItem, qa_ranking
 from evals.metrics import BEIR_METRICS, QA_METRICS, evaluate, max_per_key
 from ingest.chunker import Chunker
 from ingest.loader import Document
+from rag import adapter
 from rag.embedder import Embedder
 from rag.retriever import Retriever
 from rag.store import MilvusStore
@@ -96,6 +97,7 @@ def index_beir(
         bar.update(len(part))
     bar.close()
     store.flush()  # Milvus Lite searches a flushed segment ~30x faster than its memtable
+    adapter.fit_and_save(store)  # the query adapter, as rag-ingest fits it
     stats.seconds = time.perf_counter() - t0
     return stats
 

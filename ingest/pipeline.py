@@ -18,11 +18,13 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pymilvus import MilvusException
 from tqdm.auto import tqdm
 
 from ingest.chunker import Chunker, blobs
 from ingest.config import IngestConfig
 from ingest.loader import Document, Skip, discover, load, source_name
+from rag import adapter
 from rag.bm25 import resolve_analyzer
 from rag.config import RagConfig
 from rag.embedder import Embedder, MiniLMEmbedder, make_embedder, resolve_name
@@ -213,6 +215,13 @@ def ingest(
         store.delete_ids(stale_ids)
         if chunks or stale_ids:
             store.flush()
+        if chunks or stale_ids or not adapter.fitted(store):
+            # Refit the query adapter on the new contents (about a second per 4,000 chunks). The
+            # chunks are stored by now: a failure here costs the adapter, not the run.
+            try:
+                adapter.fit_and_save(store)
+            except MilvusException as e:
+                warn(f"could not store the query adapter ({e}); hybrid search runs without it until the next ingest")
         store.mark_ingested()
     finally:
         if own_store:

@@ -35,6 +35,8 @@ class RagConfig:
     # Off: en paraphrase dev hybrid hit@5 0.735 -> 0.765 with it, but it drops the demo question's
     # answer (a second chunk of the top section) from the top 3 (docs/benchmarks.md, round 3).
     collapse: bool = env("RAG_COLLAPSE", False, "one hit per section (source + heading path), so the top k are k distinct sections")
+    # On: en paraphrase dev hybrid hit@5 0.765 -> 0.824 (docs/benchmarks.md, round 5).
+    query_adapter: bool = env("RAG_QUERY_ADAPTER", True, "hybrid mode: search with the question's vector mapped by the linear adapter rag-ingest fits on each collection's (heading, chunk) pairs; 0 searches with the plain vector")
     # LLM stages (rag/rerank.py): off by default, and no effect without an LLM configured;
     # unmeasured here (no LLM with real weights reachable), see docs/benchmarks.md.
     rerank: str = env("RAG_RERANK", "off", "off, or llm: listwise rerank of the first-stage hits by the configured LLM (one request)")

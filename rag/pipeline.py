@@ -67,6 +67,7 @@ class RagPipeline:
         llm = config.llm
         self.llm = LLMClient(*llm, timeout=config.llm_timeout) if llm else None
         self.retriever = Retriever(self.store, self.embedder, config.mode, config.rrf_k, collapse=config.collapse,
+                                   query_adapter=config.query_adapter,
                                    **llm_stages(config, self.llm))
 
     @property

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from rag import adapter
 from rag.embedder import Embedder
 from rag.rerank import HydeWriter, Reranker
 from rag.store import MilvusStore
@@ -64,7 +65,7 @@ class Retriever:
         self, store: MilvusStore, embedder: Embedder, mode: str = "dense", rrf_k: int = 10,
         weights: tuple[float, float] | None = None, candidates: int | None = None, collapse: bool = False,
         reranker: Reranker | None = None, rerank_candidates: int = 20, hyde: HydeWriter | None = None,
-        heading_weight: float | None = None,
+        heading_weight: float | None = None, query_adapter: bool = True,
     ):
         self.store = store
         self.embedder = embedder
@@ -83,6 +84,11 @@ class Retriever:
         self.reranker = reranker  # reorders the top `rerank_candidates` first-stage hits
         self.rerank_candidates = rerank_candidates
         self.hyde = hyde  # adds an LLM-written answer passage to the query vector
+        # Hybrid mode searches the dense and heading routes with the question's vector mapped by
+        # the collection's query adapter (rag/adapter.py), where ingest fitted one.
+        self.query_adapter = query_adapter
+        self._adapter: np.ndarray | None = None
+        self._adapter_read = False
         self._warned = False
 
     def _effective_mode(self, mode: str) -> str:
@@ -93,16 +99,26 @@ class Retriever:
             return "dense"
         return mode
 
+    def _query_adapter(self) -> np.ndarray | None:
+        """The collection's query adapter, read once; None where it has none or it is off."""
+        if self.query_adapter and not self._adapter_read:
+            self._adapter = adapter.load(self.store, self.embedder.dim)
+            self._adapter_read = True
+        return self._adapter if self.query_adapter else None
+
     def _hybrid(self, vec, question: str, k: int, filter: str, depth: int) -> list[Hit]:
         dense_w, bm25_w = self.weights
         heading_w = self.heading_weight if self.store.heading else 0.0
         if dense_w == bm25_w and not heading_w:  # plain RRF: one request, fused inside Milvus
             return self.store.search_hybrid(vec, question, k, filter, rrf_k=self.rrf_k, candidates=self.candidates)
         n = self.candidates or depth
-        lists = [(dense_w, self.store.search_dense(vec, n, filter)),
+        w = self._query_adapter()
+        # Searched with the adapted vector; similarities (score floor) stay the question's own.
+        near, own = (adapter.apply(w, vec), vec) if w is not None else (vec, None)
+        lists = [(dense_w, self.store.search_dense(near, n, filter, query=own)),
                  (bm25_w, self.store.search_bm25(question, n, filter, query=vec))]
         if heading_w:
-            lists.append((heading_w, self.store.search_heading(vec, n, filter)))
+            lists.append((heading_w, self.store.search_heading(near, n, filter, query=own)))
         return weighted_rrf(lists, self.rrf_k, k)
 
     def retrieve(self, question: str, k: int, filter: str = "", mode: str | None = None) -> Retrieval:

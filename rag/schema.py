@@ -20,6 +20,10 @@ HEADER_MAX_BYTES = 2048
 # with BM25 whose embedder has a route (MilvusStore._create). Optional: collections made before
 # it, or without it, have no such field and search as before.
 HEADING_FIELD = "heading_vector"
+# HNSW's search breadth for the vector fields (AUTOINDEX is HNSW on Milvus Lite and servers):
+# Lite's default found 97-98% of the exact top 40 on the en dev questions, 256 finds 99.9%
+# (docs/benchmarks.md, round 5).
+HNSW_EF = 256
 RAG_FIELDS = ["id", "vector", "text", "source", "header_path", "chunk_index", "chunk_count", "file_hash",
               "embedder", "metadata"]
 
@@ -50,6 +54,11 @@ def build_schema(dim: int, analyzer: str, with_bm25: bool, with_heading: bool = 
             input_field_names=["bm25_text"], output_field_names=["sparse"],
         ))
     return schema
+
+
+def ip_params(limit: int) -> dict[str, Any]:
+    """Search params of an inner-product search of `limit` hits (Milvus refuses ef under the limit)."""
+    return {"metric_type": "IP", "params": {"ef": max(HNSW_EF, limit)}}
 
 
 def heading_text(chunk: Chunk) -> str:

@@ -29,6 +29,7 @@ from rag.schema import (
     build_schema,
     foreign_shape,
     heading_text,
+    ip_params,
     routes,
     row_problem,
 )
@@ -351,27 +352,29 @@ class MilvusStore:
         return hits
 
     @reloading
-    def search_dense(self, vector: np.ndarray, k: int, filter: str = "") -> list[Hit]:
-        """Top-k by inner product (cosine on unit vectors)."""
+    def search_dense(self, vector: np.ndarray, k: int, filter: str = "", query: np.ndarray | None = None) -> list[Hit]:
+        """Top-k by inner product (cosine on unit vectors). With `query` (the question's own
+        vector, where `vector` is an adapted one), each hit's similarity is to `query`."""
         res = self.client.search(
             self.collection, data=[vector.tolist()], anns_field="vector", limit=k, filter=filter,
-            output_fields=OUTPUT_FIELDS, search_params={"metric_type": "IP"}, consistency_level=STRONG,
+            output_fields=OUTPUT_FIELDS + (["vector"] if query is not None else []),
+            search_params=ip_params(k), consistency_level=STRONG,
         )
-        return self._hits(res[0], dense=True)
+        return self._hits(res[0], dense=True, query=query)
 
     @reloading
-    def search_heading(self, vector: np.ndarray, k: int, filter: str = "") -> list[Hit]:
+    def search_heading(self, vector: np.ndarray, k: int, filter: str = "", query: np.ndarray | None = None) -> list[Hit]:
         """Top-k by the question's similarity to each chunk's heading (the heading route).
 
         Chunks of one section share a heading, hence its score: ties go to the chunk whose own
         vector is closer, so twice k are fetched and re-sorted. Each hit's `similarity` is the
-        chunk's own (for fusion and the score floor); its score is the heading's."""
+        chunk's own to `query` (default `vector`; for fusion and the score floor); its score is the heading's."""
         res = self.client.search(
             self.collection, data=[vector.tolist()], anns_field=HEADING_FIELD, limit=2 * k, filter=filter,
-            output_fields=[*OUTPUT_FIELDS, "vector"], search_params={"metric_type": "IP"},
+            output_fields=[*OUTPUT_FIELDS, "vector"], search_params=ip_params(2 * k),
             consistency_level=STRONG,
         )
-        hits = self._hits(res[0], query=vector)
+        hits = self._hits(res[0], query=vector if query is None else query)
         hits.sort(key=lambda h: (-round(h.score, 5), -(h.similarity or 0.0)))
         return hits[:k]
 

@@ -21,6 +21,7 @@ from typing import Any
 from ingest.config import IngestConfig
 from ingest.loader import source_name
 from ingest.pipeline import IngestReport, ingest
+from rag import adapter
 from rag.config import RagConfig
 from rag.embedder import Embedder, make_embedder, resolve_name
 from rag.llm import LLMClient
@@ -94,7 +95,8 @@ class KnowledgeBase:
 
     def collections(self) -> list[str]:
         try:
-            return sorted(self._base.client.list_collections())
+            # A collection's query adapter (rag/adapter.py) is part of it, not one to pick.
+            return sorted(c for c in self._base.client.list_collections() if not c.endswith(adapter.SUFFIX))
         except Exception as e:  # a server gone away must not break page rendering
             log.warning("cannot list collections: %s", e)
             return []

@@ -7,6 +7,7 @@ import pytest
 from pymilvus import MilvusException
 
 from ingest.config import IngestConfig
+from rag import adapter
 from rag.config import RagConfig
 from rag.store import MilvusStore
 from tests.ui.conftest import FIXTURE_DOCS
@@ -73,6 +74,12 @@ def test_a_released_collection_is_loaded_again(kb):
     messages = ask(kb, QUESTIONS[0])
     assert messages[-1]["metadata"]["title"].startswith("Sources")
     assert "⚠️" not in str(messages)
+
+
+def test_the_collection_list_leaves_out_query_adapters(kb):
+    """A collection's query adapter is a side collection (rag/adapter.py), not one to pick."""
+    kb.store("docs").client.create_collection("docs" + adapter.SUFFIX, dimension=4)
+    assert "docs" in kb.collections() and "docs" + adapter.SUFFIX not in kb.collections()
 
 
 @pytest.mark.parametrize(("error", "fix"), [
