@@ -144,16 +144,14 @@ def fit_and_save(store: MilvusStore) -> int:
     return len(members)
 
 
-_CACHE: dict[tuple[str, str], np.ndarray] = {}  # (uri, PROPERTY's value): W; a refit changes the value
-
-
 def load(store: MilvusStore, dim: int) -> np.ndarray | None:
     """The collection's W, or None where it has none (or one of another dimension). Read from
-    Milvus once per process and fit (the UI builds a retriever per question)."""
+    Milvus once per store and fit (`store.adapters`: the UI builds a retriever per question;
+    a refit changes the stamp)."""
     stamp = (store.describe().get("properties") or {}).get(PROPERTY) or ""
     name = stamp.rsplit("@", 1)[0]
-    if (store.uri, stamp) in _CACHE:
-        return _CACHE[(store.uri, stamp)]
+    if stamp in store.adapters:
+        return store.adapters[stamp]
     if not name or not store.client.has_collection(name):
         return None
     store.client.load_collection(name)
@@ -163,5 +161,5 @@ def load(store: MilvusStore, dim: int) -> np.ndarray | None:
         log.warning("query adapter %r does not match the embedder (dim %d); searching without it", name, dim)
         return None
     rows.sort(key=lambda r: int(r["row"]))
-    w = _CACHE[(store.uri, stamp)] = np.asarray([r["weights"] for r in rows], dtype=np.float32)
+    w = store.adapters[stamp] = np.asarray([r["weights"] for r in rows], dtype=np.float32)
     return w

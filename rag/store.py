@@ -73,6 +73,9 @@ class MilvusStore:
         self.analyzer = "standard"  # of the BM25 field; read from the collection when it is opened
         self.heading = False  # whether the collection has the heading vector (hybrid's third route)
         self.embedder: Embedder | None = None  # set by ensure / open_existing; embeds headings on upsert
+        # Query adapters read from Milvus (rag/adapter.py), by their stamp: the UI asks one
+        # question per retriever, and its per-collection views (shallow copies) share this dict.
+        self.adapters: dict[str, np.ndarray] = {}
         # query_iterator asks Milvus Lite for an optional timestamp RPC it lacks; the in-process
         # server logs a traceback and the client a warning, then both carry on correctly.
         logging.getLogger("pymilvus").setLevel(logging.ERROR)
