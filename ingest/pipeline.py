@@ -205,7 +205,8 @@ def ingest(
             te = time.perf_counter()
             vectors = embedder.embed_documents([chunker.embed_text(c) for c in batch])
             report.embed_seconds += time.perf_counter() - te
-            store.upsert(batch, vectors, embedder.model_id)
+            # The store embeds the batch's headings itself (heading route): embedding time too.
+            report.embed_seconds += store.upsert(batch, vectors, embedder.model_id)
             report.chunks_embedded += len(batch)
             bar.update(len(batch))
         bar.close()

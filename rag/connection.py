@@ -1,13 +1,18 @@
 """Connecting to Milvus (Lite, a server or Zilliz Cloud) with one clear line for each usual
-failure, and the error type every store problem the user can fix is raised as."""
+failure, the error type every store problem the user can fix is raised as, and reads that
+survive a released collection."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from pymilvus import MilvusClient, MilvusException
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(RuntimeError):
@@ -18,6 +23,27 @@ def is_released(e: MilvusException) -> bool:
     """Milvus' answer to a search or query on a collection that is not loaded (any more)."""
     msg = str(getattr(e, "message", e)).lower()
     return "released" in msg or "not loaded" in msg
+
+
+R = TypeVar("R")
+
+
+def reloading(method: Callable[..., R]) -> Callable[..., R]:
+    """Run a read; if Milvus says the collection is released (a restart, or another client
+    released it), load it and retry once instead of failing the user's request."""
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except MilvusException as e:
+            if not is_released(e):
+                raise
+            log.info("collection %r was released; loading it again", self.collection)
+            self.client.load_collection(self.collection)
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 def is_local_uri(uri: str) -> bool:

@@ -9,19 +9,19 @@ error, so vectors of two models never mix.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
+import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 from pymilvus import AnnSearchRequest, MilvusException, RRFRanker
 
 from rag import bm25
-from rag.connection import StoreError, connect, is_local_uri, is_released
+from rag.connection import StoreError, connect, is_local_uri, reloading
 from rag.embedder import Embedder, embedder_name
 from rag.schema import (
     HEADING_FIELD,
@@ -39,27 +39,6 @@ log = logging.getLogger(__name__)
 
 OUTPUT_FIELDS = ["text", "source", "header_path", "chunk_index", "metadata"]
 STRONG = "Strong"  # ingest state must see its own writes, on a server too
-
-
-R = TypeVar("R")
-
-
-def reloading(method: Callable[..., R]) -> Callable[..., R]:
-    """Run a read; if Milvus says the collection is released (a restart, or another client
-    released it), load it and retry once instead of failing the user's request."""
-
-    @functools.wraps(method)
-    def run(self: MilvusStore, *args: Any, **kwargs: Any) -> R:
-        try:
-            return method(self, *args, **kwargs)
-        except MilvusException as e:
-            if not is_released(e):
-                raise
-            log.info("collection %r was released; loading it again", self.collection)
-            self.client.load_collection(self.collection)
-            return method(self, *args, **kwargs)
-
-    return run
 
 
 class MilvusStore:
@@ -235,13 +214,15 @@ class MilvusStore:
 
     # -- writes ----------------------------------------------------------------------------
 
-    def upsert(self, chunks: Sequence[Chunk], vectors: np.ndarray, embedder_id: str) -> None:
+    def upsert(self, chunks: Sequence[Chunk], vectors: np.ndarray, embedder_id: str) -> float:
         """Write chunks; ids are deterministic, so writing the same chunk twice is a no-op.
 
         Where the collection has the heading vector, each distinct heading text of the batch
         is embedded once (with the embedder the store was opened with) and written in the
-        same row, so a chunk is never stored without it."""
+        same row, so a chunk is never stored without it. Returns the seconds that embedding
+        took (ingest counts them as embedding time)."""
         heads: list[np.ndarray | None] = [None] * len(chunks)
+        t0 = time.perf_counter()
         if self.heading and chunks:
             if self.embedder is None:
                 raise StoreError(f"collection {self.collection!r} was not opened with an embedder (ensure it first)")
@@ -249,6 +230,7 @@ class MilvusStore:
             distinct = list(dict.fromkeys(texts))
             by_text = dict(zip(distinct, self.embedder.embed_documents(distinct), strict=True))
             heads = [by_text[t] for t in texts]
+        embed_seconds = time.perf_counter() - t0
         rows = []
         for chunk, vec, head in zip(chunks, vectors, heads, strict=True):
             lexical = bm25.document_text(chunk, self.analyzer) if self.bm25 else ""
@@ -264,6 +246,7 @@ class MilvusStore:
             })
         if rows:
             self.client.upsert(self.collection, rows)
+        return embed_seconds
 
     def delete_ids(self, ids: Iterable[str]) -> int:
         ids = list(ids)

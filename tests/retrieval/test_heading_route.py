@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -139,5 +140,37 @@ def test_an_embedder_without_a_heading_route_gets_no_heading_vectors(small_corpu
         assert not [w for w in _ingest(small_corpus, milvus_uri, embedder, store) if "predates" in w]
         assert store.bm25 and not store.heading and _vector_fields(store) == ["vector"]
         assert Counting.texts == store.stats()["chunks"]  # the chunks' own vectors, no heading ones
+    finally:
+        store.close()
+
+
+class _TimedEmbedder:
+    """The real embedder, with the seconds spent inside `embed_documents` added up."""
+
+    def __init__(self, inner):
+        self.inner, self.seconds = inner, 0.0
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def embed_documents(self, texts: list[str]) -> np.ndarray:
+        t0 = time.perf_counter()
+        try:
+            return self.inner.embed_documents(texts)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+def test_ingest_counts_the_heading_embeddings_as_embedding_time(small_corpus: Path, milvus_uri: str, embedder):
+    # The store embeds each batch's headings inside upsert; the report's "embedding N s" left
+    # those seconds out before upsert returned them.
+    timed = _TimedEmbedder(embedder)
+    store = MilvusStore(milvus_uri, "docs")
+    try:
+        cfg = RagConfig.load(environ={}, milvus_uri=milvus_uri, collection=store.collection)
+        report = ingest([str(small_corpus)], cfg, IngestConfig.load(environ={}), embedder=timed, store=store,
+                        progress=False)
+        assert store.heading and report.chunks_written > 0
+        assert report.embed_seconds >= timed.seconds > 0
     finally:
         store.close()
