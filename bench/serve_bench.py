@@ -317,6 +317,13 @@ def markdown(res: dict) -> str:
                      f"| {'>= 90%' if c == 1 else '>= 85%'} | {f(r['ttft_p50_ms'])} / {f(r['ttft_p99_ms'])} "
                      f"| {f(r['itl_p50_ms'], '.2f')} / {f(r['itl_p99_ms'], '.2f')} | {r['prefix_hit_rate']:.0%} "
                      f"| {r.get('triton_compiles', 'n/a')} |")
+    lines += ["", "Mean TTFT by part (ms): the client's; in the server, received to queued for the engine "
+              "(parse, template, tokenize); in the engine, arrival to admission and the whole arrival to first token.",
+              "", "| concurrency | client | HTTP received to queued | engine: admission wait | engine: to first token |",
+              "|---|---|---|---|---|"]
+    for r in res["levels"]:
+        lines.append(f"| {r['concurrency']} | {f(r.get('ttft_mean_ms'))} | {f(r.get('server_prep_mean_ms'))} "
+                     f"| {f(r.get('server_queue_mean_ms'))} | {f(r.get('server_ttft_mean_ms'))} |")
     u = res["unique"]
     lines += ["", "| prefix reuse at concurrency {} | output tok/s | TTFT p50 / p99 ms | prefix hits |".format(
         u["concurrency"]), "|---|---|---|---|"]

@@ -65,13 +65,24 @@ async def _clients(base_url: str, prompts: list, concurrency: int, max_tokens: i
     return records
 
 
-def server_ttft(root: str) -> tuple[float, float]:
-    """(sum, count) of the server's own TTFT histogram: arrival at the engine to the first token."""
+# The server's TTFT histograms (model_host/server/metrics.py): the whole in the engine, and its
+# parts on either side (HTTP receipt to queued; arrival at the engine to admission).
+TTFT_PARTS = {"ttft": "model_host_time_to_first_token_seconds", "prep": "model_host_request_prep_seconds",
+              "queue": "model_host_queue_seconds"}
+
+
+def server_histograms(root: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each of the server's TTFT_PARTS histograms."""
     import httpx
 
     text = httpx.get(f"{root}/metrics", timeout=10).text
-    get = lambda k: float(re.search(rf"^model_host_time_to_first_token_seconds_{k} (\S+)$", text, re.M).group(1))  # noqa: E731
-    return get("sum"), get("count")
+    get = lambda m, k: float(re.search(rf"^{m}_{k} (\S+)$", text, re.M).group(1))  # noqa: E731
+    return {name: (get(m, "sum"), get(m, "count")) for name, m in TTFT_PARTS.items()}
+
+
+def server_ttft(root: str) -> tuple[float, float]:
+    """(sum, count) of the server's own TTFT histogram: arrival at the engine to the first token."""
+    return server_histograms(root)["ttft"]
 
 
 def idle_ttft(base_url: str, root: str, prompts: list) -> dict:
@@ -104,8 +115,9 @@ def run_level(pool: ProcessPoolExecutor, base_url: str, prompts: list, concurren
               root: str | None = None) -> dict:
     """Spread `concurrency` clients over up to 8 processes (16 clients each at most). With the
     server's ``root`` URL, the level's mean TTFT in the engine (arrival at the engine to the first
-    token) goes beside the clients' mean: the difference is HTTP, templating and tokenizing."""
-    s0, c0 = server_ttft(root) if root else (0.0, 0.0)
+    token) goes beside the clients' mean, with the HTTP side's share (received to queued: parse,
+    template, tokenize) and the engine's admission wait."""
+    before = server_histograms(root) if root else {}
     procs = max(1, min(8, math.ceil(concurrency / 16)))
     shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
     jobs, start = [], 0
@@ -116,8 +128,10 @@ def run_level(pool: ProcessPoolExecutor, base_url: str, prompts: list, concurren
     recs = [r for j in jobs for r in j.result()]
     res = summarize(recs, concurrency)
     if root:
-        s1, c1 = server_ttft(root)
-        res["server_ttft_mean_ms"] = 1e3 * (s1 - s0) / max(1.0, c1 - c0)
+        after = server_histograms(root)
+        for name, (s1, c1) in after.items():  # means over this level's requests
+            s0, c0 = before[name]
+            res[f"server_{name}_mean_ms"] = 1e3 * (s1 - s0) / max(1.0, c1 - c0)
     return res
 
 

@@ -303,6 +303,8 @@ class Engine:
             log.exception("request %d failed after token %d", s.id, tok)
             return self._finish(s, "error", None, end=slot)
         out.ttft, out.itl = ttft, itl
+        if ttft is not None and s.admitted_at is not None:
+            out.queued = s.admitted_at - s.arrival
         out.logprob = lp if out.token is not None else None
         return out
 

@@ -29,6 +29,7 @@ class StepOutput:
     finished: bool
     ttft: float | None = None  # seconds from arrival, on a request's first token
     itl: float | None = None  # seconds since the previous token, on later tokens
+    queued: float | None = None  # seconds from arrival to admission, on a request's first token
     logprob: TokenLogprob | None = None  # only for requests that asked (and not for EOS)
 
 

@@ -17,6 +17,7 @@ of memory.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import deque
 
 from model_host.engine.block_manager import BlockManager
@@ -91,6 +92,7 @@ class Scheduler:
             if not seq.admitted:
                 seq.prompt_cached_tokens = seq.num_cached_tokens
                 seq.admitted = True
+                seq.admitted_at = time.perf_counter()
             self.running.append(seq)
             prefill.append(PrefillChunk(seq, seq.num_computed, min(len(seq) - seq.num_computed, budget)))
             budget -= prefill[-1].length

@@ -47,6 +47,7 @@ class Sequence:
         self.generator = generator
         self.finish_reason: str | None = None
         self.arrival = time.perf_counter()
+        self.admitted_at: float | None = None  # first admission by the scheduler (queue time)
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.prompt_cached_tokens = 0  # reported in usage: cached tokens of the first admission

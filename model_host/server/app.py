@@ -123,7 +123,7 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
         return APIError(503, f"the engine has stopped ({loop.error or 'shutting down'}); see the server log",
                         type="server_error", code="engine_stopped")
 
-    def start(prompt_ids: list[int], req: Any, prefix: str) -> _Request:
+    def start(prompt_ids: list[int], req: Any, prefix: str, received: float) -> _Request:
         params = req.sampling(len(prompt_ids), engine.max_model_len)
         try:
             engine.check(len(prompt_ids), params.max_tokens)
@@ -140,6 +140,7 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
             raise unavailable() from None
         inflight[r.id] = r
         metrics.prompt_tokens.inc(len(prompt_ids))
+        metrics.prep.observe(time.perf_counter() - received)
         return r
 
     async def next_output(r: _Request, request: Request | None) -> StepOutput | Exception | None:
@@ -295,18 +296,20 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        received = time.perf_counter()
         req: ChatCompletionRequest = await parse_generation(request, ChatCompletionRequest)
         try:  # off the event loop (a 2k-token prompt takes ms; the tokenizer lets the GIL go)
             ids = await asyncio.to_thread(tokenizer.encode_chat,
                                           [{"role": m.role, "content": m.text()} for m in req.messages])
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        r = start(ids, req, "chatcmpl")
+        r = start(ids, req, "chatcmpl", received)
         include = bool(req.stream_options and req.stream_options.include_usage)
         return await respond(r, request, req.stream, include, chat=True, logprobs=req.logprobs)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        received = time.perf_counter()
         req: CompletionRequest = await parse_generation(request, CompletionRequest)
         if isinstance(req.prompt, str):
             ids = await asyncio.to_thread(tokenizer.encode, req.prompt, add_bos=True)
@@ -314,7 +317,7 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
             ids = list(req.prompt)
             if any(not 0 <= t < tokenizer.vocab_size for t in ids):
                 raise APIError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
-        r = start(ids, req, "cmpl")
+        r = start(ids, req, "cmpl", received)
         include = bool(req.stream_options and req.stream_options.include_usage)
         return await respond(r, request, req.stream, include, chat=False, logprobs=req.logprobs is not None)
 

@@ -51,6 +51,13 @@ class Metrics:
                                 ["status", "finish_reason"], registry=r)
         self.ttft = Histogram("model_host_time_to_first_token_seconds", "Arrival to first token",
                               buckets=LATENCY_BUCKETS, registry=r)
+        # TTFT's parts (bench/serve_bench.py reads their means per level): the HTTP side, from the
+        # request received to queued for the engine (parse, chat template, tokenize), and the wait
+        # in the engine for admission (its rest is the prefill step(s) up to the first token).
+        self.prep = Histogram("model_host_request_prep_seconds", "Request received to queued for the engine",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("model_host_queue_seconds", "Arrival at the engine to admission",
+                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("model_host_inter_token_latency_seconds", "Gap between consecutive tokens",
                              buckets=LATENCY_BUCKETS, registry=r)
 
@@ -61,6 +68,8 @@ class Metrics:
                 self.generation_tokens.inc()
             if o.ttft is not None:
                 self.ttft.observe(o.ttft)
+            if o.queued is not None:
+                self.queue.observe(o.queued)
             if o.itl is not None:
                 self.itl.observe(o.itl)
 

@@ -23,6 +23,9 @@ def test_serve_bench_quick(tmp_path):
     for r in res["levels"] + [res["unique"]]:
         assert r["errors"] == 0, r["first_error"]
         assert r["output_tokens"] == r["requests"] * plan["max_tokens"]  # ignore_eos: every token counted
+    for r in res["levels"]:  # TTFT's parts: each inside the whole it belongs to
+        assert 0 < r["server_prep_mean_ms"] < r["ttft_mean_ms"]
+        assert 0 <= r["server_queue_mean_ms"] <= r["server_ttft_mean_ms"] <= r["ttft_mean_ms"]
     assert all(r["prefix_hit_rate"] > 0.5 for r in res["levels"])  # 4 recurring context sets
     assert res["unique"]["prefix_hit_rate"] == 0 and res["idle"]["prefix_hit_rate"] == 0  # nonce first lines
     assert set(res["bound"]["decode_ms"]) == {str(c) for c in plan["levels"]}
