@@ -216,13 +216,13 @@ def ingest(
         store.delete_ids(stale_ids)
         if chunks or stale_ids:
             store.flush()
-        if chunks or stale_ids or not adapter.fitted(store):
-            # Refit the query adapter on the new contents (about a second per 4,000 chunks). The
-            # chunks are stored by now: a failure here costs the adapter, not the run.
-            try:
-                adapter.fit_and_save(store)
-            except MilvusException as e:
-                warn(f"could not store the query adapter ({e}); hybrid search runs without it until the next ingest")
+        # The query adapter follows the contents: fitted on a new collection, refitted once the
+        # changes add up (rag/adapter.py). The chunks are stored by now: a failure here costs
+        # the adapter, not the run.
+        try:
+            adapter.refresh(store, len(chunks) + len(stale_ids))
+        except MilvusException as e:
+            warn(f"could not store the query adapter ({e}); hybrid search runs without it until the next ingest")
         store.mark_ingested()
     finally:
         if own_store:

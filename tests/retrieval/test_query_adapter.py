@@ -82,6 +82,15 @@ def test_ingest_fits_the_adapter_and_hybrid_search_uses_it(tmp_path: Path, milvu
         # An unchanged re-ingest keeps the adapter; a collection from before it gets one.
         _ingest(docs, milvus_uri, embedder, store)
         assert store.describe()["properties"][adapter.PROPERTY] == stamp
+        # A small change waits, counted; changes past REFIT_SHARE of the chunks fitted on refit.
+        (docs / "note.md").write_text("# A short note\n\nOne more section.\n", encoding="utf-8")
+        _ingest(docs, milvus_uri, embedder, store)
+        props = store.describe()["properties"]
+        assert props[adapter.PROPERTY] == stamp and props[adapter.PENDING] == "1"
+        max(docs.glob("*_faq.md"), key=lambda p: p.stat().st_size).unlink()
+        _ingest(docs, milvus_uri, embedder, store)
+        props = store.describe()["properties"]
+        assert props[adapter.PROPERTY] != stamp and props[adapter.PENDING] == "0"
         store.client.drop_collection(adapter.side_collection(store))
         store.client.drop_collection_properties("faq", [adapter.PROPERTY])
         assert not adapter.fitted(store)
