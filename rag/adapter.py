@@ -90,19 +90,35 @@ def apply(w: np.ndarray, vector: np.ndarray) -> np.ndarray:
     return out / max(float(np.linalg.norm(out)), 1e-12)
 
 
-def _pairs(rows: list[dict]) -> tuple[np.ndarray, list[list[int]], np.ndarray]:
-    """(one heading vector per distinct heading text, the chunk rows under each, chunk vectors)."""
+def _read_pairs(store: MilvusStore) -> tuple[np.ndarray, list[list[int]], np.ndarray]:
+    """(one heading vector per distinct heading text, the chunk rows under each, chunk vectors),
+    read batch by batch into float32 arrays (as Python lists, 200,000 rows' two vectors would
+    take ~4 GB)."""
     groups: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(rows):
-        path = tuple(h for h in r["header_path"].split(" › ") if h)
-        md = r.get("metadata") or {}
-        chunk = Chunk(source=r["source"], chunk_index=0, text="", header_path=path, start=0, end=0,
-                      metadata={"front_matter": md["front_matter"]} if "front_matter" in md else {})
-        groups[heading_text(chunk)].append(i)
-    members = list(groups.values())
-    queries = np.asarray([rows[m[0]][HEADING_FIELD] for m in members], dtype=np.float32)
-    chunks = np.asarray([r["vector"] for r in rows], dtype=np.float32)
-    return queries, members, chunks
+    heads: dict[str, np.ndarray] = {}
+    vectors: list[np.ndarray] = []
+    n = 0  # rows read so far
+    it = store.client.query_iterator(store.collection, batch_size=2000, filter="", limit=MAX_ROWS,
+                                     output_fields=["vector", HEADING_FIELD, "source", "header_path", "metadata"],
+                                     consistency_level=STRONG)
+    try:
+        while batch := it.next():
+            for i, r in enumerate(batch, start=n):
+                path = tuple(h for h in r["header_path"].split(" › ") if h)
+                md = r.get("metadata") or {}
+                chunk = Chunk(source=r["source"], chunk_index=0, text="", header_path=path, start=0, end=0,
+                              metadata={"front_matter": md["front_matter"]} if "front_matter" in md else {})
+                text = heading_text(chunk)
+                groups[text].append(i)
+                if text not in heads:
+                    heads[text] = np.asarray(r[HEADING_FIELD], dtype=np.float32)
+            vectors.append(np.asarray([r["vector"] for r in batch], dtype=np.float32))
+            n += len(batch)
+    finally:
+        it.close()
+    queries = np.stack([heads[t] for t in groups]) if groups else np.empty((0, 0), np.float32)
+    chunks = np.concatenate(vectors) if vectors else np.empty((0, 0), np.float32)
+    return queries, list(groups.values()), chunks
 
 
 def side_collection(store: MilvusStore) -> str:
@@ -137,21 +153,12 @@ def fit_and_save(store: MilvusStore) -> int:
     distinct headings it learnt from (0: no adapter, for a collection without the heading
     vector or with under MIN_HEADINGS headings; any previous one is removed)."""
     client, name = store.client, side_collection(store)
-    rows: list[dict] = []
-    if store.heading:
-        it = client.query_iterator(store.collection, batch_size=2000, filter="", limit=MAX_ROWS,
-                                   output_fields=["vector", HEADING_FIELD, "source", "header_path", "metadata"],
-                                   consistency_level=STRONG)
-        try:
-            while batch := it.next():
-                rows.extend(batch)
-        finally:
-            it.close()
-    queries, members, chunks = _pairs(rows) if rows else (np.empty((0, 0)), [], np.empty((0, 0)))
+    empty = (np.empty((0, 0), np.float32), [], np.empty((0, 0), np.float32))
+    queries, members, chunks = _read_pairs(store) if store.heading else empty
     if client.has_collection(name):
         client.drop_collection(name)
     if len(members) < MIN_HEADINGS:
-        client.alter_collection_properties(store.collection, {PROPERTY: f"@{time.time_ns()}@{len(rows)}", PENDING: "0"})
+        client.alter_collection_properties(store.collection, {PROPERTY: f"@{time.time_ns()}@{len(chunks)}", PENDING: "0"})
         return 0
     w = fit(queries, members, chunks)
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -163,7 +170,7 @@ def fit_and_save(store: MilvusStore) -> int:
     client.insert(name, [{"row": i, "weights": w[i].tolist()} for i in range(w.shape[0])])
     client.flush(name)
     client.alter_collection_properties(store.collection,
-                                       {PROPERTY: f"{name}@{time.time_ns()}@{len(rows)}", PENDING: "0"})
+                                       {PROPERTY: f"{name}@{time.time_ns()}@{len(chunks)}", PENDING: "0"})
     return len(members)
 
 
