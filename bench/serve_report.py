@@ -1,0 +1,45 @@
+"""The markdown table of bench/serve_bench.py's results (served output tok/s against the decode-step
+bound per concurrency, TTFT by part, prefix reuse, start-up, idle TTFT)."""
+
+from __future__ import annotations
+
+
+def markdown(res: dict) -> str:
+    f = lambda x, s=".1f": "n/a" if x is None else format(x, s)  # noqa: E731
+    b = res["bound"]
+    lines = [f"Served context ~{b['ctx']} tokens, {res['max_tokens']} output tokens, mean prompt "
+             f"{res['mean_prompt_tokens']:.0f} tokens, --max-prefill-tokens {res['max_prefill_tokens']}, "
+             f"--row-prefill-tokens {res['row_prefill_tokens']}, --overlap {res.get('overlap', 'auto')}.", "",
+             "| concurrency | output tok/s | step bound tok/s (B / step ms) | share of bound | goal | TTFT p50 / p99 ms "
+             "| ITL p50 / p99 ms | prefix hits | Triton compiles |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["levels"]:
+        c = r["concurrency"]
+        step = b["decode_ms"][str(c)]
+        bound = 1e3 * c / step
+        lines.append(f"| {c} | {f(r['output_tok_s'])} | {bound:.1f} ({step:.2f} ms) | {r['output_tok_s'] / bound:.0%} "
+                     f"| {'>= 90%' if c == 1 else '>= 85%'} | {f(r['ttft_p50_ms'])} / {f(r['ttft_p99_ms'])} "
+                     f"| {f(r['itl_p50_ms'], '.2f')} / {f(r['itl_p99_ms'], '.2f')} | {r['prefix_hit_rate']:.0%} "
+                     f"| {r.get('triton_compiles', 'n/a')} |")
+    lines += ["", "Mean TTFT by part (ms): the client's; in the server, received to queued for the engine "
+              "(parse, template, tokenize); in the engine, arrival to admission and the whole arrival to first token.",
+              "", "| concurrency | client | HTTP received to queued | engine: admission wait | engine: to first token |",
+              "|---|---|---|---|---|"]
+    for r in res["levels"]:
+        lines.append(f"| {r['concurrency']} | {f(r.get('ttft_mean_ms'))} | {f(r.get('server_prep_mean_ms'))} "
+                     f"| {f(r.get('server_queue_mean_ms'))} | {f(r.get('server_ttft_mean_ms'))} |")
+    u = res["unique"]
+    lines += ["", "| prefix reuse at concurrency {} | output tok/s | TTFT p50 / p99 ms | prefix hits |".format(
+        u["concurrency"]), "|---|---|---|---|"]
+    rec = [r for r in res["levels"] if r["concurrency"] == u["concurrency"]]  # absent under --levels
+    for name, r in (("4 recurring context sets", rec[0] if rec else None), ("every prompt unique", u)):
+        if r is None:
+            continue
+        lines.append(f"| {name} | {f(r['output_tok_s'])} | {f(r['ttft_p50_ms'])} / {f(r['ttft_p99_ms'])} "
+                     f"| {r['prefix_hit_rate']:.0%} |")
+    i = res["idle"]
+    lines += ["", f"Server start-up (model build, step bound, graphs, prefill warm-up): {res['startup_s']:.0f} s, "
+              f"{res.get('triton_compiles_at_startup', 'n/a')} Triton kernels compiled."]
+    lines += ["", f"Idle TTFT, {i['prompt_tokens']}-token prompt sharing nothing with the cache: "
+              f"{f(i['ttft_ms'])} ms at a warm client, {f(i['server_ttft_ms'])} ms in the engine (median of {i['n']}) "
+              f"vs its prefill {b['prefill_ms']:.1f} ms = {i['ttft_ms'] / b['prefill_ms']:.2f}x (goal <= 2x)."]
+    return "\n".join(lines) + "\n"
