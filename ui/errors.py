@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pymilvus import MilvusException
 
+from rag.connection import StoreError, is_released
 from rag.settings import SettingsError
-from rag.store import StoreError, is_released
 
 
 def explain(e: Exception, collection: str, uri: str) -> str:
