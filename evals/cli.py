@@ -147,8 +147,7 @@ def run_beir(args, config: RagConfig) -> dict[str, Any]:
             embedder = make_embedder(config, resolve_name(config.embedder, store.recorded_embedder() if reuse else None))
             store.ensure(embedder, recreate=not reuse, analyzer=resolve_analyzer(args.analyzer, cjk=False))
             stats = None if reuse else index_beir(data.corpus, store, embedder, args.chunk_size, progress=not args.quiet)
-            if not adapter.fitted(store):  # a kept collection from before the query adapter
-                adapter.fit_and_save(store)
+            adapter.refresh(store, 0)  # fits a kept collection from before the query adapter
             results = eval_beir(data, store, embedder, args.modes, retriever_opts=_retriever_opts(args, config),
                                 progress=not args.quiet)
             if not args.keep:
