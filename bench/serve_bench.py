@@ -273,10 +273,21 @@ def server_facts(root: str, log: Path) -> dict:
     return facts
 
 
-def compiled(workdir: Path) -> int:
+def compiled(workdir: Path) -> set[Path]:
     """Kernels the server has compiled so far (entries of its own Triton cache)."""
     cache = workdir / "triton"
-    return sum(1 for _ in cache.iterdir()) if cache.exists() else 0
+    return set(cache.iterdir()) if cache.exists() else set()
+
+
+def kernel_signatures(entries: set[Path]) -> list[str]:
+    """What each cache entry compiled: the kernel's TTIR signature (its name, and the argument
+    specialisation, e.g. ``tt.divisibility``), so a compile mid-run names the shape warm-up missed."""
+    sigs = []
+    for entry in sorted(entries):
+        ttir = next(entry.glob("*.ttir"), None)
+        line = next((ln for ln in ttir.read_text().splitlines() if "tt.func" in ln), "") if ttir else ""
+        sigs.append(line.strip()[:600] or entry.name)
+    return sigs
 
 
 def passthrough(args) -> list[str]:
@@ -333,7 +344,7 @@ def main() -> int:
         try:
             wait_healthy(proc, root, log, args.health_timeout)
             startup_s = time.perf_counter() - t0
-            res_compiled = compiled(workdir)
+            res_compiled = len(compiled(workdir))
             bound = json.loads((workdir / "bound.json").read_text())
             res = {"plan": dataclasses.asdict(plan), "max_tokens": plan.max_tokens,
                    "max_prefill_tokens": plan.max_prefill_tokens, "mean_prompt_tokens": prompts["mean_prompt_tokens"],
@@ -351,9 +362,13 @@ def main() -> int:
                             record(proc.pid, spy and spy / f"py_spy_gil_c{c}.txt", gil=True):
                         before = compiled(workdir)
                         res["levels"].append(run_level(pool, base, prompts["recurring"][c], c, plan.max_tokens, root))
-                        res["levels"][-1]["triton_compiles"] = compiled(workdir) - before
+                        new = compiled(workdir) - before
+                        res["levels"][-1]["triton_compiles"] = len(new)
+                        res["levels"][-1]["triton_compiled"] = kernel_signatures(new)
                     print(json.dumps(res["levels"][-1]), flush=True)
+                before = compiled(workdir)
                 res["unique"] = run_level(pool, base, prompts["unique"], plan.unique_level, plan.max_tokens)
+                res["unique"]["triton_compiled"] = kernel_signatures(compiled(workdir) - before)
             res["server"] = server_facts(root, log)
         finally:
             proc.terminate()
