@@ -127,6 +127,15 @@ class Engine:
                           if n <= top} | {top})
         lengths = [n for n in lengths if self.blocks.blocks_needed(n) <= self.blocks.num_blocks]
         self.runner.warm_up(lengths)
+        if self.row_tokens:
+            # Prefix-hit chunks ride past the captured sizes as eager decode steps. Their GEMMs are
+            # the packed prefill's (same row counts, compiled above); what is their own is the paged
+            # attention, rope and cache writes, which specialise only on divisibility and pointer
+            # alignment (an odd row count leaves the positions' slice 8 bytes off 16: a compile
+            # mid-run at concurrency 32 before this, ~1 s of TTFT p99), so one length per class.
+            m = self.max_rows
+            rows = sorted({n for n in lengths if n > 256} | {m + 1, m + 2, m + 8, m + 16})
+            self.runner.warm_up_rows([n for n in rows if self.blocks.blocks_needed(n) <= self.blocks.num_blocks])
         seconds = time.perf_counter() - t0
         log.info("warmed up packed prefill at %d lengths (1..%d tokens) in %.1f s", len(lengths), top, seconds)
         return seconds

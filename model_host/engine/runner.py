@@ -165,6 +165,19 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def warm_up_rows(self, lengths: list[int]) -> None:
+        """Run one eager decode step of each length in ``lengths`` rows, a fresh prompt riding as
+        rows (the shape of a wave of prefix-hit chunks past the captured graphs), so that the
+        decode-layout kernels (paged latent attention over many rows, the decode rope and cache
+        writes) compile now too. Same rules as :meth:`warm_up`."""
+        for n in lengths:
+            seq = Sequence([0] * n, _WARM_UP, decoder=None, generator=None)
+            seq.block_table = list(range(-(-n // self.cache.block_size)))
+            ModelRunner.decode(self, [], [PrefillChunk(seq, 0, n)])  # this rank only: no broadcast
+            self.release(seq)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
     @torch.inference_mode()
     def _prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
         logits = []
