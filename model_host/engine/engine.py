@@ -128,17 +128,18 @@ class Engine:
         lengths = [n for n in lengths if self.blocks.blocks_needed(n) <= self.blocks.num_blocks]
         self.runner.warm_up(lengths)
         if self.row_tokens:
-            # Prefix-hit chunks ride past the captured sizes as eager decode steps. Their GEMMs are
-            # the packed prefill's (same row counts, compiled above); what is their own is the paged
-            # attention, rope and cache writes, which specialise only on divisibility and pointer
-            # alignment (an odd row count leaves the positions' slice 8 bytes off 16: a compile
-            # mid-run at concurrency 32 before this, ~1 s of TTFT p99), so one length per class.
-            # Longer steps add no variant, only start-up time (~20 s at 4,096 rows, V3 widths).
-            m = self.max_rows
-            rows = [n for n in (m + 1, m + 2, m + 8, m + 16) if self.blocks.blocks_needed(n) <= self.blocks.num_blocks]
-            self.runner.warm_up_rows(rows)
+            # Prefix-hit chunks past the captured sizes ride as eager decode steps. Their GEMMs are
+            # the packed prefill's, compiled above; the paged attention's variants follow pointer
+            # alignment (an odd row count: compiled mid-run at c=32 before this, ~1 s of TTFT
+            # p99), divisibility, and the KV split count, which falls with the rows up to 264
+            # (num_splits_for; past the captured sizes with few heads a rank). So every row count
+            # to 512 (at least 16 past the captured sizes); more rows add only start-up time.
+            last = min(max(512, self.max_rows + 16), top + self.config.max_batch)
+            self.runner.warm_up_rows([n for n in range(self.max_rows + 1, last + 1)
+                                      if self.blocks.blocks_needed(n) <= self.blocks.num_blocks])
         seconds = time.perf_counter() - t0
-        log.info("warmed up packed prefill at %d lengths (1..%d tokens) in %.1f s", len(lengths), top, seconds)
+        log.info("warmed up packed prefill at %d lengths (1..%d tokens), and riding rows, in %.1f s",
+                 len(lengths), top, seconds)
         return seconds
 
     def check(self, prompt_len: int, max_tokens: int) -> None:
