@@ -288,7 +288,7 @@ def kernel_signatures(entries: set[Path]) -> list[str]:
     for entry in sorted(entries):
         ttir = next(entry.glob("*.ttir"), None)
         line = next((ln for ln in ttir.read_text().splitlines() if "tt.func" in ln), "") if ttir else ""
-        sigs.append(line.strip()[:600] or entry.name)
+        sigs.append(line.strip() or entry.name)
     return sigs
 
 

@@ -136,7 +136,7 @@ class Engine:
             # to 512 (at least 16 past the captured sizes); more rows add only start-up time.
             last = min(max(512, self.max_rows + 16), top + self.config.max_batch)
             self.runner.warm_up_rows([n for n in range(self.max_rows + 1, last + 1)
-                                      if self.blocks.blocks_needed(n) <= self.blocks.num_blocks])
+                                      if self.blocks.blocks_needed(n) <= self.blocks.num_blocks], self.max_model_len)
         seconds = time.perf_counter() - t0
         log.info("warmed up packed prefill at %d lengths (1..%d tokens), and riding rows, in %.1f s",
                  len(lengths), top, seconds)

@@ -165,16 +165,21 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def warm_up_rows(self, lengths: list[int]) -> None:
-        """Run one eager decode step of each length in ``lengths`` rows, a fresh prompt riding as
-        rows (the shape of a wave of prefix-hit chunks past the captured graphs), so that the
-        decode-layout kernels (paged latent attention over many rows, the decode rope and cache
-        writes) compile now too. Same rules as :meth:`warm_up`."""
+    def warm_up_rows(self, lengths: list[int], max_len: int) -> None:
+        """Run one eager decode step of each length in ``lengths`` rows, fresh prompts of at most
+        ``max_len`` tokens riding as rows (the shape of a wave of prefix-hit chunks past the
+        captured graphs), so that the decode-layout kernels (paged latent attention over many
+        rows) compile now too. The prompts share blocks 0.. (nothing is published); a table
+        never outgrows ``max_len``, so the graphs' block-table width stays. Same rules as
+        :meth:`warm_up`; on this rank alone (a driver's decode would broadcast the step)."""
         for n in lengths:
-            seq = Sequence([0] * n, _WARM_UP, decoder=None, generator=None)
-            seq.block_table = list(range(-(-n // self.cache.block_size)))
-            ModelRunner.decode(self, [], [PrefillChunk(seq, 0, n)])  # this rank only: no broadcast
-            self.release(seq)
+            seqs = [Sequence([0] * k, _WARM_UP, decoder=None, generator=None)
+                    for k in [max_len] * (n // max_len) + [n % max_len] if k]
+            for seq in seqs:
+                seq.block_table = list(range(-(-len(seq) // self.cache.block_size)))
+            ModelRunner.decode(self, [], [PrefillChunk(seq, 0, len(seq)) for seq in seqs])
+            for seq in seqs:
+                self.release(seq)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 

@@ -43,16 +43,28 @@ CHILD = textwrap.dedent("""
     engine = Engine(model, Tokenizer(work), EngineConfig(max_batch=4, kv_memory_gb=0.05, max_prefill_tokens=320,
                                                          max_model_len=2048))
     before = {p.name for p in cache.iterdir()}
-    # Prompt chunks riding as rows past the captured sizes (eager decode steps), odd and even
-    # row counts, with and without decode rows beside them, as prefix hits arrive in a wave.
+    # Steps past the captured sizes (eager), as a wave of prefix hits makes them: decode rows
+    # beside prompt chunks that start after a cached prefix, odd and even row counts, one chunk
+    # or several. Blocks 0.. are shared (nothing is published; only the kernels matter here).
     params = SamplingParams(max_tokens=1)
+
+    def seq(n):
+        s = Sequence([5] * n, params, decoder=None, generator=None)
+        s.block_table = list(range(-(-n // engine.cache.block_size)))
+        return s
+
+    m = engine.max_rows
+    steps = [([seq(50), seq(77)], [(40, m + 1)]),          # m + 3 rows
+             ([seq(33)], [(120, m + 36)]),                  # m + 37 rows
+             ([], [(0, m + 3), (64, m + 3)]),               # 2m + 6 rows, two chunks
+             ([seq(9)], [(200, 150), (7, 150)])]            # 301 rows
     rows = []
-    for n in (engine.max_rows + 3, engine.max_rows + 37, 2 * engine.max_rows + 6, 301):
-        seq = Sequence([5] * n, params, decoder=None, generator=None)
-        seq.block_table = list(range(-(-n // engine.cache.block_size)))
-        engine.runner.decode([], [PrefillChunk(seq, 0, n)])
-        engine.runner.release(seq)
-        rows.append(n)
+    for decode, chunks in steps:
+        chunk_seqs = [PrefillChunk(seq(start + n), start, n) for start, n in chunks]
+        engine.runner.decode(decode, chunk_seqs)
+        for s in decode + [c.seq for c in chunk_seqs]:
+            engine.runner.release(s)
+        rows.append(len(decode) + sum(n for _, n in chunks))
     torch.cuda.synchronize()
     new = sorted(p.name for p in cache.iterdir() if p.name not in before)
     names = [next((f.stem for f in (cache / d).glob("*.json") if not f.name.startswith("__grp__")), d) for d in new]
@@ -63,10 +75,11 @@ CHILD = textwrap.dedent("""
 def test_riding_steps_past_the_captured_graphs_compile_nothing_after_start_up(tmp_path):
     cache = tmp_path / "triton"
     cache.mkdir()
-    env = {**os.environ, "TRITON_CACHE_DIR": str(cache), "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "TRITON_CACHE_DIR": str(cache), "MODEL_HOST_CUDA_GRAPHS": "1",
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "ckpt"), str(cache)], env=env,
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0 and proc.stdout.strip(), f"the child failed:\n{proc.stderr[-3000:]}"
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     print(report)
     assert report["compiled"] == [], f"kernels compiled after start-up, in rows {report['rows']}: {report['compiled']}"

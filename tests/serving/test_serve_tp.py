@@ -142,14 +142,21 @@ def test_start_up_warm_up_runs_on_each_rank_alone(tiny_model):
     """Every rank warms its prefill and riding-row kernels up inside Engine() (on GPUs), before the followers
     enter follow(): rank 0 must not send those forwards as plans (a hang at start-up under
     --tp), and an engine over the driver never overlaps its steps (its plans carry host tokens)."""
+    from model_host.engine.block_tables import DeviceBlockTables
     from model_host.engine.tp import DriverRunner
 
     model, tok = tiny_model
     engine = Engine(model, tok, EngineConfig(kv_memory_gb=0.02, block_size=8),
                     runner=lambda m, c: DriverRunner(m, c, _NoPlans()))
     engine.runner.warm_up([1, 7, 30])  # what Engine() runs with CUDA graphs, on every rank
-    engine.runner.warm_up_rows([9, 33])  # and the eager riding decode steps
+    # and the eager riding decode steps, with tables as narrow as graphs of a 16-token
+    # max_model_len would leave (capture_graphs narrows them so; block size 8): 33 rows ride as
+    # prompts of 16, 16 and 1 tokens, so no table outgrows the graphs' width (a wider one would
+    # turn every later decode step eager).
+    engine.runner.block_tables = DeviceBlockTables(2, engine.runner.device)
+    engine.runner.warm_up_rows([9, 33], max_len=16)
     assert not engine.runner.block_tables.slot_of  # the warm-up rows' tables are given back
+    assert engine.runner.block_tables.width == 2
     assert engine.overlap is False and engine.runner.device_tokens is False
     with pytest.raises(ValueError, match="tokens on the device"):
         Engine(model, tok, EngineConfig(kv_memory_gb=0.02, overlap=True),
