@@ -120,7 +120,8 @@ class Engine:
         no request waits for a compile (a second or more each) mid-run: every length up to 256
         rows (the decode-shaped tiles and split-K choices change with the row count there), and
         beyond that one length of each divisibility class Triton specializes integer arguments
-        on. The blocks are written before any request exists and nothing is published."""
+        on; then, where prompt chunks ride decode steps, the eager steps past the captured
+        sizes. The blocks are written before any request exists and nothing is published."""
         t0 = time.perf_counter()
         top = self.config.max_prefill_tokens
         lengths = sorted({n for n in [*range(1, 257), *(2**i + d for i in range(8, 16) for d in (0, 1, 2, 8, 16))]
