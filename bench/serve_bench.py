@@ -324,6 +324,9 @@ def main() -> int:
                     help="sample the server with py-spy at these concurrency levels (collapsed stacks in --out: "
                          "every running thread, and only the GIL holder); bench/spy_summary.py reads them")
     ap.add_argument("--levels", type=int, nargs="+", help="run only these concurrency levels (default: the plan's)")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="run the levels N times, interleaved, on the one server (the wave noise at high "
+                         "concurrency without N start-ups)")
     ap.add_argument("--row-prefill-tokens", type=int, default=None,
                     help="serve's --row-prefill-tokens (default: serve's default; 0 = every prompt chunk packed)")
     ap.add_argument("--overlap", choices=("auto", "on", "off"), default="auto", help="serve's --overlap")
@@ -358,7 +361,7 @@ def main() -> int:
                 res["warmup_errors"] = warm["errors"]
                 res["idle"] = {"prompt_tokens": prompts["idle_prompt_tokens"], **idle_ttft(base, root, prompts["idle"])}
                 res["levels"] = []
-                for c in args.levels or plan.levels:
+                for c in [c for _ in range(args.repeat) for c in args.levels or plan.levels]:
                     spy = args.out if c in args.py_spy and args.out else None
                     with record(proc.pid, spy and spy / f"py_spy_c{c}.txt"), \
                             record(proc.pid, spy and spy / f"py_spy_gil_c{c}.txt", gil=True):

@@ -3,6 +3,8 @@ bound per concurrency, TTFT by part, prefix reuse, start-up, idle TTFT)."""
 
 from __future__ import annotations
 
+import statistics
+
 
 def markdown(res: dict) -> str:
     f = lambda x, s=".1f": "n/a" if x is None else format(x, s)  # noqa: E731
@@ -20,6 +22,15 @@ def markdown(res: dict) -> str:
                      f"| {'>= 90%' if c == 1 else '>= 85%'} | {f(r['ttft_p50_ms'])} / {f(r['ttft_p99_ms'])} "
                      f"| {f(r['itl_p50_ms'], '.2f')} / {f(r['itl_p99_ms'], '.2f')} | {r['prefix_hit_rate']:.0%} "
                      f"| {r.get('triton_compiles', 'n/a')} |")
+    shares: dict[int, list[float]] = {}
+    for r in res["levels"]:
+        c = r["concurrency"]
+        shares.setdefault(c, []).append(r["output_tok_s"] * b["decode_ms"][str(c)] / (1e3 * c))
+    repeated = {c: v for c, v in shares.items() if len(v) > 1}
+    if repeated:
+        lines += ["", "Share of the step bound over the repeats: " + "; ".join(
+            f"c={c}: {' / '.join(f'{x:.0%}' for x in v)} (median {statistics.median(v):.0%})"
+            for c, v in repeated.items()) + "."]
     lines += ["", "Mean TTFT by part (ms): the client's; in the server, received to queued for the engine "
               "(parse, template, tokenize); in the engine, arrival to admission and the whole arrival to first token.",
               "", "| concurrency | client | HTTP received to queued | engine: admission wait | engine: to first token |",

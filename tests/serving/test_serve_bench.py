@@ -15,11 +15,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_serve_bench_quick(tmp_path):
-    subprocess.run([sys.executable, "bench/serve_bench.py", "--quick", "--out", str(tmp_path)], cwd=REPO,
-                   check=True, timeout=600, capture_output=True)
+    subprocess.run([sys.executable, "bench/serve_bench.py", "--quick", "--repeat", "2", "--out", str(tmp_path)],
+                   cwd=REPO, check=True, timeout=600, capture_output=True)
     res = json.loads((tmp_path / "serve_bench.json").read_text())
     plan = res["plan"]
-    assert [r["concurrency"] for r in res["levels"]] == plan["levels"]
+    assert [r["concurrency"] for r in res["levels"]] == plan["levels"] * 2  # --repeat 2: interleaved
     for r in res["levels"] + [res["unique"]]:
         assert r["errors"] == 0, r["first_error"]
         assert r["output_tokens"] == r["requests"] * plan["max_tokens"]  # ignore_eos: every token counted
@@ -34,6 +34,7 @@ def test_serve_bench_quick(tmp_path):
     assert res["server"]["model_host_kv_blocks_total"] > 0
     table = (tmp_path / "serve_bench.md").read_text()
     assert "| 1 |" in table and "every prompt unique" in table and "Idle TTFT" in table
+    assert "Share of the step bound over the repeats: c=1: " in table
 
 
 @pytest.mark.slow
