@@ -159,9 +159,7 @@ class ModelRunner:
         on this rank alone: under tensor parallelism every rank calls it at start-up with the
         same lengths, so the collectives inside line up (as graph capture does)."""
         for n in lengths:
-            seq = Sequence([0] * n, _WARM_UP, decoder=None, generator=None)
-            seq.block_table = list(range(-(-n // self.cache.block_size)))
-            self._prefill([PrefillChunk(seq, 0, n)])
+            self._prefill([self._scratch(n)])
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -173,15 +171,18 @@ class ModelRunner:
         never outgrows ``max_len``, so the graphs' block-table width stays. Same rules as
         :meth:`warm_up`; on this rank alone (a driver's decode would broadcast the step)."""
         for n in lengths:
-            seqs = [Sequence([0] * k, _WARM_UP, decoder=None, generator=None)
-                    for k in [max_len] * (n // max_len) + [n % max_len] if k]
-            for seq in seqs:
-                seq.block_table = list(range(-(-len(seq) // self.cache.block_size)))
-            ModelRunner.decode(self, [], [PrefillChunk(seq, 0, len(seq)) for seq in seqs])
-            for seq in seqs:
-                self.release(seq)
+            chunks = [self._scratch(k) for k in [max_len] * (n // max_len) + [n % max_len] if k]
+            ModelRunner.decode(self, [], chunks)
+            for c in chunks:
+                self.release(c.seq)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+
+    def _scratch(self, n: int) -> PrefillChunk:
+        """A warm-up prompt of ``n`` tokens over blocks 0.., as one whole chunk."""
+        seq = Sequence([0] * n, _WARM_UP, decoder=None, generator=None)
+        seq.block_table = list(range(-(-n // self.cache.block_size)))
+        return PrefillChunk(seq, 0, n)
 
     @torch.inference_mode()
     def _prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
