@@ -7,7 +7,8 @@ and the prefill of the idle-TTFT prompt, frees that rig, and then runs `model-ho
 code (`server.cli.build` and `serve`) on 127.0.0.1. This process drives it with the `openai` SDK from
 several client processes (so the clients are not the bottleneck) with the real RAG prompt:
 `rag.prompt.build_prompt` over passages of docs/*.md (about 1,600 context tokens + a question;
-4 recurring context sets), 128 output tokens each, greedy, ignore_eos. Phases:
+4 recurring context sets, each request's question its own), 128 output tokens each, greedy,
+ignore_eos. Phases:
 
 1. idle TTFT of a ~2,000-token prompt that shares nothing with the cache, from a warm client and
    in the engine (/metrics), vs its prefill time;
@@ -43,6 +44,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from serve_clients import idle_ttft, run_level  # noqa: E402
+from serve_facts import compiled, host_cpu, kernel_signatures, server_facts  # noqa: E402
 from serve_report import markdown  # noqa: E402
 from spy_summary import record  # noqa: E402
 
@@ -105,6 +107,11 @@ def messages(question: str, hits, nonce: str | None = None) -> list[dict]:
     return msgs
 
 
+def question(k: int) -> str:
+    """Request k's question: one of QUESTIONS, numbered, so no two requests send the same prompt."""
+    return f"{QUESTIONS[k % len(QUESTIONS)]} (request {k})"
+
+
 def build_prompts(plan: Plan) -> dict:
     from model_host.tokenizer import Tokenizer
 
@@ -113,8 +120,9 @@ def build_prompts(plan: Plan) -> dict:
     for _ in range(4):
         hits, i = context_set(pool, i, plan.context_tokens)
         sets.append(hits)
-    recurring = {c: [messages(QUESTIONS[k % len(QUESTIONS)], sets[k % 4]) for k in range(n)]
-                 for c, n in plan.requests.items()}
+    # The context sets recur (the prefix cache's case); each request's question is its own: whole
+    # prompts that recur decode the same greedy tokens, fewer experts than the bound's (benchmarks).
+    recurring = {c: [messages(question(k), sets[k % 4]) for k in range(n)] for c, n in plan.requests.items()}
     n_unique = plan.requests[plan.unique_level]
     unique = [messages(QUESTIONS[k % len(QUESTIONS)], sets[k % 4], nonce=f"u{k:05d}") for k in range(n_unique)]
     idle_hits, _ = context_set(pool, i, plan.idle_tokens)
@@ -184,7 +192,8 @@ def step_bound(model, plan: Plan, ctx: int, prefill_tokens: int) -> dict:
     cache.c_kv.normal_()
     cache.k_pe.normal_()
     graphs = DecodeGraphs(model, cache, per_row, buckets=plan.levels) if graphs_supported(model) else None
-    out = {"ctx": ctx, "graphs": graphs is not None, "decode_ms": {}}
+    out = {"ctx": ctx, "graphs": graphs is not None, "decode_ms": {},
+           "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
     g = torch.Generator(device=dev).manual_seed(0)
     with torch.inference_mode():
         for b in plan.levels:
@@ -260,38 +269,6 @@ def wait_healthy(proc: subprocess.Popen, root: str, log: Path, timeout: float) -
     raise SystemExit(f"serve_bench: the server was not healthy within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-def server_facts(root: str, log: Path) -> dict:
-    """Gauges from /metrics and the start-up lines (KV budget, graph capture) from the log."""
-    import httpx
-
-    text = httpx.get(f"{root}/metrics", timeout=10).text
-    facts = {}
-    for name in ("model_host_kv_blocks_total", "model_host_kv_block_size_tokens", "model_host_preemptions",
-                 "model_host_prefix_cache_hit_rate"):
-        m = re.search(rf"^{name} ([0-9.eE+-]+)$", text, re.M)
-        facts[name] = float(m.group(1)) if m else None
-    facts["startup_log"] = [ln.strip() for ln in log.read_text().splitlines()
-                            if re.search(r"KV budget|KV cache|captured decode|warmed up|model built|HTTP:", ln)]
-    return facts
-
-
-def compiled(workdir: Path) -> set[Path]:
-    """Kernels the server has compiled so far (entries of its own Triton cache)."""
-    cache = workdir / "triton"
-    return set(cache.iterdir()) if cache.exists() else set()
-
-
-def kernel_signatures(entries: set[Path]) -> list[str]:
-    """What each cache entry compiled: the kernel's TTIR signature (its name, and the argument
-    specialisation, e.g. ``tt.divisibility``), so a compile mid-run names the shape warm-up missed."""
-    sigs = []
-    for entry in sorted(entries):
-        ttir = next(entry.glob("*.ttir"), None)
-        line = next((ln for ln in ttir.read_text().splitlines() if "tt.func" in ln), "") if ttir else ""
-        sigs.append(line.strip() or entry.name)
-    return sigs
-
-
 def passthrough(args) -> list[str]:
     """serve's flags given to the benchmark, for the server (and the child that starts it)."""
     return [*(["--row-prefill-tokens", str(args.row_prefill_tokens)] if args.row_prefill_tokens is not None else []),
@@ -354,7 +331,8 @@ def main() -> int:
             res = {"plan": dataclasses.asdict(plan), "max_tokens": plan.max_tokens,
                    "max_prefill_tokens": plan.max_prefill_tokens, "mean_prompt_tokens": prompts["mean_prompt_tokens"],
                    "row_prefill_tokens": row_prefill_tokens(args), "overlap": args.overlap,
-                   "bound": bound, "startup_s": startup_s, "triton_compiles_at_startup": res_compiled}
+                   "bound": bound, "startup_s": startup_s, "triton_compiles_at_startup": res_compiled,
+                   "host_cpu": host_cpu()}
             base = f"{root}/v1"
             with ProcessPoolExecutor(max_workers=8) as pool:
                 warm = run_level(pool, base, prompts["recurring"][plan.levels[-1]][:16], 8, 8)  # compile, connect

@@ -23,7 +23,8 @@ async def request(client, msgs: list, max_tokens: int) -> dict:
     """One streaming chat completion: its TTFT (first non-empty content), gaps, token counts."""
     import openai
 
-    rec = {"start": time.monotonic(), "ttft": None, "itl": [], "tokens": 0, "cached": 0, "prompt": 0, "error": None}
+    rec = {"start": time.monotonic(), "ttft": None, "itl": [], "tokens": 0, "cached": 0, "prompt": 0, "error": None,
+           "text": []}
     last = None
     try:
         stream = await client.chat.completions.create(
@@ -36,6 +37,7 @@ async def request(client, msgs: list, max_tokens: int) -> dict:
                 rec["prompt"] = chunk.usage.prompt_tokens
                 details = chunk.usage.prompt_tokens_details
                 rec["cached"] = (details.cached_tokens or 0) if details else 0
+            rec["text"] += [c.delta.content for c in chunk.choices if c.delta.content]
             if any(c.delta.content for c in chunk.choices):
                 if last is None:
                     rec["ttft"] = now - rec["start"]
@@ -45,6 +47,7 @@ async def request(client, msgs: list, max_tokens: int) -> dict:
     except openai.OpenAIError as e:
         rec["error"] = f"{type(e).__name__}: {e}"
     rec["end"] = time.monotonic()
+    rec["text"] = "".join(rec["text"])
     return rec
 
 
@@ -153,4 +156,7 @@ def summarize(recs: list[dict], concurrency: int) -> dict:
             "ttft_p50_ms": ms(pct(ttft, 50)), "ttft_p99_ms": ms(pct(ttft, 99)),
             "ttft_mean_ms": ms(statistics.fmean(ttft)) if ttft else None,
             "itl_p50_ms": ms(pct(itl, 50)), "itl_p99_ms": ms(pct(itl, 99)),
-            "prefix_hit_rate": sum(r["cached"] for r in ok) / max(1, sum(r["prompt"] for r in ok))}
+            "prefix_hit_rate": sum(r["cached"] for r in ok) / max(1, sum(r["prompt"] for r in ok)),
+            # Requests whose completions are equal decode the same tokens: a step of them routes
+            # few distinct tokens (few experts) and runs faster than the step bound's random ids.
+            "distinct_completions": len({r["text"] for r in ok})}

@@ -11,9 +11,11 @@ def markdown(res: dict) -> str:
     b = res["bound"]
     lines = [f"Served context ~{b['ctx']} tokens, {res['max_tokens']} output tokens, mean prompt "
              f"{res['mean_prompt_tokens']:.0f} tokens, --max-prefill-tokens {res['max_prefill_tokens']}, "
-             f"--row-prefill-tokens {res['row_prefill_tokens']}, --overlap {res.get('overlap', 'auto')}.", "",
+             f"--row-prefill-tokens {res['row_prefill_tokens']}, --overlap {res.get('overlap', 'auto')}; "
+             f"{b.get('device', 'n/a')}, host {res.get('host_cpu', 'n/a')}.", "",
              "| concurrency | output tok/s | step bound tok/s (B / step ms) | share of bound | goal | TTFT p50 / p99 ms "
-             "| ITL p50 / p99 ms | prefix hits | Triton compiles |", "|---|---|---|---|---|---|---|---|---|"]
+             "| ITL p50 / p99 ms | prefix hits | distinct completions | Triton compiles |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["levels"]:
         c = r["concurrency"]
         step = b["decode_ms"][str(c)]
@@ -21,7 +23,7 @@ def markdown(res: dict) -> str:
         lines.append(f"| {c} | {f(r['output_tok_s'])} | {bound:.1f} ({step:.2f} ms) | {r['output_tok_s'] / bound:.0%} "
                      f"| {'>= 90%' if c == 1 else '>= 85%'} | {f(r['ttft_p50_ms'])} / {f(r['ttft_p99_ms'])} "
                      f"| {f(r['itl_p50_ms'], '.2f')} / {f(r['itl_p99_ms'], '.2f')} | {r['prefix_hit_rate']:.0%} "
-                     f"| {r.get('triton_compiles', 'n/a')} |")
+                     f"| {r.get('distinct_completions', 'n/a')} of {r['requests']} | {r.get('triton_compiles', 'n/a')} |")
     shares: dict[int, list[float]] = {}
     for r in res["levels"]:
         c = r["concurrency"]

@@ -27,6 +27,7 @@ def test_serve_bench_quick(tmp_path):
         assert 0 < r["server_prep_mean_ms"] < r["ttft_mean_ms"]
         assert 0 <= r["server_queue_mean_ms"] <= r["server_ttft_mean_ms"] <= r["ttft_mean_ms"]
     assert all(r["prefix_hit_rate"] > 0.5 for r in res["levels"])  # 4 recurring context sets
+    assert all(1 <= r["distinct_completions"] <= r["requests"] for r in res["levels"])
     assert res["unique"]["prefix_hit_rate"] == 0 and res["idle"]["prefix_hit_rate"] == 0  # nonce first lines
     assert set(res["bound"]["decode_ms"]) == {str(c) for c in plan["levels"]}
     assert res["bound"]["prefill_tokens"] == res["idle"]["prompt_tokens"]
@@ -35,6 +36,21 @@ def test_serve_bench_quick(tmp_path):
     table = (tmp_path / "serve_bench.md").read_text()
     assert "| 1 |" in table and "every prompt unique" in table and "Idle TTFT" in table
     assert "Share of the step bound over the repeats: c=1: " in table
+    assert f"host {res['host_cpu']}" in table and res["bound"]["device"] == "cpu"
+
+
+def test_recurring_prompts_share_their_context_and_never_the_whole_prompt():
+    """Regression (H100, ninth session): 12 whole prompts recurred, so greedy decoding gave their
+    copies the same tokens, and a step of 128 rows routed few distinct tokens (few experts):
+    served c=128 ran at 101% of the step bound, which times random token ids."""
+    sys.path[:0] = [str(REPO), str(REPO / "bench")]
+    import serve_bench as sb
+
+    prompts = sb.build_prompts(sb.GPU)["recurring"][max(sb.GPU.levels)]  # the 1,024 of c=128
+    texts = [json.dumps(m) for m in prompts]
+    assert len(set(texts)) == len(texts)
+    contexts = {json.dumps(m[:-1]) + m[-1]["content"].rsplit("\n\nQuestion: ", 1)[0] for m in prompts}
+    assert len(contexts) == 4
 
 
 @pytest.mark.slow
