@@ -67,7 +67,8 @@ def test_launch_tables_are_read_only_data(tmp_path):
         t.small_m["BLOCK_N"] = 16
     with pytest.raises(dataclasses.FrozenInstanceError):
         t.scaled_mm_min_m = 1
-    assert load_tuning("NVIDIA H100 80GB HBM3") == t  # no H100 table: the default one
+    assert load_tuning("NVIDIA A100-SXM4-80GB") == t  # no A100 table: the default one
+    assert load_tuning("NVIDIA H100 80GB HBM3").grouped_prefill != t.grouped_prefill  # its own table
     tuned = dataclasses.replace(t, small_m={**t.small_m, "BLOCK_N": 32})
     path = write_table(tuned, tmp_path, "NVIDIA H100 80GB HBM3")
     assert path.name == "h100.json" and read_table(path) == tuned
