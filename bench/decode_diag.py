@@ -135,8 +135,9 @@ def tune(db, model, rig, res: dict, out: Path) -> Tuning:
     e, rows = moe.experts.num_experts, token.numel()
     h = torch.randn(rows, dp.in_features, device=db.DEVICE, dtype=torch.bfloat16)
     aq, hq = act_quant(x), act_quant(h)
-    # 64-wide N tiles at 4 warps fit several programs on an SM (their MMA waits overlap): the
-    # gated launch's winner on the H100 (ninth session, docs/gpu_notes.md).
+    # 64-wide N tiles at 4 warps fit up to three programs on an SM (likely why: one's MMA wait
+    # overlaps another's loads; not profiled): the gated launch's winner on the H100 (ninth
+    # session, docs/benchmarks.md).
     cands = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
              for bm, bn, w, st in ((64, 128, 8, 3), (64, 128, 8, 4), (64, 256, 8, 3), (128, 128, 8, 3),
                                    (128, 256, 8, 3), (32, 128, 4, 4), (64, 128, 4, 4), (128, 128, 8, 4),
