@@ -155,9 +155,12 @@ def num_splits_for(batch: int, heads: int, sms: int = 132, block_h: int = 16) ->
 def mla_decode(q: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, block_tables: torch.Tensor,
                seq_lens: torch.Tensor, page: int, scale: float, num_splits: int | None = None,
                block_n: int = 32, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-               lens_from_positions: bool = False, q_pe: torch.Tensor | None = None) -> torch.Tensor:
+               lens_from_positions: bool = False, q_pe: torch.Tensor | None = None,
+               block_h: int = 16, num_warps: int = 4) -> torch.Tensor:
     """Attention output in latent space ``[B, H, R]``; shapes and options as in
-    :func:`mla_decode_reference`."""
+    :func:`mla_decode_reference`. ``block_h`` heads share a program's reads of the row's keys:
+    16 serves decode (more programs for few rows); bench/mla_rows_bench.py times wider blocks
+    on the many rows of an eager riding step."""
     if not use_triton(q, c_kv):
         return mla_decode_reference(q, c_kv, k_pe, block_tables, seq_lens, page, scale, rope,
                                     lens_from_positions, q_pe)
@@ -170,7 +173,6 @@ def mla_decode(q: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, block_ta
     out_dtype = q.dtype
     if INTERPRET:  # the CPU interpreter mis-evaluates bf16 tl.dot; check the indexing in fp32
         q, q_pe, c_kv, k_pe = q.float(), q_pe.float(), c_kv.float(), k_pe.float()
-    block_h = 16
     splits = num_splits or num_splits_for(bsz, h, block_h=block_h)
     part_o = torch.empty(bsz, h, splits, r, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(bsz, h, splits, dtype=torch.float32, device=q.device)
@@ -182,7 +184,7 @@ def mla_decode(q: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, block_ta
         block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), cos.stride(0),
         PAGE=page, NUM_SPLITS=splits, DL=r, DR=dr, ROPE=rope is not None,
-        LEN_FROM_POS=lens_from_positions, BLOCK_H=block_h, BLOCK_N=block_n, num_warps=4, num_stages=2)
+        LEN_FROM_POS=lens_from_positions, BLOCK_H=block_h, BLOCK_N=block_n, num_warps=num_warps, num_stages=2)
     out = torch.empty(bsz, h, r, dtype=out_dtype, device=q.device)
     _mla_merge_kernel[(h, bsz)](
         part_o, part_lse, out, h, part_o.stride(0), part_o.stride(1), part_o.stride(2),

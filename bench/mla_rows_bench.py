@@ -1,0 +1,102 @@
+"""The paged MLA kernel on an eager riding step: many query rows per sequence over a long cached
+context, as when a wave of prefix-hit requests rides one decode step (docs/gpu_notes.md, ninth
+session: at concurrency 128 ~40 rows per arrival over ~2,000 cached keys each).
+
+The kernel gives a program BLOCK_H heads of one row, so each row reads its keys once per head
+block (128 / 16 = 8 times at decode's setting) and its MMAs are BLOCK_H rows tall. This times
+`mla_decode` at wider head blocks on those shapes, against the shipped setting and an fp64
+check of one row, and reports the attention TFLOP/s and the key bytes read per step.
+
+    python3 bench/mla_rows_bench.py --out $OUT      # GPU
+    python bench/mla_rows_bench.py --quick          # CPU: plumbing only (the reference path)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+from model_host.kernels.mla_decode import mla_decode, mla_decode_reference  # noqa: E402
+
+# (BLOCK_H, num_warps, BLOCK_N): the shipped decode setting first.
+GRID = [(16, 4, 32), (32, 4, 32), (32, 8, 32), (64, 8, 32), (32, 8, 64), (16, 4, 64)]
+
+
+def time_ms(fn, cuda: bool, iters: int) -> float:
+    if cuda:
+        import decode_bench as db
+
+        return db.gpu_ms(fn, iters=iters)
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return 1e3 * (time.perf_counter() - t0) / iters
+
+
+def case(seqs: int, per: int, ctx: int, heads: int, page: int, dev: str, iters: int) -> list[dict]:
+    """One riding step: `seqs` sequences of `ctx` cached tokens, each with `per` new rows (row i
+    of a sequence attends to ctx + i + 1 positions), at every GRID setting."""
+    r, dr = 512, 64
+    g = torch.Generator(device=dev).manual_seed(0)
+    per_seq = -(-(ctx + per) // page)
+    c_kv = torch.randn(seqs * per_seq * page, r, device=dev, dtype=torch.bfloat16, generator=g)
+    k_pe = torch.randn(seqs * per_seq * page, dr, device=dev, dtype=torch.bfloat16, generator=g)
+    tables = torch.arange(seqs * per_seq, device=dev, dtype=torch.int32).view(seqs, per_seq)
+    tables = tables.repeat_interleave(per, 0).contiguous()  # every row of a sequence: its table
+    pos = (ctx + torch.arange(per, device=dev)).repeat(seqs).contiguous()
+    rows = seqs * per
+    q = 0.05 * torch.randn(rows, heads, r + dr, device=dev, dtype=torch.bfloat16, generator=g)
+    q_lat, q_pe = q[..., :r], q[..., r:]
+    # fp64 truth for the last row (the longest context): every setting is checked against it.
+    ref = mla_decode_reference(q[-1:].double(), c_kv.double(), k_pe.double(), tables[-1:], pos[-1:], page, 0.07,
+                               lens_from_positions=True)[0]
+    flop = 2 * heads * (r + dr + r) * sum(ctx + i + 1 for i in range(per)) * seqs
+    out = []
+    for block_h, warps, block_n in GRID:
+        def fn(bh=block_h, w=warps, bn=block_n):
+            return mla_decode(q_lat, c_kv, k_pe, tables, pos, page, 0.07, block_n=bn, lens_from_positions=True,
+                              q_pe=q_pe, block_h=bh, num_warps=w)
+        try:
+            err = ((fn()[-1].double() - ref).norm() / ref.norm()).item()
+            ms = time_ms(fn, dev == "cuda", iters)
+        except Exception as e:  # e.g. out of shared memory or registers at this setting
+            out.append({"block_h": block_h, "num_warps": warps, "block_n": block_n, "error": f"{type(e).__name__}: {e}"})
+            continue
+        out.append({"seqs": seqs, "rows_per_seq": per, "ctx": ctx, "block_h": block_h, "num_warps": warps,
+                    "block_n": block_n, "ms": ms, "tflops": flop / ms / 1e9, "rel_err_vs_fp64": err,
+                    "key_gb_read": rows * -(-heads // block_h) * (ctx + per / 2) * (r + dr) * 2 / 1e9})
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CPU, tiny shapes: the plumbing, not the kernel")
+    ap.add_argument("--out", type=Path, help="folder for mla_rows_bench.json")
+    args = ap.parse_args()
+    dev = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
+    shapes = [(2, 3, 40, 16, 8)] if args.quick else [(32, 40, 2000, 128, 64), (128, 40, 2000, 128, 64)]
+    res = [r for s in shapes for r in case(*s, dev=dev, iters=2 if args.quick else 10)]
+    print("| rows (seqs x rows) | BLOCK_H | warps | BLOCK_N | ms | TFLOP/s | key GB read | rel err vs fp64 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in res:
+        if "error" in r:
+            print(f"| | {r['block_h']} | {r['num_warps']} | {r['block_n']} | {r['error'][:80]} | | | |")
+            continue
+        print(f"| {r['seqs'] * r['rows_per_seq']} ({r['seqs']} x {r['rows_per_seq']}) | {r['block_h']} | {r['num_warps']} "
+              f"| {r['block_n']} | {r['ms']:.3f} | {r['tflops']:.0f} | {r['key_gb_read']:.1f} | {r['rel_err_vs_fp64']:.1e} |")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "mla_rows_bench.json").write_text(json.dumps({"device": dev, "results": res}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
