@@ -83,6 +83,16 @@ def server_histograms(root: str) -> dict[str, tuple[float, float]]:
     return {name: (get(m, "sum"), get(m, "count")) for name, m in TTFT_PARTS.items()}
 
 
+def server_steps(root: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the server's step-time histogram per kind (decode, riding, prefill)."""
+    import httpx
+
+    text = httpx.get(f"{root}/metrics", timeout=10).text
+    found = re.findall(r'^model_host_step_seconds_(sum|count)\{kind="(\w+)"\} (\S+)$', text, re.M)
+    return {kind: (float(next(v for f, k, v in found if k == kind and f == "sum")),
+                   float(next(v for f, k, v in found if k == kind and f == "count"))) for _, kind, _ in found}
+
+
 def server_ttft(root: str) -> tuple[float, float]:
     """(sum, count) of the server's own TTFT histogram: arrival at the engine to the first token."""
     return server_histograms(root)["ttft"]
@@ -121,6 +131,7 @@ def run_level(pool: ProcessPoolExecutor, base_url: str, prompts: list, concurren
     token) goes beside the clients' mean, with the HTTP side's share (received to queued: parse,
     template, tokenize) and the engine's admission wait."""
     before = server_histograms(root) if root else {}
+    steps_before = server_steps(root) if root else {}
     procs = max(1, min(8, math.ceil(concurrency / 16)))
     shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
     jobs, start = [], 0
@@ -135,6 +146,11 @@ def run_level(pool: ProcessPoolExecutor, base_url: str, prompts: list, concurren
         for name, (s1, c1) in after.items():  # means over this level's requests
             s0, c0 = before[name]
             res[f"server_{name}_mean_ms"] = 1e3 * (s1 - s0) / max(1.0, c1 - c0)
+        res["server_steps"] = {}  # this level's engine steps by kind: how many, mean device ms
+        for kind, (s1, c1) in server_steps(root).items():
+            s0, c0 = steps_before.get(kind, (0.0, 0.0))
+            if c1 > c0:
+                res["server_steps"][kind] = {"steps": int(c1 - c0), "mean_ms": 1e3 * (s1 - s0) / (c1 - c0)}
     return res
 
 

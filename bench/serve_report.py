@@ -40,6 +40,12 @@ def markdown(res: dict) -> str:
     for r in res["levels"]:
         lines.append(f"| {r['concurrency']} | {f(r.get('ttft_mean_ms'))} | {f(r.get('server_prep_mean_ms'))} "
                      f"| {f(r.get('server_queue_mean_ms'))} | {f(r.get('server_ttft_mean_ms'))} |")
+    lines += ["", "Engine steps by what they ran (steps, mean device ms each): decode rows only; prompt chunks "
+              "riding as rows; a packed prefill.", "", "| concurrency | decode | riding | prefill |", "|---|---|---|---|"]
+    for r in res["levels"]:
+        st = r.get("server_steps", {})
+        cells = [f"{st[k]['steps']} x {st[k]['mean_ms']:.2f}" if k in st else "-" for k in ("decode", "riding", "prefill")]
+        lines.append(f"| {r['concurrency']} | {' | '.join(cells)} |")
     u = res["unique"]
     lines += ["", "| prefix reuse at concurrency {} | output tok/s | TTFT p50 / p99 ms | prefix hits |".format(
         u["concurrency"]), "|---|---|---|---|"]

@@ -6,6 +6,7 @@ for the HTTP server.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -15,7 +16,7 @@ import torch
 
 from model_host.engine.block_manager import BlockManager
 from model_host.engine.memory import plan_kv
-from model_host.engine.outputs import Launched, StepOutput, TokenLogprob, logprob_rows
+from model_host.engine.outputs import Launched, StepOutput, StepTiming, TokenLogprob, logprob_rows
 from model_host.engine.paged_cache import PagedLatentCache
 from model_host.engine.runner import ModelRunner, capture_sizes
 from model_host.engine.scheduler import Batch, PrefillChunk, Scheduler
@@ -111,6 +112,9 @@ class Engine:
         self.overlap = (config.overlap if config.overlap is not None
                         else self.runner.graphs_enabled and not k and self.runner.device_tokens)
         self._inflight: Launched | None = None  # the overlapped step whose tokens are not read yet
+        # Each read step's device time, until the server's metrics take them (bounded: an engine
+        # driven without a server keeps only the latest).
+        self._timings: collections.deque[StepTiming] = collections.deque(maxlen=4096)
         log.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %d B/token/layer)",
                  num_blocks, config.block_size, self.capacity_tokens, self.cache.nbytes() / 2**30,
                  self.cache.bytes_per_token_per_layer())
@@ -198,6 +202,7 @@ class Engine:
         rows: list[Sequence] = []
         logits: list[torch.Tensor] = []
         riding, packed = self._split(batch.prefill, len(batch.decode))
+        start = self._mark()
         if packed:
             logits.append(self.runner.prefill(packed))
             rows += [c.seq for c in packed if c.last]
@@ -219,11 +224,27 @@ class Engine:
         for s in rows:
             s.token_ids.append(PENDING)
         launched = Launched(rows, [len(s) - 1 for s in rows], first, sampled, download(sampled),
-                             logprob_rows(all_logits, sampled, rows))
+                            logprob_rows(all_logits, sampled, rows),
+                            kind="prefill" if packed else "riding" if riding else "decode", start=start)
         if sampled.is_cuda:
-            launched.done = torch.cuda.Event()
+            launched.done = torch.cuda.Event(enable_timing=True)
             launched.done.record()
         return outs, launched
+
+    def _mark(self) -> torch.cuda.Event | float:
+        """A step's start: an event in the stream on the GPU (it runs when the step's first
+        kernel can, so an overlapped step is timed alone), the wall clock on the CPU."""
+        if self.runner.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def take_timings(self) -> list[StepTiming]:
+        """The device time of every step read since the last call (the server's /metrics)."""
+        out = list(self._timings)
+        self._timings.clear()
+        return out
 
     def _fill(self, seqs: list[Sequence]) -> tuple[list[int], list[int], torch.Tensor] | None:
         """Decode rows whose last token is the in-flight step's, still on the device: (their
@@ -241,6 +262,9 @@ class Engine:
         """Read a launched step's tokens (waiting for its sampling only) and emit them."""
         if launched.done is not None:
             launched.done.synchronize()
+            self._timings.append(StepTiming(launched.kind, launched.start.elapsed_time(launched.done) / 1e3))
+        elif launched.start is not None:
+            self._timings.append(StepTiming(launched.kind, time.perf_counter() - launched.start))
         tokens = launched.host.tolist()
         logprobs = launched.logprobs.read(tokens) if launched.logprobs else [None] * len(tokens)
         now = time.perf_counter()

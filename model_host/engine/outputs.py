@@ -66,6 +66,18 @@ def logprob_rows(logits: torch.Tensor, sampled: torch.Tensor, seqs: list[Sequenc
     return LogprobRows(rows, n, download(chosen), download(top_v), download(top_i))
 
 
+@dataclasses.dataclass(frozen=True)
+class StepTiming:
+    """One step's time on the device, from its first kernel to its tokens copied to the host
+    (CUDA events, so an overlapped step is not charged for the one before it; wall time on the
+    CPU), and what it ran: ``decode`` (decode rows only), ``riding`` (prompt chunks as rows of
+    the decode step) or ``prefill`` (a packed prefill forward, with or without decode rows).
+    Speculative rounds read their tokens at once and are not timed here."""
+
+    kind: str
+    seconds: float
+
+
 @dataclasses.dataclass
 class Launched:
     """A step whose sampled tokens are queued on the device and not yet read."""
@@ -76,6 +88,8 @@ class Launched:
     tokens: torch.Tensor  # [m] on the device: the next step's decode rows read them there
     host: torch.Tensor  # [m] the same, copied to the host
     logprobs: LogprobRows | None
+    kind: str = "decode"  # what the step ran (StepTiming.kind)
+    start: torch.cuda.Event | float | None = None  # recorded before its first kernel (perf_counter on the CPU)
     done: torch.cuda.Event | None = None  # recorded after the copies (CUDA)
 
     @property

@@ -8,6 +8,7 @@ from model_host.engine.loop import EngineLoop
 from model_host.engine.outputs import StepOutput
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+STEP_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1, 5)
 
 
 class Metrics:
@@ -60,9 +61,15 @@ class Metrics:
                                buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("model_host_inter_token_latency_seconds", "Gap between consecutive tokens",
                              buckets=LATENCY_BUCKETS, registry=r)
+        # Device time per engine step by what it ran (decode rows only; prompt chunks riding as
+        # rows; a packed prefill): how long a wave of arrivals holds the running decodes.
+        self.step = Histogram("model_host_step_seconds", "Device time of an engine step", ["kind"],
+                              buckets=STEP_BUCKETS, registry=r)
 
     def on_step(self, outs: list[StepOutput]) -> None:
         """Called on the engine thread after every step."""
+        for t in self.loop.engine.take_timings():
+            self.step.labels(t.kind).observe(t.seconds)
         for o in outs:
             if o.token is not None:
                 self.generation_tokens.inc()

@@ -217,3 +217,20 @@ def test_cache_hits_ride_past_the_row_budget_with_solo_greedy_tokens(tiny_model)
     assert seqs[0].prompt_cached_tokens > 0 and seqs[1].prompt_cached_tokens > 0
     assert [w for w in widths if w > 1] == [len(prompts[2])], widths  # only the fresh prompt went packed
     assert [s.output_ids for s in seqs] == [generate(model, tok, p, params).token_ids for p in prompts]
+
+
+def test_each_step_is_timed_by_what_it_ran(tiny_model):
+    """/metrics' model_host_step_seconds: a prefix hit rides its first step as rows ("riding"), a
+    fresh prompt runs the packed forward ("prefill"), then decode steps; each read step timed."""
+    model, tok = tiny_model
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    shared = tok.encode("retrieved context about sealed segments and index building " * 4, add_bos=True)
+    engine = Engine(model, tok, EngineConfig(max_batch=8, kv_memory_gb=0.02, block_size=8, row_prefill_tokens=64))
+    engine.generate([shared + tok.encode(" warm the cache")], params)
+    engine.take_timings()
+    engine.generate([shared + tok.encode(" question one?")], params)
+    assert [t.kind for t in engine.take_timings()] == ["riding", "decode", "decode"]
+    engine.generate([tok.encode("vector " * 70, add_bos=True)], params)
+    timings = engine.take_timings()
+    assert [t.kind for t in timings] == ["prefill", "decode", "decode"]
+    assert all(0 < t.seconds < 60 for t in timings) and engine.take_timings() == []

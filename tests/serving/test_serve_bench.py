@@ -28,6 +28,8 @@ def test_serve_bench_quick(tmp_path):
         assert 0 <= r["server_queue_mean_ms"] <= r["server_ttft_mean_ms"] <= r["ttft_mean_ms"]
     assert all(r["prefix_hit_rate"] > 0.5 for r in res["levels"])  # 4 recurring context sets
     assert all(1 <= r["distinct_completions"] <= r["requests"] for r in res["levels"])
+    for r in res["levels"]:  # every level decodes; its steps' mean device time is positive
+        assert r["server_steps"]["decode"]["steps"] > 0 and r["server_steps"]["decode"]["mean_ms"] > 0
     assert res["unique"]["prefix_hit_rate"] == 0 and res["idle"]["prefix_hit_rate"] == 0  # nonce first lines
     assert set(res["bound"]["decode_ms"]) == {str(c) for c in plan["levels"]}
     assert res["bound"]["prefill_tokens"] == res["idle"]["prompt_tokens"]
@@ -36,6 +38,7 @@ def test_serve_bench_quick(tmp_path):
     table = (tmp_path / "serve_bench.md").read_text()
     assert "| 1 |" in table and "every prompt unique" in table and "Idle TTFT" in table
     assert "Share of the step bound over the repeats: c=1: " in table
+    assert "| concurrency | decode | riding | prefill |" in table
     assert f"host {res['host_cpu']}" in table and res["bound"]["device"] == "cpu"
 
 

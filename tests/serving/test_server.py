@@ -35,6 +35,10 @@ def test_models_health_metrics_and_non_streamed_chat(serve):
                      "model_host_inter_token_latency_seconds_bucket"):
             assert name in text, name
         assert 'model_host_requests_total{finish_reason="length",status="ok"} 1.0' in text
+        # one prefill step and four decode steps (5 tokens): each step's time, by what it ran
+        assert 'model_host_step_seconds_count{kind="prefill"} 1.0' in text
+        assert 'model_host_step_seconds_count{kind="decode"} 4.0' in text
+        assert 0 < float(text.split('model_host_step_seconds_sum{kind="decode"} ')[1].split()[0]) < 60
 
 
 def test_streamed_chunks_equal_non_streamed_text_for_same_seed(serve):
