@@ -75,22 +75,18 @@ TTFT_PARTS = {"ttft": "model_host_time_to_first_token_seconds", "prep": "model_h
 
 
 def server_histograms(root: str) -> dict[str, tuple[float, float]]:
-    """(sum, count) of each of the server's TTFT_PARTS histograms."""
+    """(sum, count) of each of the server's TTFT_PARTS histograms, and of its step-time histogram
+    per kind as ``step_<kind>`` (decode, riding, prefill), from one read of /metrics."""
     import httpx
 
     text = httpx.get(f"{root}/metrics", timeout=10).text
-    get = lambda m, k: float(re.search(rf"^{m}_{k} (\S+)$", text, re.M).group(1))  # noqa: E731
-    return {name: (get(m, "sum"), get(m, "count")) for name, m in TTFT_PARTS.items()}
-
-
-def server_steps(root: str) -> dict[str, tuple[float, float]]:
-    """(sum, count) of the server's step-time histogram per kind (decode, riding, prefill)."""
-    import httpx
-
-    text = httpx.get(f"{root}/metrics", timeout=10).text
-    found = re.findall(r'^model_host_step_seconds_(sum|count)\{kind="(\w+)"\} (\S+)$', text, re.M)
-    return {kind: (float(next(v for f, k, v in found if k == kind and f == "sum")),
-                   float(next(v for f, k, v in found if k == kind and f == "count"))) for _, kind, _ in found}
+    vals = {(m + labels, f): float(v)  # ("name{labels}", "sum" | "count") -> value
+            for m, f, labels, v in re.findall(r"^(\w+)_(sum|count)(\{[^}]*\})? (\S+)$", text, re.M)}
+    out = {name: (vals[m, "sum"], vals[m, "count"]) for name, m in TTFT_PARTS.items()}
+    for kind in re.findall(r'^model_host_step_seconds_count\{kind="(\w+)"\}', text, re.M):
+        m = f'model_host_step_seconds{{kind="{kind}"}}'
+        out[f"step_{kind}"] = (vals[m, "sum"], vals[m, "count"])
+    return out
 
 
 def server_ttft(root: str) -> tuple[float, float]:
@@ -131,7 +127,6 @@ def run_level(pool: ProcessPoolExecutor, base_url: str, prompts: list, concurren
     token) goes beside the clients' mean, with the HTTP side's share (received to queued: parse,
     template, tokenize) and the engine's admission wait."""
     before = server_histograms(root) if root else {}
-    steps_before = server_steps(root) if root else {}
     procs = max(1, min(8, math.ceil(concurrency / 16)))
     shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
     jobs, start = [], 0
@@ -143,14 +138,14 @@ def run_level(pool: ProcessPoolExecutor, base_url: str, prompts: list, concurren
     res = summarize(recs, concurrency)
     if root:
         after = server_histograms(root)
-        for name, (s1, c1) in after.items():  # means over this level's requests
-            s0, c0 = before[name]
+        for name in TTFT_PARTS:  # means over this level's requests
+            (s0, c0), (s1, c1) = before[name], after[name]
             res[f"server_{name}_mean_ms"] = 1e3 * (s1 - s0) / max(1.0, c1 - c0)
         res["server_steps"] = {}  # this level's engine steps by kind: how many, mean device ms
-        for kind, (s1, c1) in server_steps(root).items():
-            s0, c0 = steps_before.get(kind, (0.0, 0.0))
-            if c1 > c0:
-                res["server_steps"][kind] = {"steps": int(c1 - c0), "mean_ms": 1e3 * (s1 - s0) / (c1 - c0)}
+        for name, (s1, c1) in after.items():
+            s0, c0 = before.get(name, (0.0, 0.0))
+            if name.startswith("step_") and c1 > c0:
+                res["server_steps"][name[5:]] = {"steps": int(c1 - c0), "mean_ms": 1e3 * (s1 - s0) / (c1 - c0)}
     return res
 
 
