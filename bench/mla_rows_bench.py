@@ -16,29 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
+from serve_bench import median_ms  # noqa: E402
+
 from model_host.kernels.mla_decode import mla_decode, mla_decode_reference  # noqa: E402
 
 # (BLOCK_H, num_warps, BLOCK_N): the shipped decode setting first.
 GRID = [(16, 4, 32), (32, 4, 32), (32, 8, 32), (64, 8, 32), (32, 8, 64), (16, 4, 64)]
-
-
-def time_ms(fn, cuda: bool, iters: int) -> float:
-    if cuda:
-        import decode_bench as db
-
-        return db.gpu_ms(fn, iters=iters)
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return 1e3 * (time.perf_counter() - t0) / iters
 
 
 def case(seqs: int, per: int, ctx: int, heads: int, page: int, dev: str, iters: int) -> list[dict]:
@@ -66,7 +55,7 @@ def case(seqs: int, per: int, ctx: int, heads: int, page: int, dev: str, iters: 
                               q_pe=q_pe, block_h=bh, num_warps=w)
         try:
             err = ((fn()[-1].double() - ref).norm() / ref.norm()).item()
-            ms = time_ms(fn, dev == "cuda", iters)
+            ms = median_ms(fn, iters, dev == "cuda")
         except Exception as e:  # e.g. out of shared memory or registers at this setting
             out.append({"block_h": block_h, "num_warps": warps, "block_n": block_n, "error": f"{type(e).__name__}: {e}"})
             continue
