@@ -45,6 +45,7 @@ def main() -> int:
     from model_host.engine.loop import EngineLoop
     from model_host.loader import load_model
     from model_host.server.app import create_app
+    from model_host.server.handle import LocalEngine
     from model_host.tokenizer import Tokenizer
     from tests.support.openai_stub import free_port
 
@@ -56,7 +57,7 @@ def main() -> int:
     engine = Engine(model, tok, EngineConfig(max_batch=args.concurrency, kv_memory_gb=0.2, max_model_len=4096))
     loop = EngineLoop(engine)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(loop, tok, "bench"), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(create_app(LocalEngine(loop), tok, "bench"), host="127.0.0.1", port=port,
                                            log_level="warning", http=args.http, loop=args.loop))
     http = threading.Thread(target=server.run, name="http", daemon=True)
     loop.start()

@@ -273,7 +273,7 @@ def passthrough(args) -> list[str]:
     """serve's flags given to the benchmark, for the server (and the child that starts it)."""
     return [*(["--row-prefill-tokens", str(args.row_prefill_tokens)] if args.row_prefill_tokens is not None else []),
             *(["--max-prefill-tokens", str(args.max_prefill_tokens)] if args.max_prefill_tokens is not None else []),
-            "--overlap", args.overlap]
+            "--overlap", args.overlap, "--api-processes", str(args.api_processes)]
 
 
 def plan_of(args) -> Plan:
@@ -309,6 +309,7 @@ def main() -> int:
     ap.add_argument("--overlap", choices=("auto", "on", "off"), default="auto", help="serve's --overlap")
     ap.add_argument("--max-prefill-tokens", type=int, default=None,
                     help="serve's --max-prefill-tokens, the chunked-prefill budget per step (default: the plan's)")
+    ap.add_argument("--api-processes", type=int, default=0, metavar="N", help="serve's --api-processes")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the server process
     for flag, kind in (("--port", int), ("--workdir", str), ("--ctx", int), ("--prefill-tokens", int),
                        ("--bound-out", str)):
@@ -330,7 +331,7 @@ def main() -> int:
             bound = json.loads((workdir / "bound.json").read_text())
             res = {"plan": dataclasses.asdict(plan), "max_tokens": plan.max_tokens,
                    "max_prefill_tokens": plan.max_prefill_tokens, "mean_prompt_tokens": prompts["mean_prompt_tokens"],
-                   "row_prefill_tokens": row_prefill_tokens(args), "overlap": args.overlap,
+                   "row_prefill_tokens": row_prefill_tokens(args), "overlap": args.overlap, "api_processes": args.api_processes,
                    "bound": bound, "startup_s": startup_s, "triton_compiles_at_startup": res_compiled,
                    "host_cpu": host_cpu()}
             base = f"{root}/v1"

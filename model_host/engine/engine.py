@@ -37,6 +37,17 @@ class RequestError(ValueError):
     """A request the engine can never serve (too long for the context or the whole cache)."""
 
 
+def check_request(prompt_len: int, max_tokens: int, max_model_len: int) -> None:
+    """Raise RequestError for a request that can never fit (API processes check with this too)."""
+    if prompt_len == 0:
+        raise RequestError("the prompt is empty")
+    if prompt_len + max_tokens > max_model_len:
+        raise RequestError(
+            f"this model's maximum context length is {max_model_len} tokens; the request needs "
+            f"{prompt_len + max_tokens} ({prompt_len} prompt + {max_tokens} max_tokens); "
+            f"shorten the prompt or lower max_tokens")
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     max_batch: int = 16
@@ -149,13 +160,7 @@ class Engine:
 
     def check(self, prompt_len: int, max_tokens: int) -> None:
         """Raise RequestError for a request that can never fit."""
-        if prompt_len == 0:
-            raise RequestError("the prompt is empty")
-        if prompt_len + max_tokens > self.max_model_len:
-            raise RequestError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the request needs "
-                f"{prompt_len + max_tokens} ({prompt_len} prompt + {max_tokens} max_tokens); "
-                f"shorten the prompt or lower max_tokens")
+        check_request(prompt_len, max_tokens, self.max_model_len)
 
     def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         self.check(len(prompt_ids), params.max_tokens)

@@ -87,11 +87,11 @@ class EngineLoop:
         if self._thread is not None and self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=timeout)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, callback: Callback) -> threading.Event:
-        """Queue a request; returns an event to set for aborting it. Validate with engine.check first.
-
-        Raises EngineStopped when the engine thread has ended."""
-        abort = threading.Event()
+    def submit(self, prompt_ids: list[int], params: SamplingParams, callback: Callback,
+               abort: threading.Event | None = None) -> threading.Event:
+        """Queue a request; returns the event (``abort``, or a new one) to set for aborting it.
+        Validate with engine.check first. Raises EngineStopped when the engine thread has ended."""
+        abort = abort or threading.Event()
         with self._lock:
             if self._closed:
                 raise EngineStopped(f"the engine has stopped: {self.error or 'shutting down'}")

@@ -1,7 +1,8 @@
 """OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
 
 Every bad request gets an OpenAI-style error body with a 4xx status; the engine runs on its own
-thread, and a client that disconnects mid-stream (or calls /v1/abort) frees its KV blocks at once.
+thread (or in its own process: the app sees it through model_host/server/handle.py), and a
+client that disconnects mid-stream (or calls /v1/abort) frees its KV blocks at once.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from model_host.engine.engine import RequestError
-from model_host.engine.loop import EngineLoop, EngineStopped
+from model_host.engine.loop import EngineStopped
 from model_host.engine.outputs import StepOutput, TokenLogprob
+from model_host.server.handle import EngineHandle
 from model_host.server.mailbox import Mailboxes
-from model_host.server.metrics import Metrics
 from model_host.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from model_host.tokenizer import Tokenizer
 
@@ -46,6 +47,7 @@ class _Request:
         self.queue: asyncio.Queue[StepOutput | Exception] = asyncio.Queue()
         self.abort: Any = None
         self.done = False
+        self.cached_tokens = 0  # prompt tokens the prefix cache served, once it finished
         self.polled = time.monotonic()  # last check that a non-streaming client is still there
 
     def usage(self, out: StepOutput) -> dict[str, Any]:
@@ -55,16 +57,13 @@ class _Request:
                 "prompt_tokens_details": {"cached_tokens": seq.prompt_cached_tokens}}
 
 
-def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
+def create_app(engine: EngineHandle, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI app over a started (or to-be-started) EngineLoop."""
+    """The FastAPI app over a started (or to-be-started) engine."""
     app = FastAPI(title="model-host", version="1")
-    engine = loop.engine
-    metrics = Metrics(loop)
-    loop.on_step = metrics.on_step
     inflight: dict[str, _Request] = {}
     mailboxes = Mailboxes()
-    loop.on_delivered = mailboxes.flush
+    engine.on_delivered = mailboxes.flush
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
@@ -120,7 +119,7 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
         return req
 
     def unavailable() -> APIError:
-        return APIError(503, f"the engine has stopped ({loop.error or 'shutting down'}); see the server log",
+        return APIError(503, f"the engine has stopped ({engine.error or 'shutting down'}); see the server log",
                         type="server_error", code="engine_stopped")
 
     def start(prompt_ids: list[int], req: Any, prefix: str, received: float) -> _Request:
@@ -129,18 +128,17 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
             engine.check(len(prompt_ids), params.max_tokens)
         except RequestError as e:
             raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
-        if not loop.alive:
+        if not engine.alive:
             raise unavailable()
         r = _Request(f"{prefix}-{uuid.uuid4().hex[:24]}", len(prompt_ids))
         aio = asyncio.get_running_loop()
         box = mailboxes.for_loop(aio)
         try:
-            r.abort = loop.submit(prompt_ids, params, lambda out: box.post(r.queue, out))
+            r.abort = engine.submit(prompt_ids, params, lambda out: box.post(r.queue, out),
+                                    time.perf_counter() - received)
         except EngineStopped:
             raise unavailable() from None
         inflight[r.id] = r
-        metrics.prompt_tokens.inc(len(prompt_ids))
-        metrics.prep.observe(time.perf_counter() - received)
         return r
 
     async def next_output(r: _Request, request: Request | None) -> StepOutput | Exception | None:
@@ -187,7 +185,7 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
                                           type="server_error"))
                     elif out.finished:
                         r.done, reason = True, out.seq.finish_reason or "stop"
-                        metrics.cached_tokens.inc(out.seq.prompt_cached_tokens)
+                        r.cached_tokens = out.seq.prompt_cached_tokens
                         if reason == "error":
                             error = APIError(500, "the engine failed on this request; see the server log",
                                              type="server_error")
@@ -201,7 +199,7 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
                     return
         finally:
             inflight.pop(r.id, None)
-            metrics.finished(reason)
+            engine.request_ended(reason, r.cached_tokens)
             if not r.done:
                 r.abort.set()  # client went away (or we failed): free the blocks now
 
@@ -343,13 +341,17 @@ def create_app(loop: EngineLoop, tokenizer: Tokenizer, model_name: str, api_key:
     async def health() -> Response:
         """200 while the engine thread runs; 503 once it has died (or stopped), so an orchestrator
         restarts the server instead of sending it requests that would hang."""
-        if not loop.alive:
-            return JSONResponse({"status": "error", "error": str(loop.error or "the engine is not running")},
+        if not engine.alive:
+            return JSONResponse({"status": "error", "error": str(engine.error or "the engine is not running")},
                                 status_code=503)
         return JSONResponse({"status": "ok", "model": model_name})
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        try:
+            text = await engine.metrics_text()
+        except EngineStopped:  # an API process whose engine process has stopped
+            raise unavailable() from None
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     return app

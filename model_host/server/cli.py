@@ -28,6 +28,7 @@ from fastapi import FastAPI
 from model_host import dist
 from model_host.config import ModelConfig
 from model_host.engine.loop import EngineLoop
+from model_host.server.metrics import Metrics
 from model_host.sharding import check_divisible
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -72,6 +73,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
                    help="MTP speculative decoding: draft K tokens per decode step with the checkpoint's MTP "
                         "layer and verify them in one forward (0 = off; see docs/benchmarks.md)")
+    p.add_argument("--api-processes", type=int, default=0, metavar="N",
+                   help="serve the HTTP routes from N processes of their own, each parsing, tokenizing and "
+                        "streaming its share of the connections, with the engine alone in this one (0 = the "
+                        "routes on a thread of the engine's process; see docs/benchmarks.md)")
     p.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default 5)")
     p.set_defaults(func=run)
@@ -81,8 +86,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 class Served:
     app: FastAPI
     loop: EngineLoop
+    metrics: Metrics
     model_name: str
     device: str
+    tokenizer_path: Path
     ctx: dist.DistContext = field(default_factory=dist.DistContext)
 
     def close(self) -> None:
@@ -141,6 +148,7 @@ def build(args: argparse.Namespace, ctx: dist.DistContext | None = None, model=N
     from model_host.engine.runner import ModelRunner
     from model_host.engine.tp import DriverRunner
     from model_host.server.app import create_app
+    from model_host.server.handle import LocalEngine
 
     ctx = ctx or dist.DistContext()
     device, dtype = _device_dtype(args)
@@ -156,7 +164,9 @@ def build(args: argparse.Namespace, ctx: dist.DistContext | None = None, model=N
              "max context %d tokens", name, time.perf_counter() - t0, model.cfg.num_hidden_layers, device,
              engine.capacity_tokens, engine.blocks.num_blocks, engine.blocks.block_size, engine.max_model_len)
     loop = EngineLoop(engine)
-    return Served(create_app(loop, tokenizer, name, args.api_key), loop, name, device, ctx)
+    local = LocalEngine(loop)
+    return Served(create_app(local, tokenizer, name, args.api_key), loop, local.metrics, name, device,
+                  tokenizer.path, ctx)
 
 
 def _plan(args: argparse.Namespace):
@@ -202,6 +212,9 @@ def run(args: argparse.Namespace) -> int:
     if rv is not None and rv.world != args.tp:
         raise SystemExit(f"model-host: --tp {args.tp} but torchrun started {rv.world} ranks; pass --tp {rv.world}")
     check_divisible(ModelConfig.from_json(args.checkpoint), args.tp)
+    if args.api_processes < 0:
+        raise SystemExit(f"model-host: --api-processes {args.api_processes} must be 0 (routes in this process) "
+                         f"or more")
     _check_speculative(args)
     _check_fits(args)
     device, _ = _device_dtype(args)
@@ -253,6 +266,10 @@ def serve(served: Served, args: argparse.Namespace) -> int:
     # A short graceful timeout: uvicorn otherwise waits for every open request (a long
     # generation, a stalled stream) before exiting on SIGTERM.
     http_impl, loop_impl = http_stack()
+    if args.api_processes > 0:
+        from model_host.server.processes import serve_api_processes
+
+        return serve_api_processes(served, args, http_impl, loop_impl)
     server = uvicorn.Server(uvicorn.Config(served.app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=args.shutdown_timeout,
                                            http=http_impl, loop=loop_impl))

@@ -80,10 +80,16 @@ class Metrics:
             if o.itl is not None:
                 self.itl.observe(o.itl)
 
-    def finished(self, finish_reason: str) -> None:
+    def request_started(self, prompt_tokens: int, prep_seconds: float) -> None:
+        """A generation request was queued for the engine, `prep_seconds` after it was received."""
+        self.prompt_tokens.inc(prompt_tokens)
+        self.prep.observe(prep_seconds)
+
+    def request_ended(self, finish_reason: str, cached_tokens: int) -> None:
         """One generation request ended: stop / length (ok), abort (aborted) or error."""
         status = {"stop": "ok", "length": "ok", "abort": "aborted"}.get(finish_reason, "error")
         self.requests.labels(status, finish_reason).inc()
+        self.cached_tokens.inc(cached_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,6 +15,7 @@ from model_host.engine.engine import Engine, EngineConfig
 from model_host.engine.loop import EngineLoop
 from model_host.loader import load_model
 from model_host.server.app import create_app
+from model_host.server.handle import LocalEngine
 from model_host.tokenizer import Tokenizer
 from tests.support.openai_stub import free_port
 
@@ -41,7 +42,7 @@ class Served:
         self.engine = Engine(model, tokenizer, engine_config, drafter=drafter)
         self.loop = EngineLoop(self.engine)
         kw = {"max_body_bytes": max_body_bytes} if max_body_bytes else {}
-        app = create_app(self.loop, tokenizer, MODEL, api_key, **kw)
+        app = create_app(LocalEngine(self.loop), tokenizer, MODEL, api_key, **kw)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
