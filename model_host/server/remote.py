@@ -171,18 +171,21 @@ def api_main(spec: ApiSpec, sock: socket.socket, index: int) -> None:
     # graceful shutdown).
     os.setpgid(0, 0)
     logging.basicConfig(format=f"model-host[api {index}]: %(message)s")
-    server: uvicorn.Server | None = None
+    gone = threading.Event()
+    servers: list[uvicorn.Server] = []
 
     def lost() -> None:
         log.error("the engine process is gone; this API process exits")
-        if server is not None:
+        gone.set()
+        for server in servers:
             server.should_exit = True
 
     engine = RemoteEngine(spec.hub_address, spec.authkey, on_lost=lost)
     app = create_app(engine, Tokenizer(spec.tokenizer), spec.model_name, spec.api_key)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=spec.shutdown_timeout,
-                                           http=spec.http, loop=spec.loop))
+    servers.append(uvicorn.Server(uvicorn.Config(
+        app, log_level="warning", timeout_graceful_shutdown=spec.shutdown_timeout, http=spec.http, loop=spec.loop)))
     try:
-        server.run(sockets=[sock])
+        if not gone.is_set():  # the engine may have gone while this process was starting
+            servers[0].run(sockets=[sock])
     finally:
         engine.close()

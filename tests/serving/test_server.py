@@ -10,7 +10,11 @@ import httpx
 import openai
 import pytest
 
-from tests.serving.conftest import MODEL
+from tests.serving.conftest import HANDLES, MODEL
+
+# Every test runs with the routes on a thread of the engine's process and as an API process does
+# (the engine reached over the hub's socket): the same behaviour either way.
+pytestmark = pytest.mark.parametrize("serve", HANDLES, indirect=True)
 
 CHAT = [{"role": "system", "content": "You answer from context."}, {"role": "user", "content": "Where is data stored?"}]
 
