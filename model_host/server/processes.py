@@ -57,15 +57,19 @@ def serve_api_processes(served, args: Namespace, http_impl: str, loop_impl: str)
 
     def watch() -> None:
         """The engine runs until every API process has ended; one that ends unasked ends all."""
-        multiprocessing.connection.wait([p.sentinel for p in procs])
-        if not signals and served.loop.error is None:
-            gone = next(p for p in procs if not p.is_alive())
-            failed.append(f"API process {gone.name} exited with status {gone.exitcode}")
-            log.error("%s; stopping the server", failed[0])
-            stop_api()
-        for p in procs:
-            p.join()
-        served.loop.stop()
+        try:
+            ready = multiprocessing.connection.wait([p.sentinel for p in procs])
+            if not signals and served.loop.error is None:
+                # Its sentinel can be ready a moment before the process can be reaped: join it.
+                gone = next(p for p in procs if p.sentinel in ready)
+                gone.join()
+                failed.append(f"API process {gone.name} exited with status {gone.exitcode}")
+                log.error("%s; stopping the server", failed[0])
+                stop_api()
+            for p in procs:
+                p.join()
+        finally:
+            served.loop.stop()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     watcher = threading.Thread(target=watch, name="api-watch", daemon=True)
