@@ -88,15 +88,16 @@ def test_default_kv_budget_comes_from_free_gpu_memory(tiny_fp8):
 
 # rows=1: the decode rows fill the row budget (as at concurrency 128), so the prefix hits ride
 # only because they are cheaper absorbed, in eager steps larger than the 8 captured rows.
-@pytest.mark.parametrize("rows", [None, 1])
-def test_served_greedy_equals_generate_for_8_concurrent_requests(tiny_fp8, rows):
+# api-process: the routes reach the engine over the hub's socket, as under --api-processes.
+@pytest.mark.parametrize(("rows", "handle"), [(None, "thread"), (1, "thread"), (None, "api-process")])
+def test_served_greedy_equals_generate_for_8_concurrent_requests(tiny_fp8, rows, handle):
     model, tok = tiny_fp8
     params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
     prompts = [tok.encode_chat(c) for c in _chats()]
     refs = [generate(model, tok, p, params).token_ids for p in prompts]
     cfg = EngineConfig(max_batch=8, kv_memory_gb=0.05, max_prefill_tokens=64, max_model_len=4096,
                        row_prefill_tokens=rows)
-    with Served(model, tok, cfg) as s:
+    with Served(model, tok, cfg, handle=handle) as s:
         report = s.engine.graph_report
         # at start-up: 8 rows, or 64 with prompt rows
         assert report is not None and report.sizes == capture_sizes(8 if rows else 64)
