@@ -54,7 +54,6 @@ class EngineHub:
         self.address = self.listener.address
         self._links: list[_Link] = []
         self._lock = threading.Lock()  # guards _links against the engine thread's walk
-        self.connected = threading.Semaphore(0)  # released once per API process that connected
         loop.on_delivered = self._flush
 
     def start(self) -> None:
@@ -86,7 +85,6 @@ class EngineHub:
                 self._links.append(link)
             threading.Thread(target=link.send_loop, name=f"hub-send-{link.name}", daemon=True).start()
             threading.Thread(target=self._read, args=(link,), name=f"hub-read-{link.name}", daemon=True).start()
-            self.connected.release()
 
     def _read(self, link: _Link) -> None:
         try:
