@@ -5,6 +5,7 @@ link in one process; these check the processes around it)."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import openai
-import pytest
 
 from tests.serving.conftest import MODEL
 from tests.serving.test_serve_cli import ServeProcess
@@ -118,6 +118,13 @@ def test_a_negative_api_process_count_is_one_clear_error(tiny_checkpoint):
     assert "Traceback" not in r.stderr
 
 
-@pytest.fixture(autouse=True)
-def _no_leftovers():
-    yield
+def test_api_cpu_bench_runs_both_settings():
+    """bench/api_cpu_bench.py's plumbing (its numbers are in docs/benchmarks.md)."""
+    r = subprocess.run([sys.executable, "bench/api_cpu_bench.py", "--settings", "0", "1", "--repeat", "1",
+                        "--concurrency", "2", "--requests", "4", "--max-tokens", "2"],
+                       capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["api_processes"] for row in rows] == [0, 1]
+    assert all(row["tokens"] == 8 and row["errors"] == 0 for row in rows), rows
+    assert rows[0]["api_processes_us_per_token"] == 0  # no API process with the routes on a thread
