@@ -124,13 +124,16 @@ class RemoteEngine:
         lost = not self._stopped
         self._stopped = True
         self.error = self.error or "the engine process is gone"
-        for cb in self._callbacks.values():
+        # Swapped out, not iterated in place: the event loop may be adding one right now (it
+        # sees _stopped from here on and refuses further requests).
+        callbacks, self._callbacks = self._callbacks, {}
+        asks, self._asks = self._asks, {}
+        for cb in callbacks.values():
             try:
                 cb(EngineStopped(f"the engine stopped: {self.error}"))
             except Exception:
                 log.exception("delivering a result failed")
-        self._callbacks.clear()
-        for ask in self._asks.values():
+        for ask in asks.values():
             ask.set_exception(EngineStopped(self.error))
         self._delivered()
         if lost and self.on_lost is not None:
