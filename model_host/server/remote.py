@@ -70,6 +70,9 @@ class RemoteEngine:
             raise EngineStopped(f"the engine has stopped: {self.error or 'shutting down'}")
         rid = next(self._ids)
         self._callbacks[rid] = callback
+        if self._stopped and self._callbacks.pop(rid, None) is not None:
+            # the link went between the check above and now, after the reader failed the rest
+            raise EngineStopped(f"the engine has stopped: {self.error or 'shutting down'}")
         self._send(("submit", rid, prompt_ids, params, prep_seconds))
         return _Abort(self, rid)
 
