@@ -54,17 +54,17 @@ class EngineHub:
         self.address = self.listener.address
         self._links: list[_Link] = []
         self._lock = threading.Lock()  # guards _links against the engine thread's walk
+        self._stopped: str | None = None  # why the engine loop ended, once it has
         loop.on_delivered = self._flush
 
     def start(self) -> None:
         threading.Thread(target=self._accept, name="hub-accept", daemon=True).start()
 
-    def close(self, reason: str) -> None:
-        """The engine loop has ended: tell every API process (their /health turns 503), stop."""
+    def close(self) -> None:
+        """At shutdown, after the API processes: end the senders and stop listening."""
         with self._lock:
             links, self._links = self._links, []
         for link in links:
-            link.outbox.put(("stopped", reason))
             link.outbox.put(None)
         self.listener.close()
 
@@ -83,6 +83,8 @@ class EngineHub:
             link.outbox.put(("hello", self.loop.engine.max_model_len))
             with self._lock:
                 self._links.append(link)
+                if self._stopped is not None:
+                    link.outbox.put(("stopped", self._stopped))
             threading.Thread(target=link.send_loop, name=f"hub-send-{link.name}", daemon=True).start()
             threading.Thread(target=self._read, args=(link,), name=f"hub-read-{link.name}", daemon=True).start()
 
@@ -133,10 +135,17 @@ class EngineHub:
         self.metrics.request_started(len(prompt_ids), prep_seconds)
 
     def _flush(self) -> None:
-        """The engine loop's on_delivered: this step's outputs, one message per API process."""
+        """The engine loop's on_delivered: this step's outputs, one message per API process. Its
+        last call, after the loop has failed its requests, also tells every API process that
+        the engine has ended (their /health turns 503; /metrics still answers)."""
         with self._lock:
             links = list(self._links)
+            ended = self._stopped is None and not self.loop.alive
+            if ended:
+                self._stopped = str(self.loop.error or "the server is shutting down")
         for link in links:
             if link.pending:
                 items, link.pending = link.pending, []
                 link.outbox.put(("out", items))
+            if ended:
+                link.outbox.put(("stopped", self._stopped))

@@ -80,7 +80,6 @@ def serve_api_processes(served, args: Namespace, http_impl: str, loop_impl: str)
         log.info("serving %s on http://%s:%d/v1 (%d API processes, HTTP: %s on %s; Ctrl-C or SIGTERM stops it)",
                  served.model_name, args.host, args.port, len(procs), http_impl, loop_impl)
         served.loop.run()
-        hub.close(str(served.loop.error or "the server is shutting down"))
         # A failed engine leaves the API processes answering /health with 503 until the
         # orchestrator stops us.
         watcher.join(timeout=None if served.loop.error is not None else args.shutdown_timeout + 10)
@@ -90,6 +89,7 @@ def serve_api_processes(served, args: Namespace, http_impl: str, loop_impl: str)
             p.join(timeout=args.shutdown_timeout + 5)
             if p.is_alive():
                 p.kill()
+        hub.close()
         served.close()
         sock.close()
         shutil.rmtree(tmp, ignore_errors=True)

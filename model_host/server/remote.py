@@ -49,7 +49,9 @@ class RemoteEngine:
         self.on_delivered: Callable[[], None] | None = None
         self.on_lost = on_lost  # the engine process is gone: the API process should end too
         self.error: str | None = None
-        self._stopped = False
+        self._stopped = False  # the engine has ended (or the link is gone): no more requests
+        self._lost = False  # the link is gone: nothing at all from the engine process
+        self._closing = False
         self._send_lock = threading.Lock()
         self._callbacks: dict[int, Callback] = {}
         self._asks: dict[int, concurrent.futures.Future] = {}
@@ -80,8 +82,9 @@ class RemoteEngine:
         self._send(("ended", finish_reason, cached_tokens))
 
     async def metrics_text(self) -> bytes:
-        """The engine process's /metrics (its one registry counts every API process's requests)."""
-        if self._stopped:
+        """The engine process's /metrics (its one registry counts every API process's requests);
+        still answered after the engine has ended, while its process is there."""
+        if self._lost:
             raise EngineStopped(f"the engine has stopped: {self.error}")
         ask = concurrent.futures.Future()
         aid = next(self._ids)
@@ -90,6 +93,7 @@ class RemoteEngine:
         return await asyncio.wait_for(asyncio.wrap_future(ask), 10)
 
     def close(self) -> None:
+        self._closing = True
         self.conn.close()
 
     def _send(self, msg: tuple) -> None:
@@ -124,8 +128,7 @@ class RemoteEngine:
             pass
         except Exception:
             log.exception("the link to the engine process failed")
-        lost = not self._stopped
-        self._stopped = True
+        self._stopped = self._lost = True
         self.error = self.error or "the engine process is gone"
         # Swapped out, not iterated in place: the event loop may be adding one right now (it
         # sees _stopped from here on and refuses further requests).
@@ -139,7 +142,7 @@ class RemoteEngine:
         for ask in asks.values():
             ask.set_exception(EngineStopped(self.error))
         self._delivered()
-        if lost and self.on_lost is not None:
+        if not self._closing and self.on_lost is not None:
             self.on_lost()
 
     def _delivered(self) -> None:

@@ -84,7 +84,7 @@ class Served:
         self.thread.join(timeout=10)
         self.loop.stop()
         if self.hub is not None:
-            self.hub.close("the server is shutting down")
+            self.hub.close()
             self.remote.close()
             self.tmp.cleanup()
 

@@ -16,7 +16,7 @@ from model_host.engine.engine import EngineConfig
 from model_host.engine.loop import EngineStopped
 from model_host.model import DeepseekV3
 from model_host.sampler import SamplingParams
-from tests.serving.conftest import MODEL, Served
+from tests.serving.conftest import HANDLES, MODEL, Served
 
 CHAT = [{"role": "user", "content": "Where is data stored?"}]
 
@@ -90,10 +90,11 @@ class ExplodingModel(DeepseekV3):
         raise RuntimeError("injected device fault")
 
 
-def test_dead_engine_reports_503_on_health_and_refuses_requests(tiny_model):
+@pytest.mark.parametrize("handle", HANDLES)
+def test_dead_engine_reports_503_on_health_and_refuses_requests(tiny_model, handle):
     model, tok = tiny_model
     broken = ExplodingModel(model.cfg, dtype=torch.float32, device="cpu")
-    with Served(broken, tok, EngineConfig(kv_memory_gb=0.02, max_model_len=4096)) as s, \
+    with Served(broken, tok, EngineConfig(kv_memory_gb=0.02, max_model_len=4096), handle=handle) as s, \
             httpx.Client(timeout=20) as http:
         root = _root(s)
         assert http.get(f"{root}/health").status_code == 200
