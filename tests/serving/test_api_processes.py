@@ -8,6 +8,7 @@ import concurrent.futures
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -128,3 +129,17 @@ def test_api_cpu_bench_runs_both_settings():
     assert [row["api_processes"] for row in rows] == [0, 1]
     assert all(row["tokens"] == 8 and row["errors"] == 0 for row in rows), rows
     assert rows[0]["api_processes_us_per_token"] == 0  # no API process with the routes on a thread
+
+
+def test_a_taken_port_is_one_clear_error_before_any_api_process_starts(tiny_checkpoint):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "model_host.cli", "serve", "--checkpoint", str(tiny_checkpoint),
+                            "--port", str(port), "--api-processes", "2", "--kv-memory-gb", "0.02"],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"model-host: could not serve on 127.0.0.1:{port} (see the error above); pick a free --port"), r.stderr
+    assert "Traceback" not in r.stderr
