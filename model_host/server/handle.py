@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from model_host.engine.engine import check_request
 from model_host.engine.loop import Callback, EngineLoop
 from model_host.sampler import SamplingParams
 from model_host.server.metrics import Metrics
@@ -49,10 +48,10 @@ class EngineHandle(Protocol):
 class LocalEngine:
     """An EngineLoop of this process, with the server's metrics on its steps."""
 
-    def __init__(self, loop: EngineLoop, metrics: Metrics | None = None):
+    def __init__(self, loop: EngineLoop):
         self.loop = loop
         self.max_model_len = loop.engine.max_model_len
-        self.metrics = metrics or Metrics(loop)
+        self.metrics = Metrics(loop)
         loop.on_step = self.metrics.on_step
 
     @property
@@ -72,7 +71,7 @@ class LocalEngine:
         return self.loop.error
 
     def check(self, prompt_len: int, max_tokens: int) -> None:
-        check_request(prompt_len, max_tokens, self.max_model_len)
+        self.loop.engine.check(prompt_len, max_tokens)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, callback: Callback,
                prep_seconds: float) -> Abort:

@@ -32,14 +32,12 @@ class _Link:
         self.aborts: dict[int, threading.Event] = {}  # rid -> the engine loop's switch
         self.pending: list[tuple[int, tuple]] = []  # appended by the engine thread only
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()  # messages for the sender; None ends it
-        self.closed = False
 
     def send_loop(self) -> None:
         while (msg := self.outbox.get()) is not None:
             try:
                 self.conn.send(msg)
             except (OSError, EOFError, ValueError):  # the API process is gone: its reader cleans up
-                self.closed = True
                 return
 
 
