@@ -71,7 +71,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="folder for mla_rows_bench.json")
     args = ap.parse_args()
     dev = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
-    shapes = [(2, 3, 40, 16, 8)] if args.quick else [(32, 40, 2000, 128, 64), (128, 40, 2000, 128, 64)]
+    # Riding steps (40 rows a sequence), then decode-shaped steps (one row a sequence), which
+    # tell where wide head blocks start to pay (the table's wide_min_rows).
+    shapes = [(2, 3, 40, 16, 8)] if args.quick else [(32, 40, 2000, 128, 64), (128, 40, 2000, 128, 64),
+                                                     *((b, 1, 2000, 128, 64) for b in (32, 64, 128, 256))]
     res = [r for s in shapes for r in case(*s, dev=dev, iters=2 if args.quick else 10)]
     print("| rows (seqs x rows) | BLOCK_H | warps | BLOCK_N | ms | TFLOP/s | key GB read | rel err vs fp64 |")
     print("|---|---|---|---|---|---|---|---|")

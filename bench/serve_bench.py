@@ -139,7 +139,7 @@ def child(args) -> None:
     import torch
 
     from model_host.cli import build_parser
-    from model_host.server.cli import build, serve
+    from model_host.server.cli import api_processes, build, serve
     from model_host.tokenizer import Tokenizer
 
     logging.basicConfig(level=logging.INFO, format="model-host: %(message)s", stream=sys.stderr)
@@ -166,12 +166,13 @@ def child(args) -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     bound["build_s"] = build_s
-    Path(args.bound_out).write_text(json.dumps(bound))
     serve_args = build_parser().parse_args([
         "serve", "--checkpoint", str(ckpt), "--port", str(args.port), "--served-model-name", "bench",
         "--max-batch", str(plan.max_batch), "--block-size", str(plan.block_size),
         "--max-prefill-tokens", str(plan.max_prefill_tokens), "--max-model-len", "8192",
         *passthrough(args), *(["--kv-memory-gb", "0.1"] if args.quick else [])])
+    bound["api_processes"] = api_processes(serve_args)  # serve's own default resolved, for the report
+    Path(args.bound_out).write_text(json.dumps(bound))
     serve(build(serve_args, model=model, tokenizer=Tokenizer(ckpt if args.quick else None)), serve_args)
 
 
@@ -273,7 +274,8 @@ def passthrough(args) -> list[str]:
     """serve's flags given to the benchmark, for the server (and the child that starts it)."""
     return [*(["--row-prefill-tokens", str(args.row_prefill_tokens)] if args.row_prefill_tokens is not None else []),
             *(["--max-prefill-tokens", str(args.max_prefill_tokens)] if args.max_prefill_tokens is not None else []),
-            "--overlap", args.overlap, "--api-processes", str(args.api_processes)]
+            "--overlap", args.overlap,
+            *(["--api-processes", str(args.api_processes)] if args.api_processes is not None else [])]
 
 
 def plan_of(args) -> Plan:
@@ -309,7 +311,8 @@ def main() -> int:
     ap.add_argument("--overlap", choices=("auto", "on", "off"), default="auto", help="serve's --overlap")
     ap.add_argument("--max-prefill-tokens", type=int, default=None,
                     help="serve's --max-prefill-tokens, the chunked-prefill budget per step (default: the plan's)")
-    ap.add_argument("--api-processes", type=int, default=0, metavar="N", help="serve's --api-processes")
+    ap.add_argument("--api-processes", type=int, default=None, metavar="N",
+                    help="serve's --api-processes (default: serve's default)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the server process
     for flag, kind in (("--port", int), ("--workdir", str), ("--ctx", int), ("--prefill-tokens", int),
                        ("--bound-out", str)):
@@ -331,7 +334,7 @@ def main() -> int:
             bound = json.loads((workdir / "bound.json").read_text())
             res = {"plan": dataclasses.asdict(plan), "max_tokens": plan.max_tokens,
                    "max_prefill_tokens": plan.max_prefill_tokens, "mean_prompt_tokens": prompts["mean_prompt_tokens"],
-                   "row_prefill_tokens": row_prefill_tokens(args), "overlap": args.overlap, "api_processes": args.api_processes,
+                   "row_prefill_tokens": row_prefill_tokens(args), "overlap": args.overlap, "api_processes": bound["api_processes"],
                    "bound": bound, "startup_s": startup_s, "triton_compiles_at_startup": res_compiled,
                    "host_cpu": host_cpu()}
             base = f"{root}/v1"

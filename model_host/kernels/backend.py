@@ -37,7 +37,7 @@ from .mla_decode import mla_decode
 from .moe_grouped import grouped_config, grouped_w8a8
 from .norm_rope import concat_heads, latent_store, rms_norm, rms_norm_split_quant
 from .routing import combine, route_noaux_tc, sort_by_expert
-from .tuning import Tuning, load_tuning
+from .tuning import Tuning, load_tuning, mla_config
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -238,6 +238,10 @@ class TritonOps(TorchOps):
         if q_lat.shape[1] != 1 or cache.block_tables is None or not use_triton(q_lat):
             return super().mla_decode(q_lat, q_pe, batch, layer, scale)
         c_kv, k_pe = cache.flat(layer)
+        rows, heads = q_lat.shape[0], q_lat.shape[2]
+        block_h, warps = mla_config(rows, self.tuning)
+        block_h = min(block_h, max(16, 1 << (heads - 1).bit_length()))  # few heads a rank under --tp
         out = mla_decode(q_lat[:, 0], c_kv, k_pe, cache.block_tables, batch.positions[:, 0], cache.block_size,
-                         scale, rope=(batch.cos[:, 0], batch.sin[:, 0]), lens_from_positions=True, q_pe=q_pe[:, 0])
+                         scale, rope=(batch.cos[:, 0], batch.sin[:, 0]), lens_from_positions=True, q_pe=q_pe[:, 0],
+                         block_h=block_h, num_warps=warps)
         return out.unsqueeze(1)

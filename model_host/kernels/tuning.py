@@ -28,7 +28,9 @@ class Tuning:
     """scaled_mm_min_m: rows from which dense FP8 GEMMs go to cuBLASLt (Triton below).
     small_m: Triton tensor-core tiles for M <= 256 (N tile, warps, stages, split-K waves).
     gemv: the CUDA-core one-row GEMV, for M <= ``max_m`` (0: never).
-    grouped_decode / grouped_prefill / grouped_prefill_down: the grouped MoE launches."""
+    grouped_decode / grouped_prefill / grouped_prefill_down: the grouped MoE launches.
+    mla_decode: the paged MLA kernel's heads per program and warps, narrow for decode steps and
+    wide from ``wide_min_rows`` query rows (eager steps where prompt chunks ride as rows)."""
 
     scaled_mm_min_m: int
     small_m: dict
@@ -36,6 +38,7 @@ class Tuning:
     grouped_decode: dict
     grouped_prefill: dict
     grouped_prefill_down: dict
+    mla_decode: dict
 
     def __post_init__(self) -> None:  # frozen all the way down: the tables are read-only
         for f in dataclasses.fields(self):
@@ -64,6 +67,15 @@ class _Frozen(dict):
 
 def _plain(v):
     return {k: list(x) if isinstance(x, tuple) else x for k, x in v.items()} if isinstance(v, dict) else v
+
+
+def mla_config(rows: int, tuning: Tuning) -> tuple[int, int]:
+    """(heads per program, warps) of the paged MLA kernel for a step of ``rows`` query rows. Few
+    rows want many programs (narrow head blocks); many rows, as in an eager step where prompt
+    chunks ride, want each program to read a row's keys for more heads at once."""
+    t = tuning.mla_decode
+    key = "wide" if rows >= t["wide_min_rows"] else "narrow"
+    return t[key + "_block_h"], t[key + "_num_warps"]
 
 
 def gpu_key(name: str) -> str:

@@ -32,6 +32,10 @@ from model_host.server.metrics import Metrics
 from model_host.sharding import check_divisible
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# On a GPU the routes get processes of their own by default: on one H100, paired, concurrency
+# 128 went from 80% / 80% to 85% / 87% of the decode-step bound with 4 (docs/benchmarks.md,
+# "Eleventh session"). On the CPU the engine is the bottleneck and the processes only cost memory.
+API_PROCESSES_CUDA = 4
 log = logging.getLogger("model_host.server")
 
 
@@ -73,10 +77,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--speculative-tokens", type=int, default=0, metavar="K",
                    help="MTP speculative decoding: draft K tokens per decode step with the checkpoint's MTP "
                         "layer and verify them in one forward (0 = off; see docs/benchmarks.md)")
-    p.add_argument("--api-processes", type=int, default=0, metavar="N",
+    p.add_argument("--api-processes", type=int, default=None, metavar="N",
                    help="serve the HTTP routes from N processes of their own, each parsing, tokenizing and "
                         "streaming its share of the connections, with the engine alone in this one (0 = the "
-                        "routes on a thread of the engine's process; see docs/benchmarks.md)")
+                        f"routes on a thread of the engine's process; default {API_PROCESSES_CUDA} on CUDA, "
+                        "0 on the CPU; see docs/benchmarks.md)")
     p.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds in-flight requests get to finish after SIGTERM (default 5)")
     p.set_defaults(func=run)
@@ -212,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
     if rv is not None and rv.world != args.tp:
         raise SystemExit(f"model-host: --tp {args.tp} but torchrun started {rv.world} ranks; pass --tp {rv.world}")
     check_divisible(ModelConfig.from_json(args.checkpoint), args.tp)
-    if args.api_processes < 0:
+    if args.api_processes is not None and args.api_processes < 0:
         raise SystemExit(f"model-host: --api-processes {args.api_processes} must be 0 (routes in this process) "
                          f"or more")
     _check_speculative(args)
@@ -247,6 +252,13 @@ def serve_rank(rv: dist.Rendezvous, args: argparse.Namespace) -> int:
     return serve(build(args, ctx), args)
 
 
+def api_processes(args: argparse.Namespace) -> int:
+    """--api-processes, or its default: API_PROCESSES_CUDA on a GPU, 0 on the CPU."""
+    if args.api_processes is not None:
+        return args.api_processes
+    return API_PROCESSES_CUDA if _device_dtype(args)[0].startswith("cuda") else 0
+
+
 def http_stack() -> tuple[str, str]:
     """uvicorn's HTTP protocol and event loop: the C parser (httptools) and libuv loop (uvloop)
     where installed, as `uvicorn[standard]` has them; else the pure-Python h11 and asyncio. The
@@ -266,10 +278,10 @@ def serve(served: Served, args: argparse.Namespace) -> int:
     # A short graceful timeout: uvicorn otherwise waits for every open request (a long
     # generation, a stalled stream) before exiting on SIGTERM.
     http_impl, loop_impl = http_stack()
-    if args.api_processes > 0:
+    if (n := api_processes(args)) > 0:
         from model_host.server.processes import serve_api_processes
 
-        return serve_api_processes(served, args, http_impl, loop_impl)
+        return serve_api_processes(served, args, n, http_impl, loop_impl)
     server = uvicorn.Server(uvicorn.Config(served.app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=args.shutdown_timeout,
                                            http=http_impl, loop=loop_impl))

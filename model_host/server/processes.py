@@ -25,9 +25,8 @@ from model_host.server.remote import ApiSpec, api_main
 log = logging.getLogger("model_host.server")
 
 
-def serve_api_processes(served, args: Namespace, http_impl: str, loop_impl: str) -> int:
-    """Serve `served` (server/cli.py's Served) until SIGTERM/SIGINT, with args.api_processes API
-    processes; returns like server/cli.py's serve (1 when the engine or an API process failed)."""
+def serve_api_processes(served, args: Namespace, count: int, http_impl: str, loop_impl: str) -> int:
+    """Serve `served` (server/cli.py's Served) until SIGTERM/SIGINT, with `count` API processes; returns like server/cli.py's serve (1 when the engine or an API process failed)."""
     import uvicorn
 
     try:  # bound here, before anything is spawned: a taken port is one clear error
@@ -42,7 +41,7 @@ def serve_api_processes(served, args: Namespace, http_impl: str, loop_impl: str)
                    args.shutdown_timeout, http_impl, loop_impl)
     spawn = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA state
     procs = [spawn.Process(target=api_main, args=(spec, sock, i), name=f"model-host-api-{i}")
-             for i in range(args.api_processes)]
+             for i in range(count)]
     signals: list[int] = []
     failed: list[str] = []
 

@@ -10,7 +10,7 @@ import torch
 
 from model_host.fp8 import Linear, block_dequantize, block_quantize
 from model_host.kernels.backend import TritonOps
-from model_host.kernels.tuning import load_tuning, read_table, write_table
+from model_host.kernels.tuning import load_tuning, mla_config, read_table, write_table
 from model_host.ops import Ops, TorchOps
 
 
@@ -75,6 +75,18 @@ def test_launch_tables_are_read_only_data(tmp_path):
     path.write_text('{"small_m": {}}')
     with pytest.raises(ValueError, match="h100.json"):
         read_table(path)
+
+
+@pytest.mark.parametrize("gpu", ["NVIDIA H200", "NVIDIA H100 80GB HBM3"])
+def test_paged_attention_widens_its_head_blocks_only_past_the_captured_decode_steps(gpu):
+    """Decode steps (at most `serve --max-batch` 128 rows, replayed from graphs) keep the narrow
+    head blocks they were tuned with; eager steps where prompt chunks ride as rows take the wide
+    ones, which read each row's keys for more heads at once (bench/mla_rows_bench.py)."""
+    t = load_tuning(gpu)
+    narrow = (t.mla_decode["narrow_block_h"], t.mla_decode["narrow_num_warps"])
+    wide = (t.mla_decode["wide_block_h"], t.mla_decode["wide_num_warps"])
+    assert wide[0] > narrow[0]
+    assert [mla_config(rows, t) for rows in (1, 32, 128, 129, 512, 5120)] == [narrow] * 3 + [wide] * 3
 
 
 def test_one_query_attends_absorbed_whatever_kv_len(small_model):
