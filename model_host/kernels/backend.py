@@ -238,9 +238,7 @@ class TritonOps(TorchOps):
         if q_lat.shape[1] != 1 or cache.block_tables is None or not use_triton(q_lat):
             return super().mla_decode(q_lat, q_pe, batch, layer, scale)
         c_kv, k_pe = cache.flat(layer)
-        rows, heads = q_lat.shape[0], q_lat.shape[2]
-        block_h, warps = mla_config(rows, self.tuning)
-        block_h = min(block_h, max(16, 1 << (heads - 1).bit_length()))  # few heads a rank under --tp
+        block_h, warps = mla_config(q_lat.shape[0], q_lat.shape[2], self.tuning)
         out = mla_decode(q_lat[:, 0], c_kv, k_pe, cache.block_tables, batch.positions[:, 0], cache.block_size,
                          scale, rope=(batch.cos[:, 0], batch.sin[:, 0]), lens_from_positions=True, q_pe=q_pe[:, 0],
                          block_h=block_h, num_warps=warps)

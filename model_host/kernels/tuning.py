@@ -69,13 +69,15 @@ def _plain(v):
     return {k: list(x) if isinstance(x, tuple) else x for k, x in v.items()} if isinstance(v, dict) else v
 
 
-def mla_config(rows: int, tuning: Tuning) -> tuple[int, int]:
-    """(heads per program, warps) of the paged MLA kernel for a step of ``rows`` query rows. Few
-    rows want many programs (narrow head blocks); many rows, as in an eager step where prompt
-    chunks ride, want each program to read a row's keys for more heads at once."""
+def mla_config(rows: int, heads: int, tuning: Tuning) -> tuple[int, int]:
+    """(heads per program, warps) of the paged MLA kernel for a step of ``rows`` query rows of
+    ``heads`` heads. Few rows want many programs (narrow head blocks); many rows, as in an eager
+    step where prompt chunks ride, want each program to read a row's keys for more heads at once.
+    A block never exceeds the heads there are (a rank's share under --tp), nor goes under 16 (the
+    smallest MMA)."""
     t = tuning.mla_decode
     key = "wide" if rows >= t["wide_min_rows"] else "narrow"
-    return t[key + "_block_h"], t[key + "_num_warps"]
+    return min(t[key + "_block_h"], max(16, 1 << (heads - 1).bit_length())), t[key + "_num_warps"]
 
 
 def gpu_key(name: str) -> str:

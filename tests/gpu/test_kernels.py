@@ -264,7 +264,8 @@ def test_grouped_moe_kernels_vs_float64(t, e, k, quant, tile_major):
 @requires_gpu
 @pytest.mark.parametrize("b,h,page,splits,block_h,warps", [
     (1, 128, 64, None, 16, 4), (3, 20, 16, 4, 16, 4), (8, 128, 64, 1, 16, 4), (2, 16, 1, 2, 16, 4),
-    (8, 128, 64, 1, 32, 8), (3, 20, 16, 2, 64, 8)])  # wider head blocks: bench/mla_rows_bench.py
+    (8, 128, 64, 1, 32, 8), (3, 20, 16, 2, 64, 8),  # wider head blocks: bench/mla_rows_bench.py
+    (8, 128, 64, None, 64, 8)])  # the tables' wide setting at V3's 128 heads
 def test_mla_decode_kernel_vs_float64(b, h, page, splits, block_h, warps):
     r, dr = 512, 64
     lens = torch.randint(1, 300, (b,), device="cuda")

@@ -86,7 +86,9 @@ def test_paged_attention_widens_its_head_blocks_only_past_the_captured_decode_st
     narrow = (t.mla_decode["narrow_block_h"], t.mla_decode["narrow_num_warps"])
     wide = (t.mla_decode["wide_block_h"], t.mla_decode["wide_num_warps"])
     assert wide[0] > narrow[0]
-    assert [mla_config(rows, t) for rows in (1, 32, 128, 129, 512, 5120)] == [narrow] * 3 + [wide] * 3
+    assert [mla_config(rows, 128, t) for rows in (1, 32, 128, 129, 512, 5120)] == [narrow] * 3 + [wide] * 3
+    # A rank's 16 heads under --tp 8 (or V3-Lite's 16): no block wider than the heads there are.
+    assert mla_config(512, 16, t) == (16, wide[1]) and mla_config(512, 20, t) == (32, wide[1])
 
 
 def test_one_query_attends_absorbed_whatever_kv_len(small_model):
