@@ -53,9 +53,9 @@ def reference_text(tiny_checkpoint) -> str:
     return tok.decode(ref.output_ids, skip_special_tokens=True)
 
 
-def _start(launcher: list[str], ckpt, port: int) -> subprocess.Popen:
+def _start(launcher: list[str], ckpt, port: int, *extra: str) -> subprocess.Popen:
     serve = ["serve", "--checkpoint", str(ckpt), "--tp", "2", "--port", str(port), "--kv-memory-gb", "0.01",
-             "--block-size", "8", "--max-model-len", "256"]
+             "--block-size", "8", "--max-model-len", "256", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([*launcher, "-m", "model_host.cli", *serve], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -121,6 +121,25 @@ def test_serve_tp2_under_torchrun(tiny_checkpoint, reference_text):
         _complete_twice(proc, port, reference_text)
     finally:
         _stop(proc)
+
+
+@pytest.mark.slow
+def test_serve_tp2_with_api_processes(tiny_checkpoint, reference_text):
+    """On CUDA `serve` puts the routes in API processes by default, --tp or not: rank 0's engine
+    serves them over the hub's socket while it drives rank 1, and SIGTERM ends every process."""
+    port = free_port()
+    proc = _start([sys.executable], tiny_checkpoint, port, "--api-processes", "2")
+    try:
+        _complete_twice(proc, port, reference_text)
+        spawned = _spawned_children(proc.pid)
+        assert len(spawned) == 3, "one worker rank and two API processes"
+    finally:
+        _stop(proc)
+    assert proc.returncode == -signal.SIGTERM, proc.stdout.read()
+    deadline = time.time() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in spawned):
+        assert time.time() < deadline, "a worker rank or an API process outlived the server"
+        time.sleep(0.2)
 
 
 def _spawned_children(pid: int) -> list[int]:
