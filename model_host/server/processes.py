@@ -26,7 +26,8 @@ log = logging.getLogger("model_host.server")
 
 
 def serve_api_processes(served, args: Namespace, count: int, http_impl: str, loop_impl: str) -> int:
-    """Serve `served` (server/cli.py's Served) until SIGTERM/SIGINT, with `count` API processes; returns like server/cli.py's serve (1 when the engine or an API process failed)."""
+    """Serve `served` (server/cli.py's Served) until SIGTERM/SIGINT, with `count` API processes;
+    returns like server/cli.py's serve (1 when the engine or an API process failed)."""
     import uvicorn
 
     try:  # bound here, before anything is spawned: a taken port is one clear error
