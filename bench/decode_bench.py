@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model_host.checkpoint import make_config  # noqa: E402
 from model_host.engine.paged_cache import PagedLatentCache  # noqa: E402
 from model_host.fp8 import FP8_DTYPE, Linear, block_dequantize  # noqa: E402
+from model_host.kernels.tuning import load_tuning, read_table  # noqa: E402
 from model_host.layers import Embedding  # noqa: E402
 from model_host.model import DeepseekV3  # noqa: E402
 from model_host.moe import Gate  # noqa: E402
@@ -177,6 +178,27 @@ def linear_flops_per_token(model: DeepseekV3) -> float:
             per = mod.in_features * mod.out_features
             n += per * cfg.num_experts_per_tok if ".experts." in name else per
     return 2.0 * n
+
+
+def prefill_ab(model, rig, base, tuning, res: dict, rounds: int = 3) -> None:
+    """Eager prefill of 2,048 tokens with two launch tables, alternating, ``rounds`` each, on one
+    warm GPU: a table change measured against the table before it, not against another run."""
+    from model_host.kernels.backend import TritonOps
+
+    g = torch.Generator(device=DEVICE).manual_seed(2048)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 2048), device=DEVICE, generator=g)
+    prev, times = model.ops, {"baseline": [], "table": []}
+    try:
+        for _ in range(rounds):
+            for name, t in (("baseline", base), ("table", tuning)):
+                model.ops = TritonOps(t)
+                times[name].append(gpu_ms(lambda: rig.prefill(ids), iters=10))
+    finally:
+        model.ops = prev
+    for name, ms in times.items():
+        res[f"ab/{name}/prefill2048"] = statistics.median(ms)
+    log("prefill2048 paired, baseline table vs this table (ms): "
+        f"{' '.join(f'{m:.3f}' for m in times['baseline'])} vs {' '.join(f'{m:.3f}' for m in times['table'])}")
 
 
 def run_ours(model, rig, variant: str, batches, res: dict, tuning=None) -> None:
@@ -330,6 +352,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32,128")
     ap.add_argument("--variants", default="torch,fp8-eager,fp8-graph")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--ab-table", type=Path, help="also time the prefill with this launch table (JSON) and "
+                    "with this GPU's table, alternating, on the same model")
     ap.add_argument("--micro", action="store_true", help="also run GEMM micro-benchmarks")
     ap.add_argument("--profile", action="store_true", help="top kernels of a bs1 decode step and a prefill")
     ap.add_argument("--tune", action="store_true",
@@ -388,6 +412,8 @@ def main() -> None:
         t0 = time.perf_counter()
         run_ours(model, rig, v, batches, res, tuning)
         log(f"[{v} done in {time.perf_counter() - t0:.0f}s]")
+    if args.ab_table:
+        prefill_ab(model, rig, read_table(args.ab_table), tuning or load_tuning(), res)
     for v in ("torch", "fp8-eager"):
         if res.get(f"{v}/prefill2048"):
             log(f"{v} prefill: FP8-linear {fl / res[f'{v}/prefill2048'] / 1e9:.0f} TFLOP/s ({fl / 1e12:.1f} TFLOP)")

@@ -157,9 +157,11 @@ def tune(db, model, rig, res: dict, out: Path) -> Tuning:
 
     best = sweep("prefill", best, "grouped_prefill", cands, gated_ms)
     best = sweep("prefill_down", best, "grouped_prefill_down", cands, down_ms)
-    orders = [dict(tile_major=False), dict(tile_major=True)]  # launch order, see grouped_w8a8
-    best = sweep("prefill-order", best, "grouped_prefill", orders, gated_ms)
-    best = sweep("prefill_down-order", best, "grouped_prefill_down", orders, down_ms)
+    # Launch order, gate/up in one tile, TMA weight loads: see grouped_w8a8.
+    opts = [dict(order=o, tma=t) for o in ("n", "tile", "expert") for t in (False, True)]
+    best = sweep("prefill-order", best, "grouped_prefill", opts + [dict(order=o, fuse=True) for o in ("tile", "expert")],
+                 gated_ms)
+    best = sweep("prefill_down-order", best, "grouped_prefill_down", opts, down_ms)
     path = write_table(best, out / "tables", torch.cuda.get_device_name())
     res["tune/table"] = str(path)
     db.log(f"tune: wrote {path} (copy it into model_host/kernels/tables/ to adopt it)")

@@ -12,6 +12,7 @@ BLOCK_M) and on the useful rows.
     python3 bench/moe_prefill_bench.py --out $OUT                  # GPU
     ncu --clock-control none --set full -k regex:_grouped_kernel -c 2 \\
         python3 bench/moe_prefill_bench.py --once                  # one launch of each, for ncu
+    python3 bench/moe_prefill_bench.py --baseline-table old.json   # paired against another table
     python bench/moe_prefill_bench.py --quick                      # CPU: plumbing (reference path)
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -28,7 +30,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from model_host.kernels import moe_grouped as mg  # noqa: E402
 from model_host.kernels.fp8_linear import act_quant  # noqa: E402
-from model_host.kernels.tuning import load_tuning  # noqa: E402
+from model_host.kernels.tuning import load_tuning, read_table  # noqa: E402
 from model_host.ops import sort_by_expert  # noqa: E402
 
 
@@ -68,6 +70,8 @@ def main() -> int:
     ap.add_argument("--once", action="store_true", help="one launch of each after a warm-up (for ncu)")
     ap.add_argument("--quick", action="store_true", help="CPU, tiny widths: the plumbing, not the kernels")
     ap.add_argument("--out", type=Path, help="folder for moe_prefill_bench.json")
+    ap.add_argument("--baseline-table", type=Path,
+                    help="a launch table (JSON) to time alternately against this GPU's table, paired")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.quick
     dev = "cuda" if cuda else "cpu"
@@ -83,18 +87,22 @@ def main() -> int:
     x = torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16, generator=gen)
     h = torch.randn(rows, inter, device=dev, dtype=torch.bfloat16, generator=gen)
     xq, hq = act_quant(x), act_quant(h)
-    cfg_g = mg.grouped_config(rows, inter, e, tuning)
-    cfg_d = mg.grouped_config(rows, hidden, e, tuning, down=True)
-    # The tile schedules are computed once, as the product's sort by expert does for the layer.
-    sched_g, sched_d = mg.tile_schedule(counts, cfg_g["BLOCK_M"]), mg.tile_schedule(counts, cfg_d["BLOCK_M"])
-    launches = {
-        "gated": (cfg_g, lambda: mg.grouped_w8a8(x, gate, gate_s, None, num_rows=rows, mode="gated", rows=token,
-                                                  w2=up, w2_s=up_s, config=cfg_g, a_quant=xq, schedule=sched_g)),
-        # Prefill stores the down rows (fp32 atomics would cost more than the GEMM); the combine
-        # that un-sorts and weights them is a separate, small pass (backend._moe_prefill).
-        "down": (cfg_d, lambda: mg.grouped_w8a8(h, down, down_s, None, num_rows=rows, config=cfg_d, a_quant=hq,
-                                                 schedule=sched_d)),
-    }
+    def launchers(t) -> dict:
+        cfg_g = mg.grouped_config(rows, inter, e, t)
+        cfg_d = mg.grouped_config(rows, hidden, e, t, down=True)
+        # The tile schedules are computed once, as the product's sort by expert does for the layer.
+        sched_g, sched_d = mg.tile_schedule(counts, cfg_g["BLOCK_M"]), mg.tile_schedule(counts, cfg_d["BLOCK_M"])
+        return {
+            "gated": (cfg_g, lambda: mg.grouped_w8a8(x, gate, gate_s, None, num_rows=rows, mode="gated", rows=token,
+                                                      w2=up, w2_s=up_s, config=cfg_g, a_quant=xq, schedule=sched_g)),
+            # Prefill stores the down rows (fp32 atomics would cost more than the GEMM); the combine
+            # that un-sorts and weights them is a separate, small pass (backend._moe_prefill).
+            "down": (cfg_d, lambda: mg.grouped_w8a8(h, down, down_s, None, num_rows=rows, config=cfg_d, a_quant=hq,
+                                                     schedule=sched_d)),
+        }
+
+    launches = launchers(tuning)
+    base = launchers(read_table(args.baseline_table)) if args.baseline_table else None
     if args.once:  # Triton compiles on the host before a launch, so ncu profiles these as they run
         for _, fn in launches.values():
             fn()
@@ -108,7 +116,16 @@ def main() -> int:
     print("| launch | config | ms | weight GB | weight GB/s (% of copy) | padded rows | TFLOP/s padded / useful |")
     print("|---|---|---|---|---|---|---|")
     for name, (cfg, fn) in launches.items():
-        ms = timed_ms(fn, cuda, 10 if cuda else 2)
+        if base is None:
+            ms = timed_ms(fn, cuda, 10 if cuda else 2)
+        else:  # paired: the two tables' launches alternate, three rounds, medians
+            rounds = [(timed_ms(base[name][1], cuda, 10 if cuda else 2), timed_ms(fn, cuda, 10 if cuda else 2))
+                      for _ in range(3)]
+            base_ms, ms = (statistics.median(r[i] for r in rounds) for i in (0, 1))
+            err = float((fn().float() - base[name][1]().float()).norm() / base[name][1]().float().norm())
+            res.setdefault("baseline", {})[name] = {"config": dict(base[name][0]), "ms": base_ms, "rel_err": err}
+            print(f"{name}: baseline table {base_ms:.3f} ms, this table {ms:.3f} ms ({base_ms / ms:.2f}x), "
+                  f"outputs differ by {err:.1e}", flush=True)
         n, k = (2 * inter, hidden) if name == "gated" else (hidden, inter)  # gated: gate and up
         weight_gb = e * n * k / 1e9  # every expert is active at prefill sizes: read once at best
         padded = int(((counts + cfg["BLOCK_M"] - 1) // cfg["BLOCK_M"]).sum()) * cfg["BLOCK_M"]

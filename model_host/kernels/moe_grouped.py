@@ -17,6 +17,12 @@ Epilogues (``MODE``):
   down projection fused with the routing-weighted combine; like ``index_add_`` on CUDA the
   summation order of a token's k contributions is not fixed).
 
+Launch options (the tables' prefill entries): ``order`` "n" (2-D grid, each N block's tiles
+together), "tile" (a row tile's N blocks together) or "expert" (an expert's N blocks, each with
+all of its tiles: tiles that read the same weight slice run side by side, so it crosses HBM
+once); ``fuse`` (gated: gate and up rows in one [2*BLOCK_N, 128] weight tile, one MMA per K
+step instead of two); ``tma`` (weights through host TMA descriptors instead of pointer loads).
+
 Activations are quantized per row and 128 channels by :func:`~.fp8_linear.act_quant` (or by
 the norm before, in the same pass): two FP8 terms for few rows (decode: bf16 precision on FP8
 MMAs), one for many (prefill); the first projection gathers its rows from the unsorted tokens
@@ -35,28 +41,47 @@ from .fp8_linear import BLOCK, act_quant, linear_reference
 from .tuning import Tuning
 
 MODES = {"store": 0, "gated": 1, "scatter": 2}
+ORDERS = {"n": 0, "tile": 1, "expert": 2}
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # older Triton: pointer loads only
+        TensorDescriptor = None
+
+    @triton.jit
+    def _find_expert(tile_end_ptr, key, E, SCALE, SEARCH_STEPS: tl.constexpr):
+        """Smallest e with tile_end[e] * SCALE > key (binary search; E <= 2**SEARCH_STEPS)."""
+        lo = key * 0
+        hi = lo + E - 1
+        for _ in tl.static_range(SEARCH_STEPS):
+            mid = (lo + hi) // 2
+            left = tl.load(tile_end_ptr + mid) * SCALE > key
+            hi = tl.where(left, mid, hi)
+            lo = tl.where(left, lo, mid + 1)
+        return lo
+
 
     @triton.jit
     def _grouped_kernel(a_ptr, as_ptr, a2_ptr, as2_ptr, rows_ptr, b_ptr, bs_ptr, b2_ptr, b2s_ptr, c_ptr,
-                        scat_ptr, wt_ptr, offsets_ptr, tile_end_ptr, N, K, E, single_rows,
+                        scat_ptr, wt_ptr, offsets_ptr, tile_end_ptr, b_desc, b2_desc, N, K, E, single_rows,
                         stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse,
                         stride_bsn, stride_cm,
                         MODE: tl.constexpr, A_MODE: tl.constexpr, HAS_ROWS: tl.constexpr,
                         HAS_SCAT: tl.constexpr, HAS_WT: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-                        SINGLE: tl.constexpr, TILE_MAJOR: tl.constexpr,
+                        SINGLE: tl.constexpr, ORDER: tl.constexpr, FUSE: tl.constexpr, TMA: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        if TILE_MAJOR:  # 1-D grid, a tile's N blocks consecutive: see grouped_w8a8
-            n_blocks = tl.cdiv(N, BLOCK_N)
-            tile = tl.program_id(0) // n_blocks
-            pid_n = tl.program_id(0) % n_blocks
-        else:
-            tile = tl.program_id(0)
+        n_blocks = tl.cdiv(N, BLOCK_N)
+        pid = tl.program_id(0)
+        if ORDER == 0:  # 2-D grid: see grouped_w8a8 for the orders
+            tile = pid
             pid_n = tl.program_id(1)
+        else:
+            tile = pid // n_blocks
+            pid_n = pid % n_blocks
         if SINGLE:  # one expert (dense MLP / shared expert): rows 0..single_rows, no schedule
             if tile >= tl.cdiv(single_rows, BLOCK_M):
                 return
@@ -65,46 +90,66 @@ if HAS_TRITON:
             row_lo = e
             row_hi = e + single_rows
         else:
-            if tile >= tl.load(tile_end_ptr + E - 1):
-                return
-            # Smallest e with tile_end[e] > tile (binary search; E <= 2**SEARCH_STEPS).
-            lo = tile * 0
-            hi = lo + E - 1
-            for _ in tl.static_range(SEARCH_STEPS):
-                mid = (lo + hi) // 2
-                left = tl.load(tile_end_ptr + mid) > tile
-                hi = tl.where(left, mid, hi)
-                lo = tl.where(left, lo, mid + 1)
-            e = lo
+            if ORDER == 2:  # expert-major: its programs are (N block, tile), the tiles fastest
+                if pid >= tl.load(tile_end_ptr + E - 1) * n_blocks:
+                    return
+                e = _find_expert(tile_end_ptr, pid, E, n_blocks, SEARCH_STEPS)
+            else:
+                if tile >= tl.load(tile_end_ptr + E - 1):
+                    return
+                e = _find_expert(tile_end_ptr, tile, E, 1, SEARCH_STEPS)
             prev = tl.maximum(e - 1, 0)
             tiles_before = tl.where(e > 0, tl.load(tile_end_ptr + prev), 0)
+            if ORDER == 2:
+                tiles_e = tl.load(tile_end_ptr + e) - tiles_before
+                local = pid - tiles_before * n_blocks
+                pid_n = local // tiles_e
+                tile = tiles_before + local % tiles_e
             row_lo = tl.where(e > 0, tl.load(offsets_ptr + prev), 0)
             row_hi = tl.load(offsets_ptr + e)
         rows = row_lo + (tile - tiles_before) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = rows < row_hi
         src = tl.load(rows_ptr + rows, mask=mask_m, other=0) if HAS_ROWS else rows
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        mask_n = offs_n < N
         a_rows = a_ptr + src.to(tl.int64)[:, None] * stride_am
         a2_rows = a2_ptr + src.to(tl.int64)[:, None] * stride_am  # A_MODE 3: same layout as a
         e64 = e.to(tl.int64)
-        b_rows = b_ptr + e64 * stride_be + offs_n.to(tl.int64)[:, None] * stride_bn
-        bs_rows = bs_ptr + e64 * stride_bse + (offs_n // BLOCK_K) * stride_bsn
+        if FUSE:  # B tile columns [0, BLOCK_N): gate rows, [BLOCK_N, 2 BLOCK_N): the same up rows
+            j = tl.arange(0, 2 * BLOCK_N)
+            offs_n = pid_n * BLOCK_N + tl.where(j >= BLOCK_N, j - BLOCK_N, j)
+            off_b = e64 * stride_be + offs_n.to(tl.int64) * stride_bn
+            b_rows = tl.where(j >= BLOCK_N, b2_ptr + off_b, b_ptr + off_b)[:, None]
+            off_s = e64 * stride_bse + (offs_n // BLOCK_K) * stride_bsn
+            bs_rows = tl.where(j >= BLOCK_N, b2s_ptr + off_s, bs_ptr + off_s)
+            acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        else:
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            b_rows = b_ptr + e64 * stride_be + offs_n.to(tl.int64)[:, None] * stride_bn
+            bs_rows = bs_ptr + e64 * stride_bse + (offs_n // BLOCK_K) * stride_bsn
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        mask_n = offs_n < N
         b2_rows = b2_ptr + e64 * stride_be + offs_n.to(tl.int64)[:, None] * stride_bn
         b2s_rows = b2s_ptr + e64 * stride_bse + (offs_n // BLOCK_K) * stride_bsn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # TMA: rows past this expert's N read the next expert's (their columns are never
+        # stored), K past the end reads zeros.
+        b_row0 = (e * N + pid_n * BLOCK_N).to(tl.int32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + offs_k
             mask_k = kk < K
             a_mask = mask_m[:, None] & mask_k[None, :]
             a = tl.load(a_rows + kk[None, :], mask=a_mask, other=0.0)
             bmask = mask_n[:, None] & mask_k[None, :]
-            b = tl.load(b_rows + kk[None, :], mask=bmask, other=0.0)
+            if TMA:  # noqa: SIM108 - a constexpr branch: the other side does not compile
+                b = b_desc.load([b_row0, k0])
+            else:
+                b = tl.load(b_rows + kk[None, :], mask=bmask, other=0.0)
             b_s = tl.load(bs_rows + k0 // BLOCK_K, mask=mask_n, other=0.0)
-            if MODE == 1:
-                b2 = tl.load(b2_rows + kk[None, :], mask=bmask, other=0.0)
+            if MODE == 1 and not FUSE:
+                if TMA:
+                    b2 = b2_desc.load([b_row0, k0])
+                else:
+                    b2 = tl.load(b2_rows + kk[None, :], mask=bmask, other=0.0)
                 b2_s = tl.load(b2s_rows + k0 // BLOCK_K, mask=mask_n, other=0.0)
             if A_MODE == 3:  # two-term FP8 activations (decode), see fp8_linear.act_quant_split_reference
                 s_offs = src * stride_asm + (k0 // BLOCK_K) * stride_ask
@@ -113,14 +158,18 @@ if HAS_TRITON:
                 a2_s = tl.load(as2_ptr + s_offs, mask=mask_m, other=0.0)[:, None]
                 bt = tl.trans(b)
                 acc += (tl.dot(a, bt) * a_s + tl.dot(a2, bt) * a2_s) * b_s[None, :]
-                if MODE == 1:
+                if MODE == 1 and not FUSE:
                     b2t = tl.trans(b2)
                     acc2 += (tl.dot(a, b2t) * a_s + tl.dot(a2, b2t) * a2_s) * b2_s[None, :]
             else:  # one pre-quantized FP8 term (prefill)
                 a_s = tl.load(as_ptr + src * stride_asm + (k0 // BLOCK_K) * stride_ask, mask=mask_m, other=0.0)
                 acc += tl.dot(a, tl.trans(b)) * (a_s[:, None] * b_s[None, :])
-                if MODE == 1:
+                if MODE == 1 and not FUSE:
                     acc2 += tl.dot(a, tl.trans(b2)) * (a_s[:, None] * b2_s[None, :])
+        if FUSE:  # [M, 2 BN] -> gate [M, BN], up [M, BN]
+            acc, acc2 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
         cmask = mask_m[:, None] & mask_n[None, :]
         if MODE == 2:
             if HAS_WT:
@@ -232,27 +281,34 @@ def grouped_w8a8(a: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, counts: to
     aa, a_s, a2, a2_s = terms if cfg["a_mode"] == 3 else (*terms, *terms)
     sam, sak = a_s.stride(0), a_s.stride(1)
     b2, b2s = (w2, w2_s) if w2 is not None else (w, w_s)
-    # Launch order: programs start in grid order, first dimension fastest. Expert-tile-major
-    # (every N block of a row tile, then the next tile) keeps a tile's activations in L2 while
-    # its N blocks read them, and the tiles of one expert, which read the same weights, run
-    # together; the 2-D grid sweeps all tiles per N block and reads the activations once per N
-    # block from memory (at prefill 2,048 tokens x 8 experts: 117 MB per N block for gate/up).
-    # One expert (dense MLP, shared expert): every tile reads the whole weight, which L2 cannot
-    # hold, so there the N-block-major order (all tiles of one weight slice together) stays.
-    tile_major = cfg.get("tile_major", False) and not single
-    tiles, n_blocks = max_tiles(num_rows, e_count, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"])
-    grid = (tiles * n_blocks,) if tile_major else (tiles, n_blocks)
+    # Launch order: programs start in grid order, first dimension fastest. "tile" (every N
+    # block of a row tile, then the next tile) keeps a tile's activations in L2 while its N
+    # blocks read them; "expert" also puts the tiles of one expert that read the same weight
+    # slice side by side. The 2-D grid ("n") sweeps all tiles per N block and reads the
+    # activations once per N block from memory (at prefill 2,048 tokens x 8 experts: 117 MB per
+    # N block for gate/up). One expert (dense MLP, shared expert): every tile reads the whole
+    # weight, which L2 cannot hold, so there the N-block-major order stays.
+    order = 0 if single else ORDERS[cfg.get("order", "n")]
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    tiles, n_blocks = max_tiles(num_rows, e_count, bm), triton.cdiv(n, bn)
+    grid = (tiles * n_blocks,) if order else (tiles, n_blocks)
+    fuse = bool(cfg.get("fuse")) and mode_id == 1
+    # TMA needs 16-byte row strides and [E, N, K] weights it can view as [E*N, K].
+    tma = (bool(cfg.get("tma")) and TensorDescriptor is not None and not fuse and k % 16 == 0
+           and w.is_contiguous() and b2.is_contiguous())
+    b_desc = TensorDescriptor.from_tensor(w.view(e_count * n, k), [bn, BLOCK]) if tma else None
+    b2_desc = TensorDescriptor.from_tensor(b2.view(e_count * n, k), [bn, BLOCK]) if tma and mode_id == 1 else None
     if single:
         offsets = tile_end = w_s  # unused by the SINGLE kernel; any valid device pointer
     dummy = tile_end
     _grouped_kernel[grid](
         aa, a_s, a2, a2_s, rows if rows is not None else dummy, w, w_s, b2, b2s, c,
         scatter if scatter is not None else dummy, weight if weight is not None else dummy,
-        offsets, tile_end, n, k, e_count, num_rows,
+        offsets, tile_end, b_desc, b2_desc, n, k, e_count, num_rows,
         aa.stride(0), sam, sak, w.stride(0), w.stride(1), w_s.stride(0), w_s.stride(1), c.stride(0),
         MODE=mode_id, A_MODE=cfg["a_mode"], HAS_ROWS=rows is not None,
         HAS_SCAT=scatter is not None, HAS_WT=weight is not None,
-        SEARCH_STEPS=max(1, math.ceil(math.log2(max(e_count, 2)))), SINGLE=single, TILE_MAJOR=tile_major,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BLOCK,
+        SEARCH_STEPS=max(1, math.ceil(math.log2(max(e_count, 2)))), SINGLE=single, ORDER=order, FUSE=fuse, TMA=tma,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return c

@@ -218,9 +218,10 @@ def test_fp8_mm_at_prefill_sizes_vs_float64(m, n, k):
 
 @gpu
 @requires_gpu
-@pytest.mark.parametrize("tile_major", [False, True], ids=["n-block-major", "tile-major"])
+@pytest.mark.parametrize("launch", [dict(order="n"), dict(order="tile"), dict(order="expert", fuse=True),
+                                    dict(order="expert", tma=True)], ids=["n", "tile", "expert-fuse", "expert-tma"])
 @pytest.mark.parametrize("t,e,k,quant", [(1, 256, 8, True), (5, 16, 4, True), (40, 16, 4, False), (300, 64, 8, False)])
-def test_grouped_moe_kernels_vs_float64(t, e, k, quant, tile_major):
+def test_grouped_moe_kernels_vs_float64(t, e, k, quant, launch):
     kd, n = 7168 if t == 1 else 384, 256
     x = torch.randn(t, kd, device="cuda", dtype=torch.bfloat16)
     wg, sg = rand_fp8(e, n, kd, device="cuda")
@@ -233,8 +234,7 @@ def test_grouped_moe_kernels_vs_float64(t, e, k, quant, tile_major):
     counts = torch.bincount(flat, minlength=e).int()
     wt = torch.rand(t * k, device="cuda")
     # quant: the decode mode (two-term FP8 activations: bf16 precision on FP8 MMAs), else prefill's one term.
-    cfg = dict(BLOCK_M=16 if quant else 64, BLOCK_N=64, a_mode=3 if quant else 0, num_warps=4, num_stages=3,
-               tile_major=tile_major)
+    cfg = dict(BLOCK_M=16 if quant else 64, BLOCK_N=64, a_mode=3 if quant else 0, num_warps=4, num_stages=3, **launch)
     h = grouped_w8a8(x, wg, sg, counts, num_rows=t * k, mode="gated", rows=token, w2=wu, w2_s=su,
                      config=cfg, out_dtype=torch.float32)
     out = grouped_w8a8(h.bfloat16(), wd, sd, counts, num_rows=t * k, mode="scatter", config=cfg,
