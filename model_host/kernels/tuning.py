@@ -29,8 +29,9 @@ class Tuning:
     small_m: Triton tensor-core tiles for M <= 256 (N tile, warps, stages, split-K waves).
     gemv: the CUDA-core one-row GEMV, for M <= ``max_m`` (0: never).
     grouped_decode / grouped_prefill / grouped_prefill_down: the grouped MoE launches.
-    mla_decode: the paged MLA kernel's heads per program and warps, narrow for decode steps and
-    wide from ``wide_min_rows`` query rows (eager steps where prompt chunks ride as rows)."""
+    mla_decode: the paged MLA kernel's heads per program and warps, narrow for few query rows
+    and wide from ``wide_min_rows`` (larger decode batches, and eager steps where prompt chunks
+    ride as rows)."""
 
     scaled_mm_min_m: int
     small_m: dict
