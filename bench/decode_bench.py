@@ -180,27 +180,6 @@ def linear_flops_per_token(model: DeepseekV3) -> float:
     return 2.0 * n
 
 
-def prefill_ab(model, rig, base, tuning, res: dict, rounds: int = 3) -> None:
-    """Eager prefill of 2,048 tokens with two launch tables, alternating, ``rounds`` each, on one
-    warm GPU: a table change measured against the table before it, not against another run."""
-    from model_host.kernels.backend import TritonOps
-
-    g = torch.Generator(device=DEVICE).manual_seed(2048)
-    ids = torch.randint(0, model.cfg.vocab_size, (1, 2048), device=DEVICE, generator=g)
-    prev, times = model.ops, {"baseline": [], "table": []}
-    try:
-        for _ in range(rounds):
-            for name, t in (("baseline", base), ("table", tuning)):
-                model.ops = TritonOps(t)
-                times[name].append(gpu_ms(lambda: rig.prefill(ids), iters=10))
-    finally:
-        model.ops = prev
-    for name, ms in times.items():
-        res[f"ab/{name}/prefill2048"] = statistics.median(ms)
-    log("prefill2048 paired, baseline table vs this table (ms): "
-        f"{' '.join(f'{m:.3f}' for m in times['baseline'])} vs {' '.join(f'{m:.3f}' for m in times['table'])}")
-
-
 def run_ours(model, rig, variant: str, batches, res: dict, tuning=None) -> None:
     """Time ``variant`` ("torch", "fp8-eager", "fp8-graph"); ``tuning``: the kernels' launch table
     (default: the package's table of this GPU)."""
@@ -413,7 +392,7 @@ def main() -> None:
         run_ours(model, rig, v, batches, res, tuning)
         log(f"[{v} done in {time.perf_counter() - t0:.0f}s]")
     if args.ab_table:
-        prefill_ab(model, rig, read_table(args.ab_table), tuning or load_tuning(), res)
+        decode_diag.prefill_ab(db, model, rig, read_table(args.ab_table), tuning or load_tuning(), res)
     for v in ("torch", "fp8-eager"):
         if res.get(f"{v}/prefill2048"):
             log(f"{v} prefill: FP8-linear {fl / res[f'{v}/prefill2048'] / 1e9:.0f} TFLOP/s ({fl / 1e12:.1f} TFLOP)")

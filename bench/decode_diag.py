@@ -16,6 +16,7 @@ Each takes the benchmark module ``db`` (timer, logger, device, rig helpers) as f
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from pathlib import Path
 
 import torch
@@ -284,3 +285,22 @@ def profile(db, model, rig, res: dict) -> None:
             db.log(res[f"profile/{name}"])
     finally:
         model.ops = prev
+
+
+def prefill_ab(db, model, rig, base: Tuning, tuning: Tuning, res: dict, rounds: int = 3) -> None:
+    """Eager prefill of 2,048 tokens with two launch tables, alternating, ``rounds`` each, on one
+    warm GPU: a table change measured against the table before it, not against another run."""
+    g = torch.Generator(device=db.DEVICE).manual_seed(2048)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 2048), device=db.DEVICE, generator=g)
+    prev, times = model.ops, {"baseline": [], "table": []}
+    try:
+        for _ in range(rounds):
+            for name, t in (("baseline", base), ("table", tuning)):
+                model.ops = TritonOps(t)
+                times[name].append(db.gpu_ms(lambda: rig.prefill(ids), iters=10))
+    finally:
+        model.ops = prev
+    for name, ms in times.items():
+        res[f"ab/{name}/prefill2048"] = statistics.median(ms)
+    db.log("prefill2048 paired, baseline table vs this table (ms): "
+           f"{' '.join(f'{m:.3f}' for m in times['baseline'])} vs {' '.join(f'{m:.3f}' for m in times['table'])}")
