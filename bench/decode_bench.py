@@ -5,7 +5,8 @@ layers, 256 experts, FP8 128x128 block weights drawn at random in the checkpoint
 bias spread U[0, 0.25) so routing is not degenerate), then times:
 
 * our runtime: the reference ops (``TorchOps``), the kernel ops (``TritonOps``) eagerly, and
-  the kernel ops with decode replayed from CUDA graphs (Triton GEMMs, cuBLASLt ``_scaled_mm``);
+  the kernel ops with decode and prefill replayed from CUDA graphs (the engine's
+  ``DecodeGraphs`` / ``PrefillGraphs``; Triton GEMMs, cuBLASLt ``_scaled_mm``);
 * transformers' DeepseekV3ForCausalLM on the same weights dequantized to BF16 (built after our
   runs, once our FP8 copies are no longer needed, so both fit on one 80 GB card);
 * a roofline: bytes a decode step must read (weights actually touched: routed experts counted
@@ -184,7 +185,7 @@ def run_ours(model, rig, variant: str, batches, res: dict, tuning=None) -> None:
     """Time ``variant`` ("torch", "fp8-eager", "fp8-graph"); ``tuning``: the kernels' launch table
     (default: the package's table of this GPU)."""
     from model_host.kernels.backend import TritonOps
-    from model_host.kernels.graphs import DecodeGraphs
+    from model_host.kernels.graphs import DecodeGraphs, PrefillGraphs
 
     ops = {"torch": lambda: TorchOps(), "fp8-eager": lambda: TritonOps(tuning), "fp8-graph": lambda: TritonOps(tuning)}
     if variant not in ops:
@@ -209,18 +210,25 @@ def run_ours(model, rig, variant: str, batches, res: dict, tuning=None) -> None:
                 log(f"{key}: FAILED {type(e).__name__}: {e}")
                 traceback.print_exc()
                 torch.cuda.empty_cache()
-        if not variant.startswith("fp8-graph"):  # prefill is eager
-            key = f"{variant}/prefill2048"
-            try:
-                g = torch.Generator(device=DEVICE).manual_seed(2048)
-                ids = torch.randint(0, model.cfg.vocab_size, (1, 2048), device=DEVICE, generator=g)
+        key = f"{variant}/prefill2048"
+        try:
+            g = torch.Generator(device=DEVICE).manual_seed(2048)
+            ids = torch.randint(0, model.cfg.vocab_size, (1, 2048), device=DEVICE, generator=g)
+            if graphs is not None:  # the engine's whole-prompt prefill graph (bucket 2048, no padding)
+                pg = PrefillGraphs(model, rig.cache, [2048])
+                host, table = ids[0].tolist(), list(range(-(-2048 // PAGE)))
+                res[key] = gpu_ms(lambda: pg.run(host, table), iters=15)
+                res[f"{variant}/prefill2048_logits"] = pg.run(host, table)[0].float().cpu()
+                res[f"{variant}/prefill2048_eager_logits"] = rig.prefill(ids)[0].float().cpu()
+                pg = None
+            else:
                 res[key] = gpu_ms(lambda: rig.prefill(ids), iters=5 if variant == "torch" else 15)
-                log(f"{key}: {res[key]:.3f} ms")
                 res[f"{variant}/prefill_logits"] = rig.prefill(ids[:, :256]).float().cpu()
-            except Exception as e:
-                res[key] = None
-                log(f"{key}: FAILED {type(e).__name__}: {e}")
-                traceback.print_exc()
+            log(f"{key}: {res[key]:.3f} ms")
+        except Exception as e:
+            res[key] = None
+            log(f"{key}: FAILED {type(e).__name__}: {e}")
+            traceback.print_exc()
     finally:
         model.ops = prev
         graphs = None  # noqa: F841 - drop the captured graphs before the next variant
@@ -399,6 +407,9 @@ def main() -> None:
         if f"{v}/prefill_logits" in res and "torch/prefill_logits" in res and v != "torch":
             a, r = res[f"{v}/prefill_logits"], res["torch/prefill_logits"]
             log(f"check {v} vs torch-path logits (256-token prefill): rel err {((a - r).norm() / r.norm()).item():.4f}")
+    a, r = res.get("fp8-graph/prefill2048_logits"), res.get("fp8-graph/prefill2048_eager_logits")
+    if a is not None and r is not None:
+        log(f"check prefill graph vs eager logits (2048 tokens): rel err {((a - r).norm() / r.norm()).item():.5f}")
     for v in ("fp8-eager", "fp8-graph"):
         a, r = res.get(f"{v}/decode8_logits"), res.get("torch/decode8_logits")
         if a is not None and r is not None:

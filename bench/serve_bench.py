@@ -218,6 +218,13 @@ def step_bound(model, plan: Plan, ctx: int, prefill_tokens: int) -> dict:
             return model(ids, positions, cache, kv_len=prefill_tokens, last_only=True)
 
         out["prefill_ms"] = median_ms(prefill, 10 if dev.type == "cuda" else 2, dev.type == "cuda")
+        if graphs is not None:  # the server's whole-prompt prefill graph of the same prompt (padded)
+            from model_host.kernels.graphs import PrefillGraphs, prefill_buckets
+
+            pg = PrefillGraphs(model, cache, prefill_buckets(prefill_tokens, cfg.max_position_embeddings)[-1:],
+                               pool=graphs.pool)
+            host, blocks = ids[0].tolist(), table[0].tolist()
+            out["prefill_graph_ms"] = median_ms(lambda: pg.run(host, blocks), 10, True)
     out["prefill_tokens"] = prefill_tokens
     return out  # the rig's cache and graphs are freed with this frame, before the server starts
 
@@ -275,7 +282,9 @@ def passthrough(args) -> list[str]:
     return [*(["--row-prefill-tokens", str(args.row_prefill_tokens)] if args.row_prefill_tokens is not None else []),
             *(["--max-prefill-tokens", str(args.max_prefill_tokens)] if args.max_prefill_tokens is not None else []),
             "--overlap", args.overlap,
-            *(["--api-processes", str(args.api_processes)] if args.api_processes is not None else [])]
+            *(["--api-processes", str(args.api_processes)] if args.api_processes is not None else []),
+            *(["--prefill-graph-tokens", str(args.prefill_graph_tokens)] if args.prefill_graph_tokens is not None
+              else [])]
 
 
 def plan_of(args) -> Plan:
@@ -313,6 +322,8 @@ def main() -> int:
                     help="serve's --max-prefill-tokens, the chunked-prefill budget per step (default: the plan's)")
     ap.add_argument("--api-processes", type=int, default=None, metavar="N",
                     help="serve's --api-processes (default: serve's default)")
+    ap.add_argument("--prefill-graph-tokens", type=int, default=None, metavar="N",
+                    help="serve's --prefill-graph-tokens (default: serve's default; 0 = cold prompts prefill eagerly)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the server process
     for flag, kind in (("--port", int), ("--workdir", str), ("--ctx", int), ("--prefill-tokens", int),
                        ("--bound-out", str)):

@@ -56,7 +56,10 @@ class EngineConfig:
     max_prefill_tokens: int = 4096  # prompt tokens per step; running decodes wait for at most this many
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     cache_dtype: torch.dtype | None = None  # default: the model's dtype
-    graph_memory_gb: float = 1.0  # most GPU memory the decode CUDA graphs may take
+    graph_memory_gb: float = 1.0  # most GPU memory the CUDA graphs (decode and prefill) may take
+    # Whole-prompt prefills (nothing cached) up to this many tokens replay CUDA graphs captured
+    # at start-up by length bucket (0: off; None: up to max_prefill_tokens where decode is captured).
+    prefill_graph_tokens: int | None = None
     speculative_tokens: int = 0  # MTP drafts verified per decode step (0 = off; needs the MTP layer)
     # A step of at most this many rows in all (its decode rows plus one row per prompt token)
     # runs its prompt chunks as rows of the decode step instead of a separate eager prefill
@@ -112,9 +115,12 @@ class Engine:
         rows = config.row_prefill_tokens
         self.row_tokens = 0 if k else (rows if rows is not None else ROW_PREFILL_TOKENS * self.runner.graphs_enabled)
         self.max_rows = max(config.max_batch * (k + 1), self.row_tokens)
+        prefill_graphs = (config.prefill_graph_tokens if config.prefill_graph_tokens is not None
+                          else config.max_prefill_tokens)
         self.graph_report = self.runner.capture_graphs(capture_sizes(self.max_rows),
                                                        int(config.graph_memory_gb * 2**30),
-                                                       self.blocks.blocks_needed(self.max_model_len + 1 + k))
+                                                       self.blocks.blocks_needed(self.max_model_len + 1 + k),
+                                                       min(prefill_graphs, config.max_prefill_tokens, self.max_model_len))
         self.warmup_seconds = self._warm_up_prefill() if self.runner.graphs_enabled else 0.0
         self.by_id: dict[int, Sequence] = {}
         if config.overlap and not self.runner.device_tokens:

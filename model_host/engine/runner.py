@@ -4,7 +4,9 @@ On CUDA with the model on the GPU kernels (``model.ops`` a ``TritonOps``), decod
 run through the paged MLA kernel and are replayed from CUDA graphs captured at start-up for
 every batch size the scheduler can produce (:meth:`ModelRunner.capture_graphs`); a batch is
 padded up to the next captured size. All prefill chunks of a step run as one packed (varlen)
-forward, eagerly (:mod:`model_host.engine.packing`).
+forward, eagerly (:mod:`model_host.engine.packing`), except a step whose one chunk starts a
+prompt with nothing cached: that one replays a prefill graph of its length bucket
+(:class:`~model_host.kernels.graphs.PrefillGraphs`).
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class GraphReport:
     sizes: list[int]
     seconds: float
     nbytes: int
+    prefill_sizes: list[int] = dataclasses.field(default_factory=list)
 
 
 class ModelRunner:
@@ -86,6 +89,7 @@ class ModelRunner:
         self.device = model.device
         self.spec = spec  # MTP speculative decoding (--speculative-tokens), or None
         self.mtp_graphs = None
+        self.prefill_graphs = None  # whole-prompt prefills by length, from capture_graphs()
         use_graphs = graphs_supported(model) if cuda_graphs is None else cuda_graphs
         self.graphs = None
         # Block tables as wide as the longest sequence the model allows, not the whole cache:
@@ -105,19 +109,29 @@ class ModelRunner:
     def graphs_enabled(self) -> bool:
         return self.graphs is not None
 
-    def capture_graphs(self, sizes: list[int], budget_bytes: int, max_blocks_per_seq: int) -> GraphReport | None:
-        """Capture the decode step (and, with speculation, the MTP layer's step) for each batch
-        size (largest first: the smaller graphs reuse its memory pool), for block tables up to
-        ``max_blocks_per_seq`` wide. Raises if the graphs take more than ``budget_bytes`` of GPU memory. Under tensor parallelism every rank
-        builds the same engine, so every rank captures the same sizes in the same order."""
+    def capture_graphs(self, sizes: list[int], budget_bytes: int, max_blocks_per_seq: int,
+                       prefill_tokens: int = 0) -> GraphReport | None:
+        """Capture whole-prompt prefills up to ``prefill_tokens`` tokens (0: none) by length
+        bucket, then the decode step (and, with speculation, the MTP layer's step) for each batch
+        size, for block tables up to ``max_blocks_per_seq`` wide. Largest first, all into one
+        memory pool: each graph reuses what the larger ones took. Raises if the graphs take more
+        than ``budget_bytes`` of GPU memory. Under tensor parallelism every rank builds the same
+        engine, so every rank captures the same sizes in the same order."""
         if self.graphs is None:
             return None
-        from model_host.kernels.graphs import DecodeGraphs
+        from model_host.kernels.graphs import DecodeGraphs, PrefillGraphs, prefill_buckets
 
         torch.cuda.synchronize()
         free_before = torch.cuda.mem_get_info(self.device)[0]
         t0 = time.perf_counter()
-        self.graphs = DecodeGraphs(self.model, self.cache, max_blocks_per_seq, buckets=sizes)
+        lengths = prefill_buckets(prefill_tokens, self.model.cfg.max_position_embeddings) if prefill_tokens else []
+        self.prefill_graphs = (PrefillGraphs(self.model, self.cache, lengths, hidden=self.spec is not None)
+                               if lengths else None)
+        with torch.inference_mode():
+            for n in reversed(lengths):
+                self.prefill_graphs.capture(n)
+        pool = self.prefill_graphs.pool if self.prefill_graphs is not None else None
+        self.graphs = DecodeGraphs(self.model, self.cache, max_blocks_per_seq, buckets=sizes, pool=pool)
         self.block_tables = DeviceBlockTables(max_blocks_per_seq, self.device)  # the graphs' width
         if self.spec is not None:
             self.mtp_graphs = DecodeGraphs(self.model, self.cache, max_blocks_per_seq, buckets=sizes, mtp=True)
@@ -127,13 +141,15 @@ class ModelRunner:
                     graphs.capture(b)
         torch.cuda.synchronize()
         report = GraphReport(sorted(sizes), time.perf_counter() - t0,
-                             free_before - torch.cuda.mem_get_info(self.device)[0])
+                             free_before - torch.cuda.mem_get_info(self.device)[0], lengths)
         if report.nbytes > budget_bytes:
             raise ValueError(
-                f"CUDA graphs for decode batch sizes {report.sizes} took {report.nbytes / 2**30:.2f} GiB, over "
-                f"--graph-memory-gb {budget_bytes / 2**30:.2f}; raise --graph-memory-gb or lower --max-batch")
-        log.info("captured decode CUDA graphs for batch sizes %s in %.1f s (%.2f GiB)",
-                 report.sizes, report.seconds, report.nbytes / 2**30)
+                f"CUDA graphs for decode batch sizes {report.sizes} and prefill lengths up to "
+                f"{prefill_tokens} tokens took {report.nbytes / 2**30:.2f} GiB, over --graph-memory-gb "
+                f"{budget_bytes / 2**30:.2f}; raise --graph-memory-gb, or lower --max-batch or --prefill-graph-tokens")
+        log.info("captured CUDA graphs for decode batch sizes %s and %d prefill lengths (%s..%s tokens) in %.1f s "
+                 "(%.2f GiB)", report.sizes, len(lengths), lengths[0] if lengths else "-",
+                 lengths[-1] if lengths else "-", report.seconds, report.nbytes / 2**30)
         return report
 
     def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -184,10 +200,30 @@ class ModelRunner:
         seq.block_table = list(range(-(-n // self.cache.block_size)))
         return PrefillChunk(seq, 0, n)
 
+    def _captured(self, group: list[PrefillChunk]) -> torch.Tensor | None:
+        """A group that is one chunk starting a prompt with nothing cached, through a prefill
+        graph: the last token's logits [1, V] (empty [0, V] when the chunk does not end the
+        prompt); None where no graph applies."""
+        c = group[0]
+        if self.prefill_graphs is None or len(group) > 1 or c.start > 0:
+            return None
+        out = self.prefill_graphs.run(c.seq.token_ids[: c.end], c.seq.block_table)
+        if out is None:
+            return None
+        logits, hidden = out
+        c.seq.num_computed = c.end
+        if self.spec is not None:
+            self.spec.prefill_chunk(c.seq, 0, c.end, hidden)
+        return logits if c.last else logits[:0]
+
     @torch.inference_mode()
     def _prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
         logits = []
         for group in context_groups(chunks, PREFILL_CONTEXT_KEYS):
+            captured = self._captured(group)
+            if captured is not None:
+                logits.append(captured)
+                continue
             packed = pack_chunks(group, self.cache.block_size, self.device)
             out = self.model(packed.ids, packed.positions, self.cache, varlen=packed.varlen, logits_at=packed.last)
             for i, c in enumerate(group):

@@ -1,4 +1,5 @@
-"""CUDA-graph capture of the decode step, one graph per batch-size bucket.
+"""CUDA-graph capture of the decode step (one graph per batch-size bucket) and of whole-prompt
+prefills (one graph per token-count bucket).
 
 A decode step of the truncated V3 model is ~200 small kernels; launched from Python each costs
 more host time than its GPU time, so the step is captured once per bucket and replayed.  What a
@@ -12,23 +13,45 @@ captured step needs, and how it gets it:
 * no host syncs - TritonOps' decode path (MoE, routing, paged MLA) is sync-free; Triton kernels are
   compiled (and ``kv_b`` dequantized) by two warm-up steps before capture.
 
-Graphs share one memory pool; outputs are copied out before the next replay can reuse it.
+Graphs share one memory pool (the runner's decode and prefill graphs too: they replay on one
+stream); outputs are copied out before the next replay can reuse it.
 
 With ``mtp=True`` the captured step is the MTP layer's (:meth:`DecodeGraphs.run` then also takes
 the main model's hidden states), for speculative decoding's drafts.
+
+:class:`PrefillGraphs` captures the prefill of one prompt with nothing cached (positions 0..n-1,
+the cold prompt of an idle server, or the first chunk of a long one), padded to the next bucket:
+a prefill of 2,048 tokens is ~230 launches, ~1.8 ms of host gaps on a fast host and more on a
+slow one. Padding tokens come after the real ones, so causal attention keeps them out of every
+real row, and every other op is row-wise. Only prompts over 256 tokens take a graph: the
+kernels' activation precision changes at 256 rows (``gemm_config``, ``grouped_config``), so a
+shorter prompt padded past it would round differently from the same prompt run eagerly.
 """
 
 from __future__ import annotations
 
 import torch
 
+from model_host.transfer import upload
+
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+PREFILL_MIN_TOKENS = 257  # above the kernels' 256-row precision switch (module doc)
+PREFILL_STEP = 128  # bucket spacing: at most 127 padding tokens (12% at 1,024, 6% at 2,048)
+
+
+def prefill_buckets(max_tokens: int, max_positions: int, step: int = PREFILL_STEP) -> list[int]:
+    """Token counts to capture prompts at: multiples of ``step`` from the first above
+    :data:`PREFILL_MIN_TOKENS` through the first at or above ``max_tokens`` (the longest chunk
+    the scheduler forms), none past the model's positions."""
+    top = min(-(-max_tokens // step) * step, max_positions // step * step)
+    return list(range(-(-PREFILL_MIN_TOKENS // step) * step, top + 1, step))
 
 
 class DecodeGraphs:
     """Captured decode steps over a :class:`~model_host.engine.paged_cache.PagedLatentCache`."""
 
-    def __init__(self, model, cache, max_blocks_per_seq: int, buckets=BUCKETS, mtp: bool = False) -> None:
+    def __init__(self, model, cache, max_blocks_per_seq: int, buckets=BUCKETS, mtp: bool = False,
+                 pool=None) -> None:
         self.model, self.cache, self.mtp = model, cache, mtp
         self.buckets = sorted(buckets)
         bmax, dev = self.buckets[-1], model.device
@@ -38,7 +61,7 @@ class DecodeGraphs:
         self.hidden = torch.zeros(bmax, 1, model.cfg.hidden_size, dtype=model.dtype, device=dev) if mtp else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.pool = None
+        self.pool = pool  # a graph pool to share (the runner's prefill graphs'), or None
 
     def bucket(self, n: int) -> int | None:
         """Smallest captured batch size >= n (None: run eagerly)."""
@@ -102,3 +125,77 @@ class DecodeGraphs:
         self.graphs[b].replay()
         logits, out_hidden = self.outputs[b]
         return logits[:n].clone(), out_hidden[:n].clone()
+
+
+class PrefillGraphs:
+    """Captured prefills of one prompt with nothing cached, one graph per token bucket.
+
+    A prompt of n tokens runs as the bucket's b >= n: token ids 0 at positions n..b-1. Their
+    latents land in the rest of the prompt's last block (its own, never shared: nothing of the
+    prompt was cached, and a block is published only when full; decode overwrites those slots,
+    in order, before any row reads them) and past it in the cache's ``scratch_block``.
+    ``hidden=True`` also keeps the final-normed hidden states (the MTP layer drafts from them).
+    """
+
+    def __init__(self, model, cache, buckets, hidden: bool = False, pool=None) -> None:
+        self.model, self.cache = model, cache
+        self.buckets = sorted(buckets)
+        top, dev, bs = self.buckets[-1], model.device, cache.block_size
+        self.ids = torch.zeros(1, top, dtype=torch.long, device=dev)
+        self.pos = torch.arange(top, device=dev).view(1, top)
+        self.tables = torch.full((1, -(-top // bs)), cache.scratch_block, dtype=torch.long, device=dev)
+        self.last = torch.zeros(1, dtype=torch.long, device=dev)
+        # Filled inside the graph, outside its pool: one buffer for every bucket.
+        self.hidden = torch.zeros(1, top, model.cfg.hidden_size, dtype=model.dtype, device=dev) if hidden else None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.pool = pool
+
+    def bucket(self, n: int) -> int | None:
+        """Smallest captured token count >= n (None: too short or too long, run eagerly)."""
+        return next((b for b in self.buckets if b >= n), None) if n >= PREFILL_MIN_TOKENS else None
+
+    def _step(self, b: int) -> torch.Tensor:
+        self.cache.bind(self.tables[:, : -(-b // self.cache.block_size)])
+        out = self.model(self.ids[:, :b], self.pos[:, :b], self.cache, kv_len=b, logits_at=self.last)
+        if self.hidden is not None:
+            self.hidden[:, :b].copy_(out.hidden)
+        return out.logits[0]
+
+    def capture(self, b: int) -> None:
+        """Warm up on a side stream (compiles kernels), then capture into the shared pool."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(b)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.logits[b] = self._step(b)
+        self.pool = graph.pool()
+        self.graphs[b] = graph
+
+    def run(self, ids: list[int], table: list[int]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Prefill ``ids`` (positions 0..n-1) into the blocks of ``table``: (the last token's
+        logits [1, V], hidden states [n, D] or None), fresh tensors; None when no bucket fits."""
+        n = len(ids)
+        b = self.bucket(n)
+        if b is None:
+            return None
+        used = -(-n // self.cache.block_size)
+        flat = upload([*ids, *table[:used], n - 1], torch.long, self.ids.device)  # one copy in
+        self.ids[0, :n].copy_(flat[:n])
+        self.ids[0, n:b].zero_()
+        self.tables[0, :used].copy_(flat[n : n + used])
+        self.tables[0, used:].fill_(self.cache.scratch_block)
+        self.last.copy_(flat[-1:])
+        if self.ids.is_cuda:
+            if b not in self.graphs:
+                self.capture(b)
+            self.graphs[b].replay()
+            logits = self.logits[b]
+        else:  # no graphs off the GPU: the same padded forward, eagerly (what the CPU tests check)
+            logits = self._step(b)
+        hidden = self.hidden[0, :n].clone() if self.hidden is not None else None
+        return logits.clone(), hidden

@@ -65,7 +65,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "streaming hide behind the GPU (auto: on with CUDA graphs, off on the CPU, with "
                         "--speculative-tokens and under --tp)")
     p.add_argument("--graph-memory-gb", type=float, default=1.0,
-                   help="most GPU memory the decode CUDA graphs (one per batch size up to --max-batch) may take")
+                   help="most GPU memory the CUDA graphs may take: decode (one per batch size up to --max-batch) "
+                        "and whole-prompt prefills (one per 128 tokens up to --prefill-graph-tokens), in one pool")
+    p.add_argument("--prefill-graph-tokens", type=int, default=None,
+                   help="prompts of 257 to this many tokens with nothing cached prefill by replaying a CUDA graph "
+                        "of their length bucket (default: --max-prefill-tokens where decode steps are captured; "
+                        "0 = off)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (prefix-cache granularity)")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer <key> on /v1/*")
@@ -121,6 +126,7 @@ def _engine_config(args: argparse.Namespace, world: int = 1):
     return EngineConfig(max_batch=args.max_batch, kv_memory_gb=kv, block_size=args.block_size,
                         max_model_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens,
                         graph_memory_gb=args.graph_memory_gb, row_prefill_tokens=args.row_prefill_tokens,
+                        prefill_graph_tokens=args.prefill_graph_tokens,
                         speculative_tokens=args.speculative_tokens,
                         # Under TP the other ranks take their tokens from rank 0's plan, on the host.
                         overlap=False if world > 1 else {"auto": None, "on": True, "off": False}[args.overlap])

@@ -86,6 +86,45 @@ def test_default_kv_budget_comes_from_free_gpu_memory(tiny_fp8):
         torch.cuda.empty_cache()
 
 
+def _unexplained_flips(model, prompt: list[int], ref: list[int], out: list[int]) -> list[tuple[int, float]]:
+    """Where ``out`` leaves ``ref``: (position, the reference's top-2 gap in sd) unless that gap
+    is a near-tie (the prefill's regime allows more, as in the test below)."""
+    i = next((j for j, (a, b) in enumerate(zip(ref, out, strict=True)) if a != b), len(ref))
+    if i == len(ref):
+        return []
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + ref[:i]], device="cuda")).logits[0, -1].float()
+    top = logits.topk(2).values
+    gap = ((top[0] - top[1]) / logits.std()).item()
+    return [(i, round(gap, 4))] if gap >= (PREFILL_NEAR_TIE if i == 0 else NEAR_TIE) else []
+
+
+def test_cold_long_prompts_prefill_from_graphs_as_generate_does(tiny_fp8, monkeypatch):
+    """Prompts over 256 tokens with nothing cached replay the prefill graph of their length
+    bucket (a 1,500-token prompt: its first 1,024-token chunk, the rest eagerly after it), and
+    greedy decoding continues as generate() does for each prompt alone."""
+    model, tok = tiny_fp8
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(10, 1000, (n,), generator=g).tolist() for n in (300, 900, 1500)]
+    engine = Engine(model, tok, EngineConfig(max_batch=4, kv_memory_gb=0.05, max_prefill_tokens=1024,
+                                             max_model_len=4096))
+    try:
+        assert engine.graph_report.prefill_sizes == list(range(384, 1025, 128))
+        graphs, replayed = engine.runner.prefill_graphs, []
+        run = graphs.run
+        monkeypatch.setattr(graphs, "run", lambda ids, table: replayed.append(len(ids)) or run(ids, table))
+        outs = [engine.generate([p], params)[0].output_ids for p in prompts]
+    finally:
+        engine = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert replayed == [300, 900, 1024]
+    refs = [generate(model, tok, p, params).token_ids for p in prompts]
+    print(f"{sum(r == o for r, o in zip(refs, outs, strict=True))}/3 equal generate()")
+    assert all(not _unexplained_flips(model, p, r, o) for p, r, o in zip(prompts, refs, outs, strict=True))
+
+
 # rows=1: the decode rows fill the row budget (as at concurrency 128), so the prefix hits ride
 # only because they are cheaper absorbed, in eager steps larger than the 8 captured rows.
 # api-process: the routes reach the engine over the hub's socket, as under --api-processes.
