@@ -19,7 +19,7 @@ def server_facts(root: str, log: Path) -> dict:
         m = re.search(rf"^{name} ([0-9.eE+-]+)$", text, re.M)
         facts[name] = float(m.group(1)) if m else None
     facts["startup_log"] = [ln.strip() for ln in log.read_text().splitlines()
-                            if re.search(r"KV budget|KV cache|captured decode|warmed up|model built|HTTP:", ln)]
+                            if re.search(r"KV budget|KV cache|captured (decode|CUDA)|warmed up|model built|HTTP:", ln)]
     return facts
 
 
