@@ -56,7 +56,7 @@ class EngineConfig:
     max_prefill_tokens: int = 4096  # prompt tokens per step; running decodes wait for at most this many
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     cache_dtype: torch.dtype | None = None  # default: the model's dtype
-    graph_memory_gb: float = 1.0  # most GPU memory the CUDA graphs (decode and prefill) may take
+    graph_memory_gb: float = 4.0  # most GPU memory the CUDA graphs (decode and prefill) may take
     # Whole-prompt prefills (nothing cached) up to this many tokens replay CUDA graphs captured
     # at start-up by length bucket (0: off; None: up to max_prefill_tokens where decode is captured).
     prefill_graph_tokens: int | None = None

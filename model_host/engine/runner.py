@@ -140,6 +140,9 @@ class ModelRunner:
                 for b in sorted(sizes, reverse=True) if graphs is not None else ():
                     graphs.capture(b)
         torch.cuda.synchronize()
+        # The warm-ups before each capture ran outside the pools: hand their cached blocks back,
+        # so that what is measured is what the graphs keep.
+        torch.cuda.empty_cache()
         report = GraphReport(sorted(sizes), time.perf_counter() - t0,
                              free_before - torch.cuda.mem_get_info(self.device)[0], lengths)
         if report.nbytes > budget_bytes:
