@@ -4,14 +4,17 @@ it, packed prefill attention, and the kernels' launch tables as read-only data."
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
 from model_host.fp8 import Linear, block_dequantize, block_quantize
 from model_host.kernels.backend import TritonOps
-from model_host.kernels.tuning import load_tuning, mla_config, read_table, write_table
+from model_host.kernels.tuning import gpu_key, load_tuning, mla_config, read_table, write_table
 from model_host.ops import Ops, TorchOps
+
+TABLES = Path(__file__).resolve().parents[2] / "model_host" / "kernels" / "tables"
 
 
 def test_triton_ops_implement_the_whole_interface_and_fall_back_on_cpu(small_model):
@@ -68,7 +71,9 @@ def test_launch_tables_are_read_only_data(tmp_path):
     with pytest.raises(dataclasses.FrozenInstanceError):
         t.scaled_mm_min_m = 1
     assert load_tuning("NVIDIA A100-SXM4-80GB") == t  # no A100 table: the default one
-    assert load_tuning("NVIDIA H100 80GB HBM3").grouped_prefill != t.grouped_prefill  # its own table
+    # each card its own file (today the two hold the same values)
+    assert [gpu_key(g) for g in ("NVIDIA H100 80GB HBM3", "NVIDIA H200")] == ["h100", "h200"]
+    assert (TABLES / "h100.json").exists() and load_tuning("NVIDIA H100 80GB HBM3") == read_table(TABLES / "h100.json")
     tuned = dataclasses.replace(t, small_m={**t.small_m, "BLOCK_N": 32})
     path = write_table(tuned, tmp_path, "NVIDIA H100 80GB HBM3")
     assert path.name == "h100.json" and read_table(path) == tuned
