@@ -150,9 +150,9 @@ class ModelRunner:
                 f"CUDA graphs for decode batch sizes {report.sizes} and prefill lengths up to "
                 f"{prefill_tokens} tokens took {report.nbytes / 2**30:.2f} GiB, over --graph-memory-gb "
                 f"{budget_bytes / 2**30:.2f}; raise --graph-memory-gb, or lower --max-batch or --prefill-graph-tokens")
-        log.info("captured CUDA graphs for decode batch sizes %s and %d prefill lengths (%s..%s tokens) in %.1f s "
-                 "(%.2f GiB)", report.sizes, len(lengths), lengths[0] if lengths else "-",
-                 lengths[-1] if lengths else "-", report.seconds, report.nbytes / 2**30)
+        prefill = f"{len(lengths)} prefill lengths ({lengths[0]}..{lengths[-1]} tokens)" if lengths else "no prefill"
+        log.info("captured CUDA graphs for decode batch sizes %s and %s in %.1f s (%.2f GiB)",
+                 report.sizes, prefill, report.seconds, report.nbytes / 2**30)
         return report
 
     def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
