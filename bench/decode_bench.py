@@ -18,6 +18,7 @@ step does not depend on their values); prefill is 2048 tokens of one sequence in
     python3 bench/decode_bench.py --out $OUT          # full table (HF included)
     python3 bench/decode_bench.py --skip-hf --micro   # ours only, plus GEMM micro-benchmarks
     python3 bench/decode_bench.py --skip-hf --tune --out $OUT   # sweep; writes $OUT/tables/<gpu>.json
+    python3 bench/decode_bench.py --skip-hf --tune prefill      # only the grouped prefill launches
 """
 
 from __future__ import annotations
@@ -343,8 +344,9 @@ def main() -> None:
                     "with this GPU's table, alternating, on the same model")
     ap.add_argument("--micro", action="store_true", help="also run GEMM micro-benchmarks")
     ap.add_argument("--profile", action="store_true", help="top kernels of a bs1 decode step and a prefill")
-    ap.add_argument("--tune", action="store_true",
-                    help="sweep the launch table first (whole decode steps); writes OUT/tables/<gpu>.json and runs with it")
+    ap.add_argument("--tune", nargs="?", const="all", choices=("all", "decode", "prefill"),
+                    help="sweep the launch table first (decode: whole decode steps; prefill: the grouped prefill "
+                         "launches; default all); writes OUT/tables/<gpu>.json and runs with it")
     ap.add_argument("--check", action="store_true", help="per-module kernel vs torch-path errors")
     ap.add_argument("--gemv", action="store_true",
                     help="small-M GEMM launch sweep per decode linear shape; writes OUT/gemv/<gpu>.json")
@@ -384,7 +386,7 @@ def main() -> None:
     fl = linear_flops_per_token(model) * 2048
     tuning = None
     if args.tune:
-        tuning = decode_diag.tune(db, model, rig, res, args.out or Path("."))
+        tuning = decode_diag.tune(db, model, rig, res, args.out or Path("."), args.tune)
     if args.check:
         for b in (1, 8):  # bs1: the one-row GEMV path; bs8: the tensor-core tiles
             decode_diag.check_modules(db, model, rig, res, b=b)

@@ -70,8 +70,9 @@ def _set(t: Tuning, field: str, **kw) -> Tuning:
     return dataclasses.replace(t, **{field: {**getattr(t, field), **kw}})
 
 
-def tune(db, model, rig, res: dict, out: Path) -> Tuning:
-    """Sweep launch tables on this GPU; write the winner as ``out/tables/<gpu>.json``.
+def tune(db, model, rig, res: dict, out: Path, part: str = "all") -> Tuning:
+    """Sweep launch tables on this GPU (``part``: "decode", "prefill" or "all"); write the
+    winner as ``out/tables/<gpu>.json``.
 
     Decode is swept over whole captured steps (bs1 and bs8), not launch by launch: an isolated
     sweep of one launch once picked a setting that made the whole step 12% slower.  Stages:
@@ -79,8 +80,6 @@ def tune(db, model, rig, res: dict, out: Path) -> Tuning:
     warps/stages and split-K target, and the one-row GEMV on or off.  Prefill times the gated
     and the down grouped launches alone (large launches).
     """
-    from model_host.kernels import moe_grouped as mg
-    from model_host.kernels.fp8_linear import act_quant
     from model_host.kernels.graphs import DecodeGraphs
 
     prev = model.ops
@@ -113,6 +112,17 @@ def tune(db, model, rig, res: dict, out: Path) -> Tuning:
         return _set(best, field, **times[0][1])
 
     best = load_tuning()
+    if part in ("all", "decode"):
+        best = _tune_decode(best, sweep)
+    if part in ("all", "prefill"):
+        best = _tune_prefill(db, model, best, sweep)
+    path = write_table(best, out / "tables", torch.cuda.get_device_name())
+    res["tune/table"] = str(path)
+    db.log(f"tune: wrote {path} (copy it into model_host/kernels/tables/ to adopt it)")
+    return best
+
+
+def _tune_decode(best: Tuning, sweep) -> Tuning:
     best = sweep("decode-grouped", best, "grouped_decode",
                  [dict(num_warps=w, num_stages=st) for w in (4, 8) for st in (3, 4, 6)])
     best = sweep("decode-grouped-bn", best, "grouped_decode",
@@ -122,7 +132,12 @@ def tune(db, model, rig, res: dict, out: Path) -> Tuning:
                  [dict(BLOCK_N=bn, num_warps=w, num_stages=st, waves=wv) for bn, w, st, wv in
                   ((32, 4, 3, 8), (64, 4, 3, 8), (32, 4, 4, 8), (32, 4, 3, 4), (64, 4, 3, 2), (32, 4, 4, 2),
                    (128, 4, 4, 2), (64, 8, 4, 8))])
-    best = sweep("decode-gemv", best, "gemv", [dict(max_m=0), dict(max_m=1)])
+    return sweep("decode-gemv", best, "gemv", [dict(max_m=0), dict(max_m=1)])
+
+
+def _tune_prefill(db, model, best: Tuning, sweep) -> Tuning:
+    from model_host.kernels import moe_grouped as mg
+    from model_host.kernels.fp8_linear import act_quant
 
     moe = next(m.mlp for m in model.layers if hasattr(m.mlp, "experts"))
     gp, up, dp = moe.experts.gate_proj, moe.experts.up_proj, moe.experts.down_proj
@@ -162,11 +177,7 @@ def tune(db, model, rig, res: dict, out: Path) -> Tuning:
     opts = [dict(order=o, tma=t) for o in ("n", "tile", "expert") for t in (False, True)]
     best = sweep("prefill-order", best, "grouped_prefill", opts + [dict(order=o, fuse=True) for o in ("tile", "expert")],
                  gated_ms)
-    best = sweep("prefill_down-order", best, "grouped_prefill_down", opts, down_ms)
-    path = write_table(best, out / "tables", torch.cuda.get_device_name())
-    res["tune/table"] = str(path)
-    db.log(f"tune: wrote {path} (copy it into model_host/kernels/tables/ to adopt it)")
-    return best
+    return sweep("prefill_down-order", best, "grouped_prefill_down", opts, down_ms)
 
 
 @torch.no_grad()
