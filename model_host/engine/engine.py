@@ -87,6 +87,8 @@ class Engine:
         MTP drafter of speculative decoding: for tests and benchmarks only (an oracle that forces
         acceptance); the server never passes one."""
         cfg = model.cfg
+        if config.prefill_graph_tokens is not None and config.prefill_graph_tokens < 0:
+            raise ValueError(f"--prefill-graph-tokens must be >= 0 (0 = off), got {config.prefill_graph_tokens}")
         self.model, self.tokenizer, self.config = model, tokenizer, config
         dtype = config.cache_dtype or model.dtype
         layers = model.num_cache_layers

@@ -4,8 +4,10 @@ on the CPU; tests/gpu/test_model_gpu.py replays the captured graphs)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from model_host.engine.engine import Engine, EngineConfig
 from model_host.engine.paged_cache import PagedLatentCache
 from model_host.engine.runner import ModelRunner
 from model_host.engine.scheduler import PrefillChunk
@@ -66,3 +68,9 @@ def test_padded_prefill_equals_the_eager_prefill_at_every_real_position(tiny_mod
         seq.num_computed = 300
         steps.append(ModelRunner(model, cache, cuda_graphs=False).decode([seq]))
     torch.testing.assert_close(steps[1], steps[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_negative_prefill_graph_budget_is_refused_with_the_flag_named(tiny_model):
+    model, tok = tiny_model
+    with pytest.raises(ValueError, match=r"--prefill-graph-tokens must be >= 0 \(0 = off\), got -1"):
+        Engine(model, tok, EngineConfig(kv_memory_gb=0.01, prefill_graph_tokens=-1))
