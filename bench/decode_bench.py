@@ -403,21 +403,7 @@ def main() -> None:
         log(f"[{v} done in {time.perf_counter() - t0:.0f}s]")
     if args.ab_table:
         decode_diag.prefill_ab(db, model, rig, read_table(args.ab_table), tuning or load_tuning(), res)
-    for v in ("torch", "fp8-eager"):
-        if res.get(f"{v}/prefill2048"):
-            log(f"{v} prefill: FP8-linear {fl / res[f'{v}/prefill2048'] / 1e9:.0f} TFLOP/s ({fl / 1e12:.1f} TFLOP)")
-        if f"{v}/prefill_logits" in res and "torch/prefill_logits" in res and v != "torch":
-            a, r = res[f"{v}/prefill_logits"], res["torch/prefill_logits"]
-            log(f"check {v} vs torch-path logits (256-token prefill): rel err {((a - r).norm() / r.norm()).item():.4f}")
-    a, r = res.get("fp8-graph/prefill2048_logits"), res.get("fp8-graph/prefill2048_eager_logits")
-    if a is not None and r is not None:
-        log(f"check prefill graph vs eager logits (2048 tokens): rel err {((a - r).norm() / r.norm()).item():.5f}")
-    for v in ("fp8-eager", "fp8-graph"):
-        a, r = res.get(f"{v}/decode8_logits"), res.get("torch/decode8_logits")
-        if a is not None and r is not None:
-            agree = (a.argmax(-1) == r.argmax(-1)).float().mean().item()
-            log(f"check {v} vs torch-path decode logits (bs8, ctx {CTX}): rel err "
-                f"{((a - r).norm() / r.norm()).item():.4f}, argmax agreement {agree:.2f}")
+    decode_diag.log_checks(db, res, fl)
     if not args.skip_hf:
         try:
             hf, hcfg = build_hf(model)

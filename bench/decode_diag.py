@@ -315,3 +315,28 @@ def prefill_ab(db, model, rig, base: Tuning, tuning: Tuning, res: dict, rounds: 
         res[f"ab/{name}/prefill2048"] = statistics.median(ms)
     db.log("prefill2048 paired, baseline table vs this table (ms): "
            f"{' '.join(f'{m:.3f}' for m in times['baseline'])} vs {' '.join(f'{m:.3f}' for m in times['table'])}")
+
+
+def log_checks(db, res: dict, flops: float) -> None:
+    """The prefill's FP8-linear rate, and each variant's logits against the reference path's
+    (and the captured prefill's against the eager one's), from what the runs left in ``res``."""
+
+    def err(a, r) -> float:
+        return ((a - r).norm() / r.norm()).item()
+
+    for v in ("torch", "fp8-eager"):
+        if res.get(f"{v}/prefill2048"):
+            db.log(f"{v} prefill: FP8-linear {flops / res[f'{v}/prefill2048'] / 1e9:.0f} TFLOP/s "
+                   f"({flops / 1e12:.1f} TFLOP)")
+        if f"{v}/prefill_logits" in res and "torch/prefill_logits" in res and v != "torch":
+            db.log(f"check {v} vs torch-path logits (256-token prefill): rel err "
+                   f"{err(res[f'{v}/prefill_logits'], res['torch/prefill_logits']):.4f}")
+    a, r = res.get("fp8-graph/prefill2048_logits"), res.get("fp8-graph/prefill2048_eager_logits")
+    if a is not None and r is not None:
+        db.log(f"check prefill graph vs eager logits (2048 tokens): rel err {err(a, r):.5f}")
+    for v in ("fp8-eager", "fp8-graph"):
+        a, r = res.get(f"{v}/decode8_logits"), res.get("torch/decode8_logits")
+        if a is not None and r is not None:
+            agree = (a.argmax(-1) == r.argmax(-1)).float().mean().item()
+            db.log(f"check {v} vs torch-path decode logits (bs8, ctx {db.CTX}): rel err {err(a, r):.4f}, "
+                   f"argmax agreement {agree:.2f}")
