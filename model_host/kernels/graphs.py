@@ -47,6 +47,21 @@ def prefill_buckets(max_tokens: int, max_positions: int, step: int = PREFILL_STE
     return list(range(-(-PREFILL_MIN_TOKENS // step) * step, top + 1, step))
 
 
+def capture(step, pool):
+    """Run ``step`` twice on a side stream (compiles the kernels, fills the ops' weight caches),
+    then capture it into ``pool`` (None: a new one) -> (the graph, the outputs it writes)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = step()
+    return graph, out
+
+
 class DecodeGraphs:
     """Captured decode steps over a :class:`~model_host.engine.paged_cache.PagedLatentCache`."""
 
@@ -76,18 +91,8 @@ class DecodeGraphs:
         return out.logits[:, -1], out.hidden[:, -1]
 
     def capture(self, b: int) -> None:
-        """Warm up (compiles kernels, fills weight caches) on a side stream, then capture."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step(b)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.outputs[b] = self._step(b)
-        self.pool = graph.pool()
-        self.graphs[b] = graph
+        self.graphs[b], self.outputs[b] = capture(lambda: self._step(b), self.pool)
+        self.pool = self.graphs[b].pool()
 
     def load(self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
              hidden: torch.Tensor | None = None) -> int | None:
@@ -163,18 +168,8 @@ class PrefillGraphs:
         return out.logits[0]
 
     def capture(self, b: int) -> None:
-        """Warm up on a side stream (compiles kernels), then capture into the shared pool."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step(b)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.logits[b] = self._step(b)
-        self.pool = graph.pool()
-        self.graphs[b] = graph
+        self.graphs[b], self.logits[b] = capture(lambda: self._step(b), self.pool)
+        self.pool = self.graphs[b].pool()
 
     def run(self, ids: list[int], table: list[int]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """Prefill ``ids`` (positions 0..n-1) into the blocks of ``table``: (the last token's
