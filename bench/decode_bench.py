@@ -192,7 +192,9 @@ def run_ours(model, rig, variant: str, batches, res: dict, tuning=None) -> None:
     if variant not in ops:
         raise SystemExit(f"decode_bench: unknown variant {variant!r}; use one of {', '.join(ops)}")
     prev, model.ops = model.ops, ops[variant]()
-    graphs = DecodeGraphs(model, rig.cache, rig.per_row) if "graph" in variant else None
+    # One graph per measured batch: a batch past the engine's sizes (e.g. a riding step's 300
+    # rows) must be timed as captured, not fall through to nothing.
+    graphs = DecodeGraphs(model, rig.cache, rig.per_row, buckets=sorted(set(batches))) if "graph" in variant else None
     try:
         for b in batches:
             key = f"{variant}/decode{b}"
