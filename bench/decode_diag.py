@@ -331,9 +331,10 @@ def log_checks(db, res: dict, flops: float) -> None:
         if f"{v}/prefill_logits" in res and "torch/prefill_logits" in res and v != "torch":
             db.log(f"check {v} vs torch-path logits (256-token prefill): rel err "
                    f"{err(res[f'{v}/prefill_logits'], res['torch/prefill_logits']):.4f}")
-    a, r = res.get("fp8-graph/prefill2048_logits"), res.get("fp8-graph/prefill2048_eager_logits")
-    if a is not None and r is not None:
-        db.log(f"check prefill graph vs eager logits (2048 tokens): rel err {err(a, r):.5f}")
+    for n, what in ((2048, "2048 tokens"), (2000, "2000 tokens padded to 2048")):
+        a, r = res.get(f"fp8-graph/prefill{n}_logits"), res.get(f"fp8-graph/prefill{n}_eager_logits")
+        if a is not None and r is not None:
+            db.log(f"check prefill graph vs eager logits ({what}): rel err {err(a, r):.5f}")
     for v in ("fp8-eager", "fp8-graph"):
         a, r = res.get(f"{v}/decode8_logits"), res.get("torch/decode8_logits")
         if a is not None and r is not None:

@@ -162,7 +162,11 @@ def child(args) -> None:
         model = db.build_model(make_config("v3", layers=3, dense_layers=1, mtp=False, fp8=True))
         model.ops = TritonOps()  # what `model-host serve --device cuda` loads the model with
     build_s = time.perf_counter() - t0
-    bound = step_bound(model, plan, args.ctx, args.prefill_tokens)
+    from model_host.engine.engine import EngineConfig
+
+    graph_limit = EngineConfig(max_prefill_tokens=plan.max_prefill_tokens,
+                               prefill_graph_tokens=args.prefill_graph_tokens).prefill_graph_limit()
+    bound = step_bound(model, plan, args.ctx, args.prefill_tokens, graph_limit)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     bound["build_s"] = build_s
@@ -176,14 +180,16 @@ def child(args) -> None:
     serve(build(serve_args, model=model, tokenizer=Tokenizer(ckpt if args.quick else None)), serve_args)
 
 
-def step_bound(model, plan: Plan, ctx: int, prefill_tokens: int) -> dict:
+def step_bound(model, plan: Plan, ctx: int, prefill_tokens: int, graph_limit: int = 0) -> dict:
     """decode_bench's decode step (captured graph on the GPU, eager on the CPU) at each served
-    concurrency, at context `ctx`, over a paged cache of random latents; and one prefill."""
+    concurrency, at context `ctx`, over a paged cache of random latents; and one prefill, also
+    replayed from the server's prefill graph where the server would use one (prompts of 257 to
+    `graph_limit` tokens)."""
     import torch
 
     from model_host.engine.paged_cache import PagedLatentCache
     from model_host.engine.runner import graphs_supported
-    from model_host.kernels.graphs import DecodeGraphs
+    from model_host.kernels.graphs import PREFILL_MIN_TOKENS, DecodeGraphs, PrefillGraphs, prefill_buckets
 
     dev, cfg, page = model.device, model.cfg, plan.block_size
     per_row = -(-(ctx + 1) // page)
@@ -218,9 +224,7 @@ def step_bound(model, plan: Plan, ctx: int, prefill_tokens: int) -> dict:
             return model(ids, positions, cache, kv_len=prefill_tokens, last_only=True)
 
         out["prefill_ms"] = median_ms(prefill, 10 if dev.type == "cuda" else 2, dev.type == "cuda")
-        if graphs is not None:  # the server's whole-prompt prefill graph of the same prompt (padded)
-            from model_host.kernels.graphs import PrefillGraphs, prefill_buckets
-
+        if graphs is not None and PREFILL_MIN_TOKENS <= prefill_tokens <= graph_limit:  # as served (padded)
             pg = PrefillGraphs(model, cache, prefill_buckets(prefill_tokens, cfg.max_position_embeddings)[-1:],
                                pool=graphs.pool)
             host, blocks = ids[0].tolist(), table[0].tolist()

@@ -22,6 +22,7 @@ from model_host.engine.runner import ModelRunner, capture_sizes
 from model_host.engine.scheduler import Batch, PrefillChunk, Scheduler
 from model_host.engine.sequence import PENDING, Sequence
 from model_host.engine.speculative import SpeculativeDecoder
+from model_host.kernels.graphs import PREFILL_MIN_TOKENS
 from model_host.mla import absorb_is_cheaper
 from model_host.model import DeepseekV3
 from model_host.sampler import Sampler, SamplingParams
@@ -31,6 +32,7 @@ from model_host.transfer import download, upload
 
 log = logging.getLogger(__name__)
 ROW_PREFILL_TOKENS = 64  # EngineConfig.row_prefill_tokens where decode steps are graph-captured
+PREFILL_GRAPH_TOKENS = 4096  # EngineConfig.prefill_graph_tokens by default (at most max_prefill_tokens)
 
 
 class RequestError(ValueError):
@@ -56,9 +58,12 @@ class EngineConfig:
     max_prefill_tokens: int = 4096  # prompt tokens per step; running decodes wait for at most this many
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     cache_dtype: torch.dtype | None = None  # default: the model's dtype
-    graph_memory_gb: float = 4.0  # most GPU memory the CUDA graphs (decode and prefill) may take
-    # Whole-prompt prefills (nothing cached) up to this many tokens replay CUDA graphs captured
-    # at start-up by length bucket (0: off; None: up to max_prefill_tokens where decode is captured).
+    # Most GPU memory the CUDA graphs (decode and prefill, one pool) may take. None: 4 GiB with
+    # prefill graphs (1.85 GiB measured at V3's widths to 4,096 tokens, docs/benchmarks.md), else 1.
+    graph_memory_gb: float | None = None
+    # Whole-prompt prefills (nothing cached) of 257 up to this many tokens replay CUDA graphs
+    # captured at start-up by length bucket where decode steps are captured (0: off; None:
+    # max_prefill_tokens, at most PREFILL_GRAPH_TOKENS: the graphs' memory grows with it).
     prefill_graph_tokens: int | None = None
     speculative_tokens: int = 0  # MTP drafts verified per decode step (0 = off; needs the MTP layer)
     # A step of at most this many rows in all (its decode rows plus one row per prompt token)
@@ -74,6 +79,16 @@ class EngineConfig:
     # stop string) has one more row computed and dropped. None: on where decode steps are
     # graph-captured (on the CPU nothing runs asynchronously) and speculation is off.
     overlap: bool | None = None
+
+    def prefill_graph_limit(self) -> int:
+        """The longest prompt chunk a prefill graph is captured for (0: none)."""
+        n = self.prefill_graph_tokens
+        return min(n if n is not None else PREFILL_GRAPH_TOKENS, self.max_prefill_tokens)
+
+    def graph_budget_gb(self) -> float:
+        if self.graph_memory_gb is not None:
+            return self.graph_memory_gb
+        return 4.0 if self.prefill_graph_limit() >= PREFILL_MIN_TOKENS else 1.0
 
 
 RunnerFactory = Callable[[DeepseekV3, PagedLatentCache], ModelRunner]
@@ -92,7 +107,7 @@ class Engine:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         dtype = config.cache_dtype or model.dtype
         layers = model.num_cache_layers
-        self.kv_plan = plan_kv(model, config.kv_memory_gb, config.max_prefill_tokens, config.graph_memory_gb,
+        self.kv_plan = plan_kv(model, config.kv_memory_gb, config.max_prefill_tokens, config.graph_budget_gb(),
                                config.max_batch)
         num_blocks = PagedLatentCache.blocks_for_budget(
             self.kv_plan.kv_bytes, layers, config.block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)
@@ -117,12 +132,10 @@ class Engine:
         rows = config.row_prefill_tokens
         self.row_tokens = 0 if k else (rows if rows is not None else ROW_PREFILL_TOKENS * self.runner.graphs_enabled)
         self.max_rows = max(config.max_batch * (k + 1), self.row_tokens)
-        prefill_graphs = (config.prefill_graph_tokens if config.prefill_graph_tokens is not None
-                          else config.max_prefill_tokens)
         self.graph_report = self.runner.capture_graphs(capture_sizes(self.max_rows),
-                                                       int(config.graph_memory_gb * 2**30),
+                                                       int(config.graph_budget_gb() * 2**30),
                                                        self.blocks.blocks_needed(self.max_model_len + 1 + k),
-                                                       min(prefill_graphs, config.max_prefill_tokens, self.max_model_len))
+                                                       min(config.prefill_graph_limit(), self.max_model_len))
         self.warmup_seconds = self._warm_up_prefill() if self.runner.graphs_enabled else 0.0
         self.by_id: dict[int, Sequence] = {}
         if config.overlap and not self.runner.device_tokens:

@@ -122,6 +122,7 @@ class ModelRunner:
         from model_host.kernels.graphs import DecodeGraphs, PrefillGraphs, prefill_buckets
 
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # measured against the driver's free memory on both sides
         free_before = torch.cuda.mem_get_info(self.device)[0]
         t0 = time.perf_counter()
         lengths = prefill_buckets(prefill_tokens, self.model.cfg.max_position_embeddings) if prefill_tokens else []
@@ -178,7 +179,7 @@ class ModelRunner:
         on this rank alone: under tensor parallelism every rank calls it at start-up with the
         same lengths, so the collectives inside line up (as graph capture does)."""
         for n in lengths:
-            self._prefill([self._scratch(n)])
+            self._prefill([self._scratch(n)], graphs=False)  # the eager packed path is what compiles
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -220,10 +221,10 @@ class ModelRunner:
         return logits if c.last else logits[:0]
 
     @torch.inference_mode()
-    def _prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
+    def _prefill(self, chunks: list[PrefillChunk], graphs: bool = True) -> torch.Tensor:
         logits = []
         for group in context_groups(chunks, PREFILL_CONTEXT_KEYS):
-            captured = self._captured(group)
+            captured = self._captured(group) if graphs else None
             if captured is not None:
                 logits.append(captured)
                 continue

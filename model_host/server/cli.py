@@ -64,15 +64,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="queue step n+1 on the GPU before reading step n's tokens, so detokenizing and "
                         "streaming hide behind the GPU (auto: on with CUDA graphs, off on the CPU, with "
                         "--speculative-tokens and under --tp)")
-    p.add_argument("--graph-memory-gb", type=float, default=4.0,
+    p.add_argument("--graph-memory-gb", type=float, default=None,
                    help="most GPU memory the CUDA graphs may take: decode (one per batch size up to --max-batch) "
                         "and whole-prompt prefills (one per 128 tokens up to --prefill-graph-tokens), in one pool "
-                        "(default 4: at V3's widths, decode to 192 rows and prefill to 4,096 tokens took 1.85 GiB "
-                        "on an H200)")
+                        "(default 4 with prefill graphs: at V3's widths, decode to 192 rows and prefill to 4,096 "
+                        "tokens took 1.85 GiB on an H200; 1 without)")
     p.add_argument("--prefill-graph-tokens", type=int, default=None,
                    help="prompts of 257 to this many tokens with nothing cached prefill by replaying a CUDA graph "
-                        "of their length bucket (default: --max-prefill-tokens where decode steps are captured; "
-                        "0 = off)")
+                        "of their length bucket, where decode steps are captured (default: --max-prefill-tokens, "
+                        "at most 4096; 0 = off)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (prefix-cache granularity)")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer <key> on /v1/*")

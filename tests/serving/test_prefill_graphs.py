@@ -74,3 +74,17 @@ def test_a_negative_prefill_graph_budget_is_refused_with_the_flag_named(tiny_mod
     model, tok = tiny_model
     with pytest.raises(ValueError, match=r"--prefill-graph-tokens must be >= 0 \(0 = off\), got -1"):
         Engine(model, tok, EngineConfig(kv_memory_gb=0.01, prefill_graph_tokens=-1))
+
+
+def test_prefill_graph_limit_and_graph_budget_defaults():
+    """Prefill graphs to --max-prefill-tokens, at most 4,096 (their pool grows with the length);
+    the graph budget is 4 GiB with them and the old 1 GiB without, unless given."""
+    assert EngineConfig().prefill_graph_limit() == 4096 and EngineConfig().graph_budget_gb() == 4.0
+    assert EngineConfig(max_prefill_tokens=16384).prefill_graph_limit() == 4096
+    assert EngineConfig(max_prefill_tokens=2048).prefill_graph_limit() == 2048
+    assert EngineConfig(max_prefill_tokens=2048, prefill_graph_tokens=8192).prefill_graph_limit() == 2048
+    assert EngineConfig(max_prefill_tokens=16384, prefill_graph_tokens=8192).prefill_graph_limit() == 8192
+    off = EngineConfig(prefill_graph_tokens=0)
+    assert off.prefill_graph_limit() == 0 and off.graph_budget_gb() == 1.0
+    assert EngineConfig(max_prefill_tokens=256).graph_budget_gb() == 1.0  # nothing over 256 tokens to capture
+    assert EngineConfig(graph_memory_gb=2.5).graph_budget_gb() == 2.5
