@@ -88,3 +88,20 @@ def test_prefill_graph_limit_and_graph_budget_defaults():
     assert off.prefill_graph_limit() == 0 and off.graph_budget_gb() == 1.0
     assert EngineConfig(max_prefill_tokens=256).graph_budget_gb() == 1.0  # nothing over 256 tokens to capture
     assert EngineConfig(graph_memory_gb=2.5).graph_budget_gb() == 2.5
+
+
+def test_warm_up_runs_the_eager_packed_path_and_serving_the_graphs(tiny_model, monkeypatch):
+    """Start-up warm-up exists to compile the eager packed prefill (which still serves chunks
+    after a cached prefix and several prompts packed together): it must not be answered by the
+    prefill graphs, which requests of the same length do replay."""
+    model, _ = tiny_model
+    cache = _cache(model)
+    runner = ModelRunner(model, cache, cuda_graphs=False)
+    runner.prefill_graphs = PrefillGraphs(model, cache, [384])  # as capture_graphs() sets it on a GPU
+    replayed = []
+    run = runner.prefill_graphs.run
+    monkeypatch.setattr(runner.prefill_graphs, "run", lambda ids, table: replayed.append(len(ids)) or run(ids, table))
+    runner.warm_up([300])
+    assert replayed == []
+    runner.prefill([PrefillChunk(_seq(list(range(3, 303)), list(range(38))), 0, 300)])
+    assert replayed == [300]
