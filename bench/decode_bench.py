@@ -47,6 +47,7 @@ from model_host.moe import Gate  # noqa: E402
 from model_host.ops import TorchOps  # noqa: E402
 
 CTX, PAGE = 512, 64
+RIDING_FROM = 128  # batches wider than this are timed as riding steps (kept rows only)
 DEVICE = "cuda"  # the smoke test in tests/gpu points this at the CPU
 
 
@@ -125,9 +126,10 @@ class Rig:
         tables = torch.arange(b * self.per_row, device=DEVICE).view(b, self.per_row)
         return ids, pos, tables
 
-    def eager_step(self, ids, pos, tables):
+    def eager_step(self, ids, pos, tables, at=None):
+        """Logits of every row, or of rows ``at`` only (a riding step's kept rows)."""
         self.cache.bind(tables)
-        return self.model(ids, pos, self.cache, kv_len=CTX + 1, last_only=True).logits
+        return self.model(ids, pos, self.cache, kv_len=CTX + 1, last_only=at is None, logits_at=at).logits
 
     def prefill(self, ids):
         n = ids.shape[1]
@@ -192,18 +194,21 @@ def run_ours(model, rig, variant: str, batches, res: dict, tuning=None) -> None:
     if variant not in ops:
         raise SystemExit(f"decode_bench: unknown variant {variant!r}; use one of {', '.join(ops)}")
     prev, model.ops = model.ops, ops[variant]()
-    # One graph per measured batch: a batch past the engine's sizes (e.g. a riding step's 300
-    # rows) must be timed as captured, not fall through to nothing.
-    graphs = DecodeGraphs(model, rig.cache, rig.per_row, buckets=sorted(set(batches))) if "graph" in variant else None
+    # One graph per measured batch. Past RIDING_FROM rows a batch is timed as the engine runs a
+    # riding step (prompt chunks as rows): logits of RIDING_FROM kept rows only, eager or captured.
+    decode = sorted({b for b in batches if b <= RIDING_FROM} | {RIDING_FROM})
+    riding = sorted({b for b in batches if b > RIDING_FROM})
+    graphs = DecodeGraphs(model, rig.cache, rig.per_row, buckets=decode, riding=riding) if "graph" in variant else None
     try:
         for b in batches:
             key = f"{variant}/decode{b}"
             try:
                 ids, pos, tables = rig.decode_inputs(b)
+                at = torch.arange(RIDING_FROM, device=DEVICE) if b > RIDING_FROM else None
                 if graphs is not None:
-                    fn = lambda ids=ids, pos=pos, t=tables, g=graphs: g.run(ids.view(-1), pos.view(-1), t)  # noqa: E731
+                    fn = lambda ids=ids, pos=pos, t=tables, g=graphs, at=at: g.run(ids.view(-1), pos.view(-1), t, at)  # noqa: E731
                 else:
-                    fn = lambda ids=ids, pos=pos, t=tables: rig.eager_step(ids, pos, t)  # noqa: E731
+                    fn = lambda ids=ids, pos=pos, t=tables, at=at: rig.eager_step(ids, pos, t, at)  # noqa: E731
                 res[key] = gpu_ms(fn, iters=5 if variant == "torch" else 50)
                 log(f"{key}: {res[key]:.3f} ms")
                 if b == 8:  # accuracy of the decode step at real widths (vs the torch path)

@@ -7,7 +7,6 @@ for the HTTP server.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from model_host.engine.block_manager import BlockManager
+from model_host.engine.config import ROW_PREFILL_TOKENS, EngineConfig
 from model_host.engine.memory import plan_kv
 from model_host.engine.outputs import Launched, StepOutput, StepTiming, TokenLogprob, logprob_rows
 from model_host.engine.paged_cache import PagedLatentCache
@@ -22,7 +22,7 @@ from model_host.engine.runner import ModelRunner, capture_sizes
 from model_host.engine.scheduler import Batch, PrefillChunk, Scheduler
 from model_host.engine.sequence import PENDING, Sequence
 from model_host.engine.speculative import SpeculativeDecoder
-from model_host.kernels.graphs import PREFILL_MIN_TOKENS
+from model_host.kernels.graphs import riding_buckets
 from model_host.mla import absorb_is_cheaper
 from model_host.model import DeepseekV3
 from model_host.sampler import Sampler, SamplingParams
@@ -31,8 +31,6 @@ from model_host.tokenizer import Tokenizer
 from model_host.transfer import download, upload
 
 log = logging.getLogger(__name__)
-ROW_PREFILL_TOKENS = 64  # EngineConfig.row_prefill_tokens where decode steps are graph-captured
-PREFILL_GRAPH_TOKENS = 4096  # EngineConfig.prefill_graph_tokens by default (at most max_prefill_tokens)
 
 
 class RequestError(ValueError):
@@ -50,60 +48,20 @@ def check_request(prompt_len: int, max_tokens: int, max_model_len: int) -> None:
             f"shorten the prompt or lower max_tokens")
 
 
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    max_batch: int = 16
-    kv_memory_gb: float | None = None  # default: measured on a GPU (engine/memory.py), 1 GiB on the CPU
-    block_size: int = 16
-    max_prefill_tokens: int = 4096  # prompt tokens per step; running decodes wait for at most this many
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    cache_dtype: torch.dtype | None = None  # default: the model's dtype
-    # Most GPU memory the CUDA graphs (decode and prefill, one pool) may take. None: 4 GiB with
-    # prefill graphs (1.85 GiB measured at V3's widths to 4,096 tokens, docs/benchmarks.md), else 1.
-    graph_memory_gb: float | None = None
-    # Whole-prompt prefills (nothing cached) of 257 up to this many tokens replay CUDA graphs
-    # captured at start-up by length bucket where decode steps are captured (0: off; None:
-    # max_prefill_tokens, at most PREFILL_GRAPH_TOKENS: the graphs' memory grows with it).
-    prefill_graph_tokens: int | None = None
-    speculative_tokens: int = 0  # MTP drafts verified per decode step (0 = off; needs the MTP layer)
-    # A step of at most this many rows in all (its decode rows plus one row per prompt token)
-    # runs its prompt chunks as rows of the decode step instead of a separate eager prefill
-    # forward: a RAG prompt whose prefix is cached owes a few dozen tokens, and the decode step
-    # is a replayed CUDA graph. Capped by rows, not prompt tokens: at 128 decode rows, 64 more
-    # rows made every step dearer than the prefill forward they saved (docs/benchmarks.md).
-    # None: 64 where decode steps are graph-captured, else 0 (eagerly a row costs an LM-head row).
-    row_prefill_tokens: int | None = None
-    # Overlapped steps: step n+1 is scheduled and queued on the GPU (its decode rows read step
-    # n's tokens there) before the host reads step n's tokens, detokenizes and streams them, so
-    # that host work hides behind the GPU's. The price: a request that stops on a token (EOS, a
-    # stop string) has one more row computed and dropped. None: on where decode steps are
-    # graph-captured (on the CPU nothing runs asynchronously) and speculation is off.
-    overlap: bool | None = None
-
-    def prefill_graph_limit(self) -> int:
-        """The longest prompt chunk a prefill graph is captured for (0: none)."""
-        n = self.prefill_graph_tokens
-        return min(n if n is not None else PREFILL_GRAPH_TOKENS, self.max_prefill_tokens)
-
-    def graph_budget_gb(self) -> float:
-        if self.graph_memory_gb is not None:
-            return self.graph_memory_gb
-        return 4.0 if self.prefill_graph_limit() >= PREFILL_MIN_TOKENS else 1.0
-
-
 RunnerFactory = Callable[[DeepseekV3, PagedLatentCache], ModelRunner]
 
 
 class Engine:
-    def __init__(self, model: DeepseekV3, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
+    def __init__(self, model: DeepseekV3, tokenizer: Tokenizer, config: EngineConfig | None = None,
                  runner: RunnerFactory = ModelRunner, drafter=None):
         """``runner`` builds the model runner over the engine's cache (tensor-parallel rank 0
         passes one that broadcasts each forward to the other ranks).  ``drafter`` replaces the
         MTP drafter of speculative decoding: for tests and benchmarks only (an oracle that forces
         acceptance); the server never passes one."""
-        cfg = model.cfg
-        if config.prefill_graph_tokens is not None and config.prefill_graph_tokens < 0:
-            raise ValueError(f"--prefill-graph-tokens must be >= 0 (0 = off), got {config.prefill_graph_tokens}")
+        cfg, config = model.cfg, config or EngineConfig()
+        for flag, n in (("prefill-graph-tokens", config.prefill_graph_tokens), ("riding-graph-rows", config.riding_graph_rows)):
+            if n is not None and n < 0:
+                raise ValueError(f"--{flag} must be >= 0 (0 = off), got {n}")
         self.model, self.tokenizer, self.config = model, tokenizer, config
         dtype = config.cache_dtype or model.dtype
         layers = model.num_cache_layers
@@ -132,10 +90,13 @@ class Engine:
         rows = config.row_prefill_tokens
         self.row_tokens = 0 if k else (rows if rows is not None else ROW_PREFILL_TOKENS * self.runner.graphs_enabled)
         self.max_rows = max(config.max_batch * (k + 1), self.row_tokens)
+        # Riding steps past the decode sizes, captured by 128 rows (no riding with speculation).
+        self.riding_rows = riding_buckets(self.max_rows, config.riding_graph_limit()) if self.row_tokens else []
         self.graph_report = self.runner.capture_graphs(capture_sizes(self.max_rows),
                                                        int(config.graph_budget_gb() * 2**30),
                                                        self.blocks.blocks_needed(self.max_model_len + 1 + k),
-                                                       min(config.prefill_graph_limit(), self.max_model_len))
+                                                       min(config.prefill_graph_limit(), self.max_model_len),
+                                                       self.riding_rows)
         self.warmup_seconds = self._warm_up_prefill() if self.runner.graphs_enabled else 0.0
         self.by_id: dict[int, Sequence] = {}
         if config.overlap and not self.runner.device_tokens:
@@ -165,14 +126,16 @@ class Engine:
         lengths = [n for n in lengths if self.blocks.blocks_needed(n) <= self.blocks.num_blocks]
         self.runner.warm_up(lengths)
         if self.row_tokens:
-            # Prefix-hit chunks past the captured sizes ride as eager decode steps. Their GEMMs are
-            # the packed prefill's, compiled above; the paged attention's variants follow pointer
-            # alignment (an odd row count: compiled mid-run at c=32 before this, ~1 s of TTFT
-            # p99), divisibility, and the KV split count, which falls with the rows up to 264
-            # (num_splits_for; past the captured sizes with few heads a rank). So every row count
-            # to 512 (at least 16 past the captured sizes); more rows add only start-up time.
-            last = min(max(512, self.max_rows + 16), top + self.config.max_batch)
-            self.runner.warm_up_rows([n for n in range(self.max_rows + 1, last + 1)
+            # Prefix-hit chunks past the captured sizes (riding graphs included) ride as eager
+            # decode steps. Their GEMMs are the packed prefill's, compiled above; the paged
+            # attention's variants follow pointer alignment (an odd row count: compiled mid-run at
+            # c=32 before this, ~1 s of TTFT p99), divisibility, and the KV split count, which
+            # falls with the rows up to 264 (num_splits_for; past the captured sizes with few
+            # heads a rank). So every row count to 512 (at least 16 past the captured sizes);
+            # more rows add only start-up time.
+            captured = max([self.max_rows, *self.riding_rows])
+            last = min(max(512, captured + 16), top + self.config.max_batch)
+            self.runner.warm_up_rows([n for n in range(captured + 1, last + 1)
                                       if self.blocks.blocks_needed(n) <= self.blocks.num_blocks], self.max_model_len)
         seconds = time.perf_counter() - t0
         log.info("warmed up packed prefill at %d lengths (1..%d tokens), and riding rows, in %.1f s",

@@ -3,7 +3,8 @@
 On CUDA with the model on the GPU kernels (``model.ops`` a ``TritonOps``), decode steps
 run through the paged MLA kernel and are replayed from CUDA graphs captured at start-up for
 every batch size the scheduler can produce (:meth:`ModelRunner.capture_graphs`); a batch is
-padded up to the next captured size. All prefill chunks of a step run as one packed (varlen)
+padded up to the next captured size. So are steps that prompt chunks ride as rows, up to
+``--riding-graph-rows`` rows (those graphs compute logits only for the rows kept). All prefill chunks of a step run as one packed (varlen)
 forward, eagerly (:mod:`model_host.engine.packing`), except a step whose one chunk starts a
 prompt with nothing cached: that one replays a prefill graph of its length bucket
 (:class:`~model_host.kernels.graphs.PrefillGraphs`).
@@ -79,6 +80,7 @@ class GraphReport:
     seconds: float
     nbytes: int
     prefill_sizes: list[int] = dataclasses.field(default_factory=list)
+    riding_sizes: list[int] = dataclasses.field(default_factory=list)
 
 
 class ModelRunner:
@@ -110,10 +112,11 @@ class ModelRunner:
         return self.graphs is not None
 
     def capture_graphs(self, sizes: list[int], budget_bytes: int, max_blocks_per_seq: int,
-                       prefill_tokens: int = 0) -> GraphReport | None:
+                       prefill_tokens: int = 0, riding: list[int] = ()) -> GraphReport | None:
         """Capture whole-prompt prefills up to ``prefill_tokens`` tokens (0: none) by length
         bucket, then the decode step (and, with speculation, the MTP layer's step) for each batch
-        size, for block tables up to ``max_blocks_per_seq`` wide. Largest first, all into one
+        size and riding steps of ``riding`` rows (prompt chunks as decode rows, past ``sizes``),
+        for block tables up to ``max_blocks_per_seq`` wide. Largest first, all into one
         memory pool: each graph reuses what the larger ones took. Raises if the graphs take more
         than ``budget_bytes`` of GPU memory. Under tensor parallelism every rank builds the same
         engine, so every rank captures the same sizes in the same order."""
@@ -132,28 +135,31 @@ class ModelRunner:
             for n in reversed(lengths):
                 self.prefill_graphs.capture(n)
         pool = self.prefill_graphs.pool if self.prefill_graphs is not None else None
-        self.graphs = DecodeGraphs(self.model, self.cache, max_blocks_per_seq, buckets=sizes, pool=pool)
+        self.graphs = DecodeGraphs(self.model, self.cache, max_blocks_per_seq, buckets=sizes, pool=pool,
+                                   riding=riding)
         self.block_tables = DeviceBlockTables(max_blocks_per_seq, self.device)  # the graphs' width
         if self.spec is not None:
             self.mtp_graphs = DecodeGraphs(self.model, self.cache, max_blocks_per_seq, buckets=sizes, mtp=True)
         with torch.inference_mode():
             for graphs in (self.graphs, self.mtp_graphs):
-                for b in sorted(sizes, reverse=True) if graphs is not None else ():
+                for b in reversed(graphs.buckets) if graphs is not None else ():
                     graphs.capture(b)
         torch.cuda.synchronize()
         # The warm-ups before each capture ran outside the pools: hand their cached blocks back,
         # so that what is measured is what the graphs keep.
         torch.cuda.empty_cache()
         report = GraphReport(sorted(sizes), time.perf_counter() - t0,
-                             free_before - torch.cuda.mem_get_info(self.device)[0], lengths)
+                             free_before - torch.cuda.mem_get_info(self.device)[0], lengths, list(riding))
         if report.nbytes > budget_bytes:
             raise ValueError(
-                f"CUDA graphs for decode batch sizes {report.sizes} and prefill lengths up to "
-                f"{prefill_tokens} tokens took {report.nbytes / 2**30:.2f} GiB, over --graph-memory-gb "
-                f"{budget_bytes / 2**30:.2f}; raise --graph-memory-gb, or lower --max-batch or --prefill-graph-tokens")
+                f"CUDA graphs for decode batch sizes {report.sizes}, riding steps up to {max(riding, default=0)} "
+                f"rows and prefill lengths up to {prefill_tokens} tokens took {report.nbytes / 2**30:.2f} GiB, "
+                f"over --graph-memory-gb {budget_bytes / 2**30:.2f}; raise --graph-memory-gb, or lower "
+                "--max-batch, --riding-graph-rows or --prefill-graph-tokens")
         prefill = f"{len(lengths)} prefill lengths ({lengths[0]}..{lengths[-1]} tokens)" if lengths else "no prefill"
-        log.info("captured CUDA graphs for decode batch sizes %s and %s in %.1f s (%.2f GiB)",
-                 report.sizes, prefill, report.seconds, report.nbytes / 2**30)
+        rows = f"riding steps of {riding[0]}..{riding[-1]} rows" if riding else "no riding steps"
+        log.info("captured CUDA graphs for decode batch sizes %s, %s and %s in %.1f s (%.2f GiB)",
+                 report.sizes, rows, prefill, report.seconds, report.nbytes / 2**30)
         return report
 
     def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -276,10 +282,8 @@ class ModelRunner:
             ids_t.view(-1).index_copy_(0, flat[2 * n : f], fill[2][flat[f : f + len(src)]])
         tables = self._tables(row_seqs)
         at = flat[f + len(src) :] if picked else None
-        logits = self.graphs.run(ids_t, pos_t, tables) if self.graphs is not None else None
-        if logits is not None:
-            logits = logits[at] if picked else logits
-        else:  # no graphs (CPU, or MODEL_HOST_CUDA_GRAPHS=0), or no bucket fits: eager, logits of kept rows only
+        logits = self.graphs.run(ids_t, pos_t, tables, at) if self.graphs is not None else None
+        if logits is None:  # no graphs (CPU, or MODEL_HOST_CUDA_GRAPHS=0), or no bucket fits: eager, logits of kept rows only
             self.cache.bind(tables)
             out = self.model(ids_t, pos_t, self.cache, kv_len=max(pos) + 1, last_only=not picked, logits_at=at)
             logits = out.logits[0] if picked else out.logits[:, -1]

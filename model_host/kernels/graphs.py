@@ -16,6 +16,11 @@ captured step needs, and how it gets it:
 Graphs share one memory pool (the runner's decode and prefill graphs too: they replay on one
 stream); outputs are copied out before the next replay can reuse it.
 
+Riding steps (prompt chunks as rows of the decode step, past the decode sizes) take row buckets
+of their own (:func:`riding_buckets`): there a step's rows outnumber its sequences, so those
+graphs compute logits only for a static index of kept rows (one per sequence, at most the widest
+decode bucket's) into one buffer shared by all of them, not [rows, vocab] fp32 per graph.
+
 With ``mtp=True`` the captured step is the MTP layer's (:meth:`DecodeGraphs.run` then also takes
 the main model's hidden states), for speculative decoding's drafts.
 
@@ -37,6 +42,7 @@ from model_host.transfer import upload
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 PREFILL_MIN_TOKENS = 257  # above the kernels' 256-row precision switch (module doc)
 PREFILL_STEP = 128  # bucket spacing: at most 127 padding tokens (12% at 1,024, 6% at 2,048)
+RIDING_STEP = 128  # riding-step buckets: their steps read nearly every expert, so rows are cheap
 
 
 def prefill_buckets(max_tokens: int, max_positions: int, step: int = PREFILL_STEP) -> list[int]:
@@ -45,6 +51,17 @@ def prefill_buckets(max_tokens: int, max_positions: int, step: int = PREFILL_STE
     the scheduler forms), none past the model's positions."""
     top = min(-(-max_tokens // step) * step, max_positions // step * step)
     return list(range(-(-PREFILL_MIN_TOKENS // step) * step, top + 1, step))
+
+
+def riding_buckets(decode_rows: int, max_rows: int) -> list[int]:
+    """Row counts to capture riding steps at, past the widest decode bucket ``decode_rows``
+    through the first at or above ``max_rows``: multiples of :data:`RIDING_STEP`, 256 first
+    where the decode buckets stop short of it (so no bucket spans the kernels' 256-row
+    precision switch, as for prefill)."""
+    if max_rows <= decode_rows:
+        return []
+    first = 256 if decode_rows < 256 else (decode_rows // RIDING_STEP + 1) * RIDING_STEP
+    return list(range(first, max(first, -(-max_rows // RIDING_STEP) * RIDING_STEP) + 1, RIDING_STEP))
 
 
 def capture(step, pool):
@@ -66,14 +83,20 @@ class DecodeGraphs:
     """Captured decode steps over a :class:`~model_host.engine.paged_cache.PagedLatentCache`."""
 
     def __init__(self, model, cache, max_blocks_per_seq: int, buckets=BUCKETS, mtp: bool = False,
-                 pool=None) -> None:
+                 pool=None, riding: list[int] = ()) -> None:
+        """``riding``: row buckets past ``buckets`` whose steps compute logits only for kept rows
+        (at most ``max(buckets)``: one per sequence), see :func:`riding_buckets`."""
         self.model, self.cache, self.mtp = model, cache, mtp
-        self.buckets = sorted(buckets)
+        self.buckets = sorted([*buckets, *riding])
+        self.kept = max(buckets) if riding else None  # buckets above this keep rows `keep` only
         bmax, dev = self.buckets[-1], model.device
         self.ids = torch.zeros(bmax, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(bmax, 1, dtype=torch.long, device=dev)
         self.tables = torch.full((bmax, max_blocks_per_seq), cache.scratch_block, dtype=torch.long, device=dev)
         self.hidden = torch.zeros(bmax, 1, model.cfg.hidden_size, dtype=model.dtype, device=dev) if mtp else None
+        if riding:  # filled inside the riding graphs, outside their pool: one buffer for all of them
+            self.keep = torch.zeros(self.kept, dtype=torch.long, device=dev)
+            self.kept_logits = torch.zeros(self.kept, model.cfg.vocab_size, dtype=torch.float32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.pool = pool  # a graph pool to share (the runner's prefill graphs'), or None
@@ -82,12 +105,19 @@ class DecodeGraphs:
         """Smallest captured batch size >= n (None: run eagerly)."""
         return next((b for b in self.buckets if b >= n), None)
 
-    def _step(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _riding(self, b: int) -> bool:
+        return self.kept is not None and b > self.kept
+
+    def _step(self, b: int, kv_len: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         self.cache.bind(self.tables[:b])
         if self.mtp:
-            out = self.model.mtp_forward(self.ids[:b], self.hidden[:b], self.pos[:b], self.cache, kv_len=1)
+            out = self.model.mtp_forward(self.ids[:b], self.hidden[:b], self.pos[:b], self.cache, kv_len=kv_len)
+        elif self._riding(b):
+            out = self.model(self.ids[:b], self.pos[:b], self.cache, kv_len=kv_len, logits_at=self.keep)
+            self.kept_logits.copy_(out.logits[0])
+            return self.kept_logits, out.hidden[:, -1]
         else:
-            out = self.model(self.ids[:b], self.pos[:b], self.cache, kv_len=1, last_only=True)
+            out = self.model(self.ids[:b], self.pos[:b], self.cache, kv_len=kv_len, last_only=True)
         return out.logits[:, -1], out.hidden[:, -1]
 
     def capture(self, b: int) -> None:
@@ -95,12 +125,18 @@ class DecodeGraphs:
         self.pool = self.graphs[b].pool()
 
     def load(self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
-             hidden: torch.Tensor | None = None) -> int | None:
-        """Copy n live rows into the static buffers; returns the bucket (None if it cannot)."""
+             hidden: torch.Tensor | None = None, at: torch.Tensor | None = None) -> int | None:
+        """Copy n live rows (and, for a riding bucket, the kept rows ``at``) into the static
+        buffers; returns the bucket (None if it cannot)."""
         n = ids.shape[0]
         b = self.bucket(n)
         if b is None or tables.shape[1] > self.tables.shape[1]:
             return None
+        if self._riding(b):
+            if at is None or at.numel() > self.kept:
+                return None
+            self.keep[: at.numel()].copy_(at)
+            self.keep[at.numel() :].zero_()  # row 0's logits again, dropped
         if self.mtp:
             self.hidden[:n].copy_(hidden.view(n, 1, -1))
         self.ids[:n].copy_(ids.view(n, 1))
@@ -112,10 +148,26 @@ class DecodeGraphs:
             self.tables[n:b, 0] = self.cache.scratch_block
         return b
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor | None:
-        """Logits [n, V] (a fresh tensor) for n rows, or None when no bucket fits."""
-        out = self.run_hidden(ids, positions, tables)
-        return None if out is None else out[0]
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
+            at: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Logits [n, V] (a fresh tensor) for n rows, or [m, V] for the m rows ``at`` (device
+        indices); None when no bucket fits."""
+        n = ids.shape[0]
+        b = self.load(ids, positions, tables, at=at)
+        if b is None:
+            return None
+        logits = self._replay(b)[0]
+        if self._riding(b):
+            return logits[: at.numel()].clone()
+        return logits[:n][at] if at is not None else logits[:n].clone()
+
+    def _replay(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.ids.is_cuda:  # no graphs off the GPU: the same padded step, eagerly (CPU tests),
+            return self._step(b, int(self.pos[:b].max()) + 1)  # where attention reads kv_len keys
+        if b not in self.graphs:
+            self.capture(b)
+        self.graphs[b].replay()
+        return self.outputs[b]
 
     def run_hidden(self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
                    hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -123,12 +175,9 @@ class DecodeGraphs:
         bucket fits; ``hidden`` [n, D] is the MTP step's input (``mtp=True`` only)."""
         n = ids.shape[0]
         b = self.load(ids, positions, tables, hidden)
-        if b is None:
+        if b is None or self._riding(b):
             return None
-        if b not in self.graphs:
-            self.capture(b)
-        self.graphs[b].replay()
-        logits, out_hidden = self.outputs[b]
+        logits, out_hidden = self._replay(b)
         return logits[:n].clone(), out_hidden[:n].clone()
 
 

@@ -65,10 +65,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "streaming hide behind the GPU (auto: on with CUDA graphs, off on the CPU, with "
                         "--speculative-tokens and under --tp)")
     p.add_argument("--graph-memory-gb", type=float, default=None,
-                   help="most GPU memory the CUDA graphs may take: decode (one per batch size up to --max-batch) "
-                        "and whole-prompt prefills (one per 128 tokens up to --prefill-graph-tokens), in one pool "
-                        "(default 4 with prefill graphs: at V3's widths, decode to 192 rows and prefill to 4,096 "
-                        "tokens took 1.85 GiB on an H200; 1 without)")
+                   help="most GPU memory the CUDA graphs may take: decode (one per batch size up to --max-batch), "
+                        "riding steps (one per 128 rows up to --riding-graph-rows) and whole-prompt prefills (one "
+                        "per 128 tokens up to --prefill-graph-tokens), in one pool (default 4 with prefill or "
+                        "riding graphs: at V3's widths, decode to 192 rows and prefill to 4,096 tokens took 1.85 "
+                        "GiB on an H200; 1 without)")
+    p.add_argument("--riding-graph-rows", type=int, default=None,
+                   help="steps where prompt chunks ride the decode step as rows (--row-prefill-tokens, and "
+                        "short chunks after a cached prefix), past the decode batch sizes, replay a CUDA graph "
+                        "of their 128-row bucket up to this many rows (default 1024; 0 = off)")
     p.add_argument("--prefill-graph-tokens", type=int, default=None,
                    help="prompts of 257 to this many tokens with nothing cached prefill by replaying a CUDA graph "
                         "of their length bucket, where decode steps are captured (default: --max-prefill-tokens, "
@@ -128,7 +133,7 @@ def _engine_config(args: argparse.Namespace, world: int = 1):
     return EngineConfig(max_batch=args.max_batch, kv_memory_gb=kv, block_size=args.block_size,
                         max_model_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens,
                         graph_memory_gb=args.graph_memory_gb, row_prefill_tokens=args.row_prefill_tokens,
-                        prefill_graph_tokens=args.prefill_graph_tokens,
+                        prefill_graph_tokens=args.prefill_graph_tokens, riding_graph_rows=args.riding_graph_rows,
                         speculative_tokens=args.speculative_tokens,
                         # Under TP the other ranks take their tokens from rank 0's plan, on the host.
                         overlap=False if world > 1 else {"auto": None, "on": True, "off": False}[args.overlap])

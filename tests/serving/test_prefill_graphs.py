@@ -78,15 +78,16 @@ def test_a_negative_prefill_graph_budget_is_refused_with_the_flag_named(tiny_mod
 
 def test_prefill_graph_limit_and_graph_budget_defaults():
     """Prefill graphs to --max-prefill-tokens, at most 4,096 (their pool grows with the length);
-    the graph budget is 4 GiB with them and the old 1 GiB without, unless given."""
+    the graph budget is 4 GiB with them (or riding graphs) and the old 1 GiB without, unless given."""
     assert EngineConfig().prefill_graph_limit() == 4096 and EngineConfig().graph_budget_gb() == 4.0
     assert EngineConfig(max_prefill_tokens=16384).prefill_graph_limit() == 4096
     assert EngineConfig(max_prefill_tokens=2048).prefill_graph_limit() == 2048
     assert EngineConfig(max_prefill_tokens=2048, prefill_graph_tokens=8192).prefill_graph_limit() == 2048
     assert EngineConfig(max_prefill_tokens=16384, prefill_graph_tokens=8192).prefill_graph_limit() == 8192
-    off = EngineConfig(prefill_graph_tokens=0)
+    off = EngineConfig(prefill_graph_tokens=0, riding_graph_rows=0)  # riding graphs take the 4 GiB too
     assert off.prefill_graph_limit() == 0 and off.graph_budget_gb() == 1.0
-    assert EngineConfig(max_prefill_tokens=256).graph_budget_gb() == 1.0  # nothing over 256 tokens to capture
+    # nothing over 256 tokens to capture
+    assert EngineConfig(max_prefill_tokens=256, riding_graph_rows=0).graph_budget_gb() == 1.0
     assert EngineConfig(graph_memory_gb=2.5).graph_budget_gb() == 2.5
 
 
