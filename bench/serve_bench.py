@@ -162,7 +162,7 @@ def child(args) -> None:
         model = db.build_model(make_config("v3", layers=3, dense_layers=1, mtp=False, fp8=True))
         model.ops = TritonOps()  # what `model-host serve --device cuda` loads the model with
     build_s = time.perf_counter() - t0
-    from model_host.engine.engine import EngineConfig
+    from model_host.engine.config import EngineConfig
 
     graph_limit = EngineConfig(max_prefill_tokens=plan.max_prefill_tokens,
                                prefill_graph_tokens=args.prefill_graph_tokens).prefill_graph_limit()
@@ -288,7 +288,8 @@ def passthrough(args) -> list[str]:
             "--overlap", args.overlap,
             *(["--api-processes", str(args.api_processes)] if args.api_processes is not None else []),
             *(["--prefill-graph-tokens", str(args.prefill_graph_tokens)] if args.prefill_graph_tokens is not None
-              else [])]
+              else []),
+            *(["--riding-graph-rows", str(args.riding_graph_rows)] if args.riding_graph_rows is not None else [])]
 
 
 def plan_of(args) -> Plan:
@@ -300,7 +301,7 @@ def plan_of(args) -> Plan:
 
 
 def row_prefill_tokens(args) -> int:
-    from model_host.engine.engine import ROW_PREFILL_TOKENS
+    from model_host.engine.config import ROW_PREFILL_TOKENS
 
     if args.row_prefill_tokens is not None:
         return args.row_prefill_tokens
@@ -328,6 +329,9 @@ def main() -> int:
                     help="serve's --api-processes (default: serve's default)")
     ap.add_argument("--prefill-graph-tokens", type=int, default=None, metavar="N",
                     help="serve's --prefill-graph-tokens (default: serve's default; 0 = cold prompts prefill eagerly)")
+    ap.add_argument("--riding-graph-rows", type=int, default=None, metavar="N",
+                    help="serve's --riding-graph-rows (default: serve's default; 0 = steps past the decode sizes "
+                         "that prompt chunks ride run eagerly)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the server process
     for flag, kind in (("--port", int), ("--workdir", str), ("--ctx", int), ("--prefill-tokens", int),
                        ("--bound-out", str)):
@@ -350,6 +354,7 @@ def main() -> int:
             res = {"plan": dataclasses.asdict(plan), "max_tokens": plan.max_tokens,
                    "max_prefill_tokens": plan.max_prefill_tokens, "mean_prompt_tokens": prompts["mean_prompt_tokens"],
                    "row_prefill_tokens": row_prefill_tokens(args), "overlap": args.overlap, "api_processes": bound["api_processes"],
+                   "riding_graph_rows": args.riding_graph_rows, "prefill_graph_tokens": args.prefill_graph_tokens,
                    "bound": bound, "startup_s": startup_s, "triton_compiles_at_startup": res_compiled,
                    "host_cpu": host_cpu()}
             base = f"{root}/v1"
