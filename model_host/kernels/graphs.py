@@ -174,8 +174,8 @@ class DecodeGraphs:
         """(logits [n, V], final-normed hidden [n, D]) (fresh tensors) for n rows, or None when no
         bucket fits; ``hidden`` [n, D] is the MTP step's input (``mtp=True`` only)."""
         n = ids.shape[0]
-        b = self.load(ids, positions, tables, hidden)
-        if b is None or self._riding(b):
+        b = self.load(ids, positions, tables, hidden)  # None for a riding bucket: no kept rows given
+        if b is None:
             return None
         logits, out_hidden = self._replay(b)
         return logits[:n].clone(), out_hidden[:n].clone()
