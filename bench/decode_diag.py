@@ -158,7 +158,9 @@ def _tune_prefill(db, model, best: Tuning, sweep) -> Tuning:
              for bm, bn, w, st in ((64, 128, 8, 3), (64, 128, 8, 4), (64, 256, 8, 3), (128, 128, 8, 3),
                                    (128, 256, 8, 3), (32, 128, 4, 4), (64, 128, 4, 4), (128, 128, 8, 4),
                                    (64, 256, 8, 4), (128, 256, 8, 4), (64, 64, 4, 3), (64, 64, 4, 4),
-                                   (64, 64, 8, 3), (128, 64, 8, 3), (64, 128, 8, 2))]
+                                   (64, 64, 8, 3), (128, 64, 8, 3), (64, 128, 8, 2),
+                                   # deeper pipelines: the H200's bandwidth wants more bytes in flight
+                                   (64, 64, 4, 5), (64, 64, 4, 6), (64, 64, 8, 5), (64, 128, 8, 5))]
 
     def gated_ms(t: Tuning) -> float:  # one launch, 10 in a row
         cfg = mg.grouped_config(rows, gp.out_features, e, t)
