@@ -126,20 +126,27 @@ def test_cold_long_prompts_prefill_from_graphs_as_generate_does(tiny_fp8, monkey
 
 
 # rows=1: the decode rows fill the row budget (as at concurrency 128), so the prefix hits ride
-# only because they are cheaper absorbed, in eager steps larger than the 8 captured rows.
-# api-process: the routes reach the engine over the hub's socket, as under --api-processes.
-@pytest.mark.parametrize(("rows", "handle"), [(None, "thread"), (1, "thread"), (None, "api-process")])
-def test_served_greedy_equals_generate_for_8_concurrent_requests(tiny_fp8, rows, handle):
+# only because they are cheaper absorbed, in steps larger than the 8 decode rows: they replay the
+# riding graph of 256 rows (8 + --max-prefill-tokens 64 = 72 rows at most), and with
+# riding_graph_rows=0 run eagerly. api-process: the routes reach the engine over the hub's
+# socket, as under --api-processes.
+@pytest.mark.parametrize(("rows", "handle", "riding"), [(None, "thread", None), (1, "thread", None),
+                                                        (1, "thread", 0), (None, "api-process", None)])
+def test_served_greedy_equals_generate_for_8_concurrent_requests(tiny_fp8, rows, handle, riding, monkeypatch):
     model, tok = tiny_fp8
     params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
     prompts = [tok.encode_chat(c) for c in _chats()]
     refs = [generate(model, tok, p, params).token_ids for p in prompts]
     cfg = EngineConfig(max_batch=8, kv_memory_gb=0.05, max_prefill_tokens=64, max_model_len=4096,
-                       row_prefill_tokens=rows)
+                       row_prefill_tokens=rows, riding_graph_rows=riding)
     with Served(model, tok, cfg, handle=handle) as s:
         report = s.engine.graph_report
-        # at start-up: 8 rows, or 64 with prompt rows
+        # at start-up: 8 rows, or 64 with prompt rows; riding steps to 72 rows in one 256-row bucket
         assert report is not None and report.sizes == capture_sizes(8 if rows else 64)
+        assert report.riding_sizes == ([] if riding == 0 else [256])
+        graphs, rode = s.engine.runner.graphs, []
+        run = graphs.run
+        monkeypatch.setattr(graphs, "run", lambda ids, *a: rode.append(ids.shape[0]) or run(ids, *a))
 
         async def one(client, chat):
             r = await client.chat.completions.create(model=MODEL, messages=chat, max_tokens=MAX_TOKENS,
@@ -153,6 +160,8 @@ def test_served_greedy_equals_generate_for_8_concurrent_requests(tiny_fp8, rows,
         served = asyncio.run(main())
         cached = sum(u.prompt_tokens_details.cached_tokens for _, u in served)
     assert cached > 0  # the shared context came from the prefix cache for some requests
+    if rows == 1:  # prefix hits rode past the decode rows: a riding graph (or, off, eager steps)
+        assert max(rode) > 8
     exact, unexplained = 0, []
     for p, ref, (text, usage) in zip(prompts, refs, served, strict=True):
         assert usage.prompt_tokens == len(p) and usage.completion_tokens == MAX_TOKENS
