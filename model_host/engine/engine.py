@@ -59,7 +59,8 @@ class Engine:
         MTP drafter of speculative decoding: for tests and benchmarks only (an oracle that forces
         acceptance); the server never passes one."""
         cfg, config = model.cfg, config or EngineConfig()
-        for flag, n in (("prefill-graph-tokens", config.prefill_graph_tokens), ("riding-graph-rows", config.riding_graph_rows)):
+        for flag, n in (("prefill-graph-tokens", config.prefill_graph_tokens),
+                        ("riding-graph-rows", config.riding_graph_rows)):
             if n is not None and n < 0:
                 raise ValueError(f"--{flag} must be >= 0 (0 = off), got {n}")
         self.model, self.tokenizer, self.config = model, tokenizer, config
@@ -131,8 +132,8 @@ class Engine:
             # attention's variants follow pointer alignment (an odd row count: compiled mid-run at
             # c=32 before this, ~1 s of TTFT p99), divisibility, and the KV split count, which
             # falls with the rows up to 264 (num_splits_for; past the captured sizes with few
-            # heads a rank). So every row count to 512 (at least 16 past the captured sizes);
-            # more rows add only start-up time.
+            # heads a rank). So every row count past the widest graph to 512, or 16 of them past
+            # it (riding graphs to 1,024 rows); more rows add only start-up time.
             captured = max([self.max_rows, *self.riding_rows])
             last = min(max(512, captured + 16), top + self.config.max_batch)
             self.runner.warm_up_rows([n for n in range(captured + 1, last + 1)

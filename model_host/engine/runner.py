@@ -4,10 +4,10 @@ On CUDA with the model on the GPU kernels (``model.ops`` a ``TritonOps``), decod
 run through the paged MLA kernel and are replayed from CUDA graphs captured at start-up for
 every batch size the scheduler can produce (:meth:`ModelRunner.capture_graphs`); a batch is
 padded up to the next captured size. So are steps that prompt chunks ride as rows, up to
-``--riding-graph-rows`` rows (those graphs compute logits only for the rows kept). All prefill chunks of a step run as one packed (varlen)
-forward, eagerly (:mod:`model_host.engine.packing`), except a step whose one chunk starts a
-prompt with nothing cached: that one replays a prefill graph of its length bucket
-(:class:`~model_host.kernels.graphs.PrefillGraphs`).
+``--riding-graph-rows`` rows (those graphs compute logits only for the rows kept). All prefill
+chunks of a step run as one packed (varlen) forward, eagerly (:mod:`model_host.engine.packing`),
+except a step whose one chunk starts a prompt with nothing cached: that one replays a prefill
+graph of its length bucket (:class:`~model_host.kernels.graphs.PrefillGraphs`).
 """
 
 from __future__ import annotations
