@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from model_host.engine.engine import Engine, EngineConfig
-from model_host.engine.paged_cache import PagedLatentCache
 from model_host.engine.runner import ModelRunner
 from model_host.engine.scheduler import PrefillChunk
-from model_host.engine.sequence import Sequence
 from model_host.kernels.graphs import DecodeGraphs, riding_buckets
-from model_host.sampler import SamplingParams
+
+from .test_prefill_graphs import _cache, _seq  # a float32 cache of 100 blocks of 8; a sequence on blocks
 
 
 def test_riding_buckets_never_span_the_precision_switch_and_cover_the_widest_step():
@@ -22,17 +21,6 @@ def test_riding_buckets_never_span_the_precision_switch_and_cover_the_widest_ste
     assert riding_buckets(64, 200) == [256]  # 65..256 rows: one bucket, all at or below 256 rows
     assert riding_buckets(256, 1024)[0] == 384 and riding_buckets(300, 1024)[0] == 384
     assert riding_buckets(128, 128) == [] and riding_buckets(128, 0) == []
-
-
-def _cache(model):
-    cfg = model.cfg
-    return PagedLatentCache(model.num_cache_layers, 120, 8, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype=torch.float32)
-
-
-def _seq(tokens: list[int], table: list[int]) -> Sequence:
-    seq = Sequence(tokens, SamplingParams(), decoder=None, generator=None)
-    seq.block_table = table
-    return seq
 
 
 def _step(model, cache, graphs: bool):
