@@ -60,7 +60,12 @@ class EngineConfig:
         n = self.riding_graph_rows
         return min(n if n is not None else RIDING_GRAPH_ROWS, self.max_batch + self.max_prefill_tokens)
 
+    def riding_graphs(self) -> bool:
+        """Whether riding steps may be captured: prompt chunks ride decode steps (not with
+        speculation, nor with --row-prefill-tokens 0) and riding graphs are on."""
+        return self.riding_graph_limit() > 0 and not self.speculative_tokens and self.row_prefill_tokens != 0
+
     def graph_budget_gb(self) -> float:
         if self.graph_memory_gb is not None:
             return self.graph_memory_gb
-        return 4.0 if self.prefill_graph_limit() >= PREFILL_MIN_TOKENS or self.riding_graph_limit() else 1.0
+        return 4.0 if self.prefill_graph_limit() >= PREFILL_MIN_TOKENS or self.riding_graphs() else 1.0

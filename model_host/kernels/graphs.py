@@ -17,7 +17,8 @@ Graphs share one memory pool (the runner's decode and prefill graphs too: they r
 stream); outputs are copied out before the next replay can reuse it.
 
 Riding steps (prompt chunks as rows of the decode step, past the decode sizes) take row buckets
-of their own (:func:`riding_buckets`): there a step's rows outnumber its sequences, so those
+of their own (:func:`riding_buckets`, none spanning a precision switch of the kernels): there a
+step's rows outnumber its sequences, so those
 graphs compute logits only for a static index of kept rows (one per sequence, at most the widest
 decode bucket's) into one buffer shared by all of them, not [rows, vocab] fp32 per graph.
 
@@ -53,15 +54,21 @@ def prefill_buckets(max_tokens: int, max_positions: int, step: int = PREFILL_STE
     return list(range(-(-PREFILL_MIN_TOKENS // step) * step, top + 1, step))
 
 
-def riding_buckets(decode_rows: int, max_rows: int) -> list[int]:
+def precision_switches(cfg) -> tuple[int, ...]:
+    """Row counts of a step of single-token rows past which the kernels quantize activations to
+    one FP8 term instead of two (``gemm_config``, ``grouped_config``): the dense GEMMs at 256
+    rows, the grouped MoE at 256 routed rows, i.e. 256 // top_k tokens."""
+    return (256, 256 // cfg.num_experts_per_tok) if cfg.is_moe else (256,)
+
+
+def riding_buckets(decode_rows: int, max_rows: int, switches: tuple[int, ...] = (256,)) -> list[int]:
     """Row counts to capture riding steps at, past the widest decode bucket ``decode_rows``
-    through the first at or above ``max_rows``: multiples of :data:`RIDING_STEP`, 256 first
-    where the decode buckets stop short of it (so no bucket spans the kernels' 256-row
-    precision switch, as for prefill)."""
-    if max_rows <= decode_rows:
-        return []
-    first = 256 if decode_rows < 256 else (decode_rows // RIDING_STEP + 1) * RIDING_STEP
-    return list(range(first, max(first, -(-max_rows // RIDING_STEP) * RIDING_STEP) + 1, RIDING_STEP))
+    through the first at or above ``max_rows``: multiples of :data:`RIDING_STEP` and every
+    precision switch (:func:`precision_switches`) among them, so that no bucket spans a switch
+    and a padded step rounds as the same step run eagerly."""
+    top = -(-max_rows // RIDING_STEP) * RIDING_STEP
+    marks = {*range(RIDING_STEP, top + 1, RIDING_STEP), *(s for s in switches if s <= top)}
+    return sorted(b for b in marks if b > decode_rows) if max_rows > decode_rows else []
 
 
 def capture(step, pool):
@@ -112,10 +119,10 @@ class DecodeGraphs:
         self.cache.bind(self.tables[:b])
         if self.mtp:
             out = self.model.mtp_forward(self.ids[:b], self.hidden[:b], self.pos[:b], self.cache, kv_len=kv_len)
-        elif self._riding(b):
+        elif self._riding(b):  # nothing reads its hidden states: none kept in the pool
             out = self.model(self.ids[:b], self.pos[:b], self.cache, kv_len=kv_len, logits_at=self.keep)
             self.kept_logits.copy_(out.logits[0])
-            return self.kept_logits, out.hidden[:, -1]
+            return self.kept_logits, None
         else:
             out = self.model(self.ids[:b], self.pos[:b], self.cache, kv_len=kv_len, last_only=True)
         return out.logits[:, -1], out.hidden[:, -1]

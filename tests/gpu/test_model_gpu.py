@@ -220,10 +220,11 @@ def test_runner_prefill_graph_matches_eager(ckpt):
 
 def test_runner_riding_graph_matches_eager(ckpt):
     """Steps where prompt chunks ride as rows past the decode sizes replay a riding graph of
-    their 128-row bucket (4 decode rows + 196 prompt rows -> 256, + 304 -> 384), computing
-    logits only for the kept rows: the eager step's logits within a different row count's
-    rounding, and the same logits for two decode steps after it, which read the latents the
-    graph wrote. A padding row leaking into a real one, or a kept row out of place, is order 1."""
+    their 128-row bucket (4 decode rows + 196 prompt rows -> 256, + 304 -> 384; decode sizes to
+    8, so up to 8 kept rows), computing logits only for the kept rows: the eager step's logits
+    within a different row count's rounding, and the same logits for a decode step after them,
+    which reads the latents the graphs wrote. A padding row leaking into a real one, or a kept
+    row out of place, is order 1."""
     _, path = ckpt
     model = load_model(path, device="cuda", dtype=torch.bfloat16, ops=triton_only())
     g = torch.Generator().manual_seed(6)
@@ -231,10 +232,12 @@ def test_runner_riding_graph_matches_eager(ckpt):
     for graphs in (False, True):
         cache = PagedLatentCache(model.num_cache_layers, 400, 16, model.cfg.kv_lora_rank,
                                  model.cfg.qk_rope_head_dim, dtype=torch.bfloat16, device="cuda")
-        runner = ModelRunner(model, cache, cuda_graphs=graphs)
+        runner, replayed = ModelRunner(model, cache, cuda_graphs=graphs), []
         if graphs:
-            report = runner.capture_graphs([1, 2, 4], 2**30, 40, riding=[256, 384])
+            report = runner.capture_graphs([1, 2, 4, 8], 2**30, 40, riding=[256, 384])
             assert report.riding_sizes == [256, 384]
+            replay = runner.graphs._replay
+            runner.graphs._replay = lambda b, replay=replay, seen=replayed: seen.append(b) or replay(b)
         g.manual_seed(6)
         seqs = [Seq(torch.randint(0, 1024, (n,), generator=g).tolist(), [40 * i + j for j in range(40)])
                 for i, n in enumerate((40, 90, 120, 200, 500, 620))]
@@ -247,6 +250,7 @@ def test_runner_riding_graph_matches_eager(ckpt):
             for s in decoding:
                 s.token_ids.append(7)
         outs[graphs] = steps + [runner.decode(decoding).float().cpu()]
+        assert replayed == ([256, 384, 4] if graphs else [])
     assert [tuple(s.shape) for s in outs[True]] == [(4, 1024), (6, 1024), (4, 1024)]
     errs = [rel(a, b) for a, b in zip(outs[True], outs[False], strict=True)]
     print(f"riding graph vs eager: logits rel err of two riding steps, then a decode step: {errs}")

@@ -40,8 +40,9 @@ CHILD = textwrap.dedent("""
     cfg = make_config("tiny", mtp=False, hidden_size=256)
     write_random_checkpoint(work, cfg, dtype="fp8", seed=3)
     model = load_model(work, device="cuda", dtype=torch.bfloat16, ops=TritonOps())
+    # Riding graphs off: every step below runs eagerly, as steps past the widest riding graph do.
     engine = Engine(model, Tokenizer(work), EngineConfig(max_batch=4, kv_memory_gb=0.05, max_prefill_tokens=320,
-                                                         max_model_len=2048))
+                                                         max_model_len=2048, riding_graph_rows=0))
     before = {p.name for p in cache.iterdir()}
     # Steps past the captured sizes (eager), as a wave of prefix hits makes them: decode rows
     # beside prompt chunks that start after a cached prefix, odd and even row counts, one chunk

@@ -7,20 +7,26 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model_host.checkpoint import make_config
 from model_host.engine.engine import Engine, EngineConfig
 from model_host.engine.runner import ModelRunner
 from model_host.engine.scheduler import PrefillChunk
-from model_host.kernels.graphs import DecodeGraphs, riding_buckets
+from model_host.kernels.graphs import DecodeGraphs, precision_switches, riding_buckets
 
 from .test_prefill_graphs import _cache, _seq  # a float32 cache of 100 blocks of 8; a sequence on blocks
 
 
-def test_riding_buckets_never_span_the_precision_switch_and_cover_the_widest_step():
-    assert riding_buckets(128, 1024) == [256, 384, 512, 640, 768, 896, 1024]
-    assert riding_buckets(192, 1000) == [256, 384, 512, 640, 768, 896, 1024]  # 1,000 rows still fit
-    assert riding_buckets(64, 200) == [256]  # 65..256 rows: one bucket, all at or below 256 rows
-    assert riding_buckets(256, 1024)[0] == 384 and riding_buckets(300, 1024)[0] == 384
-    assert riding_buckets(128, 128) == [] and riding_buckets(128, 0) == []
+def test_riding_buckets_never_span_a_precision_switch_and_cover_the_widest_step():
+    v3 = precision_switches(make_config("v3"))
+    assert v3 == (256, 32)  # dense GEMMs at 256 rows; the MoE at 256 routed rows = 32 tokens of top 8
+    assert precision_switches(make_config("tiny", n_routed_experts=None)) == (256,)
+    assert riding_buckets(128, 1024, v3) == [256, 384, 512, 640, 768, 896, 1024]
+    assert riding_buckets(192, 1000, v3) == [256, 384, 512, 640, 768, 896, 1024]  # 1,000 rows still fit
+    assert riding_buckets(64, 200, v3) == [128, 256]
+    assert riding_buckets(256, 1024, v3)[0] == 384 and riding_buckets(300, 1024, v3)[0] == 384
+    # Decode sizes to 8 rows, an MoE switching at 16 tokens: 9..16 rows pad to 16, never past it.
+    assert riding_buckets(8, 72, (256, 16)) == [16, 128]
+    assert riding_buckets(128, 128, v3) == [] and riding_buckets(128, 0, v3) == []
 
 
 def _step(model, cache, graphs: bool):
@@ -76,6 +82,9 @@ def test_riding_graph_rows_defaults_and_a_negative_value_is_refused_with_the_fla
     off = EngineConfig(riding_graph_rows=0, prefill_graph_tokens=0)
     assert off.riding_graph_limit() == 0 and off.graph_budget_gb() == 1.0
     assert EngineConfig(prefill_graph_tokens=0).graph_budget_gb() == 4.0  # riding graphs still on
+    # ... unless no chunk rides: with speculation, or with --row-prefill-tokens 0
+    assert EngineConfig(prefill_graph_tokens=0, speculative_tokens=1).graph_budget_gb() == 1.0
+    assert EngineConfig(prefill_graph_tokens=0, row_prefill_tokens=0).graph_budget_gb() == 1.0
     model, tok = tiny_model
     with pytest.raises(ValueError, match=r"--riding-graph-rows must be >= 0 \(0 = off\), got -2"):
         Engine(model, tok, EngineConfig(kv_memory_gb=0.01, riding_graph_rows=-2))
