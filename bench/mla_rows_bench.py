@@ -26,8 +26,9 @@ from serve_bench import median_ms  # noqa: E402
 
 from model_host.kernels.mla_decode import mla_decode, mla_decode_reference  # noqa: E402
 
-# (BLOCK_H, num_warps, BLOCK_N): the shipped decode setting first.
-GRID = [(16, 4, 32), (32, 4, 32), (32, 8, 32), (64, 8, 32), (32, 8, 64), (16, 4, 64)]
+# (BLOCK_H, num_warps, BLOCK_N, num_stages): the shipped narrow and wide settings first.
+GRID = [(16, 4, 32, 2), (64, 8, 32, 2), (64, 8, 32, 1), (64, 8, 32, 3), (64, 8, 64, 2), (64, 8, 64, 3),
+        (64, 8, 16, 3), (64, 4, 32, 2), (32, 4, 64, 3), (128, 16, 32, 2), (128, 8, 32, 2), (32, 8, 64, 2)]
 
 
 def case(seqs: int, per: int, ctx: int, heads: int, page: int, dev: str, iters: int) -> list[dict]:
@@ -49,18 +50,18 @@ def case(seqs: int, per: int, ctx: int, heads: int, page: int, dev: str, iters: 
                                lens_from_positions=True)[0]
     flop = 2 * heads * (r + dr + r) * sum(ctx + i + 1 for i in range(per)) * seqs
     out = []
-    for block_h, warps, block_n in GRID:
-        def fn(bh=block_h, w=warps, bn=block_n):
+    for block_h, warps, block_n, stages in GRID:
+        def fn(bh=block_h, w=warps, bn=block_n, st=stages):
             return mla_decode(q_lat, c_kv, k_pe, tables, pos, page, 0.07, block_n=bn, lens_from_positions=True,
-                              q_pe=q_pe, block_h=bh, num_warps=w)
+                              q_pe=q_pe, block_h=bh, num_warps=w, num_stages=st)
         try:
             err = ((fn()[-1].double() - ref).norm() / ref.norm()).item()
             ms = median_ms(fn, iters, dev == "cuda")
         except Exception as e:  # e.g. out of shared memory or registers at this setting
-            out.append({"block_h": block_h, "num_warps": warps, "block_n": block_n, "error": f"{type(e).__name__}: {e}"})
+            out.append({"block_h": block_h, "num_warps": warps, "block_n": block_n, "num_stages": stages, "error": f"{type(e).__name__}: {e}"})
             continue
         out.append({"seqs": seqs, "rows_per_seq": per, "ctx": ctx, "block_h": block_h, "num_warps": warps,
-                    "block_n": block_n, "ms": ms, "tflops": flop / ms / 1e9, "rel_err_vs_fp64": err,
+                    "block_n": block_n, "num_stages": stages, "ms": ms, "tflops": flop / ms / 1e9, "rel_err_vs_fp64": err,
                     "key_gb_read": rows * -(-heads // block_h) * (ctx + per / 2) * (r + dr) * 2 / 1e9})
     return out
 
@@ -76,14 +77,14 @@ def main() -> int:
     shapes = [(2, 3, 40, 16, 8)] if args.quick else [(32, 40, 2000, 128, 64), (128, 40, 2000, 128, 64),
                                                      *((b, 1, 2000, 128, 64) for b in (32, 64, 128, 256))]
     res = [r for s in shapes for r in case(*s, dev=dev, iters=2 if args.quick else 10)]
-    print("| rows (seqs x rows) | BLOCK_H | warps | BLOCK_N | ms | TFLOP/s | key GB read | rel err vs fp64 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| rows (seqs x rows) | BLOCK_H | warps | BLOCK_N | stages | ms | TFLOP/s | key GB read | rel err vs fp64 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in res:
         if "error" in r:
-            print(f"| | {r['block_h']} | {r['num_warps']} | {r['block_n']} | {r['error'][:80]} | | | |")
+            print(f"| | {r['block_h']} | {r['num_warps']} | {r['block_n']} | {r['num_stages']} | {r['error'][:80]} | | | |")
             continue
         print(f"| {r['seqs'] * r['rows_per_seq']} ({r['seqs']} x {r['rows_per_seq']}) | {r['block_h']} | {r['num_warps']} "
-              f"| {r['block_n']} | {r['ms']:.3f} | {r['tflops']:.0f} | {r['key_gb_read']:.1f} | {r['rel_err_vs_fp64']:.1e} |")
+              f"| {r['block_n']} | {r['num_stages']} | {r['ms']:.3f} | {r['tflops']:.0f} | {r['key_gb_read']:.1f} | {r['rel_err_vs_fp64']:.1e} |")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "mla_rows_bench.json").write_text(json.dumps({"device": dev, "results": res}, indent=1))

@@ -156,7 +156,7 @@ def mla_decode(q: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, block_ta
                seq_lens: torch.Tensor, page: int, scale: float, num_splits: int | None = None,
                block_n: int = 32, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                lens_from_positions: bool = False, q_pe: torch.Tensor | None = None,
-               block_h: int = 16, num_warps: int = 4) -> torch.Tensor:
+               block_h: int = 16, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """Attention output in latent space ``[B, H, R]``; shapes and options as in
     :func:`mla_decode_reference`. ``block_h`` heads share a program's reads of the row's keys:
     16 serves decode (more programs for few rows); bench/mla_rows_bench.py times wider blocks
@@ -184,7 +184,7 @@ def mla_decode(q: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, block_ta
         block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), cos.stride(0),
         PAGE=page, NUM_SPLITS=splits, DL=r, DR=dr, ROPE=rope is not None,
-        LEN_FROM_POS=lens_from_positions, BLOCK_H=block_h, BLOCK_N=block_n, num_warps=num_warps, num_stages=2)
+        LEN_FROM_POS=lens_from_positions, BLOCK_H=block_h, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     out = torch.empty(bsz, h, r, dtype=out_dtype, device=q.device)
     _mla_merge_kernel[(h, bsz)](
         part_o, part_lse, out, h, part_o.stride(0), part_o.stride(1), part_o.stride(2),
