@@ -28,7 +28,20 @@ from model_host.kernels.mla_decode import mla_decode, mla_decode_reference  # no
 
 # (BLOCK_H, num_warps, BLOCK_N, num_stages): the shipped narrow and wide settings first.
 GRID = [(16, 4, 32, 2), (64, 8, 32, 2), (64, 8, 32, 1), (64, 8, 32, 3), (64, 8, 64, 2), (64, 8, 64, 3),
-        (64, 8, 16, 3), (64, 4, 32, 2), (32, 4, 64, 3), (128, 16, 32, 2), (128, 8, 32, 2), (32, 8, 64, 2)]
+        (64, 8, 16, 3), (64, 4, 32, 2), (32, 4, 64, 3), (128, 16, 32, 2), (64, 16, 32, 2), (64, 16, 64, 2), (64, 16, 32, 3),
+        (32, 8, 64, 2)]
+
+
+def registers() -> str:
+    """Registers a thread and spilled bytes of the newest compiled split kernel (Triton 3's JIT
+    cache; "" where this Triton keeps it elsewhere): spills explain a slow setting."""
+    try:
+        from model_host.kernels.mla_decode import _mla_split_kernel
+
+        k = [k for c in _mla_split_kernel.device_caches.values() for k in c[0].values()][-1]
+        return f"{k.n_regs} regs, {k.n_spills} spills"
+    except Exception:  # noqa: BLE001 - diagnostics only
+        return ""
 
 
 def case(seqs: int, per: int, ctx: int, heads: int, page: int, dev: str, iters: int) -> list[dict]:
@@ -61,7 +74,7 @@ def case(seqs: int, per: int, ctx: int, heads: int, page: int, dev: str, iters: 
             out.append({"block_h": block_h, "num_warps": warps, "block_n": block_n, "num_stages": stages, "error": f"{type(e).__name__}: {e}"})
             continue
         out.append({"seqs": seqs, "rows_per_seq": per, "ctx": ctx, "block_h": block_h, "num_warps": warps,
-                    "block_n": block_n, "num_stages": stages, "ms": ms, "tflops": flop / ms / 1e9, "rel_err_vs_fp64": err,
+                    "block_n": block_n, "num_stages": stages, "ms": ms, "tflops": flop / ms / 1e9, "rel_err_vs_fp64": err, "registers": registers(),
                     "key_gb_read": rows * -(-heads // block_h) * (ctx + per / 2) * (r + dr) * 2 / 1e9})
     return out
 
@@ -77,14 +90,14 @@ def main() -> int:
     shapes = [(2, 3, 40, 16, 8)] if args.quick else [(32, 40, 2000, 128, 64), (128, 40, 2000, 128, 64),
                                                      *((b, 1, 2000, 128, 64) for b in (32, 64, 128, 256))]
     res = [r for s in shapes for r in case(*s, dev=dev, iters=2 if args.quick else 10)]
-    print("| rows (seqs x rows) | BLOCK_H | warps | BLOCK_N | stages | ms | TFLOP/s | key GB read | rel err vs fp64 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| rows (seqs x rows) | BLOCK_H | warps | BLOCK_N | stages | ms | TFLOP/s | key GB read | rel err vs fp64 | registers |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in res:
         if "error" in r:
             print(f"| | {r['block_h']} | {r['num_warps']} | {r['block_n']} | {r['num_stages']} | {r['error'][:80]} | | | |")
             continue
         print(f"| {r['seqs'] * r['rows_per_seq']} ({r['seqs']} x {r['rows_per_seq']}) | {r['block_h']} | {r['num_warps']} "
-              f"| {r['block_n']} | {r['num_stages']} | {r['ms']:.3f} | {r['tflops']:.0f} | {r['key_gb_read']:.1f} | {r['rel_err_vs_fp64']:.1e} |")
+              f"| {r['block_n']} | {r['num_stages']} | {r['ms']:.3f} | {r['tflops']:.0f} | {r['key_gb_read']:.1f} | {r['rel_err_vs_fp64']:.1e} | {r['registers']} |")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "mla_rows_bench.json").write_text(json.dumps({"device": dev, "results": res}, indent=1))

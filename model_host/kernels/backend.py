@@ -238,8 +238,8 @@ class TritonOps(TorchOps):
         if q_lat.shape[1] != 1 or cache.block_tables is None or not use_triton(q_lat):
             return super().mla_decode(q_lat, q_pe, batch, layer, scale)
         c_kv, k_pe = cache.flat(layer)
-        block_h, warps = mla_config(q_lat.shape[0], q_lat.shape[2], self.tuning)
+        block_h, warps, block_n = mla_config(q_lat.shape[0], q_lat.shape[2], self.tuning)
         out = mla_decode(q_lat[:, 0], c_kv, k_pe, cache.block_tables, batch.positions[:, 0], cache.block_size,
                          scale, rope=(batch.cos[:, 0], batch.sin[:, 0]), lens_from_positions=True, q_pe=q_pe[:, 0],
-                         block_h=block_h, num_warps=warps)
+                         block_h=block_h, num_warps=warps, block_n=block_n)
         return out.unsqueeze(1)

@@ -29,7 +29,7 @@ class Tuning:
     small_m: Triton tensor-core tiles for M <= 256 (N tile, warps, stages, split-K waves).
     gemv: the CUDA-core one-row GEMV, for M <= ``max_m`` (0: never).
     grouped_decode / grouped_prefill / grouped_prefill_down: the grouped MoE launches.
-    mla_decode: the paged MLA kernel's heads per program and warps, narrow for few query rows
+    mla_decode: the paged MLA kernel's heads per program, warps and key block, narrow for few query rows
     and wide from ``wide_min_rows`` (larger decode batches, and eager steps where prompt chunks
     ride as rows)."""
 
@@ -70,15 +70,17 @@ def _plain(v):
     return {k: list(x) if isinstance(x, tuple) else x for k, x in v.items()} if isinstance(v, dict) else v
 
 
-def mla_config(rows: int, heads: int, tuning: Tuning) -> tuple[int, int]:
-    """(heads per program, warps) of the paged MLA kernel for a step of ``rows`` query rows of
-    ``heads`` heads. Few rows want many programs (narrow head blocks); many rows, as in an eager
-    step where prompt chunks ride, want each program to read a row's keys for more heads at once.
-    A block never exceeds the heads there are (a rank's share under --tp), nor goes under 16 (the
-    smallest MMA)."""
+def mla_config(rows: int, heads: int, tuning: Tuning) -> tuple[int, int, int]:
+    """(heads per program, warps, keys per iteration) of the paged MLA kernel for a step of
+    ``rows`` query rows of ``heads`` heads. Few rows want many programs (narrow head blocks);
+    many rows, as in an eager step where prompt chunks ride, want each program to read a row's
+    keys for more heads at once, and wider key blocks (fewer online-softmax rescales of the
+    [heads, 512] accumulator). A block never exceeds the heads there are (a rank's share under
+    --tp), nor goes under 16 (the smallest MMA)."""
     t = tuning.mla_decode
     key = "wide" if rows >= t["wide_min_rows"] else "narrow"
-    return min(t[key + "_block_h"], max(16, 1 << (heads - 1).bit_length())), t[key + "_num_warps"]
+    return (min(t[key + "_block_h"], max(16, 1 << (heads - 1).bit_length())), t[key + "_num_warps"],
+            t.get(key + "_block_n", 32))
 
 
 def gpu_key(name: str) -> str:

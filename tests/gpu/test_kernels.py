@@ -262,11 +262,11 @@ def test_grouped_moe_kernels_vs_float64(t, e, k, quant, launch):
 
 @gpu
 @requires_gpu
-@pytest.mark.parametrize("b,h,page,splits,block_h,warps", [
-    (1, 128, 64, None, 16, 4), (3, 20, 16, 4, 16, 4), (8, 128, 64, 1, 16, 4), (2, 16, 1, 2, 16, 4),
-    (8, 128, 64, 1, 32, 8), (3, 20, 16, 2, 64, 8),  # wider head blocks: bench/mla_rows_bench.py
-    (8, 128, 64, None, 64, 8)])  # the tables' wide setting at V3's 128 heads
-def test_mla_decode_kernel_vs_float64(b, h, page, splits, block_h, warps):
+@pytest.mark.parametrize("b,h,page,splits,block_h,warps,block_n", [
+    (1, 128, 64, None, 16, 4, 32), (3, 20, 16, 4, 16, 4, 32), (8, 128, 64, 1, 16, 4, 32), (2, 16, 1, 2, 16, 4, 32),
+    (8, 128, 64, 1, 32, 8, 32), (3, 20, 16, 2, 64, 8, 32),  # wider head blocks: bench/mla_rows_bench.py
+    (8, 128, 64, None, 64, 8, 64), (3, 20, 16, 2, 64, 8, 64)])  # the tables' wide setting (64-key blocks)
+def test_mla_decode_kernel_vs_float64(b, h, page, splits, block_h, warps, block_n):
     r, dr = 512, 64
     lens = torch.randint(1, 300, (b,), device="cuda")
     nb = -(-300 // page)
@@ -274,6 +274,7 @@ def test_mla_decode_kernel_vs_float64(b, h, page, splits, block_h, warps):
     c_kv = torch.randn((b * nb + 5) * page, r, device="cuda", dtype=torch.bfloat16)
     k_pe = torch.randn((b * nb + 5) * page, dr, device="cuda", dtype=torch.bfloat16)
     q = torch.randn(b, h, r + dr, device="cuda", dtype=torch.bfloat16)
-    out = mla_decode(q, c_kv, k_pe, perm, lens, page, 0.04, num_splits=splits, block_h=block_h, num_warps=warps)
+    out = mla_decode(q, c_kv, k_pe, perm, lens, page, 0.04, num_splits=splits, block_h=block_h, num_warps=warps,
+                     block_n=block_n)
     ref = mla_decode_reference(q.double(), c_kv.double(), k_pe.double(), perm, lens, page, 0.04)
     assert out.dtype == torch.bfloat16 and rel(out, ref) < 1e-2  # bf16 P and output

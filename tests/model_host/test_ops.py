@@ -89,12 +89,12 @@ def test_paged_attention_widens_its_head_blocks_from_32_rows(gpu):
     for more heads at once (bench/mla_rows_bench.py on an H100: B=128 decode rows at a 2,000-key
     context 1.46 -> 0.86 ms a layer; a riding step of 1,280 rows 12.7 -> 6.1 ms)."""
     t = load_tuning(gpu)
-    narrow = (t.mla_decode["narrow_block_h"], t.mla_decode["narrow_num_warps"])
-    wide = (t.mla_decode["wide_block_h"], t.mla_decode["wide_num_warps"])
-    assert wide[0] > narrow[0]
+    narrow = (t.mla_decode["narrow_block_h"], t.mla_decode["narrow_num_warps"], 32)
+    wide = (t.mla_decode["wide_block_h"], t.mla_decode["wide_num_warps"], t.mla_decode["wide_block_n"])
+    assert wide[0] > narrow[0] and wide[2] == 64
     assert [mla_config(rows, 128, t) for rows in (1, 16, 31, 32, 128, 129, 5120)] == [narrow] * 3 + [wide] * 4
     # A rank's 16 heads under --tp 8 (or V3-Lite's 16): no block wider than the heads there are.
-    assert mla_config(512, 16, t) == (16, wide[1]) and mla_config(512, 20, t) == (32, wide[1])
+    assert mla_config(512, 16, t) == (16, *wide[1:]) and mla_config(512, 20, t) == (32, *wide[1:])
 
 
 def test_one_query_attends_absorbed_whatever_kv_len(small_model):
