@@ -289,7 +289,8 @@ def passthrough(args) -> list[str]:
             *(["--api-processes", str(args.api_processes)] if args.api_processes is not None else []),
             *(["--prefill-graph-tokens", str(args.prefill_graph_tokens)] if args.prefill_graph_tokens is not None
               else []),
-            *(["--riding-graph-rows", str(args.riding_graph_rows)] if args.riding_graph_rows is not None else [])]
+            *(["--riding-graph-rows", str(args.riding_graph_rows)] if args.riding_graph_rows is not None else []),
+            *(["--block-size", str(args.block_size)] if args.block_size is not None else [])]
 
 
 def plan_of(args) -> Plan:
@@ -297,6 +298,8 @@ def plan_of(args) -> Plan:
     plan = QUICK if args.quick else GPU
     if args.max_prefill_tokens is not None:
         plan = dataclasses.replace(plan, max_prefill_tokens=args.max_prefill_tokens)
+    if args.block_size is not None:
+        plan = dataclasses.replace(plan, block_size=args.block_size)
     return plan
 
 
@@ -332,6 +335,9 @@ def main() -> int:
     ap.add_argument("--riding-graph-rows", type=int, default=None, metavar="N",
                     help="serve's --riding-graph-rows (default: serve's default; 0 = steps past the decode sizes "
                          "that prompt chunks ride run eagerly)")
+    ap.add_argument("--block-size", type=int, default=None, metavar="N",
+                    help="serve's --block-size, also the step bound's page (default: the plan's, 64 on the GPU): "
+                         "the prefix cache's granularity, so the length of a prefix hit's uncached tail")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the server process
     for flag, kind in (("--port", int), ("--workdir", str), ("--ctx", int), ("--prefill-tokens", int),
                        ("--bound-out", str)):
@@ -354,7 +360,7 @@ def main() -> int:
             res = {"plan": dataclasses.asdict(plan), "max_tokens": plan.max_tokens,
                    "max_prefill_tokens": plan.max_prefill_tokens, "mean_prompt_tokens": prompts["mean_prompt_tokens"],
                    "row_prefill_tokens": row_prefill_tokens(args), "overlap": args.overlap, "api_processes": bound["api_processes"],
-                   "riding_graph_rows": args.riding_graph_rows, "prefill_graph_tokens": args.prefill_graph_tokens,
+                   "riding_graph_rows": args.riding_graph_rows, "block_size": plan.block_size, "prefill_graph_tokens": args.prefill_graph_tokens,
                    "bound": bound, "startup_s": startup_s, "triton_compiles_at_startup": res_compiled,
                    "host_cpu": host_cpu()}
             base = f"{root}/v1"

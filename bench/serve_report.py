@@ -12,7 +12,7 @@ def markdown(res: dict) -> str:
     lines = [f"Served context ~{b['ctx']} tokens, {res['max_tokens']} output tokens, mean prompt "
              f"{res['mean_prompt_tokens']:.0f} tokens, --max-prefill-tokens {res['max_prefill_tokens']}, "
              f"--row-prefill-tokens {res['row_prefill_tokens']}, --overlap {res.get('overlap', 'auto')}, "
-             f"--api-processes {res.get('api_processes', 0)}; "
+             f"--api-processes {res.get('api_processes', 0)}, --block-size {res['plan']['block_size']}; "
              f"{b.get('device', 'n/a')}, host {res.get('host_cpu', 'n/a')}.", "",
              "| concurrency | output tok/s | step bound tok/s (B / step ms) | share of bound | goal | TTFT p50 / p99 ms "
              "| ITL p50 / p99 ms | prefix hits | distinct completions | Triton compiles |",

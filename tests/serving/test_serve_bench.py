@@ -15,8 +15,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_serve_bench_quick(tmp_path):
-    subprocess.run([sys.executable, "bench/serve_bench.py", "--quick", "--repeat", "2", "--out", str(tmp_path)],
-                   cwd=REPO, check=True, timeout=600, capture_output=True)
+    # --block-size 32 (the quick plan's is 16): the flag must reach the server and the step bound.
+    subprocess.run([sys.executable, "bench/serve_bench.py", "--quick", "--repeat", "2", "--block-size", "32",
+                    "--out", str(tmp_path)], cwd=REPO, check=True, timeout=600, capture_output=True)
     res = json.loads((tmp_path / "serve_bench.json").read_text())
     plan = res["plan"]
     assert [r["concurrency"] for r in res["levels"]] == plan["levels"] * 2  # --repeat 2: interleaved
@@ -35,11 +36,12 @@ def test_serve_bench_quick(tmp_path):
     assert res["bound"]["prefill_tokens"] == res["idle"]["prompt_tokens"]
     assert 0 < res["idle"]["server_ttft_ms"] <= res["idle"]["ttft_ms"]  # the engine's share of the client's
     assert res["server"]["model_host_kv_blocks_total"] > 0
+    assert plan["block_size"] == res["server"]["model_host_kv_block_size_tokens"] == 32
     table = (tmp_path / "serve_bench.md").read_text()
     assert "| 1 |" in table and "every prompt unique" in table and "Idle TTFT" in table
     assert "Share of the step bound over the repeats: c=1: " in table
     assert "| concurrency | decode | riding | prefill |" in table
-    assert f"host {res['host_cpu']}" in table and res["bound"]["device"] == "cpu"
+    assert "--block-size 32;" in table and f"host {res['host_cpu']}" in table and res["bound"]["device"] == "cpu"
 
 
 def test_recurring_prompts_share_their_context_and_never_the_whole_prompt():
