@@ -349,6 +349,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32,128")
     ap.add_argument("--variants", default="torch,fp8-eager,fp8-graph")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--table", type=Path, help="launch table (JSON) for every variant (default: this GPU's); "
+                    "run twice on one machine for a decode / riding-step A/B of a table change")
     ap.add_argument("--ab-table", type=Path, help="also time the prefill with this launch table (JSON) and "
                     "with this GPU's table, alternating, on the same model")
     ap.add_argument("--micro", action="store_true", help="also run GEMM micro-benchmarks")
@@ -393,7 +395,8 @@ def main() -> None:
         log(f"decode{b}: active experts {act}, {nbytes / 1e9:.2f} GB -> {res[f'roofline/decode{b}']:.3f} ms")
     model.ops = TorchOps()
     fl = linear_flops_per_token(model) * 2048
-    tuning = None
+    tuning = read_table(args.table) if args.table else None
+    res["table"] = str(args.table) if args.table else "default"
     if args.tune:
         tuning = decode_diag.tune(db, model, rig, res, args.out or Path("."), args.tune)
     if args.check:

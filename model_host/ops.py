@@ -70,6 +70,12 @@ class Ops(ABC):
     """The op interface; a backend implements all of it (see the module doc)."""
 
     @abstractmethod
+    def precision_switches(self, cfg) -> tuple[int, ...]:
+        """Row counts of a step of single-token rows past which this backend's kernels round
+        activations differently (CUDA graphs pad a step only within two switches, so a padded
+        step rounds as the same step run eagerly); () where nothing switches."""
+
+    @abstractmethod
     def dense_weight(self, layer: Linear, dtype: torch.dtype) -> torch.Tensor:
         """``layer``'s weight as a dense ``dtype`` tensor (dequantized if FP8)."""
 
@@ -137,6 +143,9 @@ class TorchOps(Ops):
     def __init__(self, cache_dequantized: bool = False) -> None:
         self.cache_dequantized = cache_dequantized
         self._dense: weakref.WeakKeyDictionary[Linear, torch.Tensor] = weakref.WeakKeyDictionary()
+
+    def precision_switches(self, cfg) -> tuple[int, ...]:
+        return ()  # one path at every row count
 
     def dense_weight(self, layer: Linear, dtype: torch.dtype) -> torch.Tensor:
         w = layer.weight

@@ -22,7 +22,7 @@ from model_host.engine.runner import ModelRunner, capture_sizes
 from model_host.engine.scheduler import Batch, PrefillChunk, Scheduler
 from model_host.engine.sequence import PENDING, Sequence
 from model_host.engine.speculative import SpeculativeDecoder
-from model_host.kernels.graphs import precision_switches, riding_buckets
+from model_host.kernels.graphs import riding_buckets
 from model_host.mla import absorb_is_cheaper
 from model_host.model import DeepseekV3
 from model_host.sampler import Sampler, SamplingParams
@@ -92,8 +92,8 @@ class Engine:
         self.row_tokens = 0 if k else (rows if rows is not None else ROW_PREFILL_TOKENS * self.runner.graphs_enabled)
         self.max_rows = max(config.max_batch * (k + 1), self.row_tokens)
         # Riding steps past the decode sizes, captured by 128 rows (no riding with speculation).
-        self.riding_rows = (riding_buckets(self.max_rows, config.riding_graph_limit(), precision_switches(cfg))
-                            if self.row_tokens else [])
+        switches = model.ops.precision_switches(cfg)
+        self.riding_rows = riding_buckets(self.max_rows, config.riding_graph_limit(), switches) if self.row_tokens else []
         self.graph_report = self.runner.capture_graphs(capture_sizes(self.max_rows),
                                                        int(config.graph_budget_gb() * 2**30),
                                                        self.blocks.blocks_needed(self.max_model_len + 1 + k),

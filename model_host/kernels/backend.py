@@ -55,6 +55,14 @@ class TritonOps(TorchOps):
         self._mm_out_f32: bool | None = None  # torch.mm(..., out_dtype=fp32) available here?
         self._kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> prepared weight
 
+    def precision_switches(self, cfg) -> tuple[int, ...]:
+        """Row counts past which these kernels quantize activations to one FP8 term instead of
+        two: the dense MLPs' gate/up (the table's ``swiglu_grouped_max_rows``), the Triton GEMM
+        where cuBLASLt refuses a shape (``gemm_config``: 256 rows), and the grouped MoE at 256
+        routed rows, i.e. 256 // top_k tokens (``grouped_config``)."""
+        dense = {self.tuning.swiglu_grouped_max_rows, 256}
+        return tuple(sorted(dense | {256 // cfg.num_experts_per_tok} if cfg.is_moe else dense, reverse=True))
+
     # -- linears ------------------------------------------------------------------------------
     def dense_weight(self, layer, dtype: torch.dtype) -> torch.Tensor:
         # Only absorbed MLA asks for a dense weight (kv_b_proj, 17 MB FP8 per layer): keep the
@@ -125,7 +133,7 @@ class TritonOps(TorchOps):
             return super().swiglu(x, mlp)
         flat = x.reshape(-1, x.shape[-1])
         g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        if flat.shape[0] > 256:  # prefill: one expert = plain GEMMs, where cuBLASLt / 128x128 tiles win
+        if flat.shape[0] > self.tuning.swiglu_grouped_max_rows:  # prefill-like: plain GEMMs (cuBLASLt) win
             aq = act_quant(flat)  # gate and up read the same activations: quantize once
             h = F.silu(self.fp8_mm(flat, g.weight, g.weight_scale_inv, aq)) * self.fp8_mm(
                 flat, u.weight, u.weight_scale_inv, aq)

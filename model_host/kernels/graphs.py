@@ -54,17 +54,10 @@ def prefill_buckets(max_tokens: int, max_positions: int, step: int = PREFILL_STE
     return list(range(-(-PREFILL_MIN_TOKENS // step) * step, top + 1, step))
 
 
-def precision_switches(cfg) -> tuple[int, ...]:
-    """Row counts of a step of single-token rows past which the kernels quantize activations to
-    one FP8 term instead of two (``gemm_config``, ``grouped_config``): the dense GEMMs at 256
-    rows, the grouped MoE at 256 routed rows, i.e. 256 // top_k tokens."""
-    return (256, 256 // cfg.num_experts_per_tok) if cfg.is_moe else (256,)
-
-
 def riding_buckets(decode_rows: int, max_rows: int, switches: tuple[int, ...] = (256,)) -> list[int]:
     """Row counts to capture riding steps at, past the widest decode bucket ``decode_rows``
     through the first at or above ``max_rows``: multiples of :data:`RIDING_STEP` and every
-    precision switch (:func:`precision_switches`) among them, so that no bucket spans a switch
+    precision switch of the ops (``Ops.precision_switches``) among them, so that no bucket spans a switch
     and a padded step rounds as the same step run eagerly."""
     top = -(-max_rows // RIDING_STEP) * RIDING_STEP
     marks = {*range(RIDING_STEP, top + 1, RIDING_STEP), *(s for s in switches if s <= top)}

@@ -31,7 +31,11 @@ class Tuning:
     grouped_decode / grouped_prefill / grouped_prefill_down: the grouped MoE launches.
     mla_decode: the paged MLA kernel's heads per program, warps and key block, narrow for few query rows
     and wide from ``wide_min_rows`` (larger decode batches, and eager steps where prompt chunks
-    ride as rows)."""
+    ride as rows).
+    swiglu_grouped_max_rows: rows up to which a dense MLP or shared expert runs gate and up as one
+    grouped launch on two-term FP8 activations (16-row tiles, bf16 precision); past it, as two
+    GEMMs on one FP8 term, as prefill does. A precision switch (``TritonOps.precision_switches``):
+    a power of two up to 256, so that no captured decode or prefill size pads across it."""
 
     scaled_mm_min_m: int
     small_m: dict
@@ -40,8 +44,13 @@ class Tuning:
     grouped_prefill: dict
     grouped_prefill_down: dict
     mla_decode: dict
+    swiglu_grouped_max_rows: int = 256
 
     def __post_init__(self) -> None:  # frozen all the way down: the tables are read-only
+        v = self.swiglu_grouped_max_rows
+        if not (16 <= v <= 256 and v & (v - 1) == 0):  # decode graphs pad to powers of two,
+            # prefill graphs start past 256 rows: neither may pad a step across this switch
+            raise ValueError(f"swiglu_grouped_max_rows={v!r}: use a power of two from 16 to 256")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, dict):

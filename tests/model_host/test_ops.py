@@ -21,7 +21,7 @@ def test_triton_ops_implement_the_whole_interface_and_fall_back_on_cpu(small_mod
     assert not TritonOps.__abstractmethods__ and not TorchOps.__abstractmethods__
     ops = {name for name, f in vars(Ops).items() if getattr(f, "__isabstractmethod__", False)}
     assert {"linear", "linears", "swiglu", "route", "moe", "rms_norm", "store_latents", "concat_heads",
-            "mla_decode", "mla_prefill", "dense_weight"} == ops
+            "mla_decode", "mla_prefill", "dense_weight", "precision_switches"} == ops
     ids = torch.randint(0, 1024, (2, 9), generator=torch.Generator().manual_seed(0))
     ref = small_model(ids).logits
     small_model.ops = TritonOps()  # CPU tensors: every op takes the reference path

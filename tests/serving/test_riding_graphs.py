@@ -4,6 +4,8 @@ step runs eagerly here on the CPU (the same forward the GPU captures); tests/gpu
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -11,15 +13,26 @@ from model_host.checkpoint import make_config
 from model_host.engine.engine import Engine, EngineConfig
 from model_host.engine.runner import ModelRunner
 from model_host.engine.scheduler import PrefillChunk
-from model_host.kernels.graphs import DecodeGraphs, precision_switches, riding_buckets
+from model_host.kernels.backend import TritonOps
+from model_host.kernels.graphs import DecodeGraphs, riding_buckets
+from model_host.kernels.tuning import load_tuning
+from model_host.ops import TorchOps
 
 from .test_prefill_graphs import _cache, _seq  # a float32 cache of 100 blocks of 8; a sequence on blocks
 
 
 def test_riding_buckets_never_span_a_precision_switch_and_cover_the_widest_step():
-    v3 = precision_switches(make_config("v3"))
+    v3 = TritonOps().precision_switches(make_config("v3"))
     assert v3 == (256, 32)  # dense GEMMs at 256 rows; the MoE at 256 routed rows = 32 tokens of top 8
-    assert precision_switches(make_config("tiny", n_routed_experts=None)) == (256,)
+    assert TritonOps().precision_switches(make_config("tiny", n_routed_experts=None)) == (256,)
+    assert TorchOps().precision_switches(make_config("v3")) == ()  # the reference never switches
+    # A table whose dense MLPs leave the grouped two-term launch earlier: one more switch.
+    early = TritonOps(dataclasses.replace(load_tuning(), swiglu_grouped_max_rows=128))
+    assert early.precision_switches(make_config("v3")) == (256, 128, 32)
+    assert riding_buckets(64, 300, early.precision_switches(make_config("v3"))) == [128, 256, 384]
+    for bad in (100, 512, 8):  # not a power of two, or past the prefill graphs' first size
+        with pytest.raises(ValueError, match="swiglu_grouped_max_rows"):
+            dataclasses.replace(load_tuning(), swiglu_grouped_max_rows=bad)
     assert riding_buckets(128, 1024, v3) == [256, 384, 512, 640, 768, 896, 1024]
     assert riding_buckets(192, 1000, v3) == [256, 384, 512, 640, 768, 896, 1024]  # 1,000 rows still fit
     assert riding_buckets(64, 200, v3) == [128, 256]
