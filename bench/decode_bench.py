@@ -351,8 +351,8 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--table", type=Path, help="launch table (JSON) for every variant (default: this GPU's); "
                     "run twice on one machine for a decode / riding-step A/B of a table change")
-    ap.add_argument("--ab-table", type=Path, help="also time the prefill with this launch table (JSON) and "
-                    "with this GPU's table, alternating, on the same model")
+    ap.add_argument("--ab-table", type=Path, help="also time the prefill with this launch table (JSON) as the "
+                    "baseline against the run's table (--table, --tune's, or this GPU's), alternating, on the same model")
     ap.add_argument("--micro", action="store_true", help="also run GEMM micro-benchmarks")
     ap.add_argument("--profile", action="store_true", help="top kernels of a bs1 decode step and a prefill")
     ap.add_argument("--tune", nargs="?", const="all", choices=("all", "decode", "prefill"),
@@ -395,6 +395,8 @@ def main() -> None:
         log(f"decode{b}: active experts {act}, {nbytes / 1e9:.2f} GB -> {res[f'roofline/decode{b}']:.3f} ms")
     model.ops = TorchOps()
     fl = linear_flops_per_token(model) * 2048
+    if args.table and args.tune:
+        raise SystemExit("decode_bench: --table and --tune both choose the run's table; give one")
     tuning = read_table(args.table) if args.table else None
     res["table"] = str(args.table) if args.table else "default"
     if args.tune:

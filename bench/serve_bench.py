@@ -199,7 +199,7 @@ def step_bound(model, plan: Plan, ctx: int, prefill_tokens: int, graph_limit: in
     cache.c_kv.normal_()
     cache.k_pe.normal_()
     graphs = DecodeGraphs(model, cache, per_row, buckets=plan.levels) if graphs_supported(model) else None
-    out = {"ctx": ctx, "graphs": graphs is not None, "decode_ms": {},
+    out = {"ctx": ctx, "block_size": page, "graphs": graphs is not None, "decode_ms": {},
            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
     g = torch.Generator(device=dev).manual_seed(0)
     with torch.inference_mode():

@@ -59,7 +59,9 @@ class TritonOps(TorchOps):
         """Row counts past which these kernels quantize activations to one FP8 term instead of
         two: the dense MLPs' gate/up (the table's ``swiglu_grouped_max_rows``), the Triton GEMM
         where cuBLASLt refuses a shape (``gemm_config``: 256 rows), and the grouped MoE at 256
-        routed rows, i.e. 256 // top_k tokens (``grouped_config``)."""
+        routed rows, i.e. 256 // top_k tokens (``grouped_config``). Not listed: the dense linears'
+        move to cuBLASLt at ``scaled_mm_min_m`` rows (32), across which the decode sizes have
+        always padded 17..31-row steps; riding buckets start past the decode sizes, above it."""
         dense = {self.tuning.swiglu_grouped_max_rows, 256}
         return tuple(sorted(dense | {256 // cfg.num_experts_per_tok} if cfg.is_moe else dense, reverse=True))
 
@@ -190,11 +192,11 @@ class TritonOps(TorchOps):
         grouped_w8a8(h, dp.weight, dp.weight_scale_inv, None, num_rows=rows, mode="scatter", out=out,
                      scatter=token, weight=w_sorted, config=down_cfg, schedule=sched)
         if shared is not None:
-            if self._fp8_mlp(shared, x):
+            if self._fp8_mlp(shared, x) and t <= self.tuning.swiglu_grouped_max_rows:
                 d = shared.down_proj
                 grouped_w8a8(self._gate_up(x, shared, aq), d.weight.unsqueeze(0), d.weight_scale_inv.unsqueeze(0),
                              None, num_rows=t, mode="scatter", out=out, config=self._grouped(t, d))
-            else:  # non-FP8 shared expert: the dense-MLP path, added in fp32
+            else:  # past the table's switch, or a non-FP8 shared expert: the dense-MLP path, in fp32
                 out += self.swiglu(x, shared).float()
         return out.to(x.dtype)
 
@@ -217,12 +219,14 @@ class TritonOps(TorchOps):
     # -- norms and attention ------------------------------------------------------------------
     def rms_norm(self, x: torch.Tensor, norm, residual: torch.Tensor | None = None,
                  quantize: bool = False) -> Normed:
-        """One launch; with ``quantize`` at decode sizes (the grouped launches take two-term FP8
-        there) the same launch writes the two FP8 terms of the output, returned as ``quant``."""
+        """One launch; with ``quantize`` at decode sizes, where the dense MLP's or shared expert's
+        grouped gate/up takes two-term FP8 (``swiglu_grouped_max_rows``; the MoE's decode launches
+        too, at fewer rows still), the same launch writes the two FP8 terms of the output, returned
+        as ``quant``; past it no consumer reads them."""
         if not use_triton(x):
             return super().rms_norm(x, norm, residual)
         rows = x.numel() // x.shape[-1]
-        if quantize and grouped_config(rows, 1, 1, self.tuning)["a_mode"] == 3:
+        if quantize and rows <= self.tuning.swiglu_grouped_max_rows:
             y, h, terms = rms_norm_split_quant(x, norm.weight, norm.eps, residual=residual)
         else:
             (y, h), terms = rms_norm(x, norm.weight, norm.eps, residual=residual), None

@@ -159,8 +159,9 @@ def mla_decode(q: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, block_ta
                block_h: int = 16, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """Attention output in latent space ``[B, H, R]``; shapes and options as in
     :func:`mla_decode_reference`. ``block_h`` heads share a program's reads of the row's keys:
-    16 serves decode (more programs for few rows); bench/mla_rows_bench.py times wider blocks
-    on the many rows of an eager riding step."""
+    16 serves few rows (more programs); wider blocks serve many rows, with ``block_n`` keys an
+    iteration (fewer rescales of the [block_h, 512] accumulator) and ``num_stages`` loads in
+    flight. The tables' values: ``tuning.mla_config``; bench/mla_rows_bench.py sweeps them."""
     if not use_triton(q, c_kv):
         return mla_decode_reference(q, c_kv, k_pe, block_tables, seq_lens, page, scale, rope,
                                     lens_from_positions, q_pe)

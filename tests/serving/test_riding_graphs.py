@@ -27,9 +27,10 @@ def test_riding_buckets_never_span_a_precision_switch_and_cover_the_widest_step(
     assert TritonOps().precision_switches(make_config("tiny", n_routed_experts=None)) == (256,)
     assert TorchOps().precision_switches(make_config("v3")) == ()  # the reference never switches
     # A table whose dense MLPs leave the grouped two-term launch earlier: one more switch.
-    early = TritonOps(dataclasses.replace(load_tuning(), swiglu_grouped_max_rows=128))
-    assert early.precision_switches(make_config("v3")) == (256, 128, 32)
-    assert riding_buckets(64, 300, early.precision_switches(make_config("v3"))) == [128, 256, 384]
+    early = TritonOps(dataclasses.replace(load_tuning(), swiglu_grouped_max_rows=64))
+    assert early.precision_switches(make_config("v3")) == (256, 64, 32)
+    assert riding_buckets(32, 300, early.precision_switches(make_config("v3"))) == [64, 128, 256, 384]
+    assert riding_buckets(32, 300, v3) == [128, 256, 384]  # 33..64 rows pad to 128 at the shipped switch
     for bad in (100, 512, 8):  # not a power of two, or past the prefill graphs' first size
         with pytest.raises(ValueError, match="swiglu_grouped_max_rows"):
             dataclasses.replace(load_tuning(), swiglu_grouped_max_rows=bad)
@@ -99,5 +100,14 @@ def test_riding_graph_rows_defaults_and_a_negative_value_is_refused_with_the_fla
     assert EngineConfig(prefill_graph_tokens=0, speculative_tokens=1).graph_budget_gb() == 1.0
     assert EngineConfig(prefill_graph_tokens=0, row_prefill_tokens=0).graph_budget_gb() == 1.0
     model, tok = tiny_model
+    # The engine buckets by its model's ops: with a table switching at 16 rows, 9..16-row steps
+    # get a bucket of their own past decode sizes to 8 (the tiny MoE's own switch: 256 // 4 = 64).
+    prev, model.ops = model.ops, TritonOps(dataclasses.replace(load_tuning(), swiglu_grouped_max_rows=16))
+    try:
+        eng = Engine(model, tok, EngineConfig(kv_memory_gb=0.01, max_batch=8, row_prefill_tokens=8,
+                                              max_prefill_tokens=120))
+        assert eng.riding_rows == [16, 64, 128]
+    finally:
+        model.ops = prev
     with pytest.raises(ValueError, match=r"--riding-graph-rows must be >= 0 \(0 = off\), got -2"):
         Engine(model, tok, EngineConfig(kv_memory_gb=0.01, riding_graph_rows=-2))

@@ -36,7 +36,7 @@ def test_serve_bench_quick(tmp_path):
     assert res["bound"]["prefill_tokens"] == res["idle"]["prompt_tokens"]
     assert 0 < res["idle"]["server_ttft_ms"] <= res["idle"]["ttft_ms"]  # the engine's share of the client's
     assert res["server"]["model_host_kv_blocks_total"] > 0
-    assert plan["block_size"] == res["server"]["model_host_kv_block_size_tokens"] == 32
+    assert plan["block_size"] == res["server"]["model_host_kv_block_size_tokens"] == res["bound"]["block_size"] == 32
     table = (tmp_path / "serve_bench.md").read_text()
     assert "| 1 |" in table and "every prompt unique" in table and "Idle TTFT" in table
     assert "Share of the step bound over the repeats: c=1: " in table
