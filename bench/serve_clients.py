@@ -85,7 +85,9 @@ def server_histograms(root: str) -> dict[str, tuple[float, float]]:
     out = {name: (vals[m, "sum"], vals[m, "count"]) for name, m in TTFT_PARTS.items()}
     for kind in re.findall(r'^model_host_step_seconds_count\{kind="(\w+)"\}', text, re.M):
         m = f'model_host_step_seconds{{kind="{kind}"}}'
+        rows = re.search(rf'^model_host_step_rows_total\{{kind="{kind}"\}} (\S+)$', text, re.M)
         out[f"step_{kind}"] = (vals[m, "sum"], vals[m, "count"])
+        out[f"steprows_{kind}"] = (float(rows.group(1)) if rows else 0.0, vals[m, "count"])
     return out
 
 
@@ -141,11 +143,13 @@ def run_level(pool: ProcessPoolExecutor, base_url: str, prompts: list, concurren
         for name in TTFT_PARTS:  # means over this level's requests
             (s0, c0), (s1, c1) = before[name], after[name]
             res[f"server_{name}_mean_ms"] = 1e3 * (s1 - s0) / max(1.0, c1 - c0)
-        res["server_steps"] = {}  # this level's engine steps by kind: how many, mean device ms
+        res["server_steps"] = {}  # this level's engine steps by kind: how many, mean device ms, mean rows
         for name, (s1, c1) in after.items():
             s0, c0 = before.get(name, (0.0, 0.0))
             if name.startswith("step_") and c1 > c0:
-                res["server_steps"][name[5:]] = {"steps": int(c1 - c0), "mean_ms": 1e3 * (s1 - s0) / (c1 - c0)}
+                t0, t1 = before.get("steprows_" + name[5:], (0.0, 0.0))[0], after["steprows_" + name[5:]][0]
+                res["server_steps"][name[5:]] = {"steps": int(c1 - c0), "mean_ms": 1e3 * (s1 - s0) / (c1 - c0),
+                                                 "mean_rows": (t1 - t0) / (c1 - c0)}
     return res
 
 

@@ -41,11 +41,17 @@ def markdown(res: dict) -> str:
     for r in res["levels"]:
         lines.append(f"| {r['concurrency']} | {f(r.get('ttft_mean_ms'))} | {f(r.get('server_prep_mean_ms'))} "
                      f"| {f(r.get('server_queue_mean_ms'))} | {f(r.get('server_ttft_mean_ms'))} |")
-    lines += ["", "Engine steps by what they ran (steps, mean device ms each): decode rows only; prompt chunks "
-              "riding as rows; a packed prefill.", "", "| concurrency | decode | riding | prefill |", "|---|---|---|---|"]
+    lines += ["", "Engine steps by what they ran (steps x mean device ms each, mean query rows): decode rows "
+              "only; prompt chunks riding as rows; a packed prefill.", "", "| concurrency | decode | riding | prefill |",
+              "|---|---|---|---|"]
+
+    def cell(st: dict) -> str:
+        rows = f" ({st['mean_rows']:.0f} rows)" if "mean_rows" in st else ""  # older reports lack it
+        return f"{st['steps']} x {st['mean_ms']:.2f}{rows}"
+
     for r in res["levels"]:
         st = r.get("server_steps", {})
-        cells = [f"{st[k]['steps']} x {st[k]['mean_ms']:.2f}" if k in st else "-" for k in ("decode", "riding", "prefill")]
+        cells = [cell(st[k]) if k in st else "-" for k in ("decode", "riding", "prefill")]
         lines.append(f"| {r['concurrency']} | {' | '.join(cells)} |")
     u = res["unique"]
     lines += ["", "| prefix reuse at concurrency {} | output tok/s | TTFT p50 / p99 ms | prefix hits |".format(

@@ -216,7 +216,8 @@ class Engine:
             s.token_ids.append(PENDING)
         launched = Launched(rows, [len(s) - 1 for s in rows], first, sampled, download(sampled),
                             logprob_rows(all_logits, sampled, rows),
-                            kind="prefill" if packed else "riding" if riding else "decode", start=start)
+                            kind="prefill" if packed else "riding" if riding else "decode", start=start,
+                            query_rows=sum(c.length for c in batch.prefill) + len(batch.decode) * (self.spec is None))
         if sampled.is_cuda:
             launched.done = torch.cuda.Event(enable_timing=True)
             launched.done.record()
@@ -253,9 +254,10 @@ class Engine:
         """Read a launched step's tokens (waiting for its sampling only) and emit them."""
         if launched.done is not None:
             launched.done.synchronize()
-            self._timings.append(StepTiming(launched.kind, launched.start.elapsed_time(launched.done) / 1e3))
+            seconds = launched.start.elapsed_time(launched.done) / 1e3
+            self._timings.append(StepTiming(launched.kind, seconds, launched.query_rows))
         elif launched.start is not None:
-            self._timings.append(StepTiming(launched.kind, time.perf_counter() - launched.start))
+            self._timings.append(StepTiming(launched.kind, time.perf_counter() - launched.start, launched.query_rows))
         tokens = launched.host.tolist()
         logprobs = launched.logprobs.read(tokens) if launched.logprobs else [None] * len(tokens)
         now = time.perf_counter()

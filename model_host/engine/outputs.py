@@ -72,10 +72,12 @@ class StepTiming:
     (CUDA events, so an overlapped step is not charged for the one before it; wall time on the
     CPU), and what it ran: ``decode`` (decode rows only), ``riding`` (prompt chunks as rows of
     the decode step) or ``prefill`` (a packed prefill forward, with or without decode rows).
-    Speculative rounds read their tokens at once and are not timed here."""
+    Speculative rounds read their tokens at once and are not timed here. ``rows``: the query
+    rows its forwards ran (decode rows plus prompt-chunk tokens), before padding to a graph."""
 
     kind: str
     seconds: float
+    rows: int = 0
 
 
 @dataclasses.dataclass
@@ -89,6 +91,7 @@ class Launched:
     host: torch.Tensor  # [m] the same, copied to the host
     logprobs: LogprobRows | None
     kind: str = "decode"  # what the step ran (StepTiming.kind)
+    query_rows: int = 0  # query rows its forwards ran (StepTiming.rows)
     start: torch.cuda.Event | float | None = None  # recorded before its first kernel (perf_counter on the CPU)
     done: torch.cuda.Event | None = None  # recorded after the copies (CUDA)
 

@@ -65,11 +65,16 @@ class Metrics:
         # rows; a packed prefill): how long a wave of arrivals holds the running decodes.
         self.step = Histogram("model_host_step_seconds", "Device time of an engine step", ["kind"],
                               buckets=STEP_BUCKETS, registry=r)
+        # ... and how wide the steps were: with the step count, the mean rows of a riding step
+        # (which graph bucket the waves land in).
+        self.step_rows = Counter("model_host_step_rows", "Query rows of the engine's steps (decode rows "
+                                   "plus prompt-chunk tokens, before graph padding)", ["kind"], registry=r)
 
     def on_step(self, outs: list[StepOutput]) -> None:
         """Called on the engine thread after every step."""
         for t in self.loop.engine.take_timings():
             self.step.labels(t.kind).observe(t.seconds)
+            self.step_rows.labels(t.kind).inc(t.rows)
         for o in outs:
             if o.token is not None:
                 self.generation_tokens.inc()

@@ -228,9 +228,15 @@ def test_each_step_is_timed_by_what_it_ran(tiny_model):
     engine = Engine(model, tok, EngineConfig(max_batch=8, kv_memory_gb=0.02, block_size=8, row_prefill_tokens=64))
     engine.generate([shared + tok.encode(" warm the cache")], params)
     engine.take_timings()
-    engine.generate([shared + tok.encode(" question one?")], params)
-    assert [t.kind for t in engine.take_timings()] == ["riding", "decode", "decode"]
-    engine.generate([tok.encode("vector " * 70, add_bos=True)], params)
+    prompt = shared + tok.encode(" question one?")
+    (seq,) = engine.generate([prompt], params)
+    timings = engine.take_timings()
+    assert [t.kind for t in timings] == ["riding", "decode", "decode"]
+    # each step's query rows: the uncached tail rides as rows, then one row a decode step
+    assert [t.rows for t in timings] == [len(prompt) - seq.prompt_cached_tokens, 1, 1]
+    fresh = tok.encode("vector " * 70, add_bos=True)
+    engine.generate([fresh], params)
     timings = engine.take_timings()
     assert [t.kind for t in timings] == ["prefill", "decode", "decode"]
+    assert [t.rows for t in timings] == [len(fresh), 1, 1]
     assert all(0 < t.seconds < 60 for t in timings) and engine.take_timings() == []

@@ -31,6 +31,7 @@ def test_serve_bench_quick(tmp_path):
     assert all(1 <= r["distinct_completions"] <= r["requests"] for r in res["levels"])
     for r in res["levels"]:  # every level decodes; its steps' mean device time is positive
         assert r["server_steps"]["decode"]["steps"] > 0 and r["server_steps"]["decode"]["mean_ms"] > 0
+        assert 1 <= r["server_steps"]["decode"]["mean_rows"] <= r["concurrency"]  # one row a running request
     assert res["unique"]["prefix_hit_rate"] == 0 and res["idle"]["prefix_hit_rate"] == 0  # nonce first lines
     assert set(res["bound"]["decode_ms"]) == {str(c) for c in plan["levels"]}
     assert res["bound"]["prefill_tokens"] == res["idle"]["prompt_tokens"]
@@ -40,7 +41,7 @@ def test_serve_bench_quick(tmp_path):
     table = (tmp_path / "serve_bench.md").read_text()
     assert "| 1 |" in table and "every prompt unique" in table and "Idle TTFT" in table
     assert "Share of the step bound over the repeats: c=1: " in table
-    assert "| concurrency | decode | riding | prefill |" in table
+    assert "| concurrency | decode | riding | prefill |" in table and " rows) |" in table
     assert "--block-size 32;" in table and f"host {res['host_cpu']}" in table and res["bound"]["device"] == "cpu"
 
 

@@ -43,6 +43,9 @@ def test_models_health_metrics_and_non_streamed_chat(serve):
         assert 'model_host_step_seconds_count{kind="prefill"} 1.0' in text
         assert 'model_host_step_seconds_count{kind="decode"} 4.0' in text
         assert 0 < float(text.split('model_host_step_seconds_sum{kind="decode"} ')[1].split()[0]) < 60
+        # and their query rows: the whole prompt once, then one row a decode step
+        assert f'model_host_step_rows_total{{kind="prefill"}} {float(r.usage.prompt_tokens)}' in text
+        assert 'model_host_step_rows_total{kind="decode"} 4.0' in text
 
 
 def test_streamed_chunks_equal_non_streamed_text_for_same_seed(serve):
