@@ -18,5 +18,5 @@ def test_mla_rows_bench_quick(tmp_path):
     import mla_rows_bench
 
     res = json.loads((tmp_path / "mla_rows_bench.json").read_text())["results"]
-    assert [(r["block_h"], r["num_warps"], r["block_n"]) for r in res] == mla_rows_bench.GRID
+    assert [(r["block_h"], r["num_warps"], r["block_n"], r["num_stages"]) for r in res] == mla_rows_bench.GRID
     assert all("error" not in r and r["ms"] > 0 and r["rel_err_vs_fp64"] < 1e-2 for r in res)
