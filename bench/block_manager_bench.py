@@ -2,11 +2,13 @@
 
 128 sequences of a 1,900-token RAG prompt in 64-token blocks: their registration after the
 prefill, 128 decode steps (a block fills every 64 tokens), then re-admission with prefix hits.
-Run before and after a change to model_host/engine/block_manager.py (git stash) on one machine.
+Run before and after a change to model_host/engine/block_manager.py (git stash) on one machine;
+``--block N`` for another block size (serve's default is 16).
 
-    python bench/block_manager_bench.py
+    python bench/block_manager_bench.py [--block 16]
 """
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -25,7 +27,10 @@ def prompt(r: int) -> Sequence:
 
 
 def main() -> None:
-    bm = BlockManager(100_000, BLOCK)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--block", type=int, default=BLOCK, help="tokens per KV block")
+    block = ap.parse_args().block
+    bm = BlockManager(100_000, block)
     seqs = [prompt(r) for r in range(ROWS)]
     for s in seqs:
         bm.allocate(s)
@@ -38,7 +43,7 @@ def main() -> None:
             s.token_ids.append(7)
             bm.append_slot(s)
             s.num_computed = len(s)
-            if s.num_computed % BLOCK == 0:
+            if s.num_computed % block == 0:
                 bm.register_full_blocks(s)
     register_ms = 1e3 * (time.perf_counter() - t0)
     for s in seqs:
@@ -49,7 +54,7 @@ def main() -> None:
         bm.allocate(s)
         bm.release(s)
     allocate_ms = 1e3 * (time.perf_counter() - t1) / ROWS
-    print(f"register_full_blocks: {register_ms:.1f} ms for {ROWS} prefills + {STEPS} decode steps x {ROWS} rows; "
+    print(f"{block}-token blocks: register_full_blocks: {register_ms:.1f} ms for {ROWS} prefills + {STEPS} decode steps x {ROWS} rows; "
           f"allocate with prefix hits: {allocate_ms:.2f} ms per request")
 
 
