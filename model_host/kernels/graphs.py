@@ -54,7 +54,7 @@ def prefill_buckets(max_tokens: int, max_positions: int, step: int = PREFILL_STE
     return list(range(-(-PREFILL_MIN_TOKENS // step) * step, top + 1, step))
 
 
-def riding_buckets(decode_rows: int, max_rows: int, switches: tuple[int, ...] = (256,)) -> list[int]:
+def riding_buckets(decode_rows: int, max_rows: int, switches: tuple[int, ...]) -> list[int]:
     """Row counts to capture riding steps at, past the widest decode bucket ``decode_rows``
     through the first at or above ``max_rows``: multiples of :data:`RIDING_STEP` and every
     precision switch of the ops (``Ops.precision_switches``) among them, so that no bucket spans a switch
