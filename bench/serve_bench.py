@@ -67,7 +67,10 @@ class Plan:
 
 # c=128: 1,024 requests, 8 waves of 128 clients finishing and re-sending together; with 4 waves
 # (512) six H100 runs spread over 71-86% of the step bound (docs/benchmarks.md, eighth session).
-GPU = Plan((1, 8, 32, 128), {1: 16, 8: 96, 32: 256, 128: 1024}, 128, 1600, 1660, 128, 64, 4096, 32)
+# Blocks of 16 tokens, serve's default: a prefix hit covers whole blocks, so each arrival's
+# uncached tail is shorter than with 64 (c=128 on an H100: 238 -> 142 rows a riding step,
+# 10,747 -> 10,935 tok/s; docs/benchmarks.md, sixteenth session).
+GPU = Plan((1, 8, 32, 128), {1: 16, 8: 96, 32: 256, 128: 1024}, 128, 1600, 1660, 128, 16, 4096, 32)
 QUICK = Plan((1, 4), {1: 2, 4: 8}, 4, 120, 160, 4, 16, 64, 4)
 
 
@@ -336,7 +339,7 @@ def main() -> int:
                     help="serve's --riding-graph-rows (default: serve's default; 0 = steps past the decode sizes "
                          "that prompt chunks ride run eagerly)")
     ap.add_argument("--block-size", type=int, default=None, metavar="N",
-                    help="serve's --block-size, also the step bound's page (default: the plan's, 64 on the GPU): "
+                    help="serve's --block-size, also the step bound's page (default: the plan's, 16 as serve's): "
                          "the prefix cache's granularity, so the length of a prefix hit's uncached tail")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the server process
     for flag, kind in (("--port", int), ("--workdir", str), ("--ctx", int), ("--prefill-tokens", int),

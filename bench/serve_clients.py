@@ -7,7 +7,9 @@ Imported by bench/serve_bench.py and bench/ttft_profile.py (bench/ is on sys.pat
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
+import os
 import re
 import statistics
 import time
@@ -59,12 +61,12 @@ async def _clients(base_url: str, prompts: list, concurrency: int, max_tokens: i
         queue.put_nowait(p)
     records: list[dict] = []
 
-    async def one(client) -> None:
+    async def one(client, slot: str) -> None:
         while not queue.empty():
-            records.append(await request(client, queue.get_nowait(), max_tokens))
+            records.append({**await request(client, queue.get_nowait(), max_tokens), "slot": slot})
 
     async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=900) as client:
-        await asyncio.gather(*(one(client) for _ in range(concurrency)))
+        await asyncio.gather(*(one(client, f"{os.getpid()}:{i}") for i in range(concurrency)))
     return records
 
 
@@ -158,6 +160,21 @@ def pct(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))] if xs else None
 
 
+def occupancy(recs: list[dict], wall: float, concurrency: int) -> dict:
+    """Where the clients' time goes outside their requests: the share of client time with a
+    request in flight (sent to last chunk), the mean gap between one client's requests, and the
+    drain (from the first client's last response to the level's end, while the batch empties).
+    The step bound assumes every one of the ``concurrency`` rows busy at every step."""
+    by_slot: dict[str, list[dict]] = {}
+    for r in recs:
+        by_slot.setdefault(r.get("slot", ""), []).append(r)
+    gaps = [b["start"] - a["end"] for rs in by_slot.values()
+            for a, b in itertools.pairwise(sorted(rs, key=lambda r: r["start"]))]
+    return {"in_flight_share": sum(r["end"] - r["start"] for r in recs) / (wall * concurrency),
+            "client_gap_ms": 1e3 * statistics.fmean(gaps) if gaps else None,
+            "drain_s": max(r["end"] for r in recs) - min(max(r["end"] for r in rs) for rs in by_slot.values())}
+
+
 def summarize(recs: list[dict], concurrency: int) -> dict:
     ok = [r for r in recs if r["error"] is None]
     wall = max(r["end"] for r in recs) - min(r["start"] for r in recs)
@@ -165,7 +182,7 @@ def summarize(recs: list[dict], concurrency: int) -> dict:
     itl = [x for r in ok for x in r["itl"]]
     tokens = sum(r["tokens"] for r in ok)
     ms = lambda x: None if x is None else 1e3 * x  # noqa: E731
-    return {"concurrency": concurrency, "requests": len(recs), "errors": len(recs) - len(ok),
+    return {**occupancy(recs, wall, concurrency), "concurrency": concurrency, "requests": len(recs), "errors": len(recs) - len(ok),
             "first_error": next((r["error"] for r in recs if r["error"]), None), "wall_s": wall,
             "output_tokens": tokens, "output_tok_s": tokens / wall,
             "ttft_p50_ms": ms(pct(ttft, 50)), "ttft_p99_ms": ms(pct(ttft, 99)),

@@ -53,6 +53,17 @@ def markdown(res: dict) -> str:
         st = r.get("server_steps", {})
         cells = [cell(st[k]) if k in st else "-" for k in ("decode", "riding", "prefill")]
         lines.append(f"| {r['concurrency']} | {' | '.join(cells)} |")
+    lines += ["", "Occupancy: the share of client time with a request in flight, the mean gap between one "
+              "client's requests, the drain (first client done to the level's end), and the mean rows of "
+              "the decode steps against the concurrency.", "",
+              "| concurrency | in flight | client gap ms | drain s | decode rows / concurrency |", "|---|---|---|---|---|"]
+    for r in res["levels"]:
+        if "in_flight_share" not in r:  # older reports lack it
+            continue
+        dec = r.get("server_steps", {}).get("decode", {})
+        rows = f"{dec['mean_rows'] / r['concurrency']:.0%}" if "mean_rows" in dec else "n/a"
+        lines.append(f"| {r['concurrency']} | {r['in_flight_share']:.0%} | {f(r['client_gap_ms'])} "
+                     f"| {r['drain_s']:.2f} | {rows} |")
     u = res["unique"]
     lines += ["", "| prefix reuse at concurrency {} | output tok/s | TTFT p50 / p99 ms | prefix hits |".format(
         u["concurrency"]), "|---|---|---|---|"]

@@ -64,30 +64,43 @@ def test_fp8_logits_close_to_dequantized_bf16(ckpt):
     assert rel(a16, ref) < 2e-2 if kind == "dense" else (rel(a16, ref) < 0.15 and agree16 > 0.85)
 
 
-def test_dense_mlp_past_the_tables_swiglu_switch_stays_close_to_bf16(ckpt):
+@pytest.fixture(scope="module", params=["dense", "moe-8-of-8"])
+def switch_ckpt(request, tmp_path_factory):
+    """A dense model, and one whose router selects all 8 of its 8 experts: the logits are then a
+    continuous function of the kernels' arithmetic (a random top-4 of 16 flips near-tied experts
+    on a last-bit change, which a 24-token argmax check cannot tell from a bug; measured: 4 of 24
+    flipped), and 8 experts a token keep 24 tokens (192 routed rows) on the MoE's decode launches."""
+    extra = ({"n_routed_experts": None} if request.param == "dense"
+             else {"n_routed_experts": 8, "num_experts_per_tok": 8, "topk_group": 4})
+    path = tmp_path_factory.mktemp(request.param)
+    cfg = make_config("tiny", vocab_size=1024, mtp=False, hidden_size=256, **extra)
+    write_random_checkpoint(path, cfg, dtype="fp8", tokenizer=False, seed=5)
+    return request.param, path
+
+
+def test_dense_mlp_past_the_tables_swiglu_switch_stays_close_to_bf16(switch_ckpt):
     """A table that sends dense MLPs and shared experts of more than 64 rows to the prefill GEMMs
-    (``swiglu_grouped_max_rows``; the shipped tables say 256): 96 rows take two GEMMs instead of
-    the grouped two-term launch (cuBLASLt on one FP8 term at V3's widths; at this model's widths,
-    which cuBLASLt refuses, the Triton GEMM), within the same bound as the default table."""
+    (``swiglu_grouped_max_rows``): 96 rows take two GEMMs on one FP8 term instead of the grouped
+    two-term launch (cuBLASLt at V3's widths; at this model's widths, which cuBLASLt refuses, the
+    Triton GEMM), within the bound of the W8A16 dense test above."""
     import dataclasses
 
     from model_host.kernels.backend import TritonOps
     from model_host.kernels.tuning import load_tuning
 
-    kind, path = ckpt
+    kind, path = switch_ckpt
     model = load_model(path, device="cuda", dtype=torch.bfloat16)
     # 96 rows past a switch at 64; and 24 rows past one at 16, where the MoE still takes its
-    # decode launches (24 x top-4 routed rows <= 256) but sends its shared expert to the GEMMs.
+    # decode launches (24 x 8 routed rows <= 256) but sends its shared expert to the GEMMs.
     for shape, switch in (((2, 48), 64), ((1, 24), 16)):
         ids = torch.randint(0, 1024, shape, device="cuda")
         ref = logits(model, TorchOps(), ids)
         early = logits(model, TritonOps(dataclasses.replace(load_tuning(), swiglu_grouped_max_rows=switch)), ids)
-        default = logits(model, TritonOps(), ids)
-        agree = (early.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        default = logits(model, TritonOps(dataclasses.replace(load_tuning(), swiglu_grouped_max_rows=256)), ids)
         print(f"{kind}, {shape[0] * shape[1]} rows, switch {switch}: GEMM gate/up vs BF16 logits rel err "
-              f"{rel(early, ref):.4f} (default table {rel(default, ref):.4f})")
+              f"{rel(early, ref):.4f} (grouped two-term {rel(default, ref):.4f})")
         assert not torch.equal(early, default)  # the switch moved: another path ran
-        assert rel(early, ref) < 2e-2 if kind == "dense" else (rel(early, ref) < 0.15 and agree > 0.85)
+        assert rel(early, ref) < 2e-2
 
 
 # The greedy check's bounds, fixed in advance instead of measured at each step (a bug that moves

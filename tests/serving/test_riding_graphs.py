@@ -24,7 +24,8 @@ from .test_prefill_graphs import _cache, _seq  # a float32 cache of 100 blocks o
 def test_riding_buckets_never_span_a_precision_switch_and_cover_the_widest_step():
     v3 = TritonOps().precision_switches(make_config("v3"))
     assert v3 == (256, 32)  # dense GEMMs at 256 rows; the MoE at 256 routed rows = 32 tokens of top 8
-    assert TritonOps().precision_switches(make_config("tiny", n_routed_experts=None)) == (256,)
+    # A dense model: the Triton GEMM's 256 rows, and the shipped tables' dense MLP switch at 32.
+    assert TritonOps().precision_switches(make_config("tiny", n_routed_experts=None)) == (256, 32)
     assert TorchOps().precision_switches(make_config("v3")) == ()  # the reference never switches
     # A table whose dense MLPs leave the grouped two-term launch earlier: one more switch.
     early = TritonOps(dataclasses.replace(load_tuning(), swiglu_grouped_max_rows=64))

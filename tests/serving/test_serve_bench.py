@@ -19,6 +19,7 @@ def test_serve_bench_quick(tmp_path):
     subprocess.run([sys.executable, "bench/serve_bench.py", "--quick", "--repeat", "2", "--block-size", "32",
                     "--out", str(tmp_path)], cwd=REPO, check=True, timeout=600, capture_output=True)
     res = json.loads((tmp_path / "serve_bench.json").read_text())
+    table = (tmp_path / "serve_bench.md").read_text()
     plan = res["plan"]
     assert [r["concurrency"] for r in res["levels"]] == plan["levels"] * 2  # --repeat 2: interleaved
     for r in res["levels"] + [res["unique"]]:
@@ -32,13 +33,15 @@ def test_serve_bench_quick(tmp_path):
     for r in res["levels"]:  # every level decodes; its steps' mean device time is positive
         assert r["server_steps"]["decode"]["steps"] > 0 and r["server_steps"]["decode"]["mean_ms"] > 0
         assert 1 <= r["server_steps"]["decode"]["mean_rows"] <= r["concurrency"]  # one row a running request
+    for r in res["levels"]:  # occupancy: each client ran several requests, one at a time
+        assert 0 < r["in_flight_share"] <= 1 and r["client_gap_ms"] >= 0 and 0 <= r["drain_s"] < r["wall_s"]
+    assert "| concurrency | in flight | client gap ms | drain s | decode rows / concurrency |" in table
     assert res["unique"]["prefix_hit_rate"] == 0 and res["idle"]["prefix_hit_rate"] == 0  # nonce first lines
     assert set(res["bound"]["decode_ms"]) == {str(c) for c in plan["levels"]}
     assert res["bound"]["prefill_tokens"] == res["idle"]["prompt_tokens"]
     assert 0 < res["idle"]["server_ttft_ms"] <= res["idle"]["ttft_ms"]  # the engine's share of the client's
     assert res["server"]["model_host_kv_blocks_total"] > 0
     assert plan["block_size"] == res["server"]["model_host_kv_block_size_tokens"] == res["bound"]["block_size"] == 32
-    table = (tmp_path / "serve_bench.md").read_text()
     assert "| 1 |" in table and "every prompt unique" in table and "Idle TTFT" in table
     assert "Share of the step bound over the repeats: c=1: " in table
     assert "| concurrency | decode | riding | prefill |" in table and " rows) |" in table
