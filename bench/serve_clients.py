@@ -15,10 +15,15 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+# Lead time of a level's common start: long enough for a fresh pool worker to import the SDK.
+START_LEAD_S = 3.0
 
-def client_worker(base_url: str, prompts: list, concurrency: int, max_tokens: int) -> list[dict]:
-    """One client process: `concurrency` streaming clients working through `prompts`."""
-    return asyncio.run(_clients(base_url, prompts, concurrency, max_tokens))
+
+def client_worker(base_url: str, prompts: list, concurrency: int, max_tokens: int,
+                  start_at: float | None = None) -> list[dict]:
+    """One client process: `concurrency` streaming clients working through `prompts`, from
+    ``start_at`` (``time.monotonic()``, one clock for every process on the host) if given."""
+    return asyncio.run(_clients(base_url, prompts, concurrency, max_tokens, start_at))
 
 
 async def request(client, msgs: list, max_tokens: int) -> dict:
@@ -53,7 +58,8 @@ async def request(client, msgs: list, max_tokens: int) -> dict:
     return rec
 
 
-async def _clients(base_url: str, prompts: list, concurrency: int, max_tokens: int) -> list[dict]:
+async def _clients(base_url: str, prompts: list, concurrency: int, max_tokens: int,
+                   start_at: float | None = None) -> list[dict]:
     import openai
 
     queue: asyncio.Queue = asyncio.Queue()
@@ -66,6 +72,8 @@ async def _clients(base_url: str, prompts: list, concurrency: int, max_tokens: i
             records.append({**await request(client, queue.get_nowait(), max_tokens), "slot": slot})
 
     async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=900) as client:
+        if start_at is not None:
+            await asyncio.sleep(max(0.0, start_at - time.monotonic()))
         await asyncio.gather(*(one(client, f"{os.getpid()}:{i}") for i in range(concurrency)))
     return records
 
@@ -133,10 +141,12 @@ def run_level(pool: ProcessPoolExecutor, base_url: str, prompts: list, concurren
     before = server_histograms(root) if root else {}
     procs = max(1, min(8, math.ceil(concurrency / 16)))
     shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
-    jobs, start = [], 0
+    # One start for every process: a pool worker's first job imports the SDK (about a second on a
+    # busy host), and a process that started late would stretch the level with a part-empty batch.
+    jobs, start, start_at = [], 0, time.monotonic() + START_LEAD_S
     for share in shares:  # each process gets prompts in proportion to its clients
         n = round(len(prompts) * share / concurrency)
-        jobs.append(pool.submit(client_worker, base_url, prompts[start:start + n], share, max_tokens))
+        jobs.append(pool.submit(client_worker, base_url, prompts[start:start + n], share, max_tokens, start_at))
         start += n
     recs = [r for j in jobs for r in j.result()]
     res = summarize(recs, concurrency)
@@ -163,14 +173,16 @@ def pct(xs: list[float], q: float) -> float | None:
 def occupancy(recs: list[dict], wall: float, concurrency: int) -> dict:
     """Where the clients' time goes outside their requests: the share of client time with a
     request in flight (sent to last chunk), the mean gap between one client's requests, and the
-    drain (from the first client's last response to the level's end, while the batch empties).
+    drain (from the first client's last response to the level's end, while the batch empties),
+    and the spread of the clients' first requests (all should start together).
     The step bound assumes every one of the ``concurrency`` rows busy at every step."""
     by_slot: dict[str, list[dict]] = {}
     for r in recs:
         by_slot.setdefault(r.get("slot", ""), []).append(r)
     gaps = [b["start"] - a["end"] for rs in by_slot.values()
             for a, b in itertools.pairwise(sorted(rs, key=lambda r: r["start"]))]
-    return {"in_flight_share": sum(r["end"] - r["start"] for r in recs) / (wall * concurrency),
+    firsts = [min(r["start"] for r in rs) for rs in by_slot.values()]
+    return {"start_skew_ms": 1e3 * (max(firsts) - min(firsts)),"in_flight_share": sum(r["end"] - r["start"] for r in recs) / (wall * concurrency),
             "client_gap_ms": 1e3 * statistics.fmean(gaps) if gaps else None,
             "drain_s": max(r["end"] for r in recs) - min(max(r["end"] for r in rs) for rs in by_slot.values())}
 

@@ -35,7 +35,8 @@ def test_serve_bench_quick(tmp_path):
         assert 1 <= r["server_steps"]["decode"]["mean_rows"] <= r["concurrency"]  # one row a running request
     for r in res["levels"]:  # occupancy: each client ran several requests, one at a time
         assert 0 < r["in_flight_share"] <= 1 and r["client_gap_ms"] >= 0 and 0 <= r["drain_s"] < r["wall_s"]
-    assert "| concurrency | in flight | client gap ms | drain s | decode rows / concurrency |" in table
+        assert r["start_skew_ms"] < 250  # one start for every client process
+    assert "| concurrency | in flight | client gap ms | drain s | decode rows / concurrency | start spread ms |" in table
     assert res["unique"]["prefix_hit_rate"] == 0 and res["idle"]["prefix_hit_rate"] == 0  # nonce first lines
     assert set(res["bound"]["decode_ms"]) == {str(c) for c in plan["levels"]}
     assert res["bound"]["prefill_tokens"] == res["idle"]["prompt_tokens"]
