@@ -15,7 +15,8 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-# Lead time of a level's common start: long enough for a fresh pool worker to import the SDK.
+# Lead time of a level's common start: long enough for a new pool worker to come up and import
+# the SDK (a spawned one; a forked one inherits it once the parent has imported it).
 START_LEAD_S = 3.0
 
 
@@ -141,8 +142,9 @@ def run_level(pool: ProcessPoolExecutor, base_url: str, prompts: list, concurren
     before = server_histograms(root) if root else {}
     procs = max(1, min(8, math.ceil(concurrency / 16)))
     shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
-    # One start for every process: a pool worker's first job imports the SDK (about a second on a
-    # busy host), and a process that started late would stretch the level with a part-empty batch.
+    # One start for every process: the pool's workers come up (a new one at a wider level) and
+    # set up their clients at different times, and a process that began late would stretch the
+    # level with a part-empty batch (spawned on a 2-core host: 0.4-0.6 s apart without this).
     jobs, start, start_at = [], 0, time.monotonic() + START_LEAD_S
     for share in shares:  # each process gets prompts in proportion to its clients
         n = round(len(prompts) * share / concurrency)
@@ -172,17 +174,18 @@ def pct(xs: list[float], q: float) -> float | None:
 
 def occupancy(recs: list[dict], wall: float, concurrency: int) -> dict:
     """Where the clients' time goes outside their requests: the share of client time with a
-    request in flight (sent to last chunk), the mean gap between one client's requests, and the
-    drain (from the first client's last response to the level's end, while the batch empties),
-    and the spread of the clients' first requests (all should start together).
-    The step bound assumes every one of the ``concurrency`` rows busy at every step."""
+    request in flight (sent to last chunk), the mean gap between one client's requests, the
+    drain (from the first client's last response to the level's end, while the batch empties)
+    and the spread of the clients' first requests (all should start together). The step bound
+    assumes every one of the ``concurrency`` rows busy at every step."""
     by_slot: dict[str, list[dict]] = {}
     for r in recs:
         by_slot.setdefault(r.get("slot", ""), []).append(r)
     gaps = [b["start"] - a["end"] for rs in by_slot.values()
             for a, b in itertools.pairwise(sorted(rs, key=lambda r: r["start"]))]
     firsts = [min(r["start"] for r in rs) for rs in by_slot.values()]
-    return {"start_skew_ms": 1e3 * (max(firsts) - min(firsts)),"in_flight_share": sum(r["end"] - r["start"] for r in recs) / (wall * concurrency),
+    return {"in_flight_share": sum(r["end"] - r["start"] for r in recs) / (wall * concurrency),
+            "start_skew_ms": 1e3 * (max(firsts) - min(firsts)),
             "client_gap_ms": 1e3 * statistics.fmean(gaps) if gaps else None,
             "drain_s": max(r["end"] for r in recs) - min(max(r["end"] for r in rs) for rs in by_slot.values())}
 
@@ -194,7 +197,8 @@ def summarize(recs: list[dict], concurrency: int) -> dict:
     itl = [x for r in ok for x in r["itl"]]
     tokens = sum(r["tokens"] for r in ok)
     ms = lambda x: None if x is None else 1e3 * x  # noqa: E731
-    return {**occupancy(recs, wall, concurrency), "concurrency": concurrency, "requests": len(recs), "errors": len(recs) - len(ok),
+    return {**occupancy(recs, wall, concurrency),
+            "concurrency": concurrency, "requests": len(recs), "errors": len(recs) - len(ok),
             "first_error": next((r["error"] for r in recs if r["error"]), None), "wall_s": wall,
             "output_tokens": tokens, "output_tok_s": tokens / wall,
             "ttft_p50_ms": ms(pct(ttft, 50)), "ttft_p99_ms": ms(pct(ttft, 99)),
