@@ -91,7 +91,7 @@ class Engine:
         rows = config.row_prefill_tokens
         self.row_tokens = 0 if k else (rows if rows is not None else ROW_PREFILL_TOKENS * self.runner.graphs_enabled)
         self.max_rows = max(config.max_batch * (k + 1), self.row_tokens)
-        # Riding steps past the decode sizes, captured by 128 rows (no riding with speculation).
+        # Riding steps past the decode sizes, captured by 64 rows (no riding with speculation).
         switches = model.ops.precision_switches(cfg)
         self.riding_rows = riding_buckets(self.max_rows, config.riding_graph_limit(), switches) if self.row_tokens else []
         self.graph_report = self.runner.capture_graphs(capture_sizes(self.max_rows),

@@ -66,14 +66,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--speculative-tokens and under --tp)")
     p.add_argument("--graph-memory-gb", type=float, default=None,
                    help="most GPU memory the CUDA graphs may take: decode (one per batch size up to --max-batch), "
-                        "riding steps (one per 128 rows up to --riding-graph-rows) and whole-prompt prefills (one "
+                        "riding steps (one per 64 rows up to --riding-graph-rows) and whole-prompt prefills (one "
                         "per 128 tokens up to --prefill-graph-tokens), in one pool (default 4 with prefill or "
                         "riding graphs: at V3's widths, decode to 192 rows and prefill to 4,096 tokens took 1.85 "
                         "GiB on an H200; 1 without)")
     p.add_argument("--riding-graph-rows", type=int, default=None,
                    help="steps where prompt chunks ride the decode step as rows (--row-prefill-tokens, and "
                         "short chunks after a cached prefix), past the decode batch sizes, replay a CUDA graph "
-                        "of their 128-row bucket up to this many rows (default 1024; 0 = off)")
+                        "of their 64-row bucket up to this many rows (default 1024; 0 = off)")
     p.add_argument("--prefill-graph-tokens", type=int, default=None,
                    help="prompts of 257 to this many tokens with nothing cached prefill by replaying a CUDA graph "
                         "of their length bucket, where decode steps are captured (default: --max-prefill-tokens, "

@@ -135,7 +135,7 @@ def test_cold_long_prompts_prefill_from_graphs_as_generate_does(tiny_fp8, monkey
 # rows=1: the decode rows fill the row budget (as at concurrency 128), so the prefix hits ride
 # only because they are cheaper absorbed, in steps larger than the 8 decode rows: they replay
 # riding graphs (8 + --max-prefill-tokens 64 = 72 rows at most: buckets 16, at this model's MoE
-# precision switch of 256 // 16 experts a token, and 128), and with riding_graph_rows=0 run
+# precision switch of 256 // 16 experts a token, 64 and 128), and with riding_graph_rows=0 run
 # eagerly. api-process: the routes reach the engine over the hub's socket, as under
 # --api-processes.
 @pytest.mark.parametrize(("rows", "handle", "riding"), [(None, "thread", None), (1, "thread", None),
@@ -151,7 +151,7 @@ def test_served_greedy_equals_generate_for_8_concurrent_requests(tiny_fp8, rows,
         report = s.engine.graph_report
         # at start-up: 8 rows, or 64 with prompt rows; riding steps to 72 rows
         assert report is not None and report.sizes == capture_sizes(8 if rows else 64)
-        assert report.riding_sizes == ([] if riding == 0 else [16, 128] if rows else [128])
+        assert report.riding_sizes == ([] if riding == 0 else [16, 64, 128] if rows else [128])
         graphs, replayed = s.engine.runner.graphs, []
         replay = graphs._replay
         monkeypatch.setattr(graphs, "_replay", lambda b: replayed.append(b) or replay(b))

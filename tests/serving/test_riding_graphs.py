@@ -30,17 +30,17 @@ def test_riding_buckets_never_span_a_precision_switch_and_cover_the_widest_step(
     # A table whose dense MLPs leave the grouped two-term launch earlier: one more switch.
     early = TritonOps(dataclasses.replace(load_tuning(), swiglu_grouped_max_rows=64))
     assert early.precision_switches(make_config("v3")) == (256, 64, 32)
-    assert riding_buckets(32, 300, early.precision_switches(make_config("v3"))) == [64, 128, 256, 384]
-    assert riding_buckets(32, 300, v3) == [128, 256, 384]  # 33..64 rows pad to 128 at the shipped switch
+    assert riding_buckets(32, 300, early.precision_switches(make_config("v3"))) == [64, 128, 192, 256, 320]
+    assert riding_buckets(32, 300, v3) == [64, 128, 192, 256, 320]
     for bad in (100, 512, 8):  # not a power of two, or past the prefill graphs' first size
         with pytest.raises(ValueError, match="swiglu_grouped_max_rows"):
             dataclasses.replace(load_tuning(), swiglu_grouped_max_rows=bad)
-    assert riding_buckets(128, 1024, v3) == [256, 384, 512, 640, 768, 896, 1024]
-    assert riding_buckets(192, 1000, v3) == [256, 384, 512, 640, 768, 896, 1024]  # 1,000 rows still fit
-    assert riding_buckets(64, 200, v3) == [128, 256]
-    assert riding_buckets(256, 1024, v3)[0] == 384 and riding_buckets(300, 1024, v3)[0] == 384
+    assert riding_buckets(128, 1024, v3) == list(range(192, 1025, 64))  # every 64 rows past the decode sizes
+    assert riding_buckets(192, 1000, v3) == list(range(256, 1025, 64))  # 1,000 rows still fit
+    assert riding_buckets(64, 200, v3) == [128, 192, 256]
+    assert riding_buckets(256, 1024, v3)[0] == 320 and riding_buckets(300, 1024, v3)[0] == 320
     # Decode sizes to 8 rows, an MoE switching at 16 tokens: 9..16 rows pad to 16, never past it.
-    assert riding_buckets(8, 72, (256, 16)) == [16, 128]
+    assert riding_buckets(8, 72, (256, 16)) == [16, 64, 128]
     assert riding_buckets(128, 128, v3) == [] and riding_buckets(128, 0, v3) == []
 
 
