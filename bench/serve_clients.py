@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-import os
 import re
 import statistics
 import time
@@ -21,10 +20,11 @@ START_LEAD_S = 3.0
 
 
 def client_worker(base_url: str, prompts: list, concurrency: int, max_tokens: int,
-                  start_at: float | None = None) -> list[dict]:
+                  start_at: float | None = None, job: int = 0) -> list[dict]:
     """One client process: `concurrency` streaming clients working through `prompts`, from
-    ``start_at`` (``time.monotonic()``, one clock for every process on the host) if given."""
-    return asyncio.run(_clients(base_url, prompts, concurrency, max_tokens, start_at))
+    ``start_at`` (``time.monotonic()``, one clock for every process on the host) if given.
+    Each record names its client as ``(job, i)``: ``job`` is the caller's index of this share."""
+    return asyncio.run(_clients(base_url, prompts, concurrency, max_tokens, start_at, job))
 
 
 async def request(client, msgs: list, max_tokens: int) -> dict:
@@ -60,7 +60,7 @@ async def request(client, msgs: list, max_tokens: int) -> dict:
 
 
 async def _clients(base_url: str, prompts: list, concurrency: int, max_tokens: int,
-                   start_at: float | None = None) -> list[dict]:
+                   start_at: float | None = None, job: int = 0) -> list[dict]:
     import openai
 
     queue: asyncio.Queue = asyncio.Queue()
@@ -68,14 +68,14 @@ async def _clients(base_url: str, prompts: list, concurrency: int, max_tokens: i
         queue.put_nowait(p)
     records: list[dict] = []
 
-    async def one(client, slot: str) -> None:
+    async def one(client, slot: tuple[int, int]) -> None:
         while not queue.empty():
             records.append({**await request(client, queue.get_nowait(), max_tokens), "slot": slot})
 
     async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=900) as client:
         if start_at is not None:
             await asyncio.sleep(max(0.0, start_at - time.monotonic()))
-        await asyncio.gather(*(one(client, f"{os.getpid()}:{i}") for i in range(concurrency)))
+        await asyncio.gather(*(one(client, (job, i)) for i in range(concurrency)))
     return records
 
 
@@ -146,9 +146,9 @@ def run_level(pool: ProcessPoolExecutor, base_url: str, prompts: list, concurren
     # set up their clients at different times, and a process that began late would stretch the
     # level with a part-empty batch (spawned on a 2-core host: 0.4-0.6 s apart without this).
     jobs, start, start_at = [], 0, time.monotonic() + START_LEAD_S
-    for share in shares:  # each process gets prompts in proportion to its clients
+    for job, share in enumerate(shares):  # each process gets prompts in proportion to its clients
         n = round(len(prompts) * share / concurrency)
-        jobs.append(pool.submit(client_worker, base_url, prompts[start:start + n], share, max_tokens, start_at))
+        jobs.append(pool.submit(client_worker, base_url, prompts[start:start + n], share, max_tokens, start_at, job))
         start += n
     recs = [r for j in jobs for r in j.result()]
     res = summarize(recs, concurrency)
@@ -175,17 +175,22 @@ def pct(xs: list[float], q: float) -> float | None:
 def occupancy(recs: list[dict], wall: float, concurrency: int) -> dict:
     """Where the clients' time goes outside their requests: the share of client time with a
     request in flight (sent to last chunk), the mean gap between one client's requests, the
-    drain (from the first client's last response to the level's end, while the batch empties)
-    and the spread of the clients' first requests (all should start together). The step bound
-    assumes every one of the ``concurrency`` rows busy at every step."""
-    by_slot: dict[str, list[dict]] = {}
+    drain (from the first client's last response to the level's end, while the batch empties),
+    and how far apart the client processes began (the first request of each; all share one
+    start) and the clients (each process builds its clients' first requests one by one). The
+    step bound assumes every one of the ``concurrency`` rows busy at every step."""
+    by_slot: dict[tuple, list[dict]] = {}
     for r in recs:
-        by_slot.setdefault(r.get("slot", ""), []).append(r)
+        by_slot.setdefault(tuple(r.get("slot", ())), []).append(r)
     gaps = [b["start"] - a["end"] for rs in by_slot.values()
             for a, b in itertools.pairwise(sorted(rs, key=lambda r: r["start"]))]
-    firsts = [min(r["start"] for r in rs) for rs in by_slot.values()]
+    firsts = {slot: min(r["start"] for r in rs) for slot, rs in by_slot.items()}
+    jobs: dict = {}
+    for slot, t in firsts.items():
+        jobs[slot[:1]] = min(t, jobs.get(slot[:1], t))
     return {"in_flight_share": sum(r["end"] - r["start"] for r in recs) / (wall * concurrency),
-            "start_skew_ms": 1e3 * (max(firsts) - min(firsts)),
+            "process_start_spread_ms": 1e3 * (max(jobs.values()) - min(jobs.values())),
+            "client_start_spread_ms": 1e3 * (max(firsts.values()) - min(firsts.values())),
             "client_gap_ms": 1e3 * statistics.fmean(gaps) if gaps else None,
             "drain_s": max(r["end"] for r in recs) - min(max(r["end"] for r in rs) for rs in by_slot.values())}
 

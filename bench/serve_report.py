@@ -55,16 +55,17 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['concurrency']} | {' | '.join(cells)} |")
     lines += ["", "Occupancy: the share of client time with a request in flight, the mean gap between one "
               "client's requests, the drain (first client done to the level's end), and the mean rows of "
-              "the decode steps against the concurrency; the clients' first requests start together (spread).", "",
-              "| concurrency | in flight | client gap ms | drain s | decode rows / concurrency | start spread ms |",
-              "|---|---|---|---|---|---|"]
+              "the decode steps against the concurrency; how far apart the client processes and the clients began "
+              "(one start for all).", "",
+              "| concurrency | in flight | client gap ms | drain s | decode rows / concurrency | start spread ms: "
+              "processes / clients |", "|---|---|---|---|---|---|"]
     for r in res["levels"]:
         if "in_flight_share" not in r:  # older reports lack it
             continue
         dec = r.get("server_steps", {}).get("decode", {})
         rows = f"{dec['mean_rows'] / r['concurrency']:.0%}" if "mean_rows" in dec else "n/a"
         lines.append(f"| {r['concurrency']} | {r['in_flight_share']:.0%} | {f(r['client_gap_ms'])} "
-                     f"| {r['drain_s']:.2f} | {rows} | {r['start_skew_ms']:.1f} |")
+                     f"| {r['drain_s']:.2f} | {rows} | {r['process_start_spread_ms']:.1f} / {r['client_start_spread_ms']:.1f} |")
     u = res["unique"]
     lines += ["", "| prefix reuse at concurrency {} | output tok/s | TTFT p50 / p99 ms | prefix hits |".format(
         u["concurrency"]), "|---|---|---|---|"]

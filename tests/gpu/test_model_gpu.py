@@ -58,7 +58,9 @@ def test_fp8_logits_close_to_dequantized_bf16(ckpt):
     a16 = logits(model, triton_only(), ids)
     print(f"{kind}: kernel W8A16 vs BF16 logits rel err {rel(a16, ref):.4f}")
     agree16 = (a16.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    # Dense: pure arithmetic (measured 0.013 on H100).  MoE: the kernels keep fp32 between
+    # Dense: pure arithmetic (measured 0.013 on H100 with the dense MLP's grouped launch; past
+    # the tables' 32-row switch these 96 rows take the Triton W8A16 GEMM, bf16 activations as
+    # well, unmeasured).  MoE: the kernels keep fp32 between
     # gate/up/SiLU/down where the torch path rounds to bf16, enough to flip near-tied expert
     # choices of a random router (measured 0.085): judge it by argmax as well.
     assert rel(a16, ref) < 2e-2 if kind == "dense" else (rel(a16, ref) < 0.15 and agree16 > 0.85)
@@ -69,7 +71,9 @@ def switch_ckpt(request, tmp_path_factory):
     """A dense model, and one whose router selects all 8 of its 8 experts: the logits are then a
     continuous function of the kernels' arithmetic (a random top-4 of 16 flips near-tied experts
     on a last-bit change, which a 24-token argmax check cannot tell from a bug; measured: 4 of 24
-    flipped), and 8 experts a token keep 24 tokens (192 routed rows) on the MoE's decode launches."""
+    flipped), and 8 experts a token keep 24 tokens (192 routed rows) on the MoE's decode
+    launches. At 96 tokens (768 routed rows) its routed experts run one-term FP8, as prefill
+    does, with either switch."""
     extra = ({"n_routed_experts": None} if request.param == "dense"
              else {"n_routed_experts": 8, "num_experts_per_tok": 8, "topk_group": 4})
     path = tmp_path_factory.mktemp(request.param)
@@ -79,10 +83,13 @@ def switch_ckpt(request, tmp_path_factory):
 
 
 def test_dense_mlp_past_the_tables_swiglu_switch_stays_close_to_bf16(switch_ckpt):
-    """A table that sends dense MLPs and shared experts of more than 64 rows to the prefill GEMMs
-    (``swiglu_grouped_max_rows``): 96 rows take two GEMMs on one FP8 term instead of the grouped
-    two-term launch (cuBLASLt at V3's widths; at this model's widths, which cuBLASLt refuses, the
-    Triton GEMM), within the bound of the W8A16 dense test above."""
+    """Tables that send dense MLPs and shared experts past ``swiglu_grouped_max_rows`` rows to the
+    prefill GEMMs (the shipped tables: 32): 96 rows past a switch at 64, and 24 past one at 16,
+    take two GEMMs instead of the grouped two-term launch, against the same rows at a switch of
+    256 (the launch they took before). At V3's widths the GEMMs are cuBLASLt on one FP8 term; at
+    this model's, which cuBLASLt refuses, the Triton W8A16 GEMM (bf16 activations), so this
+    checks the route (weights, scales, the MoE's shared expert beside its decode launches), not
+    one-term precision, which test_kernels' W8A8 tests bound."""
     import dataclasses
 
     from model_host.kernels.backend import TritonOps
@@ -100,7 +107,12 @@ def test_dense_mlp_past_the_tables_swiglu_switch_stays_close_to_bf16(switch_ckpt
         print(f"{kind}, {shape[0] * shape[1]} rows, switch {switch}: GEMM gate/up vs BF16 logits rel err "
               f"{rel(early, ref):.4f} (grouped two-term {rel(default, ref):.4f})")
         assert not torch.equal(early, default)  # the switch moved: another path ran
-        assert rel(early, ref) < 2e-2
+        # The GEMM route adds at most bf16-level error to what the rest of the model has (the
+        # MoE model's 96-token case carries one-term FP8 routed experts either way); a wrong
+        # weight, scale or row is of order 1.
+        assert rel(early, ref) < rel(default, ref) + 1e-2
+        if kind == "dense":
+            assert rel(early, ref) < 2e-2
 
 
 # The greedy check's bounds, fixed in advance instead of measured at each step (a bug that moves

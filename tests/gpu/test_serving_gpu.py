@@ -5,7 +5,6 @@ mixed lengths over HTTP give the text `generate()` gives for each prompt alone."
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 
 import openai
@@ -17,7 +16,6 @@ from model_host.engine.engine import Engine, EngineConfig
 from model_host.engine.runner import capture_sizes
 from model_host.generate import generate
 from model_host.kernels.backend import TritonOps
-from model_host.kernels.tuning import load_tuning
 from model_host.loader import load_model
 from model_host.sampler import SamplingParams
 from model_host.tokenizer import Tokenizer
@@ -65,13 +63,8 @@ def tiny_fp8(tmp_path_factory):
     # bound covers. Routing weights, grouped GEMMs and the combine still run as served.
     cfg = make_config("tiny", mtp=False, hidden_size=256, num_experts_per_tok=16, topk_group=4)
     write_random_checkpoint(path, cfg, dtype="fp8", seed=11)
-    # The ops `model-host serve --device cuda` loads the model with, but for the dense MLPs'
-    # switch: the shipped tables send dense MLPs of more than 32 rows to one-term FP8, which the
-    # decode rows of a riding step (up to 72 rows here) would take and generate()'s batch-1
-    # decode never does; at 256 the decoded tokens keep one regime both ways, as NEAR_TIE
-    # assumes (the switch's own precision: test_model_gpu's switch test).
-    tuning = dataclasses.replace(load_tuning(), swiglu_grouped_max_rows=256)
-    return load_model(path, device="cuda", dtype=torch.bfloat16, ops=TritonOps(tuning)), Tokenizer(path)
+    # The ops `model-host serve --device cuda` loads the model with.
+    return load_model(path, device="cuda", dtype=torch.bfloat16, ops=TritonOps()), Tokenizer(path)
 
 
 def test_default_kv_budget_comes_from_free_gpu_memory(tiny_fp8):
@@ -135,8 +128,8 @@ def test_cold_long_prompts_prefill_from_graphs_as_generate_does(tiny_fp8, monkey
 # rows=1: the decode rows fill the row budget (as at concurrency 128), so the prefix hits ride
 # only because they are cheaper absorbed, in steps larger than the 8 decode rows: they replay
 # riding graphs (8 + --max-prefill-tokens 64 = 72 rows at most: buckets 16, at this model's MoE
-# precision switch of 256 // 16 experts a token, 64 and 128), and with riding_graph_rows=0 run
-# eagerly. api-process: the routes reach the engine over the hub's socket, as under
+# precision switch of 256 // 16 experts a token, 32, the tables' dense switch, then 64 and
+# 128), and with riding_graph_rows=0 run eagerly. api-process: the routes reach the engine over the hub's socket, as under
 # --api-processes.
 @pytest.mark.parametrize(("rows", "handle", "riding"), [(None, "thread", None), (1, "thread", None),
                                                         (1, "thread", 0), (None, "api-process", None)])
@@ -151,7 +144,7 @@ def test_served_greedy_equals_generate_for_8_concurrent_requests(tiny_fp8, rows,
         report = s.engine.graph_report
         # at start-up: 8 rows, or 64 with prompt rows; riding steps to 72 rows
         assert report is not None and report.sizes == capture_sizes(8 if rows else 64)
-        assert report.riding_sizes == ([] if riding == 0 else [16, 64, 128] if rows else [128])
+        assert report.riding_sizes == ([] if riding == 0 else [16, 32, 64, 128] if rows else [128])
         graphs, replayed = s.engine.runner.graphs, []
         replay = graphs._replay
         monkeypatch.setattr(graphs, "_replay", lambda b: replayed.append(b) or replay(b))

@@ -35,7 +35,7 @@ def test_serve_bench_quick(tmp_path):
         assert 1 <= r["server_steps"]["decode"]["mean_rows"] <= r["concurrency"]  # one row a running request
     for r in res["levels"]:  # occupancy: each client ran several requests, one at a time
         assert 0 < r["in_flight_share"] <= 1 and r["client_gap_ms"] >= 0 and 0 <= r["drain_s"] < r["wall_s"]
-    assert "| concurrency | in flight | client gap ms | drain s | decode rows / concurrency | start spread ms |" in table
+    assert "| concurrency | in flight | client gap ms | drain s | decode rows / concurrency | start spread ms: " in table
     assert res["unique"]["prefix_hit_rate"] == 0 and res["idle"]["prefix_hit_rate"] == 0  # nonce first lines
     assert set(res["bound"]["decode_ms"]) == {str(c) for c in plan["levels"]}
     assert res["bound"]["prefill_tokens"] == res["idle"]["prompt_tokens"]
@@ -76,10 +76,10 @@ def test_ttft_profile_quick(tmp_path):
 
 
 def test_client_processes_start_a_level_together():
-    """Regression: each client process began its requests as soon as it was up, so a worker that
-    came up late started its share of a level late and stretched it with a part-empty batch.
-    Three fresh (spawned) client processes against a local OpenAI-protocol server now share one
-    start."""
+    """Regression: each client process began its requests as soon as it was up, so at a level
+    wider than the last one the workers new to the pool (spawned, importing the SDK) began
+    their shares late and stretched the level with a part-empty batch. Here one worker is
+    already up, two more come up for the level, against a local OpenAI-protocol server."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -91,9 +91,13 @@ def test_client_processes_start_a_level_together():
     msgs = [[{"role": "user", "content": f"question {k}"}] for k in range(96)]
     with OpenAIStub(reply="one two three four") as stub, \
             ProcessPoolExecutor(max_workers=3, mp_context=multiprocessing.get_context("spawn")) as pool:
+        assert pool.submit(serve_clients.client_worker, stub.base_url, [], 1, 1).result() == []  # one worker up
         res = serve_clients.run_level(pool, stub.base_url, msgs, 48, 4)  # 3 processes of 16 clients
     assert res["errors"] == 0 and res["requests"] == 96 and len(stub.state.requests) == 96
-    # Measured on a 2-core host: 369 and 623 ms without the common start, ~100 ms with it (16
-    # clients a process build their first requests one after another).
-    assert res["start_skew_ms"] < 250, res["start_skew_ms"]
+    # Measured on a 2-core host: without the common start the new workers' first requests came
+    # 0.79-0.83 s after the warm one's; with it the processes begin within ~20 ms. The clients'
+    # own spread (each process builds its 16 first requests one by one, on cores the three
+    # share) is reported, not bounded.
+    assert res["process_start_spread_ms"] < 150, res["process_start_spread_ms"]
+    assert res["client_start_spread_ms"] >= res["process_start_spread_ms"]
     assert 0 < res["in_flight_share"] <= 1 and res["client_gap_ms"] >= 0 and 0 <= res["drain_s"] < res["wall_s"]
