@@ -27,7 +27,7 @@ class EngineConfig:
     # tokens, docs/benchmarks.md), else 1.
     graph_memory_gb: float | None = None
     # Steps that prompt chunks ride as rows (see row_prefill_tokens) past the decode batch sizes,
-    # up to this many rows, replay CUDA graphs captured at start-up for every 128 rows (0: off;
+    # up to this many rows, replay CUDA graphs captured at start-up for every 64 rows (0: off;
     # None: RIDING_GRAPH_ROWS, at most max_batch + max_prefill_tokens, the widest step there is).
     # Eagerly, such a step's launches cost the host more time than the GPU needs to run them.
     riding_graph_rows: int | None = None

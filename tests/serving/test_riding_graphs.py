@@ -27,11 +27,12 @@ def test_riding_buckets_never_span_a_precision_switch_and_cover_the_widest_step(
     # A dense model: the Triton GEMM's 256 rows, and the shipped tables' dense MLP switch at 32.
     assert TritonOps().precision_switches(make_config("tiny", n_routed_experts=None)) == (256, 32)
     assert TorchOps().precision_switches(make_config("v3")) == ()  # the reference never switches
-    # A table whose dense MLPs leave the grouped two-term launch earlier: one more switch.
-    early = TritonOps(dataclasses.replace(load_tuning(), swiglu_grouped_max_rows=64))
-    assert early.precision_switches(make_config("v3")) == (256, 64, 32)
-    assert riding_buckets(32, 300, early.precision_switches(make_config("v3"))) == [64, 128, 192, 256, 320]
-    assert riding_buckets(32, 300, v3) == [64, 128, 192, 256, 320]
+    # A table whose dense MLPs leave the grouped two-term launch earlier still: one more switch,
+    # and a bucket of its own past decode sizes to 8.
+    early = TritonOps(dataclasses.replace(load_tuning(), swiglu_grouped_max_rows=16))
+    assert early.precision_switches(make_config("v3")) == (256, 32, 16)
+    assert riding_buckets(8, 200, early.precision_switches(make_config("v3"))) == [16, 32, 64, 128, 192, 256]
+    assert riding_buckets(16, 200, v3) == [32, 64, 128, 192, 256]  # the MoE's and the tables' 32
     for bad in (100, 512, 8):  # not a power of two, or past the prefill graphs' first size
         with pytest.raises(ValueError, match="swiglu_grouped_max_rows"):
             dataclasses.replace(load_tuning(), swiglu_grouped_max_rows=bad)
