@@ -32,7 +32,7 @@ from ..fp8 import block_dequantize
 from ..ops import Normed, Routing, TorchOps
 from ..ops import sort_by_expert as sort_by_expert_order
 from . import use_triton
-from .fp8_linear import BLOCK, act_quant, gemm_config, num_sms, scaled_mm_linear, w8a8_linear
+from .fp8_linear import BLOCK, act_quant, gemm_config, num_sms, scaled_mm_linear, scaled_mm_takes, w8a8_linear
 from .mla_decode import mla_decode
 from .moe_grouped import grouped_config, grouped_w8a8
 from .norm_rope import concat_heads, latent_store, rms_norm, rms_norm_split_quant
@@ -104,18 +104,29 @@ class TritonOps(TorchOps):
         """[M, K] x FP8 [N, K] -> [M, N]: cuBLASLt from ``scaled_mm_min_m`` rows where it takes
         the shape, else Triton.  ``a_quant``: :func:`act_quant` of ``x`` when the caller has it."""
         m = x.shape[0]
-        if m >= self.tuning.scaled_mm_min_m:
-            key = (tuple(w.shape), m)
-            if self._scaled_ok.get(key, True):
-                try:
-                    a_quant = a_quant or act_quant(x)
-                    y = scaled_mm_linear(x, w, w_s, a_quant=a_quant)
-                    self._scaled_ok[key] = True
-                    return y
-                except (RuntimeError, NotImplementedError, TypeError, ValueError):
-                    self._scaled_ok[key] = False  # unsupported here: Triton from now on
+        if self._tries_scaled_mm(m, w):
+            try:
+                a_quant = a_quant or act_quant(x)
+                y = scaled_mm_linear(x, w, w_s, a_quant=a_quant)
+                self._scaled_ok[(tuple(w.shape), m)] = True
+                return y
+            except (RuntimeError, NotImplementedError, TypeError, ValueError):
+                self._scaled_ok[(tuple(w.shape), m)] = False  # unsupported here: Triton from now on
         cfg = gemm_config(m, w.shape[0], w.shape[1], num_sms(x.device.index or 0), self.tuning)
         return w8a8_linear(x, w, w_s, cfg, a_quant=a_quant if cfg["a_mode"] == 0 else None)
+
+    def _tries_scaled_mm(self, m: int, w: torch.Tensor) -> bool:
+        return (m >= self.tuning.scaled_mm_min_m and scaled_mm_takes(*w.shape)
+                and self._scaled_ok.get((tuple(w.shape), m), True))
+
+    def _reads_act_quant(self, x: torch.Tensor, w: torch.Tensor) -> bool:
+        """Whether :meth:`fp8_mm` of ``x`` by ``w`` reads one-term FP8 activations (cuBLASLt, or
+        a Triton config that quantizes, ``a_mode`` 0): a caller quantizes once for several such
+        GEMMs only then; the Triton W8A16 configs read ``x`` as it is (widths cuBLASLt refuses:
+        tensor-parallel shards, small models)."""
+        m = x.shape[0]
+        return self._tries_scaled_mm(m, w) or gemm_config(
+            m, w.shape[0], w.shape[1], num_sms(x.device.index or 0), self.tuning)["a_mode"] == 0
 
     def _grouped(self, rows: int, layer, experts: int = 1, down: bool = False) -> dict:
         return grouped_config(rows, layer.out_features, experts, self.tuning, down=down)
@@ -136,7 +147,8 @@ class TritonOps(TorchOps):
         flat = x.reshape(-1, x.shape[-1])
         g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         if flat.shape[0] > self.tuning.swiglu_grouped_max_rows:  # prefill-like: plain GEMMs (cuBLASLt) win
-            aq = act_quant(flat)  # gate and up read the same activations: quantize once
+            # gate and up read the same activations: quantize once, where they read it at all
+            aq = act_quant(flat) if self._reads_act_quant(flat, g.weight) else None
             h = F.silu(self.fp8_mm(flat, g.weight, g.weight_scale_inv, aq)) * self.fp8_mm(
                 flat, u.weight, u.weight_scale_inv, aq)
         else:

@@ -308,6 +308,15 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
     return _COUNTERS[key]
 
 
+def scaled_mm_takes(n: int, k: int) -> bool:
+    """Whether :func:`scaled_mm_linear` takes an [N, K] weight (it raises on the rest)."""
+    # cuBLASLt takes other shapes and returns garbage (H200 and H100, torch 2.11: 1e33 at
+    # K = 64 or 128, wrong columns past N = 2048 of N = 2112, a tiny model's 256 x 256 MLP).
+    # Measured correct: whole groups of four 128-blocks in K and N, which every large V3 GEMM
+    # has (q_b, kv_b, o, the MLPs); the fused q_a / kv_a (N = 2112) stays on Triton.
+    return k % 512 == 0 and n % 512 == 0
+
+
 def scaled_mm_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dtype=None,
                      a_quant: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Same function through ``torch._scaled_mm`` (1x128 activation, 128x128 weight scales).
@@ -316,11 +325,7 @@ def scaled_mm_linear(x: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor, out_dt
     the shape does not support blockwise scaling; the backend then keeps Triton for that shape.
     """
     k, n = x.shape[-1], w.shape[0]
-    if k % 512 or n % 512:
-        # cuBLASLt takes other shapes and returns garbage (H200 and H100, torch 2.11: 1e33 at
-        # K = 64 or 128, wrong columns past N = 2048 of N = 2112, a tiny model's 256 x 256 MLP).
-        # Measured correct: whole groups of four 128-blocks in K and N, which every large V3 GEMM
-        # has (q_b, kv_b, o, the MLPs); the fused q_a / kv_a (N = 2112) stays on Triton.
+    if not scaled_mm_takes(n, k):
         raise ValueError(f"blockwise _scaled_mm is used only for K and N multiples of 512; got K={k}, N={n}")
     q, s = a_quant if a_quant is not None else act_quant(x)
     return torch._scaled_mm(q, w.t(), scale_a=s, scale_b=w_s.t(), out_dtype=out_dtype or x.dtype)

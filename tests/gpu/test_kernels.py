@@ -205,6 +205,20 @@ def test_scaled_mm_refuses_shapes_cublaslt_gets_wrong(n, k):
 
 @gpu
 @requires_gpu
+def test_dense_mlp_quantizes_activations_only_for_gemms_that_read_them():
+    """Regression: past the dense switch, swiglu quantized its input for gate and up even where
+    both take the Triton W8A16 configs (bf16 activations: widths cuBLASLt refuses, such as a TP8
+    shard's 2,304 or a small model's 256), a wasted launch per MLP per step."""
+    ops = TritonOps()
+    x = torch.randn(96, 7168, device="cuda", dtype=torch.bfloat16)
+    v3_gate, _ = rand_fp8(18432, 7168, device="cuda")  # V3's dense gate: cuBLASLt, one FP8 term
+    tp8_gate, _ = rand_fp8(2304, 7168, device="cuda")  # one TP8 rank's shard: Triton W8A16
+    assert ops._reads_act_quant(x, v3_gate) and not ops._reads_act_quant(x, tp8_gate)
+    assert ops._reads_act_quant(x[:8].repeat(64, 1), tp8_gate)  # 512 rows: Triton's W8A8 config
+
+
+@gpu
+@requires_gpu
 @pytest.mark.parametrize("m,n,k", [(895, 256, 64), (600, 256, 320), (220, 256, 128), (64, 256, 256),
                                    (220, 2112, 256), (300, 2112, 7168), (300, 1536, 7168)])
 def test_fp8_mm_at_prefill_sizes_vs_float64(m, n, k):
