@@ -144,7 +144,8 @@ def run_level(pool: ProcessPoolExecutor, base_url: str, prompts: list, concurren
     shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
     # One start for every process: the pool's workers come up (a new one at a wider level) and
     # set up their clients at different times, and a process that began late would stretch the
-    # level with a part-empty batch (spawned on a 2-core host: 0.4-0.6 s apart without this).
+    # level with a part-empty batch (on a 2-core host, two spawned workers new to a level began
+    # 0.8 s after a warm one without this: tests/serving/test_serve_bench.py).
     jobs, start, start_at = [], 0, time.monotonic() + START_LEAD_S
     for job, share in enumerate(shares):  # each process gets prompts in proportion to its clients
         n = round(len(prompts) * share / concurrency)
