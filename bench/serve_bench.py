@@ -306,6 +306,12 @@ def plan_of(args) -> Plan:
     return plan
 
 
+def lifetime(plan: Plan, bound: dict, c: int) -> float:
+    """A request's decode time at concurrency ``c`` by the step bound: the level's clients start
+    spread over it (serve_clients.run_level), as the users of a server in its steady state."""
+    return plan.max_tokens * bound["decode_ms"].get(str(c), 0.0) / 1e3
+
+
 def row_prefill_tokens(args) -> int:
     from model_host.engine.config import ROW_PREFILL_TOKENS
 
@@ -377,13 +383,15 @@ def main() -> int:
                     with record(proc.pid, spy and spy / f"py_spy_c{c}.txt"), \
                             record(proc.pid, spy and spy / f"py_spy_gil_c{c}.txt", gil=True):
                         before = compiled(workdir)
-                        res["levels"].append(run_level(pool, base, prompts["recurring"][c], c, plan.max_tokens, root))
+                        res["levels"].append(run_level(pool, base, prompts["recurring"][c], c, plan.max_tokens, root,
+                                                       lifetime(plan, bound, c)))
                         new = compiled(workdir) - before
                         res["levels"][-1]["triton_compiles"] = len(new)
                         res["levels"][-1]["triton_compiled"] = kernel_signatures(new)
                     print(json.dumps(res["levels"][-1]), flush=True)
                 before = compiled(workdir)
-                res["unique"] = run_level(pool, base, prompts["unique"], plan.unique_level, plan.max_tokens)
+                res["unique"] = run_level(pool, base, prompts["unique"], plan.unique_level, plan.max_tokens,
+                                          stagger_s=lifetime(plan, bound, plan.unique_level))
                 res["unique"]["triton_compiled"] = kernel_signatures(compiled(workdir) - before)
             res["server"] = server_facts(root, log)
         finally:

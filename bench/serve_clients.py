@@ -20,11 +20,11 @@ START_LEAD_S = 3.0
 
 
 def client_worker(base_url: str, prompts: list, concurrency: int, max_tokens: int,
-                  start_at: float | None = None, job: int = 0) -> list[dict]:
-    """One client process: `concurrency` streaming clients working through `prompts`, from
-    ``start_at`` (``time.monotonic()``, one clock for every process on the host) if given.
+                  starts: list[float] | None = None, job: int = 0) -> list[dict]:
+    """One client process: `concurrency` streaming clients working through `prompts`, client i
+    from ``starts[i]`` (``time.monotonic()``, one clock for every process on the host) if given.
     Each record names its client as ``(job, i)``: ``job`` is the caller's index of this share."""
-    return asyncio.run(_clients(base_url, prompts, concurrency, max_tokens, start_at, job))
+    return asyncio.run(_clients(base_url, prompts, concurrency, max_tokens, starts, job))
 
 
 async def request(client, msgs: list, max_tokens: int) -> dict:
@@ -60,7 +60,7 @@ async def request(client, msgs: list, max_tokens: int) -> dict:
 
 
 async def _clients(base_url: str, prompts: list, concurrency: int, max_tokens: int,
-                   start_at: float | None = None, job: int = 0) -> list[dict]:
+                   starts: list[float] | None = None, job: int = 0) -> list[dict]:
     import openai
 
     queue: asyncio.Queue = asyncio.Queue()
@@ -69,12 +69,12 @@ async def _clients(base_url: str, prompts: list, concurrency: int, max_tokens: i
     records: list[dict] = []
 
     async def one(client, slot: tuple[int, int]) -> None:
+        if starts is not None:
+            await asyncio.sleep(max(0.0, starts[slot[1]] - time.monotonic()))
         while not queue.empty():
             records.append({**await request(client, queue.get_nowait(), max_tokens), "slot": slot})
 
     async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=900) as client:
-        if start_at is not None:
-            await asyncio.sleep(max(0.0, start_at - time.monotonic()))
         await asyncio.gather(*(one(client, (job, i)) for i in range(concurrency)))
     return records
 
@@ -134,7 +134,7 @@ def idle_ttft(base_url: str, root: str, prompts: list) -> dict:
 
 
 def run_level(pool: ProcessPoolExecutor, base_url: str, prompts: list, concurrency: int, max_tokens: int,
-              root: str | None = None) -> dict:
+              root: str | None = None, stagger_s: float = 0.0) -> dict:
     """Spread `concurrency` clients over up to 8 processes (16 clients each at most). With the
     server's ``root`` URL, the level's mean TTFT in the engine (arrival at the engine to the first
     token) goes beside the clients' mean, with the HTTP side's share (received to queued: parse,
@@ -146,10 +146,15 @@ def run_level(pool: ProcessPoolExecutor, base_url: str, prompts: list, concurren
     # set up their clients at different times, and a process that began late would stretch the
     # level with a part-empty batch (on a 2-core host, two spawned workers new to a level began
     # 0.8 s after a warm one without this: tests/serving/test_serve_bench.py).
+    # From that start, ``stagger_s`` spreads the clients' first requests evenly (round robin over
+    # the processes): over one request's lifetime, equal-length requests keep those phases, and
+    # the level runs in the steady state of many users instead of waves that end together (each
+    # process's clients share its prompts, so the late starters do fewer and all end together).
     jobs, start, start_at = [], 0, time.monotonic() + START_LEAD_S
     for job, share in enumerate(shares):  # each process gets prompts in proportion to its clients
         n = round(len(prompts) * share / concurrency)
-        jobs.append(pool.submit(client_worker, base_url, prompts[start:start + n], share, max_tokens, start_at, job))
+        starts = [start_at + stagger_s * (i * procs + job) / concurrency for i in range(share)]
+        jobs.append(pool.submit(client_worker, base_url, prompts[start:start + n], share, max_tokens, starts, job))
         start += n
     recs = [r for j in jobs for r in j.result()]
     res = summarize(recs, concurrency)
@@ -173,16 +178,39 @@ def pct(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))] if xs else None
 
 
+def _by_client(recs: list[dict]) -> dict[tuple, list[dict]]:
+    by: dict[tuple, list[dict]] = {}
+    for r in recs:
+        by.setdefault(tuple(r.get("slot", ())), []).append(r)
+    return by
+
+
+def steady_state(recs: list[dict]) -> dict:
+    """Output tokens a second while every client has a request going: from the last client's
+    first request to the first client's last response. The step bound is a steady-state figure
+    (every row busy at every step); a finite run also has its ramp and its drain, which the
+    whole level's tok/s counts. A request's tokens are timed by its chunks' arrivals."""
+    by = _by_client(recs).values()
+    t1, t2 = max(min(r["start"] for r in rs) for rs in by), min(max(r["end"] for r in rs) for rs in by)
+    if t2 <= t1:
+        return {"steady_window_s": 0.0, "steady_tok_s": None}
+    n = 0.0
+    for r in recs:
+        if r["error"] is None and r["ttft"] is not None:
+            times = list(itertools.accumulate([r["start"] + r["ttft"], *r["itl"]]))
+            n += r["tokens"] / len(times) * sum(t1 < t <= t2 for t in times)  # tokens per chunk, usually 1
+    return {"steady_window_s": t2 - t1, "steady_tok_s": n / (t2 - t1)}
+
+
 def occupancy(recs: list[dict], wall: float, concurrency: int) -> dict:
     """Where the clients' time goes outside their requests: the share of client time with a
     request in flight (sent to last chunk), the mean gap between one client's requests, the
     drain (from the first client's last response to the level's end, while the batch empties),
-    and how far apart the client processes began (the first request of each; all share one
-    start) and the clients (each process builds its clients' first requests one by one). The
-    step bound assumes every one of the ``concurrency`` rows busy at every step."""
-    by_slot: dict[tuple, list[dict]] = {}
-    for r in recs:
-        by_slot.setdefault(tuple(r.get("slot", ())), []).append(r)
+    and how far apart the client processes began (the first request of each) and the clients
+    (spread on purpose by ``run_level``'s stagger; within a process also by its building the
+    first requests one by one). The step bound assumes every one of the ``concurrency`` rows
+    busy at every step."""
+    by_slot = _by_client(recs)
     gaps = [b["start"] - a["end"] for rs in by_slot.values()
             for a, b in itertools.pairwise(sorted(rs, key=lambda r: r["start"]))]
     firsts = {slot: min(r["start"] for r in rs) for slot, rs in by_slot.items()}
@@ -203,7 +231,7 @@ def summarize(recs: list[dict], concurrency: int) -> dict:
     itl = [x for r in ok for x in r["itl"]]
     tokens = sum(r["tokens"] for r in ok)
     ms = lambda x: None if x is None else 1e3 * x  # noqa: E731
-    return {**occupancy(recs, wall, concurrency),
+    return {**occupancy(recs, wall, concurrency), **steady_state(recs),
             "concurrency": concurrency, "requests": len(recs), "errors": len(recs) - len(ok),
             "first_error": next((r["error"] for r in recs if r["error"]), None), "wall_s": wall,
             "output_tokens": tokens, "output_tok_s": tokens / wall,

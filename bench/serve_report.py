@@ -14,6 +14,9 @@ def markdown(res: dict) -> str:
              f"--row-prefill-tokens {res['row_prefill_tokens']}, --overlap {res.get('overlap', 'auto')}, "
              f"--api-processes {res.get('api_processes', 0)}, --block-size {res['plan']['block_size']}; "
              f"{b.get('device', 'n/a')}, host {res.get('host_cpu', 'n/a')}.", "",
+             "Output tok/s and share of the bound: in the steady state (while every client has a request going; "
+             "the clients start spread over one request's decode time) / over the whole level (its ramp and "
+             "drain included).", "",
              "| concurrency | output tok/s | step bound tok/s (B / step ms) | share of bound | goal | TTFT p50 / p99 ms "
              "| ITL p50 / p99 ms | prefix hits | distinct completions | Triton compiles |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -21,14 +24,18 @@ def markdown(res: dict) -> str:
         c = r["concurrency"]
         step = b["decode_ms"][str(c)]
         bound = 1e3 * c / step
-        lines.append(f"| {c} | {f(r['output_tok_s'])} | {bound:.1f} ({step:.2f} ms) | {r['output_tok_s'] / bound:.0%} "
+        steady = r.get("steady_tok_s")  # older reports lack it
+        tok = f"{f(steady)} / {f(r['output_tok_s'])}" if steady else f(r["output_tok_s"])
+        share = (f"{steady / bound:.0%} / " if steady else "") + f"{r['output_tok_s'] / bound:.0%}"
+        lines.append(f"| {c} | {tok} | {bound:.1f} ({step:.2f} ms) | {share} "
                      f"| {'>= 90%' if c == 1 else '>= 85%'} | {f(r['ttft_p50_ms'])} / {f(r['ttft_p99_ms'])} "
                      f"| {f(r['itl_p50_ms'], '.2f')} / {f(r['itl_p99_ms'], '.2f')} | {r['prefix_hit_rate']:.0%} "
                      f"| {r.get('distinct_completions', 'n/a')} of {r['requests']} | {r.get('triton_compiles', 'n/a')} |")
     shares: dict[int, list[float]] = {}
     for r in res["levels"]:
         c = r["concurrency"]
-        shares.setdefault(c, []).append(r["output_tok_s"] * b["decode_ms"][str(c)] / (1e3 * c))
+        tok_s = r.get("steady_tok_s") or r["output_tok_s"]  # the steady state's where there is one
+        shares.setdefault(c, []).append(tok_s * b["decode_ms"][str(c)] / (1e3 * c))
     repeated = {c: v for c, v in shares.items() if len(v) > 1}
     if repeated:
         lines += ["", "Share of the step bound over the repeats: " + "; ".join(
@@ -56,7 +63,7 @@ def markdown(res: dict) -> str:
     lines += ["", "Occupancy: the share of client time with a request in flight, the mean gap between one "
               "client's requests, the drain (first client done to the level's end), and the mean rows of "
               "the decode steps against the concurrency; how far apart the client processes and the clients began "
-              "(one start for all).", "",
+              "(on purpose: spread over one request's decode time).", "",
               "| concurrency | in flight | client gap ms | drain s | decode rows / concurrency | start spread ms: "
               "processes / clients |", "|---|---|---|---|---|---|"]
     for r in res["levels"]:

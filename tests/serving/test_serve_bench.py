@@ -35,6 +35,8 @@ def test_serve_bench_quick(tmp_path):
         assert 1 <= r["server_steps"]["decode"]["mean_rows"] <= r["concurrency"]  # one row a running request
     for r in res["levels"]:  # occupancy: each client ran several requests, one at a time
         assert 0 < r["in_flight_share"] <= 1 and r["client_gap_ms"] >= 0 and 0 <= r["drain_s"] < r["wall_s"]
+        assert 0 <= r["steady_window_s"] <= r["wall_s"] and (r["steady_tok_s"] is None) == (r["steady_window_s"] == 0)
+    assert "in the steady state (while every client has a request going" in table
     assert "| concurrency | in flight | client gap ms | drain s | decode rows / concurrency | start spread ms: " in table
     assert res["unique"]["prefix_hit_rate"] == 0 and res["idle"]["prefix_hit_rate"] == 0  # nonce first lines
     assert set(res["bound"]["decode_ms"]) == {str(c) for c in plan["levels"]}
@@ -101,3 +103,24 @@ def test_client_processes_start_a_level_together():
     assert res["process_start_spread_ms"] < 150, res["process_start_spread_ms"]
     assert res["client_start_spread_ms"] >= res["process_start_spread_ms"]
     assert 0 < res["in_flight_share"] <= 1 and res["client_gap_ms"] >= 0 and 0 <= res["drain_s"] < res["wall_s"]
+
+
+def test_steady_state_counts_the_tokens_while_every_client_is_busy():
+    """The steady window runs from the last client's first request to the first client's last
+    response; a request's tokens are timed by its chunks (start + TTFT, then the gaps)."""
+    sys.path[:0] = [str(REPO / "bench")]
+    import serve_clients
+
+    def rec(slot, start, end, chunks, tokens=None):  # chunks at start + 1, + 2, ...
+        return {"slot": slot, "start": start, "end": end, "error": None, "ttft": 1.0, "itl": [1.0] * (chunks - 1),
+                "tokens": tokens or chunks}
+
+    # client (0, 0): t 0..10 with chunks at 1..10, then 10..20 with chunks at 11..20 in pairs of
+    # tokens; client (0, 1) starts at 4.5 and ends at 14.5: the window is (4.5, 14.5].
+    recs = [rec((0, 0), 0.0, 10.0, 10), rec((0, 0), 10.0, 20.0, 10, tokens=20), rec((0, 1), 4.5, 14.5, 10)]
+    st = serve_clients.steady_state(recs)
+    assert st["steady_window_s"] == 10.0
+    # chunks in (4.5, 14.5]: client 0's 5..10 (6 tokens) and 11..14 (4 chunks, 8 tokens); client 1's
+    # 5.5..14.5 (10 tokens): 24 tokens in 10 s.
+    assert st["steady_tok_s"] == pytest.approx(2.4)
+    assert serve_clients.steady_state(recs[:2] + [rec((0, 1), 20.0, 30.0, 10)])["steady_tok_s"] is None
