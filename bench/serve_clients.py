@@ -71,8 +71,9 @@ async def _clients(base_url: str, prompts: list, concurrency: int, max_tokens: i
     async def one(client, slot: tuple[int, int]) -> None:
         if starts is not None:
             await asyncio.sleep(max(0.0, starts[slot[1]] - time.monotonic()))
+        due = starts[slot[1]] if starts is not None else None  # when its first request was due
         while not queue.empty():
-            records.append({**await request(client, queue.get_nowait(), max_tokens), "slot": slot})
+            records.append({**await request(client, queue.get_nowait(), max_tokens), "slot": slot, "due": due})
 
     async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=900) as client:
         await asyncio.gather(*(one(client, (job, i)) for i in range(concurrency)))
@@ -147,9 +148,10 @@ def run_level(pool: ProcessPoolExecutor, base_url: str, prompts: list, concurren
     # level with a part-empty batch (on a 2-core host, two spawned workers new to a level began
     # 0.8 s after a warm one without this: tests/serving/test_serve_bench.py).
     # From that start, ``stagger_s`` spreads the clients' first requests evenly (round robin over
-    # the processes): over one request's lifetime, equal-length requests keep those phases, and
-    # the level runs in the steady state of many users instead of waves that end together (each
-    # process's clients share its prompts, so the late starters do fewer and all end together).
+    # the processes): over one request's lifetime, equal-length requests keep roughly those
+    # phases, and the level runs in the steady state of many users instead of waves that end
+    # together. Each client still runs about as many requests, so the last ones end spread over
+    # a lifetime too: the whole level then has a ramp and a drain of about one lifetime each.
     jobs, start, start_at = [], 0, time.monotonic() + START_LEAD_S
     for job, share in enumerate(shares):  # each process gets prompts in proportion to its clients
         n = round(len(prompts) * share / concurrency)
@@ -185,14 +187,15 @@ def _by_client(recs: list[dict]) -> dict[tuple, list[dict]]:
     return by
 
 
-def steady_state(recs: list[dict]) -> dict:
+def steady_state(recs: list[dict], concurrency: int) -> dict:
     """Output tokens a second while every client has a request going: from the last client's
     first request to the first client's last response. The step bound is a steady-state figure
     (every row busy at every step); a finite run also has its ramp and its drain, which the
-    whole level's tok/s counts. A request's tokens are timed by its chunks' arrivals."""
+    whole level's tok/s counts. A request's tokens are timed by its chunks' arrivals. None
+    where the window is empty or a client never ran."""
     by = _by_client(recs).values()
     t1, t2 = max(min(r["start"] for r in rs) for rs in by), min(max(r["end"] for r in rs) for rs in by)
-    if t2 <= t1:
+    if t2 <= t1 or len(by) < concurrency:
         return {"steady_window_s": 0.0, "steady_tok_s": None}
     n = 0.0
     for r in recs:
@@ -206,20 +209,23 @@ def occupancy(recs: list[dict], wall: float, concurrency: int) -> dict:
     """Where the clients' time goes outside their requests: the share of client time with a
     request in flight (sent to last chunk), the mean gap between one client's requests, the
     drain (from the first client's last response to the level's end, while the batch empties),
-    and how far apart the client processes began (the first request of each) and the clients
-    (spread on purpose by ``run_level``'s stagger; within a process also by its building the
-    first requests one by one). The step bound assumes every one of the ``concurrency`` rows
-    busy at every step."""
+    and how late the clients' first requests went out against their schedule (``run_level``'s
+    start and stagger): the latest process (its earliest client: a worker that came up late) and
+    the latest client (a process also builds its clients' first requests one by one). The step
+    bound assumes every one of the ``concurrency`` rows busy at every step."""
     by_slot = _by_client(recs)
     gaps = [b["start"] - a["end"] for rs in by_slot.values()
             for a, b in itertools.pairwise(sorted(rs, key=lambda r: r["start"]))]
-    firsts = {slot: min(r["start"] for r in rs) for slot, rs in by_slot.items()}
-    jobs: dict = {}
-    for slot, t in firsts.items():
-        jobs[slot[:1]] = min(t, jobs.get(slot[:1], t))
+    late = {slot: min(r["start"] for r in rs) - rs[0]["due"] for slot, rs in by_slot.items()
+            if rs[0].get("due") is not None}
+    procs: dict = {}
+    for slot, t in late.items():
+        procs[slot[:1]] = min(t, procs.get(slot[:1], t))
+    firsts = [min(r["start"] for r in rs) for rs in by_slot.values()]
     return {"in_flight_share": sum(r["end"] - r["start"] for r in recs) / (wall * concurrency),
-            "process_start_spread_ms": 1e3 * (max(jobs.values()) - min(jobs.values())),
-            "client_start_spread_ms": 1e3 * (max(firsts.values()) - min(firsts.values())),
+            "first_start_spread_ms": 1e3 * (max(firsts) - min(firsts)),
+            "process_late_ms": 1e3 * max(procs.values()) if procs else None,
+            "client_late_ms": 1e3 * max(late.values()) if late else None,
             "client_gap_ms": 1e3 * statistics.fmean(gaps) if gaps else None,
             "drain_s": max(r["end"] for r in recs) - min(max(r["end"] for r in rs) for rs in by_slot.values())}
 
@@ -231,7 +237,7 @@ def summarize(recs: list[dict], concurrency: int) -> dict:
     itl = [x for r in ok for x in r["itl"]]
     tokens = sum(r["tokens"] for r in ok)
     ms = lambda x: None if x is None else 1e3 * x  # noqa: E731
-    return {**occupancy(recs, wall, concurrency), **steady_state(recs),
+    return {**occupancy(recs, wall, concurrency), **steady_state(recs, concurrency),
             "concurrency": concurrency, "requests": len(recs), "errors": len(recs) - len(ok),
             "first_error": next((r["error"] for r in recs if r["error"]), None), "wall_s": wall,
             "output_tokens": tokens, "output_tok_s": tokens / wall,

@@ -25,8 +25,9 @@ def markdown(res: dict) -> str:
         step = b["decode_ms"][str(c)]
         bound = 1e3 * c / step
         steady = r.get("steady_tok_s")  # older reports lack it
-        tok = f"{f(steady)} / {f(r['output_tok_s'])}" if steady else f(r["output_tok_s"])
-        share = (f"{steady / bound:.0%} / " if steady else "") + f"{r['output_tok_s'] / bound:.0%}"
+        tok = f"{f(steady)} / {f(r['output_tok_s'])}"
+        share = f"{steady / bound:.0%}" if steady else "n/a"
+        share += f" / {r['output_tok_s'] / bound:.0%}"
         lines.append(f"| {c} | {tok} | {bound:.1f} ({step:.2f} ms) | {share} "
                      f"| {'>= 90%' if c == 1 else '>= 85%'} | {f(r['ttft_p50_ms'])} / {f(r['ttft_p99_ms'])} "
                      f"| {f(r['itl_p50_ms'], '.2f')} / {f(r['itl_p99_ms'], '.2f')} | {r['prefix_hit_rate']:.0%} "
@@ -34,13 +35,18 @@ def markdown(res: dict) -> str:
     shares: dict[int, list[float]] = {}
     for r in res["levels"]:
         c = r["concurrency"]
-        tok_s = r.get("steady_tok_s") or r["output_tok_s"]  # the steady state's where there is one
-        shares.setdefault(c, []).append(tok_s * b["decode_ms"][str(c)] / (1e3 * c))
-    repeated = {c: v for c, v in shares.items() if len(v) > 1}
-    if repeated:
-        lines += ["", "Share of the step bound over the repeats: " + "; ".join(
-            f"c={c}: {' / '.join(f'{x:.0%}' for x in v)} (median {statistics.median(v):.0%})"
-            for c, v in repeated.items()) + "."]
+        shares.setdefault(c, []).append(r["output_tok_s"] * b["decode_ms"][str(c)] / (1e3 * c))
+    steady: dict[int, list[float]] = {}
+    for r in res["levels"]:
+        if r.get("steady_tok_s"):
+            c = r["concurrency"]
+            steady.setdefault(c, []).append(r["steady_tok_s"] * b["decode_ms"][str(c)] / (1e3 * c))
+    for name, per_c in (("steady state", steady), ("whole level", shares)):
+        repeated = {c: v for c, v in per_c.items() if len(v) > 1}
+        if repeated:
+            lines += ["", f"Share of the step bound over the repeats ({name}): " + "; ".join(
+                f"c={c}: {' / '.join(f'{x:.0%}' for x in v)} (median {statistics.median(v):.0%})"
+                for c, v in repeated.items()) + "."]
     lines += ["", "Mean TTFT by part (ms): the client's; in the server, received to queued for the engine "
               "(parse, template, tokenize); in the engine, arrival to admission and the whole arrival to first token.",
               "", "| concurrency | client | HTTP received to queued | engine: admission wait | engine: to first token |",
@@ -62,17 +68,17 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['concurrency']} | {' | '.join(cells)} |")
     lines += ["", "Occupancy: the share of client time with a request in flight, the mean gap between one "
               "client's requests, the drain (first client done to the level's end), and the mean rows of "
-              "the decode steps against the concurrency; how far apart the client processes and the clients began "
-              "(on purpose: spread over one request's decode time).", "",
-              "| concurrency | in flight | client gap ms | drain s | decode rows / concurrency | start spread ms: "
-              "processes / clients |", "|---|---|---|---|---|---|"]
+              "the decode steps against the concurrency; how late the first requests went out against their "
+              "schedule (spread over one request's decode time): the latest process / the latest client.", "",
+              "| concurrency | in flight | client gap ms | drain s | decode rows / concurrency | late start ms: "
+              "process / client |", "|---|---|---|---|---|---|"]
     for r in res["levels"]:
         if "in_flight_share" not in r:  # older reports lack it
             continue
         dec = r.get("server_steps", {}).get("decode", {})
         rows = f"{dec['mean_rows'] / r['concurrency']:.0%}" if "mean_rows" in dec else "n/a"
         lines.append(f"| {r['concurrency']} | {r['in_flight_share']:.0%} | {f(r['client_gap_ms'])} "
-                     f"| {r['drain_s']:.2f} | {rows} | {r['process_start_spread_ms']:.1f} / {r['client_start_spread_ms']:.1f} |")
+                     f"| {r['drain_s']:.2f} | {rows} | {f(r['process_late_ms'])} / {f(r['client_late_ms'])} |")
     u = res["unique"]
     lines += ["", "| prefix reuse at concurrency {} | output tok/s | TTFT p50 / p99 ms | prefix hits |".format(
         u["concurrency"]), "|---|---|---|---|"]
