@@ -65,8 +65,9 @@ class Plan:
     unique_level: int  # concurrency of the no-prefix-reuse run
 
 
-# c=128: 1,024 requests, 8 waves of 128 clients finishing and re-sending together; with 4 waves
-# (512) six H100 runs spread over 71-86% of the step bound (docs/benchmarks.md, eighth session).
+# c=128: 1,024 requests, 8 a client (started together, they ran as waves ending together until
+# the clients were staggered, serve_clients.run_level; with 4 a client, six H100 runs spread over
+# 71-86% of the step bound, docs/benchmarks.md, eighth session).
 # Blocks of 16 tokens, serve's default: a prefix hit covers whole blocks, so each arrival's
 # uncached tail is shorter than with 64 (c=128 on an H100: 238 -> 142 rows a riding step,
 # 10,747 -> 10,935 tok/s; docs/benchmarks.md, sixteenth session).
@@ -330,7 +331,7 @@ def main() -> int:
                          "every running thread, and only the GIL holder); bench/spy_summary.py reads them")
     ap.add_argument("--levels", type=int, nargs="+", help="run only these concurrency levels (default: the plan's)")
     ap.add_argument("--repeat", type=int, default=1, metavar="N",
-                    help="run the levels N times, interleaved, on the one server (the wave noise at high "
+                    help="run the levels N times, interleaved, on the one server (the run-to-run noise at high "
                          "concurrency without N start-ups)")
     ap.add_argument("--row-prefill-tokens", type=int, default=None,
                     help="serve's --row-prefill-tokens (default: serve's default; 0 = every prompt chunk packed)")
