@@ -12,7 +12,9 @@ ignore_eos. Phases:
 
 1. idle TTFT of a ~2,000-token prompt that shares nothing with the cache, from a warm client and
    in the engine (/metrics), vs its prefill time;
-2. concurrency 1 / 8 / 32 / 128 with recurring contexts: output tok/s vs B / step(B), TTFT
+2. concurrency 1 / 8 / 32 / 128 with recurring contexts, the clients started spread over one
+   request's decode time: output tok/s in the steady state (every client busy) and over the
+   whole level vs B / step(B), TTFT
    and inter-token latency percentiles, prefix-cache hit rate (from the responses' usage);
 3. concurrency 32 again with every prompt made unique (a nonce first line): the same load
    without prefix reuse.
