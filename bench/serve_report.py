@@ -32,16 +32,13 @@ def markdown(res: dict) -> str:
                      f"| {'>= 90%' if c == 1 else '>= 85%'} | {f(r['ttft_p50_ms'])} / {f(r['ttft_p99_ms'])} "
                      f"| {f(r['itl_p50_ms'], '.2f')} / {f(r['itl_p99_ms'], '.2f')} | {r['prefix_hit_rate']:.0%} "
                      f"| {r.get('distinct_completions', 'n/a')} of {r['requests']} | {r.get('triton_compiles', 'n/a')} |")
-    shares: dict[int, list[float]] = {}
+    shares: dict[str, dict[int, list[float]]] = {"steady state": {}, "whole level": {}}
     for r in res["levels"]:
         c = r["concurrency"]
-        shares.setdefault(c, []).append(r["output_tok_s"] * b["decode_ms"][str(c)] / (1e3 * c))
-    steady: dict[int, list[float]] = {}
-    for r in res["levels"]:
-        if r.get("steady_tok_s"):
-            c = r["concurrency"]
-            steady.setdefault(c, []).append(r["steady_tok_s"] * b["decode_ms"][str(c)] / (1e3 * c))
-    for name, per_c in (("steady state", steady), ("whole level", shares)):
+        for name, key in (("steady state", "steady_tok_s"), ("whole level", "output_tok_s")):
+            if r.get(key):  # older reports lack the steady state; a level may have none
+                shares[name].setdefault(c, []).append(r[key] * b["decode_ms"][str(c)] / (1e3 * c))
+    for name, per_c in shares.items():
         repeated = {c: v for c, v in per_c.items() if len(v) > 1}
         if repeated:
             lines += ["", f"Share of the step bound over the repeats ({name}): " + "; ".join(

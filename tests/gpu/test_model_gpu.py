@@ -35,13 +35,18 @@ class Seq:
         return len(self.token_ids)
 
 
+def _tiny_fp8(tmp_path_factory, name: str, **extra):
+    """A tiny FP8 checkpoint (1,024-token vocabulary, 256 wide, no MTP) with ``extra`` config."""
+    path = tmp_path_factory.mktemp(name)
+    cfg = make_config("tiny", vocab_size=1024, mtp=False, hidden_size=256, **extra)
+    write_random_checkpoint(path, cfg, dtype="fp8", tokenizer=False, seed=5)
+    return path
+
+
 @pytest.fixture(scope="module", params=["dense", "moe"])
 def ckpt(request, tmp_path_factory):
     extra = {"n_routed_experts": None} if request.param == "dense" else {}
-    path = tmp_path_factory.mktemp(request.param)
-    cfg = make_config("tiny", vocab_size=1024, mtp=False, hidden_size=256, **extra)
-    write_random_checkpoint(path, cfg, dtype="fp8", tokenizer=False, seed=5)
-    return request.param, path
+    return request.param, _tiny_fp8(tmp_path_factory, request.param, **extra)
 
 
 def logits(model, ops, ids):
@@ -76,10 +81,7 @@ def switch_ckpt(request, tmp_path_factory):
     does, with either switch."""
     extra = ({"n_routed_experts": None} if request.param == "dense"
              else {"n_routed_experts": 8, "num_experts_per_tok": 8, "topk_group": 4})
-    path = tmp_path_factory.mktemp(request.param)
-    cfg = make_config("tiny", vocab_size=1024, mtp=False, hidden_size=256, **extra)
-    write_random_checkpoint(path, cfg, dtype="fp8", tokenizer=False, seed=5)
-    return request.param, path
+    return request.param, _tiny_fp8(tmp_path_factory, request.param, **extra)
 
 
 def test_dense_mlp_past_the_tables_swiglu_switch_stays_close_to_bf16(switch_ckpt):
@@ -141,10 +143,7 @@ def smooth_ckpt(request, tmp_path_factory):
     kernel error alone. The expert choice itself is tested exactly in test_fused_kernels.py."""
     extra = ({"n_routed_experts": None} if request.param == "dense"
              else {"num_experts_per_tok": 16, "topk_group": 4})
-    path = tmp_path_factory.mktemp(request.param)
-    cfg = make_config("tiny", vocab_size=1024, mtp=False, hidden_size=256, **extra)
-    write_random_checkpoint(path, cfg, dtype="fp8", tokenizer=False, seed=5)
-    return request.param, path
+    return request.param, _tiny_fp8(tmp_path_factory, request.param, **extra)
 
 
 def test_greedy_64_steps_match_cpu_within_the_module_error_bound(smooth_ckpt):
